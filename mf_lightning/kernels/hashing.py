@@ -1,0 +1,42 @@
+"""Sign hashing and chunk scores of the Memory Layer (SPEC §1, steps 2-3), shared by every backend.
+
+The bucket of a chunk is its sign pattern read as a binary number, most significant bit first, with
+``z >= 0`` as bit 1 (so 0.0 and -0.0 hash to 1). The score is the differentiable weight of the
+retrieved row: the softmax probability of the chosen bucket (``paper``) or that probability times the
+chunk's L1 norm (``scaled``, the authors' code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCORES = ("scaled", "paper")
+
+
+def bit_weights(code_bits: int, device: torch.device | None = None) -> torch.Tensor:
+    """Place values ``2**(code_bits-1-j)`` of the bits of a chunk, most significant first."""
+    return 2 ** torch.arange(code_bits - 1, -1, -1, device=device, dtype=torch.int64)
+
+
+def bucket_indices(chunks: torch.Tensor) -> torch.Tensor:
+    """Bucket index in ``[0, 2**tau)`` of each chunk ``[..., K, tau]``, as int64 ``[..., K]``."""
+    bits = (chunks >= 0).to(torch.int64)
+    return (bits * bit_weights(chunks.shape[-1], chunks.device)).sum(-1)
+
+
+def chunk_scores(chunks: torch.Tensor, score: str = "scaled", temperature: float = 1.0) -> torch.Tensor:
+    """Differentiable score ``s_k`` of each chunk ``[..., K, tau]``, computed in float32 at least.
+
+    ``paper``: ``prod_j sigmoid(2|z_j|/t)``, evaluated as ``exp(sum_j logsigmoid(2|z_j|/t))`` so long
+    chunks never underflow to a product of tiny factors. ``scaled``: the same times ``sum_j |z_j|``;
+    at the default ``t = 1`` this is exactly the authors' ``sum|z| / prod(1 + exp(-2|z|))``.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    z = chunks if chunks.dtype == torch.float64 else chunks.float()
+    magnitude = z.abs()
+    probability = F.logsigmoid(magnitude * (2.0 / temperature)).sum(-1).exp()
+    if score == "paper":
+        return probability
+    return magnitude.sum(-1) * probability

@@ -1,0 +1,103 @@
+"""``MemoryLayer``: the drop-in replacement for ``nn.Linear`` that hashes instead of multiplying."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mf_lightning.kernels.dispatch import check_backend_name, memory_layer
+from mf_lightning.kernels.hashing import SCORES, bucket_indices
+
+MAX_CODE_BITS = 16
+
+
+class MemoryLayer(nn.Module):
+    """Maps ``[..., in_features]`` to ``[..., out_features]`` by sign-hashing chunks into learned tables.
+
+    The input is cut into ``num_tables = in_features // code_bits`` chunks; each chunk selects one of
+    the ``2**code_bits`` rows of its own table by the signs of its entries, and the output is the sum of
+    the selected rows weighted by a differentiable score of the chunk (``score="scaled"``, the authors'
+    code, or ``"paper"``). Work per token is ``num_tables * out_features`` multiply-adds, ``code_bits``
+    times fewer than ``nn.Linear``; memory is ``2**code_bits / code_bits`` times more.
+
+    Several outputs that hash the same input (attention's Q, K and V) share one hash by being one
+    layer of the summed width whose output is split: tables ``[K, R, 3d]`` are exactly three tables
+    ``[K, R, d]`` addressed by the same bucket and score.
+
+    ``backend`` is ``auto`` (triton on CUDA when available, else embedding_bag; ``MF_KERNEL_BACKEND``
+    overrides it), or one of ``torch``, ``embedding_bag``, ``triton``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        code_bits: int = 8,
+        bias: bool = True,
+        score: str = "scaled",
+        temperature: float = 1.0,
+        backend: str = "auto",
+        init_std: float = 0.02,
+        bias_init_std: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_layer_args(in_features, out_features, code_bits, score, temperature)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.code_bits = code_bits
+        self.num_tables = in_features // code_bits
+        self.score = score
+        self.temperature = float(temperature)
+        self.backend = check_backend_name(backend)
+        self.init_std = init_std
+        self.bias_init_std = bias_init_std
+        factory = {"device": device, "dtype": dtype}
+        self.tables = nn.Parameter(torch.empty(self.num_tables, 2**code_bits, out_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Tables ``N(0, init_std**2)``, bias ``N(0, bias_init_std**2)`` (SPEC §1.5, §2)."""
+        nn.init.normal_(self.tables, std=self.init_std)
+        if self.bias is not None:
+            nn.init.normal_(self.bias, std=self.bias_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return memory_layer(
+            x, self.tables, self.bias, score=self.score, temperature=self.temperature, backend=self.backend
+        )
+
+    @torch.no_grad()
+    def bucket_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Bucket chosen in each table for each token: int64 ``[..., num_tables]`` (no gradient)."""
+        return bucket_indices(x.reshape(*x.shape[:-1], self.num_tables, self.code_bits))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, code_bits={self.code_bits}, "
+            f"num_tables={self.num_tables}, bias={self.bias is not None}, score={self.score!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+def check_layer_args(in_features: int, out_features: int, code_bits: int, score: str, temperature: float) -> None:
+    """Reject a Memory Layer configuration with a message naming the value and what is valid."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(code_bits, bool) or not isinstance(code_bits, int) or not 1 <= code_bits <= MAX_CODE_BITS:
+        raise ValueError(f"code_bits must be an integer in 1..{MAX_CODE_BITS}, got {code_bits!r}")
+    if in_features % code_bits:
+        raise ValueError(
+            f"in_features={in_features} is not divisible by code_bits={code_bits}: the input is cut into "
+            f"chunks of code_bits entries (try in_features={in_features - in_features % code_bits or code_bits} "
+            f"or a code_bits that divides {in_features})"
+        )
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
