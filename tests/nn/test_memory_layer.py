@@ -1,0 +1,105 @@
+"""MemoryLayer: public interface (SPEC §4), argument checks, backend choice, dtypes."""
+
+import pytest
+import torch
+
+from mf_lightning.kernels import resolve_backend
+from mf_lightning.nn import MemoryLayer
+
+
+def test_interface_matches_spec():
+    layer = MemoryLayer(in_features=512, out_features=512, code_bits=8, bias=True, score="scaled")
+    assert layer.tables.shape == (64, 256, 512)
+    assert layer.num_tables == 64
+    assert isinstance(layer.tables, torch.nn.Parameter)
+    assert layer.tables.std().item() == pytest.approx(0.02, rel=0.01)
+    assert layer(torch.randn(2, 512)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("shape", [(24,), (7, 24), (2, 3, 4, 24)])
+def test_any_leading_shape(shape):
+    layer = MemoryLayer(24, 10, code_bits=4)
+    x = torch.randn(shape)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(y.reshape(-1, 10), layer(x.reshape(-1, 24)))
+
+
+def test_non_contiguous_input():
+    layer = MemoryLayer(16, 8, code_bits=4)
+    x = torch.randn(16, 5).t()
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"in_features": 30, "code_bits": 8}, "in_features=30 is not divisible by code_bits=8"),
+        ({"code_bits": 0}, "code_bits must be an integer in 1..16, got 0"),
+        ({"code_bits": 17}, "got 17"),
+        ({"in_features": 0}, "in_features must be a positive integer, got 0"),
+        ({"out_features": -3}, "out_features must be a positive integer, got -3"),
+        ({"score": "softmax"}, "score must be one of .* got 'softmax'"),
+        ({"temperature": 0.0}, "temperature must be a positive finite number, got 0.0"),
+        ({"backend": "cuda"}, "unknown Memory Layer backend 'cuda'; valid: auto, torch, embedding_bag, triton"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, message):
+    args = {"in_features": 32, "out_features": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        MemoryLayer(**args)
+
+
+def test_wrong_input_width_and_dtype():
+    layer = MemoryLayer(32, 8)
+    with pytest.raises(ValueError, match=r"inputs of width 32 \(4 tables x 8 bits\), got shape \(2, 31\)"):
+        layer(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        layer(torch.ones(2, 32, dtype=torch.long))
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "embedding_bag"
+    monkeypatch.setenv("MF_KERNEL_BACKEND", "torch")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("embedding_bag", cpu) == "embedding_bag"
+    monkeypatch.setenv("MF_KERNEL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MF_KERNEL_BACKEND='fast' is not a Memory Layer backend"):
+        resolve_backend("auto", cpu)
+
+
+def test_unavailable_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = MemoryLayer(16, 8, code_bits=4, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested .* need CUDA"):
+        layer(torch.randn(3, 16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag"])
+def test_bf16_autocast_on_cpu(backend):
+    layer = MemoryLayer(32, 16, code_bits=8, backend=backend)
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    torch.testing.assert_close(y.float(), layer(x).float(), atol=2e-2, rtol=2e-2)
+    assert layer.tables.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag"])
+def test_bf16_parameters(backend):
+    layer = MemoryLayer(32, 16, code_bits=8, backend=backend, dtype=torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    reference = MemoryLayer(32, 16, code_bits=8, backend="torch")
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    torch.testing.assert_close(y.float(), reference(x.float()), atol=1e-2, rtol=2e-2)
+
+
+def test_bucket_indices_match_hash():
+    layer = MemoryLayer(8, 4, code_bits=4)
+    x = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 0.0]])
+    assert layer.bucket_indices(x).tolist() == [[0b1011, 0b0001]]
