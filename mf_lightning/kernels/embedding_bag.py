@@ -8,6 +8,8 @@ fallback on GPUs without triton.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +27,7 @@ def memory_layer(
     """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`."""
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
-    offsets = torch.arange(num_tables, device=x.device, dtype=torch.int64) * num_rows
-    rows = bucket_indices(chunks) + offsets
+    rows = bucket_indices(chunks) + table_offsets(num_tables, num_rows, x.device)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype)
     y = F.embedding_bag(
         rows, tables.reshape(num_tables * num_rows, out_features), per_sample_weights=scores, mode="sum"
@@ -34,3 +35,9 @@ def memory_layer(
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], out_features)
+
+
+@functools.cache
+def table_offsets(num_tables: int, num_rows: int, device: torch.device) -> torch.Tensor:
+    """Row of the first bucket of each table in the flattened ``[K * 2**tau, out]`` tables."""
+    return torch.arange(0, num_tables * num_rows, num_rows, device=device, dtype=torch.int64)

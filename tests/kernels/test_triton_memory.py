@@ -1,0 +1,199 @@
+"""The triton Memory Layer against the pure-torch reference: outputs, all gradients, ops, compile.
+
+Without a GPU these run under triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest) on tiny
+float32 shapes; the tests marked ``requires_cuda`` run the compiled kernels (``MF_TEST_CUDA=1`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mf_lightning.kernels import reference, triton_memory
+from mf_lightning.kernels.dispatch import triton_interpreted
+from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
+from mf_lightning.nn import MemoryLayer
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or triton_interpreted(),
+    reason="needs a CUDA GPU and compiled triton kernels (run with MF_TEST_CUDA=1)",
+)
+
+
+def make_inputs(
+    leading: tuple[int, ...],
+    in_features: int,
+    out_features: int,
+    code_bits: int,
+    with_bias: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random input with exact zeros and negative zeros in it, tables and bias, all requiring grad."""
+    x = torch.randn(*leading, in_features, device=device)
+    flat = x.view(-1, in_features)
+    flat[0, : code_bits + 1] = 0.0
+    flat[-1, : code_bits + 1] = -0.0
+    tables = 0.1 * torch.randn(in_features // code_bits, 2**code_bits, out_features, device=device)
+    bias = 0.1 * torch.randn(out_features, device=device) if with_bias else None
+    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, tables, bias)]
+    return leaves[0], leaves[1], leaves[2]
+
+
+def run_with_grads(fn, x, tables, bias, code_bits, score, temperature, grad_y=None):
+    """Output of ``fn`` and the gradients of x, tables (and bias) for the upstream gradient ``grad_y``."""
+    y = fn(x, tables, bias, code_bits, score, temperature)
+    if grad_y is None:
+        grad_y = torch.randn_like(y)
+    leaves = [t for t in (x, tables, bias) if t is not None]
+    return y, torch.autograd.grad(y, leaves, grad_y), grad_y
+
+
+def assert_matches_reference(x, tables, bias, code_bits, score, temperature, **tolerance):
+    y, grads, grad_y = run_with_grads(triton_memory.memory_layer, x, tables, bias, code_bits, score, temperature)
+    y_ref, grads_ref, _ = run_with_grads(reference.memory_layer, x, tables, bias, code_bits, score, temperature, grad_y)
+    assert y.dtype == tables.dtype
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    for name, grad, grad_ref in zip(("x", "tables", "bias"), grads, grads_ref):
+        assert grad.dtype == grad_ref.dtype, name
+        torch.testing.assert_close(grad, grad_ref, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("code_bits", [3, 4, 8])
+@pytest.mark.parametrize("score", ["scaled", "paper"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_reference_on_odd_shapes(code_bits: int, score: str, with_bias: bool) -> None:
+    x, tables, bias = make_inputs((3, 5), 24, 40, code_bits, with_bias)
+    assert_matches_reference(x, tables, bias, code_bits, score, temperature=1.0)
+
+
+@pytest.mark.parametrize("code_bits", [1, 16])
+def test_extreme_code_bits_and_temperature(code_bits: int) -> None:
+    x, tables, bias = make_inputs((6,), 2 * code_bits, 5, code_bits)
+    assert_matches_reference(x, tables, bias, code_bits, "paper", temperature=0.5)
+    assert_matches_reference(x, tables, bias, code_bits, "scaled", temperature=2.0)
+
+
+def test_several_token_and_column_blocks_with_non_contiguous_input() -> None:
+    """More tokens and columns than one program holds (masked edges), input read through strides."""
+    x, tables, bias = make_inputs((2, 37), 8, 150, code_bits=2)
+    wide = torch.zeros(2, 37, 16)
+    wide[..., ::2] = x.detach()
+    every_other = wide.requires_grad_()[..., ::2]
+    assert every_other.reshape(-1, 8).stride() == (16, 2), "the kernel must read the strided view, not a copy"
+    assert_matches_reference(every_other, tables, bias, 2, "scaled", temperature=1.0)
+
+
+def test_saved_buckets_and_scores_match_hashing() -> None:
+    """The forward hands the backward exactly the buckets and scores of the shared hashing code."""
+    x, tables, bias = make_inputs((9,), 24, 16, code_bits=4)
+    _, buckets, scores = triton_memory.memory_layer_forward(x.detach(), tables.detach(), None, 4, "paper", 0.7)
+    chunks = x.detach().view(9, 6, 4)
+    assert buckets.dtype == torch.int32
+    torch.testing.assert_close(buckets.long(), bucket_indices(chunks))
+    torch.testing.assert_close(scores, chunk_scores(chunks, "paper", 0.7))
+    assert buckets[0, 0] == buckets[-1, 0] == 2**4 - 1, "0.0 and -0.0 must hash to bit 1"
+
+
+def test_table_gradient_is_dense_and_zero_on_rows_not_hit() -> None:
+    """Hit rows get ``s * dy`` (non-zero: ``paper`` scores are positive even for an all-zero chunk)."""
+    x, tables, bias = make_inputs((4,), 8, 6, code_bits=4)
+    y = triton_memory.memory_layer(x, tables, bias, 4, "paper", 1.0)
+    (grad_tables,) = torch.autograd.grad(y.sum(), tables)
+    assert grad_tables.shape == tables.shape and grad_tables.is_contiguous() and not grad_tables.is_sparse
+    hit = torch.zeros(tables.shape[:2], dtype=torch.bool)
+    hit[torch.arange(2), bucket_indices(x.detach().view(4, 2, 4))] = True
+    assert (grad_tables[~hit] == 0).all()
+    assert (grad_tables[hit].abs().sum(-1) > 0).all()
+
+
+def test_memory_layer_module_with_triton_backend_trains_like_torch_backend() -> None:
+    layer = MemoryLayer(16, 12, code_bits=4, backend="triton")
+    twin = MemoryLayer(16, 12, code_bits=4, backend="torch")
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 16)
+    for module in (layer, twin):
+        module(x).square().mean().backward()
+    torch.testing.assert_close(layer(x), twin(x))
+    torch.testing.assert_close(layer.tables.grad, twin.tables.grad)
+    torch.testing.assert_close(layer.bias.grad, twin.bias.grad)
+
+
+def test_opcheck_forward_and_backward_ops() -> None:
+    """All of opcheck's default checks (schema, autograd registration, fake tensor, AOT dispatch)."""
+    x, tables, bias = make_inputs((7,), 24, 10, code_bits=8)
+    torch.library.opcheck(torch.ops.mf_lightning.memory_layer_forward.default, (x, tables, bias, 8, "scaled", 1.0))
+    detached = [t.detach() for t in (x, tables)]
+    _, buckets, scores = triton_memory.memory_layer_forward(*detached, None, 8, "paper", 1.0)
+    torch.library.opcheck(
+        torch.ops.mf_lightning.memory_layer_backward.default,
+        (torch.randn(7, 10), *detached, buckets, scores, 8, "paper", 1.0),
+    )
+
+
+def test_compiles_without_graph_breaks() -> None:
+    """``fullgraph=True`` fails on any graph break; aot_eager traces forward and backward through the ops.
+
+    Inductor also works on CPU but spends ~20 s compiling C++, so it is exercised by the CUDA test.
+    """
+    x, tables, bias = make_inputs((3, 5), 24, 40, code_bits=8)
+
+    def loss(x, tables, bias):
+        return triton_memory.memory_layer(x, tables, bias, 8, "scaled", 1.0).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    value = compiled(x, tables, bias)
+    grads = torch.autograd.grad(value, (x, tables, bias))
+    value_ref = reference.memory_layer(x, tables, bias, 8, "scaled", 1.0).square().sum()
+    torch.testing.assert_close(value, value_ref)
+    for grad, grad_ref in zip(grads, torch.autograd.grad(value_ref, (x, tables, bias))):
+        torch.testing.assert_close(grad, grad_ref)
+
+
+def test_rejects_bad_input_with_clear_errors() -> None:
+    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4)
+    with pytest.raises(TypeError, match="torch.float64"):
+        triton_memory.memory_layer(x, tables.double(), bias, 4, "scaled", 1.0)
+    with pytest.raises(ValueError, match="width 8"):
+        triton_memory.memory_layer(x[:, :6], tables, bias, 4, "scaled", 1.0)
+    with pytest.raises(ValueError, match=r"code_bits=3 needs tables \[K, 8, out\]"):
+        triton_memory.memory_layer(x, tables, bias, 3, "scaled", 1.0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        triton_memory.memory_layer(x, tables, bias, 4, "softmax", 1.0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        triton_memory.memory_layer(x, tables, bias[:3], 4, "scaled", 1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters_on_gpu(dtype: torch.dtype) -> None:
+    x, tables, bias = make_inputs((4, 33), 64, 72, code_bits=8, dtype=dtype, device="cuda")
+    assert_matches_reference(x, tables, bias, 8, "scaled", 1.0, atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("score", ["scaled", "paper"])
+def test_large_shapes_on_gpu(score: str) -> None:
+    x, tables, bias = make_inputs((4, 1024), 1024, 1000, code_bits=8, device="cuda")
+    assert_matches_reference(x, tables, bias, 8, score, 1.0, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+def test_inductor_compile_on_gpu() -> None:
+    layer = MemoryLayer(512, 384, backend="triton", device="cuda")
+    x = torch.randn(8, 64, 512, device="cuda", requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(x).square().mean().backward()
+    grads = [x.grad.clone(), layer.tables.grad.clone()]
+    x.grad = layer.tables.grad = None
+    layer.backend = "torch"
+    layer(x).square().mean().backward()
+    torch.testing.assert_close(grads[0], x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], layer.tables.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device besides the CPU")
+def test_device_mismatch_is_rejected() -> None:
+    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4)
+    with pytest.raises(ValueError, match="tables are on cpu"):
+        triton_memory.memory_layer(x.cuda(), tables, bias, 4, "scaled", 1.0)
