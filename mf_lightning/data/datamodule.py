@@ -1,0 +1,220 @@
+"""``TextDataModule``: a text corpus as random training windows, fixed validation windows and prompts.
+
+Every argument is a plain value LightningCLI fills from YAML. The tokenizer is ready after
+``__init__`` (a BPE is trained or loaded then) so ``vocab_size`` can be linked into the model config;
+the corpus is tokenized into the token cache in ``prepare_data`` / ``setup``.
+
+Training is governed by ``max_steps``: an epoch is ``train_samples_per_epoch`` random windows, and
+``state_dict`` records how many samples the run consumed so a resumed run continues with exactly the
+samples an uninterrupted one would see. The training sampler shards across DDP ranks itself and
+Lightning keeps it as is (it is a ``DistributedSampler``); evaluation loaders are plain sequential
+ones that Lightning shards under its default ``use_distributed_sampler=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mf_lightning.data.cache import TokenCache, prepare_token_cache
+from mf_lightning.data.sources import open_source
+from mf_lightning.data.tokenizers import load_tokenizer
+from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
+
+CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/mf_lightning"
+
+
+class TextDataModule(L.LightningDataModule):
+    """Serves ``(x, y)`` int64 batches ``[batch_size, seq_len]`` (``y`` is ``x`` shifted by one) from a corpus.
+
+    Args:
+        source: ``"demo"``, a text/JSONL/Parquet file, folder or glob, a ``save_to_disk`` folder, or
+            ``"hf:<name>"`` (see ``mf_lightning.data.sources``).
+        tokenizer: ``"byte"``, a ``tokenizer.json`` path or folder, or ``"bpe:<vocab_size>"``.
+        text_field: the text field of JSONL, Parquet and dataset records.
+        seq_len: tokens per training window.
+        batch_size: windows per batch on each device.
+        val_fraction: fraction of documents held out for validation (and test).
+        num_workers: DataLoader worker processes.
+        cache_dir: where token caches and trained tokenizers live; default ``$MF_CACHE_DIR`` or
+            ``~/.cache/mf_lightning``.
+        seed: decides the training windows.
+        val_windows: at most this many validation windows (all when ``None``).
+        prompts: prompts for ``predict``: a list, or the path of a text file with one prompt per line.
+        hf_split: the split of a Hugging Face dataset source.
+        document_separator: in plain-text files, a line that separates documents (``"%"`` for fortune
+            files, ``""`` for blank lines); ``None`` makes each file one document. A single-file corpus
+            needs one, since training and validation are split by documents.
+        train_samples_per_epoch: windows per epoch over all ranks (rounded down to whole optimizer steps).
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        tokenizer: str = "byte",
+        text_field: str = "text",
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seed: int = 1234,
+        val_windows: int | None = None,
+        prompts: list[str] | str | None = None,
+        hf_split: str = "train",
+        train_samples_per_epoch: int = 1_000_000,
+        document_separator: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive(seq_len=seq_len, batch_size=batch_size, train_samples_per_epoch=train_samples_per_epoch)
+        if val_windows is not None:
+            check_positive(val_windows=val_windows)
+        if num_workers < 0 or seed < 0:
+            raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not text_field or not hf_split:
+            raise ValueError(f"text_field and hf_split must be non-empty, got {text_field!r} and {hf_split!r}")
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_windows = val_windows
+        self.train_samples_per_epoch = train_samples_per_epoch
+        self.prompts = read_prompts(prompts)
+        self.cache_dir = resolve_cache_dir(cache_dir)
+        self.corpus = open_source(source, text_field, hf_split, document_separator)
+        self.tokenizer = load_tokenizer(tokenizer, self.corpus, self.cache_dir)
+        self._cache: TokenCache | None = None
+        self._resumed_samples = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def token_cache(self) -> TokenCache:
+        """The prepared token cache, built on first use and checked to hold a window in each split."""
+        if self._cache is None:
+            cache = prepare_token_cache(self.corpus, self.tokenizer, self.cache_dir, self.val_fraction)
+            sizes = {split: cache.num_tokens(split) for split in ("train", "val")}
+            if min(sizes.values()) < self.seq_len + 1:
+                raise ValueError(
+                    f"the corpus is too small for seq_len={self.seq_len}: token counts {sizes}, each split needs "
+                    f"at least seq_len + 1 = {self.seq_len + 1}; "
+                    "use more text, a shorter seq_len or a larger val_fraction"
+                )
+            self._cache = cache
+        return self._cache
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token of the validation split: bits per byte = loss / ln(2) / bytes_per_token."""
+        return self.token_cache().bytes_per_token("val")
+
+    def prepare_data(self) -> None:
+        """Tokenizes the corpus into the token cache (Lightning calls this on one process per node)."""
+        self.token_cache()
+
+    def setup(self, stage: str) -> None:
+        """Opens and checks the token cache on every process."""
+        self.token_cache()
+
+    @property
+    def consumed_samples(self) -> int:
+        """Training samples consumed over all ranks: from the trainer's step count, or as restored."""
+        trainer = self.trainer
+        if trainer is None:
+            return self._resumed_samples
+        stepped = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
+        return max(stepped, self._resumed_samples)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        consumed = state_dict.get("consumed_samples")
+        if not isinstance(consumed, int) or consumed < 0:
+            raise ValueError(f"datamodule state needs consumed_samples as an int >= 0, got {state_dict!r}")
+        self._resumed_samples = consumed
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank, accumulate = 1, 0, 1
+        if self.trainer is not None:
+            world_size, rank = self.trainer.world_size, self.trainer.global_rank
+            accumulate = self.trainer.accumulate_grad_batches
+        step_samples = self.batch_size * accumulate * world_size
+        epoch_samples = max(1, self.train_samples_per_epoch // step_samples) * step_samples
+        cache = self.token_cache()
+        dataset = RandomWindows(
+            cache.path("train"), cache.dtype.name, cache.num_tokens("train"), self.seq_len, self.seed, epoch_samples
+        )
+        sampler = ResumableSampler(
+            dataset, epoch_samples, start=self.consumed_samples, num_replicas=world_size, rank=rank
+        )
+        return self._loader(dataset, sampler=sampler, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        cache = self.token_cache()
+        dataset = ConsecutiveWindows(
+            cache.path("val"), cache.dtype.name, cache.num_tokens("val"), self.seq_len, self.val_windows
+        )
+        return self._loader(dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch: ``{"prompt": str, "input_ids": LongTensor [1, T]}``, ids starting with EOS."""
+        if not self.prompts:
+            raise ValueError("predict needs prompts: a list of strings or a text file with one prompt per line")
+        items = [
+            {"prompt": prompt, "input_ids": torch.tensor([[self.tokenizer.eos_id, *self.tokenizer.encode(prompt)]])}
+            for prompt in self.prompts
+        ]
+        return DataLoader(items, batch_size=1, collate_fn=only_item)
+
+    def _loader(self, dataset: Any, **options: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            **options,
+        )
+
+
+def only_item(batch: list[Any]) -> Any:
+    """Collates a batch of one item into that item."""
+    return batch[0]
+
+
+def check_positive(**values: int) -> None:
+    """Raises naming the first of ``values`` that is not an int >= 1."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def resolve_cache_dir(cache_dir: str | None) -> Path:
+    """``cache_dir``, else ``$MF_CACHE_DIR``, else ``~/.cache/mf_lightning``, with ``~`` expanded."""
+    return Path(cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def read_prompts(prompts: list[str] | str | None) -> list[str] | None:
+    """The prompts as a list: given directly, or the non-empty lines of the text file ``prompts``."""
+    if isinstance(prompts, list) and not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(f"prompts must be strings, got {prompts!r}")
+    if prompts is None or isinstance(prompts, list):
+        return prompts
+    path = Path(prompts)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist; give a list or a text file, one prompt per line")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

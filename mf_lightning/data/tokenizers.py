@@ -1,0 +1,181 @@
+"""Tokenizers behind one small interface: built-in bytes, any ``tokenizer.json``, or a BPE trained on the corpus.
+
+``load_tokenizer(spec)`` accepts ``"byte"`` (256 byte values + EOS, nothing to download), a path to a
+``tokenizer.json`` file or to a Hugging Face tokenizer folder holding one, or ``"bpe:<vocab_size>"``: a
+byte-level BPE trained once on the corpus with the ``tokenizers`` library and cached as JSON.
+Every tokenizer has a ``fingerprint`` that changes whenever its text-to-id mapping could, so token
+caches keyed by it are never reused with another mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizerModel
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from mf_lightning.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+KNOWN_EOS_TOKENS = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+VALID_SPECS = (
+    '"byte", a path to a tokenizer.json file or a folder holding one, or "bpe:<vocab_size>" (e.g. "bpe:4096")'
+)
+
+
+class Tokenizer(ABC):
+    """Maps text to token ids and back; ``eos_id`` separates documents and ends generation."""
+
+    vocab_size: int
+    eos_id: int
+    fingerprint: str
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without added special tokens."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; end-of-text tokens are dropped."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of several texts (subclasses may do this in parallel)."""
+        return [self.encode(text) for text in texts]
+
+    def check_ids(self, ids: Iterable[int]) -> None:
+        """Raises ``ValueError`` naming the first id outside ``[0, vocab_size)``."""
+        for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 and EOS as 256: works on any text, needs no files."""
+
+    vocab_size = 257
+    eos_id = 256
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        self.check_ids(ids)
+        return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizers`` library tokenizer (any ``tokenizer.json``) with a known end-of-text token."""
+
+    def __init__(self, model: HFTokenizerModel, eos_token: str, name: str) -> None:
+        eos_id = model.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"tokenizer {name} has no token {eos_token!r} to use as end-of-text")
+        self.model = model
+        self.eos_id = eos_id
+        self.vocab_size = model.get_vocab_size(with_added_tokens=True)
+        self.fingerprint = "hf-" + hashlib.sha256(model.to_str().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> HFTokenizer:
+        """Loads ``path``, a ``tokenizer.json`` or a folder holding one (and maybe a ``tokenizer_config.json``)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {file}; expected {VALID_SPECS}")
+        try:
+            model = HFTokenizerModel.from_file(str(file))
+        except Exception as error:
+            raise ValueError(f"{file} is not a valid tokenizers JSON file: {error}") from error
+        return cls(model, find_eos_token(model, file.parent / "tokenizer_config.json", file), str(file))
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.model.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        self.check_ids(ids)
+        return self.model.decode(ids, skip_special_tokens=True)
+
+
+def find_eos_token(model: HFTokenizerModel, config_file: Path, name: Path) -> str:
+    """The end-of-text token: ``eos_token`` of the tokenizer config beside it, else a well-known one present."""
+    if config_file.is_file():
+        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    for token in KNOWN_EOS_TOKENS:
+        if model.token_to_id(token) is not None:
+            return token
+    raise ValueError(
+        f"tokenizer {name} has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)} "
+        f"and no eos_token in {config_file}; add one of them to the tokenizer"
+    )
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """Trains a byte-level BPE of ``vocab_size`` tokens (all 256 bytes and EOS included) on ``documents``."""
+    model = HFTokenizerModel(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    model.train_from_iterator(documents, trainer)
+    return HFTokenizer(model, EOS_TOKEN, f"bpe:{vocab_size}")
+
+
+def load_bpe(vocab_size: int, source: Source, cache_dir: str | os.PathLike) -> HFTokenizer:
+    """The BPE for this corpus and size from ``cache_dir/tokenizers``, trained and saved there on first use."""
+    key = hashlib.sha256(f"{source.identity}\n{vocab_size}".encode()).hexdigest()[:16]
+    file = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
+    if file.is_file():
+        return HFTokenizer.from_path(file)
+    log.info("training a byte-level BPE with %d tokens, saved to %s", vocab_size, file)
+    tokenizer = train_bpe(source.documents(), vocab_size)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False, encoding="utf-8") as temp:
+        temp.write(tokenizer.model.to_str())
+    os.replace(temp.name, file)
+    return tokenizer
+
+
+def parse_bpe_size(spec: str) -> int:
+    """The vocabulary size of a ``"bpe:<vocab_size>"`` spec, at least 257 (256 bytes + EOS)."""
+    size = spec.removeprefix("bpe:")
+    if not size.isdigit() or int(size) < ByteTokenizer.vocab_size:
+        raise ValueError(f"tokenizer spec {spec!r}: the BPE vocabulary size must be an integer >= 257 (bytes + EOS)")
+    return int(size)
+
+
+def load_tokenizer(spec: str, source: Source | None = None, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer named by ``spec``: ``"byte"``, a tokenizer path, or ``"bpe:<vocab_size>"``.
+
+    A BPE is trained on the documents of ``source`` and cached under ``cache_dir``; both are required for it.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("bpe:"):
+        vocab_size = parse_bpe_size(spec)
+        if source is None or cache_dir is None:
+            raise ValueError(f"tokenizer {spec!r} is trained on the corpus: pass its source and a cache_dir")
+        return load_bpe(vocab_size, source, cache_dir)
+    if Path(spec).exists():
+        return HFTokenizer.from_path(spec)
+    raise ValueError(f"unknown tokenizer {spec!r} (no such file or folder); expected {VALID_SPECS}")

@@ -1,0 +1,160 @@
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mf_lightning.data import cache as cache_module
+from mf_lightning.data.cache import TokenCache, is_validation, prepare_token_cache, token_dtype
+from mf_lightning.data.sources import FileSource, open_source
+from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
+
+
+class WideByteTokenizer(ByteTokenizer):
+    """Bytes shifted by 70000: a vocabulary too large for uint16."""
+
+    vocab_size = 70_257
+    eos_id = 70_256
+    fingerprint = "wide-byte"
+
+    def encode(self, text: str) -> list[int]:
+        return [70_000 + byte for byte in text.encode("utf-8")]
+
+
+class FailingTokenizer(ByteTokenizer):
+    """Fails on the third document, like an interrupted preparation."""
+
+    fingerprint = "failing"
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) if index < 2 else self.fail() for index, text in enumerate(texts)]
+
+    def fail(self) -> list[int]:
+        raise KeyboardInterrupt
+
+
+def test_split_is_by_documents_deterministic_and_never_empty() -> None:
+    assert [index for index in range(45) if is_validation(index, 0.1)] == [0, 10, 20, 30, 40]
+    assert [index for index in range(5) if is_validation(index, 0.05)] == [0]
+    assert sum(is_validation(index, 0.25) for index in range(1000)) == 250
+
+
+def test_cache_holds_documents_with_eos_split_as_planned(
+    corpus_dir: Path, documents: list[str], tmp_path: Path
+) -> None:
+    tokenizer = ByteTokenizer()
+    cache = prepare_token_cache(open_source(str(corpus_dir)), tokenizer, tmp_path, val_fraction=0.2)
+    assert cache.directory.parent == tmp_path / "tokens"
+    val = [text for index, text in enumerate(documents) if is_validation(index, 0.2)]
+    train = [text for index, text in enumerate(documents) if not is_validation(index, 0.2)]
+    for split, texts in (("train", train), ("val", val)):
+        expected = [token for text in texts for token in [*tokenizer.encode(text), tokenizer.eos_id]]
+        assert cache.open(split).tolist() == expected
+        assert cache.manifest["splits"][split] == {
+            "documents": len(texts),
+            "tokens": len(expected),
+            "bytes": sum(len(text.encode()) for text in texts),
+        }
+    assert cache.dtype == np.uint16
+    val_bytes = cache.manifest["splits"]["val"]["bytes"]
+    assert cache.bytes_per_token("val") == pytest.approx(val_bytes / len(cache.open("val")))
+    assert sorted(path.name for path in (tmp_path / "tokens").iterdir()) == [cache.directory.name]
+
+
+def test_valid_cache_is_reused(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    monkeypatch.setattr(cache_module, "write_cache", lambda *args: pytest.fail("a valid cache was rebuilt"))
+    second = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert second == first
+
+
+def test_other_tokenizer_or_val_fraction_gets_its_own_cache(corpus_dir: Path, tmp_path: Path) -> None:
+    source = open_source(str(corpus_dir))
+    byte = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2)
+    bpe_tokenizer = load_tokenizer("bpe:300", source, tmp_path)
+    bpe = prepare_token_cache(source, bpe_tokenizer, tmp_path, 0.2)
+    other_split = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.3)
+    assert len({byte.directory, bpe.directory, other_split.directory}) == 3
+    assert bpe.manifest["tokenizer"] == bpe_tokenizer.fingerprint
+    assert bpe.num_tokens("train") < byte.num_tokens("train")
+    assert bpe_tokenizer.decode(bpe.open("val").tolist()) == ByteTokenizer().decode(byte.open("val").tolist())
+
+
+def test_changed_file_gets_a_fresh_cache(corpus_dir: Path, tmp_path: Path) -> None:
+    before = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    (corpus_dir / "doc00.txt").write_text("changed text in the first document")
+    after = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert after.directory != before.directory
+    assert ByteTokenizer().decode(after.open("val").tolist()).startswith("changed text")
+
+
+def truncate_train(cache: TokenCache) -> None:
+    cache.path("train").write_bytes(cache.path("train").read_bytes()[:-4])
+
+
+def write_out_of_vocabulary_ids(cache: TokenCache) -> None:
+    np.full(cache.num_tokens("val"), 999, np.uint16).tofile(cache.path("val"))
+
+
+def corrupt_manifest(cache: TokenCache) -> None:
+    (cache.directory / "manifest.json").write_text("{")
+
+
+def delete_val(cache: TokenCache) -> None:
+    cache.path("val").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (truncate_train, "train.bin has .* bytes, the manifest says"),
+        (write_out_of_vocabulary_ids, "val.bin holds token id 999 >= vocab_size 257"),
+        (corrupt_manifest, "unreadable manifest"),
+        (delete_val, "val.bin has None bytes"),
+    ],
+)
+def test_damaged_cache_is_rebuilt_with_a_log_message(
+    corpus_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[TokenCache], None],
+    reason: str,
+) -> None:
+    source = open_source(str(corpus_dir))
+    good = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2)
+    expected = {split: good.open(split).tolist() for split in ("train", "val")}
+    damage(good)
+    with caplog.at_level(logging.WARNING, logger="mf_lightning.data.cache"):
+        rebuilt = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2)
+    assert any("rebuilding token cache" in message and re.search(reason, message) for message in caplog.messages)
+    assert {split: rebuilt.open(split).tolist() for split in ("train", "val")} == expected
+
+
+def test_interrupted_preparation_leaves_no_cache(corpus_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        prepare_token_cache(open_source(str(corpus_dir)), FailingTokenizer(), tmp_path, 0.2)
+    assert list((tmp_path / "tokens").iterdir()) == []
+
+
+def test_single_document_cannot_be_split(corpus_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"1 document\(s\), split \{'train': 0, 'val': 1\}"):
+        prepare_token_cache(open_source(str(corpus_dir / "doc00.txt")), ByteTokenizer(), tmp_path, 0.2)
+
+
+def test_val_fraction_outside_zero_one_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 1.5)
+
+
+def test_dtype_follows_vocabulary_size(corpus_dir: Path, documents: list[str], tmp_path: Path) -> None:
+    assert token_dtype(2**16) == np.uint16
+    assert token_dtype(2**16 + 1) == np.uint32
+    with pytest.raises(ValueError, match="does not fit uint32"):
+        token_dtype(2**32 + 1)
+    cache = prepare_token_cache(FileSource(sorted(corpus_dir.iterdir())), WideByteTokenizer(), tmp_path, 0.2)
+    assert cache.dtype == np.uint32
+    first = documents[0].encode()
+    assert cache.open("val")[: len(first)].tolist() == [70_000 + byte for byte in first]
+    assert int(cache.open("train").max()) == WideByteTokenizer.eos_id

@@ -1,0 +1,157 @@
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from mf_lightning.data.sources import DEMO_MAX_BYTES, DemoSource, open_source
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_text_folder_yields_whole_files_in_sorted_order_skipping_hidden(
+    corpus_dir: Path, documents: list[str]
+) -> None:
+    (corpus_dir / ".hidden").write_text("never read")
+    nested = corpus_dir / "zz_nested"
+    nested.mkdir()
+    (nested / "last.txt").write_text("nested text")
+    assert list(open_source(str(corpus_dir)).documents()) == [*documents, "nested text"]
+
+
+def test_glob_selects_matching_files(corpus_dir: Path, documents: list[str]) -> None:
+    source = open_source(str(corpus_dir / "doc0*.txt"))
+    assert list(source.documents()) == documents[:10]
+
+
+def test_single_text_file_is_one_document(corpus_dir: Path, documents: list[str]) -> None:
+    assert list(open_source(str(corpus_dir / "doc03.txt")).documents()) == [documents[3]]
+
+
+def test_non_utf8_text_file_is_an_error_naming_it(corpus_dir: Path) -> None:
+    (corpus_dir / "doc05.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(ValueError, match=r"doc05.txt is not UTF-8"):
+        list(open_source(str(corpus_dir)).documents())
+
+
+def test_empty_text_file_is_an_error_naming_it(corpus_dir: Path) -> None:
+    (corpus_dir / "doc07.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"doc07.txt is empty"):
+        list(open_source(str(corpus_dir)).documents())
+
+
+@pytest.mark.parametrize("spec", ["missing_folder", "missing/*.txt", ""])
+def test_missing_sources_are_clear_errors(tmp_path: Path, spec: str) -> None:
+    with pytest.raises((FileNotFoundError, ValueError), match="does not exist|matches no files|empty source"):
+        open_source(str(tmp_path / spec) if spec else spec)
+
+
+def test_empty_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        open_source(str(tmp_path))
+
+
+def test_jsonl_reads_the_text_field_and_skips_blank_lines_and_empty_records(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [{"body": "first", "id": 1}, {"body": ""}, {"body": "second"}])
+    path.write_text(path.read_text() + "\n\n")
+    assert list(open_source(str(path), text_field="body").documents()) == ["first", "second"]
+    path.rename(tmp_path / "data.json")
+    assert list(open_source(str(tmp_path / "data.json"), text_field="body").documents()) == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"text": "ok"}, {"body": "x"}], r"data.jsonl line 2 has no text field 'text' \(found \['body'\]\)"),
+        ([{"text": 3}], r"data.jsonl line 1: field 'text' holds int"),
+        ([["text"]], r"line 1 has no text field 'text' \(found list\)"),
+    ],
+)
+def test_jsonl_bad_records_are_errors_naming_the_line(tmp_path: Path, records: list[object], message: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    with pytest.raises(ValueError, match=message):
+        list(open_source(str(path)).documents())
+
+
+def test_jsonl_invalid_json_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        list(open_source(str(tmp_path / "data.jsonl")).documents())
+
+
+def test_parquet_reads_the_text_column_and_names_missing_ones(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["alpha", None, "beta"], "n": [1, 2, 3]}), tmp_path / "data.parquet")
+    assert list(open_source(str(tmp_path / "data.parquet"), text_field="content").documents()) == ["alpha", "beta"]
+    with pytest.raises(ValueError, match=r"data.parquet has no text field 'text'; its columns are \['content', 'n'\]"):
+        list(open_source(str(tmp_path / "data.parquet")).documents())
+
+
+def test_hf_dataset_saved_to_disk_by_split_with_clear_errors(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["one", "", "two"]}),
+            "test": datasets.Dataset.from_dict({"text": ["three"]}),
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "dict"))
+    splits["train"].save_to_disk(str(tmp_path / "single"))
+    assert list(open_source(str(tmp_path / "dict")).documents()) == ["one", "two"]
+    assert list(open_source(str(tmp_path / "dict"), hf_split="test").documents()) == ["three"]
+    assert list(open_source(str(tmp_path / "single")).documents()) == ["one", "two"]
+    test_split = open_source(str(tmp_path / "dict"), hf_split="test")
+    assert open_source(str(tmp_path / "dict")).identity != test_split.identity
+    with pytest.raises(ValueError, match=r"no split 'validation'; its splits are \['train', 'test'\]"):
+        list(open_source(str(tmp_path / "dict"), hf_split="validation").documents())
+    with pytest.raises(ValueError, match=r"no text field 'body'; its columns are \['text'\]"):
+        list(open_source(str(tmp_path / "single"), text_field="body").documents())
+
+
+def test_demo_corpus_is_deterministic_stdlib_source_within_its_cap() -> None:
+    demo = DemoSource(max_bytes=300_000)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert demo.files and all(file.suffix == ".py" and stdlib in file.parents for file in demo.files)
+    assert not any({"test", "tests", "site-packages"} & set(file.parts) for file in demo.files)
+    documents = list(demo.documents())
+    assert 0 < sum(len(text.encode()) for text in documents) <= 300_000
+    assert DemoSource(max_bytes=300_000).identity == demo.identity
+    assert "def " in documents[0] or "import " in documents[0]
+
+
+def test_demo_spec_opens_a_few_megabytes() -> None:
+    demo = open_source("demo")
+    total = sum(file.stat().st_size for file in demo.files)
+    assert 1_000_000 < total <= DEMO_MAX_BYTES
+
+
+def test_file_identity_changes_when_a_file_changes(corpus_dir: Path) -> None:
+    before = open_source(str(corpus_dir)).identity
+    file = corpus_dir / "doc02.txt"
+    file.write_text(file.read_text() + " more")
+    os.utime(file, ns=(1, 1))
+    assert open_source(str(corpus_dir)).identity != before
+    assert open_source(str(corpus_dir), text_field="body").identity != open_source(str(corpus_dir)).identity
+
+
+def test_document_separator_splits_plain_text_into_records(tmp_path):
+    file = tmp_path / "fortunes.txt"
+    file.write_text("first fortune\n%\nsecond\nfortune\n%\n\n%\nthird\n", encoding="utf-8")
+    assert list(open_source(str(file), document_separator="%").documents()) == [
+        "first fortune\n", "second\nfortune\n", "third\n"
+    ]
+    assert list(open_source(str(file)).documents()) == [file.read_text()]
+
+
+def test_blank_line_separator(tmp_path):
+    file = tmp_path / "prose.txt"
+    file.write_text("para one\nstill one\n\npara two\n  \npara three", encoding="utf-8")
+    assert list(open_source(str(file), document_separator="").documents()) == [
+        "para one\nstill one\n", "para two\n", "para three"
+    ]

@@ -1,0 +1,112 @@
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizerModel
+from tokenizers import models
+
+from mf_lightning.data import tokenizers
+from mf_lightning.data.sources import FileSource
+from mf_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+
+TEXT = "Hello, wörld!\n\tTabs, spaces  and émojis 🎉 survive."
+
+
+def test_byte_tokenizer_round_trips_utf8_and_drops_eos() -> None:
+    tokenizer = load_tokenizer("byte")
+    ids = tokenizer.encode(TEXT)
+    assert ids == list(TEXT.encode("utf-8"))
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (257, 256)
+    assert tokenizer.decode(ids) == TEXT
+    assert tokenizer.decode([tokenizer.eos_id, *ids, tokenizer.eos_id]) == TEXT
+
+
+def test_decode_rejects_ids_outside_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match=r"token id 300 is outside .*\[0, 257\)"):
+        ByteTokenizer().decode([72, 300])
+
+
+def test_bpe_is_trained_once_round_trips_and_is_cached(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = FileSource(sorted(corpus_dir.iterdir()))
+    tokenizer = load_tokenizer("bpe:300", source, tmp_path / "cache")
+    assert 257 < tokenizer.vocab_size <= 300
+    assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+    document = next(source.documents())
+    assert len(tokenizer.encode(document)) < len(document.encode())
+    assert tokenizer.decode([tokenizer.eos_id]) == ""
+
+    monkeypatch.setattr(tokenizers, "train_bpe", lambda *args: pytest.fail("a cached BPE was trained again"))
+    again = load_tokenizer("bpe:300", source, tmp_path / "cache")
+    assert again.fingerprint == tokenizer.fingerprint
+    assert again.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def test_bpe_on_real_english_compresses_and_round_trips(fortunes_path: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer("bpe:512", FileSource([fortunes_path]), tmp_path)
+    text = fortunes_path.read_text(encoding="utf-8")[:5000]
+    ids = tokenizer.encode(text)
+    assert tokenizer.vocab_size == 512
+    assert tokenizer.decode(ids) == text
+    assert len(ids) < 0.6 * len(text.encode())
+
+
+def test_fingerprints_differ_between_mappings(corpus_dir: Path, tmp_path: Path) -> None:
+    source = FileSource(sorted(corpus_dir.iterdir()))
+    fingerprints = {load_tokenizer(spec, source, tmp_path).fingerprint for spec in ("byte", "bpe:280", "bpe:300")}
+    assert len(fingerprints) == 3
+
+
+def test_tokenizer_json_file_and_folder_load_with_eos_from_config(corpus_dir: Path, tmp_path: Path) -> None:
+    trained = load_tokenizer("bpe:300", FileSource(sorted(corpus_dir.iterdir())), tmp_path / "cache")
+    folder = tmp_path / "hf_tokenizer"
+    folder.mkdir()
+    trained.model.save(str(folder / "tokenizer.json"))
+    from_file = load_tokenizer(str(folder / "tokenizer.json"))
+    assert isinstance(from_file, HFTokenizer)
+    assert from_file.fingerprint == trained.fingerprint
+    assert from_file.decode(from_file.encode(TEXT)) == TEXT
+
+    trained.model.add_special_tokens(["</s>"])
+    trained.model.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    from_folder = load_tokenizer(str(folder))
+    assert from_folder.eos_id == trained.model.token_to_id("</s>")
+    assert from_folder.fingerprint != trained.fingerprint
+
+
+def test_tokenizer_without_end_of_text_token_is_refused(tmp_path: Path) -> None:
+    model = HFTokenizerModel(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    model.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="none of the end-of-text tokens"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_invalid_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizers JSON file"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("bpe:abc", "integer >= 257"),
+        ("bpe:100", "integer >= 257"),
+        ("no/such/tokenizer", 'unknown tokenizer .*"byte", a path .*"bpe:<vocab_size>"'),
+    ],
+)
+def test_bad_specs_name_the_valid_forms(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(spec)
+
+
+def test_bpe_needs_a_source_and_cache_dir() -> None:
+    with pytest.raises(ValueError, match="trained on the corpus"):
+        load_tokenizer("bpe:300")
+
+
+def test_folder_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
