@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 SCORES = ("scaled", "paper")
+MAX_CODE_BITS = 16
+"""Longest chunk: float32 place values stay exact and tables stay addressable (2**16 rows each)."""
 
 
 @functools.cache
@@ -29,8 +31,11 @@ def bit_weights(code_bits: int, device: torch.device) -> torch.Tensor:
 def bucket_indices(chunks: torch.Tensor) -> torch.Tensor:
     """Bucket index in ``[0, 2**tau)`` of each chunk ``[..., K, tau]``, as int64 ``[..., K]``."""
     bits = (chunks >= 0).to(torch.float32)
+    weights = bit_weights(chunks.shape[-1], chunks.device)
+    if not torch.amp.is_autocast_available(chunks.device.type):
+        return (bits @ weights).to(torch.int64)
     with torch.autocast(chunks.device.type, enabled=False):
-        return (bits @ bit_weights(chunks.shape[-1], chunks.device)).to(torch.int64)
+        return (bits @ weights).to(torch.int64)
 
 
 def chunk_scores(chunks: torch.Tensor, score: str = "scaled", temperature: float = 1.0) -> torch.Tensor:

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from mf_lightning.kernels.dispatch import check_backend_name, memory_layer
-from mf_lightning.kernels.hashing import SCORES, bucket_indices
+from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES, bucket_indices
 
-MAX_CODE_BITS = 16
 
 
 class MemoryLayer(nn.Module):

@@ -1,0 +1,108 @@
+"""Save and load models as a directory: ``config.json`` (the ``ModelConfig``) + ``model.safetensors``.
+
+Loading accepts state dicts written from a ``torch.compile``-d model (``_orig_mod.`` in the keys) or
+taken from a LightningModule that holds the model as ``self.model`` (every key under ``model.``).
+Anything that does not fit the saved config (another arch, other sizes, missing or extra tensors) or
+a file that cannot be read is one ``ValueError`` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.registry import build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+COMPILE_PREFIX = "_orig_mod."
+LIGHTNING_PREFIX = "model."
+LISTED = 5
+
+
+def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
+    """Write ``model``'s config and weights into ``directory`` (created if needed); return the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    state = {key: value.detach().cpu().contiguous() for key, value in clean_keys(model.state_dict()).items()}
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    return directory
+
+
+def load_pretrained(
+    directory: str | Path, device: torch.device | str = "cpu", arch: str | None = None
+) -> DecoderLM:
+    """The model saved in ``directory``, with its weights on ``device``; ``arch`` demands that architecture.
+
+    The model is built on the meta device and the loaded tensors are assigned to it, so no memory or
+    time goes into an initialisation that would be overwritten.
+    """
+    directory = Path(directory)
+    config = read_config(directory / CONFIG_NAME)
+    if arch is not None and config.arch != arch:
+        raise ValueError(f"{directory / CONFIG_NAME} describes a {config.arch!r} model, not {arch!r}")
+    weights = directory / WEIGHTS_NAME
+    state = read_weights(weights, device)
+    with torch.device("meta"):
+        model = build_model(config)
+    check_state(model, state, weights)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The ``ModelConfig`` stored as JSON at ``path``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path} (expected a directory written by save_pretrained)")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a valid model config: {error}") from error
+
+
+def read_weights(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at ``path``, with compile/Lightning key prefixes removed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights at {path} (expected a directory written by save_pretrained)")
+    try:
+        state = load_file(path, device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    return clean_keys(state)
+
+
+def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``_orig_mod.`` (torch.compile) anywhere in the keys and a ``model.`` prefix shared by all keys."""
+    state = {key.replace(COMPILE_PREFIX, ""): value for key, value in state.items()}
+    if state and all(key.startswith(LIGHTNING_PREFIX) for key in state):
+        state = {key.removeprefix(LIGHTNING_PREFIX): value for key, value in state.items()}
+    return state
+
+
+def check_state(model: DecoderLM, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise one ``ValueError`` listing every way ``state`` does not fit ``model``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [
+        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:LISTED])}{', ...' if len(items) > LISTED else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped))
+        if items
+    ]
+    if problems:
+        raise ValueError(
+            f"{path} does not fit the {model.config.arch} model described by {path.parent / CONFIG_NAME}: "
+            + "; ".join(problems)
+        )

@@ -1,0 +1,85 @@
+"""Decoder blocks: ``MemoryBlock`` (SPEC §2) and the Pythia-style ``TransformerBlock`` baseline.
+
+Both are pre-norm with sequential residuals and the same norms, so the only difference between the
+two models is what replaces what: every fully-connected layer of ``TransformerBlock`` becomes a Memory
+Layer in ``MemoryBlock``, which also drops the attention output projection and the FFN activation.
+Both take ``(x, cos, sin, cache)``: the residual stream ``[B, T, d]``, the rotary angles of the ``T``
+positions and an optional :class:`~mf_lightning.nn.attention.KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.nn.attention import CausalSelfAttention, KVCache
+from mf_lightning.nn.memory_layer import MemoryLayer
+
+FFN_TABLE_STD = 0.02
+BIAS_STD = 1e-3
+LINEAR_STD = 0.02
+
+
+class MemoryBlock(nn.Module):
+    """``x + MHA(ML_qkv(RMSNorm(x)))`` then ``x + ML_2(LayerNorm(ML_1(RMSNorm(x))))`` (SPEC §2).
+
+    Q, K and V come from ONE Memory Layer ``d -> 3d`` so they share one hash of the normalised input;
+    there is no output projection. The feed-forward ``ML_1: d -> K*(tau+extra)``, an affine LayerNorm
+    (sign hashing wants zero-mean inputs) and ``ML_2`` with code length ``tau+extra`` back to ``d``; no
+    activation, hashing is the non-linearity. Init as in the authors' code: Q/K/V tables
+    ``N(0, 2/(5d))``, FFN tables ``N(0, 0.02**2)``, biases ``N(0, 0.001**2)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.n_embd
+        layer = {"score": config.score, "backend": config.backend, "bias_init_std": BIAS_STD}
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.qkv = MemoryLayer(d, 3 * d, config.code_bits, init_std=math.sqrt(2 / (5 * d)), **layer)
+        self.attention = CausalSelfAttention(config.n_head, config.dropout)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_in = MemoryLayer(d, config.ffn_hidden, config.code_bits, init_std=FFN_TABLE_STD, **layer)
+        self.ffn_mid_norm = nn.LayerNorm(config.ffn_hidden, eps=config.norm_eps)
+        self.ffn_out = MemoryLayer(config.ffn_hidden, d, config.ffn_code_bits, init_std=FFN_TABLE_STD, **layer)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.qkv(self.attn_norm(x)), cos, sin, cache))
+        return x + self.dropout(self.ffn_out(self.ffn_mid_norm(self.ffn_in(self.ffn_norm(x)))))
+
+
+class TransformerBlock(nn.Module):
+    """``x + W_O MHA(W_qkv RMSNorm(x))`` then ``x + W_2 GELU(W_1 RMSNorm(x))``: the Pythia-style baseline.
+
+    Linear weights ``N(0, 0.02**2)``, the two projections back into the residual stream scaled by
+    ``1/sqrt(2 * n_layer)`` (GPT-2) so the stream's variance does not grow with depth; biases zero.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attention = CausalSelfAttention(config.n_head, config.dropout)
+        self.proj = nn.Linear(d, d)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_in = nn.Linear(d, config.ffn_hidden)
+        self.ffn_out = nn.Linear(config.ffn_hidden, d)
+        self.dropout = nn.Dropout(config.dropout)
+        residual_std = LINEAR_STD / math.sqrt(2 * config.n_layer)
+        stds = {self.qkv: LINEAR_STD, self.proj: residual_std, self.ffn_in: LINEAR_STD, self.ffn_out: residual_std}
+        for linear, std in stds.items():
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.proj(self.attention(self.qkv(self.attn_norm(x)), cos, sin, cache)))
+        return x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x)))))

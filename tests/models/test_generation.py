@@ -1,0 +1,114 @@
+"""Generation: KV cache against recomputation, sampling filters, EOS handling, argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.models import build_model
+from mf_lightning.models.generation import sample, top_p_filter
+
+ARCHS = ["memoryformer", "transformer"]
+
+
+def debug_model(arch: str = "memoryformer") -> torch.nn.Module:
+    return build_model(ModelConfig.from_preset("debug", arch=arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_with_cache_equals_without(arch: str) -> None:
+    model, prompt = debug_model(arch), torch.randint(0, 257, (2, 5))
+    cached = model.generate(prompt, 12, temperature=0)
+    recomputed = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert cached.shape == (2, 17)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=0)
+    torch.testing.assert_close(cached[:, :5], prompt)
+
+
+def test_greedy_follows_the_argmax_of_forward() -> None:
+    model, prompt = debug_model().eval(), torch.randint(0, 257, (1, 4))
+    tokens = model.generate(prompt, 3, temperature=0)
+    for step in range(3):
+        logits = model(tokens[:, : 4 + step])[0]
+        assert tokens[0, 4 + step] == logits[0, -1].argmax()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_is_reproducible_with_a_generator(arch: str) -> None:
+    model, prompt = debug_model(arch), torch.randint(0, 257, (2, 3))
+    def run(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 10, temperature=1.5, top_k=50, top_p=0.9, generator=generator)
+    torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
+    assert not torch.equal(run(1), run(2))
+
+
+def test_top_k_one_is_greedy() -> None:
+    model, prompt = debug_model(), torch.randint(0, 257, (2, 3))
+    sampled = model.generate(prompt, 6, temperature=2.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampled, model.generate(prompt, 6, temperature=0), rtol=0, atol=0)
+
+
+def test_top_k_samples_only_the_k_most_likely() -> None:
+    logits = torch.randn(4, 50)
+    allowed = logits.topk(5, dim=-1).indices
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        token = sample(logits, temperature=1.0, top_k=5, generator=generator)
+        assert (allowed == token[:, None]).any(dim=-1).all()
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.8))
+    torch.testing.assert_close(kept, torch.tensor([[True, False, True, False]]))
+    assert torch.isfinite(top_p_filter(logits, 0.81)).sum() == 3
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1
+
+
+def test_generation_stops_and_pads_after_eos() -> None:
+    model = debug_model()
+    prompt = torch.randint(0, 257, (2, 4))
+    free = model.generate(prompt, 6, temperature=0)
+    assert free[0, 4] != free[1, 4], "rows must differ for this test to mean something"
+    eos = int(free[0, 4])
+    stopped = model.generate(prompt, 6, temperature=0, eos_id=eos)
+    assert (stopped[0, 4:] == eos).all()
+    first_eos = (free[1, 4:] == eos).nonzero()
+    end = 4 + (int(first_eos[0]) + 1 if len(first_eos) else 6)
+    torch.testing.assert_close(stopped[1, :end], free[1, :end])
+    assert stopped.shape[1] == end
+    single = model.generate(prompt[:1], 6, temperature=0, eos_id=eos)
+    assert single.shape == (1, 5)
+
+
+def test_generate_restores_training_mode_and_keeps_no_grad() -> None:
+    model = debug_model().train()
+    tokens = model.generate(torch.zeros(1, 2, dtype=torch.long), 2)
+    assert model.training and not tokens.requires_grad
+    assert model.generate(torch.zeros(1, 2, dtype=torch.long), 0).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens must be a non-negative integer, got -1"),
+        ({"max_new_tokens": 300}, "prompt of 3 tokens \\+ max_new_tokens=300 exceeds max_seq_len=256"),
+        ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+        ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
+        ({"top_k": 0}, "top_k must be None or a positive integer, got 0"),
+        ({"top_p": 0.0}, r"top_p must be None or a number in \(0, 1\], got 0.0"),
+        ({"top_p": 1.2}, r"top_p must be None or a number in \(0, 1\], got 1.2"),
+        ({"eos_id": 257}, r"eos_id must be None or a token id in \[0, 257\), got 257"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict, message: str) -> None:
+    arguments = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        debug_model().generate(torch.zeros(1, 3, dtype=torch.long), **arguments)
+
+
+def test_out_of_vocabulary_prompt_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"idx holds token ids outside \[0, 257\): min 0, max 300"):
+        debug_model().generate(torch.tensor([[0, 300]]), 2)

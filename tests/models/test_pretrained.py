@@ -1,0 +1,114 @@
+"""save_pretrained / load_pretrained: bit-exact round trip, foreign prefixes, clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, save_pretrained
+
+ARCHS = ["memoryformer", "transformer"]
+
+
+def debug_model(arch: str = "memoryformer", **overrides: object) -> torch.nn.Module:
+    return build_model(ModelConfig.from_preset("debug", arch=arch, **overrides))
+
+
+def assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
+    expected = original.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_bit_exact(arch: str, tmp_path: Path) -> None:
+    model = debug_model(arch, tie_embeddings=arch == "transformer")
+    model.save_pretrained(tmp_path / "saved")
+    loaded = type(model).from_pretrained(tmp_path / "saved")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert_same_weights(loaded, model)
+    assert all(p.device.type == "cpu" and p.requires_grad for p in loaded.parameters())
+    idx = torch.randint(0, 257, (1, 9))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_functional_api_loads_any_arch(tmp_path: Path) -> None:
+    model = debug_model("transformer")
+    assert save_pretrained(model, tmp_path) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert type(load_pretrained(tmp_path)) is Transformer
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "model._orig_mod."])
+def test_compile_and_lightning_prefixes_are_stripped(prefix: str, tmp_path: Path) -> None:
+    model = debug_model()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({prefix + key: value for key, value in state.items()}, tmp_path / "model.safetensors")
+    assert_same_weights(load_pretrained(tmp_path), model)
+
+
+def test_saving_a_compiled_model_writes_clean_keys(tmp_path: Path) -> None:
+    model = debug_model()
+    compiled = torch.compile(model)
+    save_pretrained(compiled, tmp_path)
+    assert not any("_orig_mod" in key for key in load_file(tmp_path / "model.safetensors"))
+
+
+def test_loading_into_the_other_class_is_refused(tmp_path: Path) -> None:
+    debug_model("transformer").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="config.json describes a 'transformer' model, not 'memoryformer'"):
+        MemoryFormer.from_pretrained(tmp_path)
+
+
+def test_weights_of_another_arch_are_a_clear_error(tmp_path: Path) -> None:
+    debug_model("memoryformer").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.from_preset("debug", arch="transformer").to_dict()))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the transformer model .*missing \(\d+\): "):
+        load_pretrained(tmp_path)
+
+
+def test_weights_of_other_sizes_are_a_clear_error(tmp_path: Path) -> None:
+    debug_model("transformer").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps(ModelConfig.from_preset("debug", arch="transformer", vocab_size=300).to_dict())
+    )
+    with pytest.raises(ValueError, match=r"wrong shape \(2\): embed.weight \(257, 64\) != \(300, 64\), head.weight"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_keys_are_listed(tmp_path: Path) -> None:
+    debug_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \(1\): norm.weight"):
+        load_pretrained(tmp_path)
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path: Path) -> None:
+    debug_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file \(truncated"):
+        load_pretrained(tmp_path)
+
+
+def test_corrupt_or_missing_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no model config at .*config.json"):
+        load_pretrained(tmp_path)
+    debug_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"arch": "memoryformer", ')
+    with pytest.raises(ValueError, match="config.json is not a valid model config: Expecting"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"arch": "memoryformer", "n_embd": 63}')
+    with pytest.raises(ValueError, match="config.json is not a valid model config: n_embd=63 is not divisible"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no model weights at .*model.safetensors"):
+        load_pretrained(tmp_path)

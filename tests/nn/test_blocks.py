@@ -1,0 +1,72 @@
+"""MemoryBlock (SPEC §2) and the TransformerBlock baseline."""
+
+import math
+
+import torch
+from torch import nn
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.nn.attention import KVCache
+from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
+from mf_lightning.nn.memory_layer import MemoryLayer
+from mf_lightning.nn.rotary import rotary_cos_sin
+
+
+def rotary(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return rotary_cos_sin(torch.arange(length), config.rotary_dims, config.rotary_base)
+
+
+def test_memory_block_has_only_memory_layers_no_output_projection() -> None:
+    config = ModelConfig.from_preset("debug")
+    block = MemoryBlock(config)
+    assert not any(isinstance(module, nn.Linear) for module in block.modules())
+    layers = [module for module in block.modules() if isinstance(module, MemoryLayer)]
+    assert [(m.in_features, m.out_features, m.code_bits) for m in layers] == [(64, 192, 8), (64, 80, 8), (80, 64, 10)]
+    assert block.ffn_out.tables.shape == (8, 1024, 64)
+    assert isinstance(block.ffn_mid_norm, nn.LayerNorm) and block.ffn_mid_norm.elementwise_affine
+
+
+def test_memory_block_init_follows_authors_code() -> None:
+    config = ModelConfig.from_preset("debug", n_embd=128)
+    block = MemoryBlock(config)
+    assert math.isclose(block.qkv.tables.std().item(), math.sqrt(2 / (5 * 128)), rel_tol=0.02)
+    for layer in (block.ffn_in, block.ffn_out):
+        assert math.isclose(layer.tables.std().item(), 0.02, rel_tol=0.02)
+        assert math.isclose(layer.bias.std().item(), 1e-3, rel_tol=0.2)
+
+
+def test_q_k_v_share_one_hash() -> None:
+    block = MemoryBlock(ModelConfig.from_preset("debug"))
+    h = block.attn_norm(torch.randn(3, 64))
+    assert block.qkv.bucket_indices(h).shape == (3, block.qkv.num_tables)
+
+
+def test_memory_block_forward_backward_reaches_every_parameter() -> None:
+    config = ModelConfig.from_preset("debug")
+    block, x = MemoryBlock(config), torch.randn(2, 5, 64, requires_grad=True)
+    y = block(x, *rotary(config, 5))
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+    assert x.grad.abs().sum() > 0
+
+
+def test_transformer_block_is_pythia_shaped() -> None:
+    config = ModelConfig.from_preset("debug", arch="transformer")
+    block, d = TransformerBlock(config), config.n_embd
+    assert sum(p.numel() for p in block.parameters()) == 12 * d * d + 9 * d + 2 * d
+    x = torch.randn(2, 5, d)
+    assert block(x, *rotary(config, 5)).shape == x.shape
+    assert math.isclose(block.proj.weight.std().item(), 0.02 / math.sqrt(2 * config.n_layer), rel_tol=0.05)
+
+
+def test_blocks_with_cache_match_full_sequence() -> None:
+    for arch, block_class in (("memoryformer", MemoryBlock), ("transformer", TransformerBlock)):
+        config = ModelConfig.from_preset("debug", arch=arch)
+        block, x = block_class(config).eval(), torch.randn(1, 6, 64)
+        full = block(x, *rotary(config, 6))
+        cache = KVCache(6)
+        prefix = block(x[:, :4], *rotary(config, 4), cache)
+        cos, sin = rotary(config, 6)
+        rest = block(x[:, 4:], cos[4:], sin[4:], cache)
+        torch.testing.assert_close(torch.cat([prefix, rest], dim=1), full)
