@@ -1,0 +1,104 @@
+"""BucketUsageMonitor in real CPU Trainer runs, read back from the TensorBoard event files."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from mf_lightning.callbacks import BucketUsageMonitor
+from mf_lightning.callbacks import bucket_usage
+from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, used_fraction
+
+BATCH = 8
+LAYERS = ("hidden", "head")
+
+
+def test_logs_scalars_histograms_and_heatmaps(tiny_module, inputs, fit, read_events, count_buckets) -> None:
+    logger = fit(tiny_module, [BucketUsageMonitor(log_every_n_steps=2, image_every_n_steps=4)], max_steps=4)
+    events = read_events(logger)
+    tags = events.Tags()
+    for metric in USAGE_METRICS:
+        assert [e.step for e in events.Scalars(f"bucket_usage/{metric}")] == [2, 4]
+        for layer in LAYERS:
+            assert [e.step for e in events.Scalars(f"bucket_{metric}/{layer}")] == [2, 4]
+            assert f"bucket_{metric}_per_table/{layer}" in tags["histograms"]
+    for layer in LAYERS:
+        assert [e.step for e in events.Histograms(f"bucket_counts/{layer}")] == [2, 4]
+        (image,) = events.Images(f"bucket_heatmap/{layer}")
+        assert (image.step, image.height, image.width) == (4, getattr(tiny_module, layer).num_tables, 16)
+
+    windows = [inputs[:2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
+    expected = [used_fraction(count_buckets(tiny_module.hidden, x)).mean().item() for x in windows]
+    logged = [e.value for e in events.Scalars("bucket_used_fraction/hidden")]
+    assert logged == pytest.approx(expected, rel=1e-6)
+    for metric in ("used_fraction", "normalized_entropy", "top1pct_share"):
+        assert all(0 < e.value <= 1 for e in events.Scalars(f"bucket_usage/{metric}"))
+    tokens_per_table = 2 * BATCH * inputs.shape[1]
+    for histogram in events.Histograms("bucket_counts/hidden"):
+        assert histogram.histogram_value.sum == tiny_module.hidden.num_tables * tokens_per_table
+
+
+def test_counts_equal_direct_computation_and_skip_validation(
+    tiny_module, inputs, fit, read_events, count_buckets
+) -> None:
+    monitor = BucketUsageMonitor(log_every_n_steps=1000, image_every_n_steps=1000)
+    logger = fit(tiny_module, [monitor], max_steps=3, limit_val_batches=2, val_check_interval=2)
+    assert len(read_events(logger).Scalars("val_loss")) == 1, "validation must have run once"
+    torch.testing.assert_close(monitor.counts["hidden"], count_buckets(tiny_module.hidden, inputs[: 3 * BATCH]))
+    tokens = 3 * BATCH * inputs.shape[1]
+    assert monitor.counts["head"].shape == (2, 16)
+    assert torch.equal(monitor.counts["head"].sum(-1), torch.full((2,), tokens))
+
+    before = monitor.counts["hidden"].clone()
+    tiny_module.train()(inputs)
+    assert torch.equal(monitor.counts["hidden"], before), "hooks must be removed when fitting ends"
+
+
+def test_counts_restart_after_each_window(tiny_module, fit) -> None:
+    monitor = BucketUsageMonitor(log_every_n_steps=2, image_every_n_steps=2)
+    fit(tiny_module, [monitor], max_steps=3)
+    assert monitor.counts["hidden"].sum().item() == tiny_module.hidden.num_tables * BATCH * 3
+
+
+def test_model_without_memory_layers_gets_one_info_and_no_logs(dense_module, fit, read_events, monkeypatch) -> None:
+    messages = []
+    monkeypatch.setattr(bucket_usage, "rank_zero_info", messages.append)
+    monitor = BucketUsageMonitor(log_every_n_steps=1, image_every_n_steps=1)
+    events = read_events(fit(dense_module, [monitor], max_steps=2))
+    assert len(messages) == 1 and "no MemoryLayer" in messages[0]
+    assert monitor.counts == {}
+    tags = events.Tags()
+    assert not any(tag.startswith("bucket") for kind in ("scalars", "histograms", "images") for tag in tags[kind])
+
+
+def test_every_rank_reduces_and_only_rank_zero_writes(tiny_module, fit, read_events, monkeypatch) -> None:
+    counts_size = sum(layer.num_tables * 2**layer.code_bits for layer in (tiny_module.hidden, tiny_module.head))
+    reduced_steps = []
+    strategy_reduce = SingleDeviceStrategy.reduce
+
+    def spy(strategy, tensor, *args, **kwargs):
+        if isinstance(tensor, torch.Tensor) and tensor.shape == (counts_size,):
+            assert kwargs.get("reduce_op") == "sum"
+            reduced_steps.append(strategy.lightning_module.trainer.global_step)
+        return strategy_reduce(strategy, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "reduce", spy)
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda trainer: False))
+    monitor = BucketUsageMonitor(log_every_n_steps=2, image_every_n_steps=2)
+    events = read_events(fit(tiny_module, [monitor], max_steps=4))
+    assert reduced_steps == [2, 4]
+    assert not any(tag.startswith("bucket") for tag in events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"log_every_n_steps": 0}, "log_every_n_steps must be a positive integer.*got 0"),
+        ({"log_every_n_steps": 2.5}, "log_every_n_steps must be a positive integer.*got 2.5"),
+        ({"image_every_n_steps": -1}, "image_every_n_steps must be a positive integer.*got -1"),
+        ({"log_every_n_steps": 50, "image_every_n_steps": 120}, "multiple of log_every_n_steps=50.*try 150"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BucketUsageMonitor(**kwargs)
