@@ -14,6 +14,7 @@ ones that Lightning shards under its default ``use_distributed_sampler=True``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from mf_lightning.data.cache import TokenCache, prepare_token_cache
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import load_tokenizer
 from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
+
+# Lightning checks only the DataLoader for resumability; ours resumes through the DataModule's state.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mf_lightning"

@@ -1,0 +1,164 @@
+"""``LanguageModel``: the LightningModule that trains, evaluates and samples either architecture."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.aggregation import MeanMetric
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
+from mf_lightning.models import build_model
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token language model (MemoryFormer or the baseline Transformer) with the paper's recipe.
+
+    The model is ``ModelConfig.from_preset(preset, arch=arch, vocab_size=vocab_size, **overrides)``;
+    ``vocab_size`` is linked from the DataModule by the CLI. Optimisation defaults follow SPEC §2:
+    AdamW(0.9, 0.95, eps 1e-8), peak ``lr`` 3e-3, 1% linear warm-up then cosine to 1% of peak,
+    weight decay 0.1 on matrices and tables but not on biases and norms, tables in their own
+    parameter group (``table_lr_multiplier``, ``table_weight_decay``). ``optimizer`` / ``scheduler``
+    replace AdamW / the schedule when given (LightningCLI injects them from YAML).
+    """
+
+    def __init__(
+        self,
+        arch: str = "memoryformer",
+        preset: str = "debug",
+        vocab_size: int | None = None,
+        overrides: dict[str, Any] | None = None,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        table_lr_multiplier: float = 1.0,
+        table_weight_decay: float | None = None,
+        warmup_fraction: float = 0.01,
+        min_lr_ratio: float = 0.01,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for name, value in (("lr", lr), ("eps", eps), ("table_lr_multiplier", table_lr_multiplier)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
+        if weight_decay < 0 or (table_weight_decay is not None and table_weight_decay < 0):
+            raise ValueError(
+                f"weight decay must be >= 0, got weight_decay={weight_decay!r}, table_weight_decay={table_weight_decay!r}"
+            )
+        check_fraction("model.warmup_fraction", warmup_fraction, upper_inclusive=False)
+        check_fraction("model.min_lr_ratio", min_lr_ratio)
+        config_args = dict(overrides or {})
+        if vocab_size is not None:
+            if config_args.get("vocab_size", vocab_size) != vocab_size:
+                raise ValueError(
+                    f"model.overrides.vocab_size={config_args['vocab_size']} disagrees with the tokenizer's "
+                    f"vocabulary of {vocab_size} ids (linked from data.vocab_size); remove the override"
+                )
+            config_args["vocab_size"] = vocab_size
+        self.config = ModelConfig.from_preset(preset, arch=arch, **config_args)
+        self.model = build_model(self.config)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.flops_per_batch: int | None = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        return self.model(idx, targets)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The bare model (unwrapped from ``torch.compile``), for saving and generation."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}; "
+                "lower data.seq_len or raise model.overrides.max_seq_len"
+            )
+        batch_size = getattr(datamodule, "batch_size", None)
+        if seq_len is not None and batch_size is not None:
+            self.flops_per_batch = self.network.flops_per_token(seq_len, training=True) * seq_len * batch_size
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.evaluate(batch, self.val_loss, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.evaluate(batch, self.test_loss, "test")
+
+    def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, split: str) -> None:
+        """Token-weighted mean loss; perplexity and bits per byte derive from it at epoch end."""
+        x, y = batch
+        _, loss = self(x, y)
+        metric.update(loss.detach(), weight=y.numel())
+        self.log(f"{split}/loss", metric, prog_bar=True, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_derived("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_derived("test", self.test_loss)
+
+    def log_derived(self, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
+        bytes_per_token = getattr(getattr(self.trainer, "datamodule", None), "bytes_per_token", None)
+        if bytes_per_token:
+            self.log(f"{split}/bpb", loss / (math.log(2) * bytes_per_token), sync_dist=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompt_ids = batch["input_ids"].to(self.device)
+        out = self.network.generate(
+            prompt_ids,
+            max_new_tokens=self.hparams.max_new_tokens,
+            temperature=self.hparams.temperature,
+            top_k=self.hparams.top_k,
+            top_p=self.hparams.top_p,
+            eos_id=tokenizer.eos_id,
+        )
+        completion = out[0, prompt_ids.shape[1]:].tolist()
+        if tokenizer.eos_id in completion:
+            completion = completion[: completion.index(tokenizer.eos_id)]
+        return {"prompt": batch["prompt"], "completion": tokenizer.decode(completion)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = parameter_groups(self.network, hp.weight_decay, hp.table_weight_decay)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        scale_group_lr(optimizer, "tables", hp.table_lr_multiplier)
+        if self.scheduler_factory is None:
+            scheduler = WarmupCosineLR(
+                optimizer, total_steps=None, warmup_fraction=hp.warmup_fraction, min_lr_ratio=hp.min_lr_ratio
+            )
+        else:
+            scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
