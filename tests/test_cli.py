@@ -66,6 +66,18 @@ def test_validate_test_and_predict_from_checkpoint(trained, tmp_path):
     assert all(isinstance(line["completion"], str) for line in lines)
 
 
+def test_optimizer_and_scheduler_are_injected_from_the_command_line(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cli = run("fit", tiny_run_args(tmp_path, corpus, max_steps=2) + [
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
+        "--model.scheduler", "torch.optim.lr_scheduler.ConstantLR", "--model.scheduler.factor", "0.5",
+    ])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["name"] for g in optimizer.param_groups] == ["tables", "decay", "no_decay"]
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.ConstantLR)
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """A run restarted from its step-4 checkpoint ends with the same weights and losses as one that never stopped."""
