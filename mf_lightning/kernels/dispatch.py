@@ -82,16 +82,8 @@ def backend_function(backend: str) -> Callable[..., torch.Tensor]:
     return memory_layer
 
 
-def memory_layer(
-    x: torch.Tensor,
-    tables: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    score: str = "scaled",
-    temperature: float = 1.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``."""
+def check_shapes(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Code length of ``tables [K, 2**tau, out]``, after checking that ``x`` and ``bias`` fit them."""
     num_tables, num_rows, out_features = tables.shape
     code_bits = num_rows.bit_length() - 1
     if num_rows != 2**code_bits:
@@ -105,5 +97,19 @@ def memory_layer(
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    return code_bits
+
+
+def memory_layer(
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    score: str = "scaled",
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``."""
+    code_bits = check_shapes(x, tables, bias)
     impl = backend_function(resolve_backend(backend, x.device))
     return impl(x, tables, bias, code_bits, score, temperature)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from mf_lightning.kernels.dispatch import check_shapes
 from mf_lightning.kernels.hashing import SCORES
 from mf_lightning.kernels.triton_kernels import memory_layer_backward_kernel, memory_layer_forward_kernel
 
@@ -139,17 +140,8 @@ def check_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | Non
             )
         if tensor.device != tables.device:
             raise ValueError(f"{name} is on {tensor.device} but the tables are on {tables.device}")
-    num_tables, num_rows, out_features = tables.shape
-    if num_rows != 2**code_bits:
+    if check_shapes(x, tables, bias) != code_bits:
         raise ValueError(f"code_bits={code_bits} needs tables [K, {2**code_bits}, out], got {tuple(tables.shape)}")
-    if x.shape[-1] != num_tables * code_bits:
-        raise ValueError(
-            f"tables {tuple(tables.shape)} with code_bits={code_bits} need inputs of width "
-            f"{num_tables * code_bits}, got shape {tuple(x.shape)}"
-        )
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-
 
 def memory_layer(
     x: torch.Tensor,
