@@ -2,9 +2,16 @@
 
 ``mf fit --config configs/quickstart.yaml`` trains; ``mf validate|test|predict --config ... --ckpt_path
 last`` evaluate or sample from the latest checkpoint; ``mf efficiency`` prints the parameter and FLOPs
-table of every preset. Everything a run writes lives under ``trainer.default_root_dir``: TensorBoard
-logs and the resolved config in ``tensorboard/``, checkpoints (``last.ckpt`` and the best by validation
-loss) in ``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it.
+table of every preset; ``mf export --ckpt_path X --out DIR`` turns a checkpoint into a safetensors model
+folder. Everything a run writes lives under ``trainer.default_root_dir``: TensorBoard logs and the
+resolved config in ``tensorboard/``, checkpoints (``last.ckpt`` and the best by validation loss) in
+``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it.
+
+Checkpoints are written atomically and read without unpickling code (``mf_lightning.lit.checkpoints``);
+SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``); steps with a non-finite loss or
+gradients are skipped and a diverged run stops (``NonFiniteGuard``, options under ``non_finite``).
+The model is always built from the config, never from ``--ckpt_path``'s hyper-parameters: a checkpoint
+of another model or tokenizer is refused with an error naming both.
 """
 
 from __future__ import annotations
@@ -12,23 +19,37 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, ThroughputMonitor
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mf_lightning.callbacks import BucketUsageMonitor, GradientCoverageMonitor
+from mf_lightning.callbacks import (
+    BucketUsageMonitor,
+    GradientCoverageMonitor,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    PreemptionCheckpoint,
+)
 from mf_lightning.data import TextDataModule
+from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint
 from mf_lightning.lit.module import LanguageModel
 from mf_lightning.lit.predictions import CompletionWriter
 
-TOOLS = {"efficiency": "mf_lightning.models.efficiency"}
+# Lightning 2.6 itself calls jsonargparse and torch APIs that newer releases deprecate; those warnings
+# are not about the user's config or code, so they are silenced for the CLI.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+TOOLS = {"efficiency": "mf_lightning.models.efficiency", "export": "mf_lightning.lit.export"}
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
-"""Errors our own checks raise for bad configs and inputs: shown as one line unless MF_TRACEBACK=1."""
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, NonFiniteTrainingError)
+"""Errors our own checks raise for bad configs and inputs or a diverged run: one line unless MF_TRACEBACK=1."""
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -49,9 +70,14 @@ def batch_tokens(batch: Any) -> int:
 class MFCLI(LightningCLI):
     """LightningCLI with the data vocabulary linked into the model and our callbacks forced on."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Keeps the config as given: LightningCLI would overwrite the model's arguments with the
+        checkpoint's hyper-parameters (unpickling the whole file once more to read them), silently
+        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -63,6 +89,7 @@ class MFCLI(LightningCLI):
         )
         parser.add_lightning_class_args(BucketUsageMonitor, "bucket_usage")
         parser.add_lightning_class_args(GradientCoverageMonitor, "gradient_coverage")
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -77,6 +104,10 @@ class MFCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is False:
             defaults = self.trainer_defaults["callbacks"]
             self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, RichProgressBar)]
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -85,7 +116,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
 
     A configuration or input error (bad value, missing file, corrupt checkpoint) ends the program
     with one ``mf: error: ...`` line and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
-    Returns the CLI object (its ``trainer``, ``model`` and ``datamodule``) when run from Python.
+    Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
+    ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:
@@ -100,8 +132,24 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         raise SystemExit(2) from None
 
 
-def run_cli(args: list[str] | None) -> MFCLI:
-    """Builds the CLI (which runs the subcommand) with our trainer defaults; ``None`` reads ``sys.argv``."""
+def run_cli(args: list[str] | None) -> MFCLI | None:
+    """Runs the CLI with our trainer defaults on ``args``, or on ``sys.argv`` when ``None`` (returning None).
+
+    With explicit ``args`` the process's own ``sys.argv`` (a notebook kernel's or pytest's) is hidden
+    from LightningCLI, which would otherwise warn that both were given.
+    """
+    if args is None:
+        build_cli(None)
+        return None
+    process_argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return build_cli(args)
+    finally:
+        sys.argv = process_argv
+
+
+def build_cli(args: list[str] | None) -> MFCLI:
+    """The ``MFCLI`` of ``args``; constructing it runs the subcommand."""
     return MFCLI(
         LanguageModel,
         TextDataModule,
@@ -113,6 +161,7 @@ def run_cli(args: list[str] | None) -> MFCLI:
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(batch_size_fn=batch_windows, length_fn=batch_tokens),
                 CompletionWriter(),
+                PreemptionCheckpoint(),
             ],
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,

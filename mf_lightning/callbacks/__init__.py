@@ -1,6 +1,14 @@
-"""Lightning callbacks that watch Memory Layers train: bucket usage and gradient coverage of the tables."""
+"""Lightning callbacks: Memory Layer diagnostics (bucket usage, gradient coverage) and training safety nets."""
 
 from mf_lightning.callbacks.bucket_usage import BucketUsageMonitor
 from mf_lightning.callbacks.gradient_coverage import GradientCoverageMonitor
+from mf_lightning.callbacks.non_finite import NonFiniteGuard, NonFiniteTrainingError
+from mf_lightning.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["BucketUsageMonitor", "GradientCoverageMonitor"]
+__all__ = [
+    "BucketUsageMonitor",
+    "GradientCoverageMonitor",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
+    "PreemptionCheckpoint",
+]

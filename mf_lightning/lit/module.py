@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from mf_lightning.config import ModelConfig
+from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
 from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
 from mf_lightning.models import build_model
 
@@ -24,6 +25,27 @@ class LanguageModel(L.LightningModule):
     weight decay 0.1 on matrices and tables but not on biases and norms, tables in their own
     parameter group (``table_lr_multiplier``, ``table_weight_decay``). ``optimizer`` / ``scheduler``
     replace AdamW / the schedule when given (LightningCLI injects them from YAML).
+
+    Args:
+        arch: ``memoryformer`` (Memory Layers) or ``transformer`` (the Pythia-style baseline).
+        preset: model size: ``debug``, ``tiny``, ``small`` or ``base`` (``mf efficiency`` lists them).
+        vocab_size: tokenizer vocabulary; the CLI links it from ``data.vocab_size``.
+        overrides: ``ModelConfig`` fields replacing the preset's, e.g. ``{n_layer: 4, code_bits: 4}``.
+        lr: peak learning rate of every parameter group (tables: times ``table_lr_multiplier``).
+        betas: AdamW's ``(beta1, beta2)``.
+        eps: AdamW's epsilon.
+        weight_decay: decoupled weight decay of matrices and embeddings (biases and norms get none).
+        table_lr_multiplier: learning-rate factor of the Memory Layer tables.
+        table_weight_decay: weight decay of the tables; ``None`` uses ``weight_decay``.
+        warmup_fraction: share of the optimizer steps spent in linear warm-up.
+        min_lr_ratio: the cosine decay ends at this fraction of the peak learning rate.
+        optimizer: an optimizer class (and its arguments) replacing AdamW, e.g. ``torch.optim.SGD``.
+        scheduler: a learning-rate scheduler replacing the warm-up + cosine schedule.
+        compile: wrap the model in ``torch.compile``.
+        max_new_tokens: tokens generated per prompt by ``predict``.
+        temperature: sampling temperature of ``predict`` (0 = greedy).
+        top_k: sample among the ``top_k`` most likely tokens (``None``: all).
+        top_p: nucleus sampling threshold (``None``: off).
     """
 
     def __init__(
@@ -144,6 +166,26 @@ class LanguageModel(L.LightningModule):
         if tokenizer.eos_id in completion:
             completion = completion[: completion.index(tokenizer.eos_id)]
         return {"prompt": batch["prompt"], "completion": tokenizer.decode(completion)}
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """Fingerprint of the attached DataModule's tokenizer (``None`` without one)."""
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        return getattr(tokenizer, "fingerprint", None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Records the model config and tokenizer, which loading checks the checkpoint against."""
+        stamp_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses, with one clear error, a checkpoint of another model or tokenizer before any weight is copied.
+
+        Keys are first aligned with this model's, so checkpoints with and without ``torch.compile`` load.
+        """
+        expected = self.state_dict()
+        checkpoint["state_dict"] = align_state_keys(checkpoint["state_dict"], expected)
+        path = getattr(self._trainer, "ckpt_path", None)
+        check_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, expected, path)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

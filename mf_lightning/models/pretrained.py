@@ -9,6 +9,7 @@ a file that cannot be read is one ``ValueError`` naming the file and the problem
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -86,9 +87,8 @@ def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state(model: DecoderLM, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise one ``ValueError`` listing every way ``state`` does not fit ``model``."""
-    expected = model.state_dict()
+def state_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and wrongly shaped tensors of ``state`` compared with ``expected``."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     reshaped = [
@@ -96,11 +96,16 @@ def check_state(model: DecoderLM, state: dict[str, torch.Tensor], path: Path) ->
         for key in sorted(set(expected) & set(state))
         if state[key].shape != expected[key].shape
     ]
-    problems = [
+    return [
         f"{label} ({len(items)}): {', '.join(items[:LISTED])}{', ...' if len(items) > LISTED else ''}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped))
         if items
     ]
+
+
+def check_state(model: DecoderLM, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise one ``ValueError`` listing every way ``state`` does not fit ``model``."""
+    problems = state_problems(state, model.state_dict())
     if problems:
         raise ValueError(
             f"{path} does not fit the {model.config.arch} model described by {path.parent / CONFIG_NAME}: "

@@ -1,0 +1,206 @@
+"""Checkpoint files that survive crashes and hostile input.
+
+Writing: ``AtomicCheckpointIO`` (installed by ``mf`` as the trainer's checkpoint plugin) writes every
+checkpoint to a temporary file in the target's folder, fsyncs it, renames it over the target with
+``os.replace`` and fsyncs the folder, so a kill at any moment leaves either the previous complete
+file or the new complete file, never a truncated one. (Lightning's own ``_atomic_save`` stages the
+file in the system temporary folder and moves it, which is a plain copy when that folder is on
+another file system, and never fsyncs.) ``AtomicModelCheckpoint`` does the same for
+``save_last="link"``, whose symbolic link Lightning replaces by deleting the old one first.
+
+Reading: checkpoints are loaded with ``torch.load(weights_only=True)``, which refuses to unpickle
+anything but tensors and plain containers, so loading a checkpoint cannot run code from it. A missing,
+truncated, corrupt or foreign file is one clear error naming it. ``check_checkpoint`` compares what
+a checkpoint holds (model config, tokenizer, tensor shapes) with the model it is loaded into.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mf_lightning.models.pretrained import COMPILE_PREFIX, state_problems
+
+MODEL_CONFIG_KEY = "mf_model_config"
+TOKENIZER_KEY = "mf_tokenizer"
+RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len"})
+"""Model config fields a resumed or evaluated model may change: they shape no weight."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic on local disks and whose loads never run pickled code.
+
+    ``weights_only=False`` allows checkpoints holding arbitrary Python objects; only set it for files
+    you trust, since unpickling them can execute code. Remote paths (``s3://`` ...) are saved by
+    Lightning's own method.
+    """
+
+    def __init__(self, weights_only: bool = True) -> None:
+        self.weights_only = weights_only
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+        else:
+            atomic_save(checkpoint, Path(path))
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | str | torch.device | None = None,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return read_checkpoint(path, map_location, self.weights_only if weights_only is None else weights_only)
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``save_last="link"`` swaps the ``last.ckpt`` link atomically.
+
+    Lightning deletes the old link and then creates the new one; a kill between the two would leave no
+    ``last.ckpt`` and ``--ckpt_path last`` would silently start over. Here the new link is made under a
+    temporary name and renamed over the old one. ``save_last=True`` writes a full file, made atomic by
+    ``AtomicCheckpointIO``.
+    """
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            temporary = partial_path(Path(linkpath))
+            temporary.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
+            os.replace(temporary, linkpath)
+        trainer.strategy.barrier()
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is staged while written: hidden, in the same folder, not named like a checkpoint."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` through a fsynced temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = partial_path(path)
+    try:
+        with temporary.open("wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Makes a rename inside ``directory`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def read_checkpoint(
+    path: _PATH, map_location: Callable | str | torch.device | None = "cpu", weights_only: bool = True
+) -> dict[str, Any]:
+    """The checkpoint at ``path``; unreadable files raise one error naming the file and what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give an existing .ckpt file or 'last'")
+    if path.is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a folder, expected a .ckpt file (a save_pretrained folder loads with load_pretrained)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe is None:
+            raise corrupt(path, error) from error
+        raise ValueError(
+            f"checkpoint {path} holds a Python object ({unsafe.group(1)}) beyond tensors and plain data; mf does "
+            "not unpickle such objects because that can run code. If you trust the file, load it with "
+            "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
+        ) from error
+    except Exception as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
+        raise corrupt(path, error) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by mf fit")
+    return checkpoint
+
+
+def corrupt(path: Path, error: BaseException) -> ValueError:
+    """The error for a checkpoint file that cannot be read."""
+    reason = str(error).split(". ")[0].strip() or type(error).__name__
+    return ValueError(
+        f"checkpoint {path} cannot be read ({reason}): it is truncated, corrupt or not a checkpoint; "
+        f"use another checkpoint from {path.parent} or start over without --ckpt_path"
+    )
+
+
+def stamp_checkpoint(checkpoint: dict[str, Any], model_config: dict[str, Any], tokenizer: str | None) -> None:
+    """Records what ``check_checkpoint`` compares: the model config and the tokenizer's fingerprint."""
+    checkpoint[MODEL_CONFIG_KEY] = model_config
+    if tokenizer is not None:
+        checkpoint[TOKENIZER_KEY] = tokenizer
+
+
+def check_checkpoint(
+    checkpoint: dict[str, Any],
+    model_config: dict[str, Any],
+    tokenizer: str | None,
+    expected_state: Mapping[str, torch.Tensor],
+    path: _PATH | None = None,
+) -> None:
+    """Raise a ``ValueError`` naming both sides if ``checkpoint`` was not saved from this model and tokenizer.
+
+    Compares the stored model config field by field (``RUNTIME_FIELDS`` may differ), the stored
+    tokenizer fingerprint, then tensor names and shapes of ``checkpoint["state_dict"]`` (align its keys
+    first with ``align_state_keys``) against ``expected_state``.
+    """
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    fix = (
+        "run with the config the checkpoint was trained with (saved as tensorboard/config.yaml in its run folder), "
+        "or give another --ckpt_path / trainer.default_root_dir"
+    )
+    saved = checkpoint.get(MODEL_CONFIG_KEY)
+    if saved is not None:
+        differences = [
+            f"{name}={saved.get(name)!r} in the checkpoint, {value!r} in the config"
+            for name, value in model_config.items()
+            if name not in RUNTIME_FIELDS and saved.get(name) != value
+        ]
+        if differences:
+            raise ValueError(f"{where} holds another model: {'; '.join(differences)}; {fix}")
+    saved_tokenizer = checkpoint.get(TOKENIZER_KEY)
+    if saved_tokenizer is not None and tokenizer is not None and saved_tokenizer != tokenizer:
+        raise ValueError(
+            f"{where} was trained on tokens of tokenizer {saved_tokenizer!r}, but data.tokenizer gives {tokenizer!r}; "
+            "use the tokenizer the checkpoint was trained with"
+        )
+    problems = state_problems(checkpoint["state_dict"], expected_state)
+    if problems:
+        raise ValueError(f"{where} does not fit the model: {'; '.join(problems)}; {fix}")
+
+
+def align_state_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` with keys renamed to ``expected``'s where they differ only by ``torch.compile``'s ``_orig_mod.``."""
+    by_plain_name = {key.replace(COMPILE_PREFIX, ""): key for key in expected}
+    return {by_plain_name.get(key.replace(COMPILE_PREFIX, ""), key): value for key, value in state.items()}
+
+

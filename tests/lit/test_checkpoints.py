@@ -1,0 +1,175 @@
+"""Checkpoint files: atomic writes and links, safe reads with clear errors, and the model/tokenizer fit checks."""
+
+from __future__ import annotations
+
+import fractions
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mf_lightning.config import ModelConfig
+from mf_lightning.lit import LanguageModel
+from mf_lightning.lit.checkpoints import (
+    AtomicCheckpointIO,
+    AtomicModelCheckpoint,
+    align_state_keys,
+    check_checkpoint,
+    partial_path,
+    read_checkpoint,
+    stamp_checkpoint,
+)
+
+CONFIG = ModelConfig.from_preset("debug").to_dict()
+
+
+def checkpoint_with(value: float) -> dict:
+    return {"state_dict": {"w": torch.full((2, 3), value)}, "global_step": int(value)}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "sub" / "last.ckpt"
+    io.save_checkpoint(checkpoint_with(1.0), path)
+    loaded = io.load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2, 3)) and loaded["global_step"] == 1
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_a_save_that_dies_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(checkpoint_with(1.0), path)
+
+    def torn_write(obj, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint(checkpoint_with(2.0), path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert not partial_path(path).exists()
+
+
+def test_a_kill_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(checkpoint_with(1.0), path)
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        io.save_checkpoint(checkpoint_with(2.0), path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "truncated, corrupt or not a checkpoint"),
+        (b"", "truncated, corrupt or not a checkpoint"),
+        (b"this is not a checkpoint", "truncated, corrupt or not a checkpoint"),
+    ],
+    ids=["truncated", "empty", "garbage"],
+)
+def test_unreadable_checkpoints_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save(checkpoint_with(1.0), path)
+        content = path.read_bytes()[:-100]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path):
+    path = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {}, "ratio": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(ValueError, match=r"Python object \(fractions.Fraction\).*weights_only: false"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert AtomicCheckpointIO(weights_only=False).load_checkpoint(path)["ratio"] == fractions.Fraction(1, 3)
+
+
+def test_missing_folder_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(ValueError, match="is a folder, expected a .ckpt file"):
+        read_checkpoint(tmp_path)
+    torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        read_checkpoint(tmp_path / "plain.pt")
+
+
+def test_last_link_is_swapped_atomically(tmp_path, monkeypatch):
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    first, second, last = tmp_path / "step=2.ckpt", tmp_path / "step=4.ckpt", tmp_path / "last.ckpt"
+    first.write_text("2")
+    second.write_text("4")
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(first), str(last))
+    assert last.is_symlink() and last.read_text() == "2"
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        AtomicModelCheckpoint._link_checkpoint(trainer, str(second), str(last))
+    assert last.read_text() == "2", "a kill while linking must leave the previous last.ckpt in place"
+    monkeypatch.undo()
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(second), str(last))
+    assert last.read_text() == "4" and os.readlink(last) == "step=4.ckpt"
+
+
+def stamped(config: dict, tokenizer: str | None, state: dict) -> dict:
+    checkpoint = {"state_dict": state}
+    stamp_checkpoint(checkpoint, config, tokenizer)
+    return checkpoint
+
+
+def test_a_checkpoint_of_another_model_names_every_difference():
+    state = {"w": torch.zeros(2)}
+    other = {**CONFIG, "arch": "transformer", "n_layer": 3}
+    with pytest.raises(ValueError) as error:
+        check_checkpoint(stamped(other, None, state), CONFIG, None, state, Path("runs/x/last.ckpt"))
+    message = str(error.value)
+    assert "checkpoint runs/x/last.ckpt holds another model" in message
+    assert "arch='transformer' in the checkpoint, 'memoryformer' in the config" in message
+    assert "n_layer=3 in the checkpoint, 2 in the config" in message
+    assert "tensorboard/config.yaml" in message
+
+
+def test_runtime_fields_may_change():
+    state = {"w": torch.zeros(2)}
+    resumed = {**CONFIG, "backend": "torch", "dropout": 0.1, "max_seq_len": 1024}
+    check_checkpoint(stamped(CONFIG, "byte-v1", state), resumed, "byte-v1", state)
+
+
+def test_another_tokenizer_is_refused():
+    state = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError, match="tokenizer 'hf-aaa', but data.tokenizer gives 'hf-bbb'"):
+        check_checkpoint(stamped(CONFIG, "hf-aaa", state), CONFIG, "hf-bbb", state)
+
+
+def test_an_unstamped_checkpoint_is_checked_by_its_tensors():
+    expected = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    checkpoint = {"state_dict": {"a": torch.zeros(3, 2), "c": torch.zeros(1)}}
+    with pytest.raises(ValueError) as error:
+        check_checkpoint(checkpoint, CONFIG, None, expected)
+    assert "missing (1): b; unexpected (1): c; wrong shape (1): a (3, 2) != (2, 3)" in str(error.value)
+
+
+def test_compiled_and_plain_keys_align():
+    compiled = {"model._orig_mod.blocks.0.w": 1, "model._orig_mod.head.w": 2}
+    plain = {"model.blocks.0.w": 0, "model.head.w": 0}
+    assert align_state_keys(compiled, plain) == {"model.blocks.0.w": 1, "model.head.w": 2}
+    assert align_state_keys({"model.head.w": 3}, {"model._orig_mod.head.w": 0}) == {"model._orig_mod.head.w": 3}
+
+
+def test_language_model_checkpoints_carry_and_check_their_config(tmp_path):
+    module = LanguageModel(overrides={"n_layer": 1})
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["mf_model_config"]["n_layer"] == 1
+    LanguageModel(overrides={"n_layer": 1, "dropout": 0.1}).on_load_checkpoint(dict(checkpoint))
+    with pytest.raises(ValueError, match="n_layer=1 in the checkpoint, 2 in the config"):
+        LanguageModel().on_load_checkpoint(dict(checkpoint))

@@ -1,0 +1,255 @@
+"""Reliability end to end: kills and SIGTERM lose nothing, hostile input fails clearly, numerics stay safe."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_support import run, scalars, state_of, tiny_run_args, write_corpus
+from mf_lightning.cli import main
+from mf_lightning.kernels import embedding_bag, reference
+from mf_lightning.lit import LanguageModel
+from mf_lightning.lit.checkpoints import AtomicCheckpointIO
+from mf_lightning.models import load_pretrained
+from mf_lightning.nn import MemoryLayer
+
+LIGHT = {"model.overrides": "{max_seq_len: 64, code_bits: 4}", "bucket_usage.image_every_n_steps": 1000}
+STEPS = 24
+SUBPROCESS_TIMEOUT = 120
+
+
+def fit_command(root: Path, corpus: Path, *extra: str) -> list[str]:
+    """``python -m mf_lightning fit`` of a small model saving ``last.ckpt`` every 2 steps (from validation at step 4)."""
+    args = tiny_run_args(root, corpus, max_steps=STEPS, **LIGHT, **{"trainer.val_check_interval": 4})
+    return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
+
+
+def start_and_wait_for_last(root: Path, corpus: Path) -> subprocess.Popen:
+    """Starts a fit and returns once its first ``last.ckpt`` exists (the process still running)."""
+    process = subprocess.Popen(fit_command(root, corpus), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last, deadline = root / "checkpoints" / "last.ckpt", time.monotonic() + SUBPROCESS_TIMEOUT
+    while not last.exists():
+        assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    return process
+
+
+def resume(root: Path, corpus: Path) -> dict[str, torch.Tensor]:
+    """Reruns the same command with ``--ckpt_path last``; returns the final weights."""
+    subprocess.run(fit_command(root, corpus, "--ckpt_path", "last"), check=True, capture_output=True,
+                   timeout=SUBPROCESS_TIMEOUT)
+    return state_of(root / "checkpoints" / "last.ckpt")
+
+
+def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(corpus, final weights) of the subprocess run that is never interrupted."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    corpus = write_corpus(root / "corpus")
+    subprocess.run(fit_command(root, corpus), check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT)
+    return corpus, state_of(root / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    corpus, expected = uninterrupted
+    process = start_and_wait_for_last(tmp_path, corpus)
+    time.sleep(random.Random(5).uniform(0.0, 0.3))
+    assert process.poll() is None, "the run finished before the kill; shorten the delay"
+    process.kill()
+    process.wait()
+    killed_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert killed_at < STEPS
+    assert_same_weights(resume(tmp_path, corpus), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_exits_cleanly_and_resume_matches(uninterrupted, tmp_path):
+    corpus, expected = uninterrupted
+    process = start_and_wait_for_last(tmp_path, corpus)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 0, output
+    stopped_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert stopped_at < STEPS
+    assert f"saved {tmp_path / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in output
+    assert "Traceback" not in output
+    assert_same_weights(resume(tmp_path, corpus), expected)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(run root, corpus) of one short in-process fit of the light MemoryFormer."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus")
+    cli = run("fit", tiny_run_args(root, corpus, max_steps=4, **LIGHT))
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    return root, corpus
+
+
+def fails_with(args: list[str], capsys, *messages: str) -> None:
+    """``mf <args>`` ends with exit status 2 and one error line containing every one of ``messages``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert all(message in err for message in messages), err
+    assert "Traceback" not in err
+
+
+def test_clean_runs_log_zero_skipped_steps(trained):
+    assert {value for _, value in scalars(trained[0] / "tensorboard")["train/skipped_steps"]} == {0.0}
+
+
+@pytest.mark.parametrize("where", ["file", "last"])
+def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path, where, capsys):
+    root, corpus = trained
+    good = (root / "checkpoints" / "last.ckpt").read_bytes()
+    broken = tmp_path / "checkpoints" / "last.ckpt"
+    broken.parent.mkdir()
+    broken.write_bytes(good[: len(good) // 2])
+    ckpt_path = str(broken) if where == "file" else "last"
+    args = ["fit", *tiny_run_args(tmp_path, corpus, max_steps=4, **LIGHT), "--ckpt_path", ckpt_path]
+    fails_with(args, capsys, f"checkpoint {broken} cannot be read")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.arch": "transformer"}, "arch='memoryformer' in the checkpoint, 'transformer' in the config"),
+        ({"model.overrides": "{max_seq_len: 64, code_bits: 8}"}, "code_bits=4 in the checkpoint, 8 in the config"),
+    ],
+    ids=["other-arch", "other-sizes"],
+)
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_checkpoint_of_another_model_is_refused(trained, tmp_path, overrides, message, subcommand, capsys):
+    root, corpus = trained
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    args = tiny_run_args(tmp_path, corpus, max_steps=4, **{**LIGHT, **overrides})
+    args += ["--ckpt_path", str(checkpoint)]
+    fails_with([subcommand, *args], capsys, f"checkpoint {checkpoint} holds another model", message)
+
+
+class TouchOnLoad:
+    """Unpickling this creates ``path``: a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_checkpoints_that_would_run_code_are_refused(trained, tmp_path, capsys):
+    root, corpus = trained
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.ckpt"
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**checkpoint, "payload": TouchOnLoad(marker)}, hostile)
+    args = ["fit", *tiny_run_args(tmp_path, corpus, max_steps=4, **LIGHT), "--ckpt_path", str(hostile)]
+    fails_with(args, capsys, "mf does not unpickle such objects because that can run code")
+    with pytest.raises(pickle.UnpicklingError):
+        LanguageModel.load_from_checkpoint(hostile)
+    assert not marker.exists()
+
+
+def test_a_users_checkpoint_io_replaces_the_default(trained):
+    root, corpus = trained
+    plugin = '{"class_path": "mf_lightning.lit.checkpoints.AtomicCheckpointIO", "init_args": {"weights_only": false}}'
+    cli = run("validate", tiny_run_args(root, corpus, **LIGHT) + ["--trainer.plugins", plugin, "--ckpt_path", "last"])
+    assert cli.trainer.strategy.checkpoint_io.weights_only is False
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-tokenizer"])
+def test_damaged_token_cache_is_rebuilt_not_used(trained, damage, caplog):
+    root, corpus = trained
+    args = tiny_run_args(root, corpus, **LIGHT) + ["--ckpt_path", "last"]
+    expected = run("validate", args).trainer.callback_metrics["val/loss"]
+    (cache,) = (root / "cache" / "tokens").iterdir()
+    if damage == "truncated":
+        train = cache / "train.bin"
+        train.write_bytes(train.read_bytes()[:100])
+    else:
+        manifest = cache / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"byte-v1"', '"hf-0123456789abcdef"'))
+    with caplog.at_level(logging.WARNING):
+        validated = run("validate", args).trainer.callback_metrics["val/loss"]
+    assert f"rebuilding token cache {cache}" in caplog.text
+    assert torch.equal(validated, expected)
+
+
+def test_non_utf8_corpus_file_is_named(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    fails_with(["fit", *tiny_run_args(tmp_path, corpus)], capsys, f"text file {corpus / 'latin1.txt'} is not UTF-8")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [("model:\n  lr: fast\n", "model.lr"), ("non_finite:\n  max_consecutve: 3\n", "max_consecutve")],
+    ids=["wrong-type", "unknown-key"],
+)
+def test_bad_yaml_names_the_key(tmp_path, yaml_text, key, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert key in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_one_clear_line(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = tiny_run_args(tmp_path, corpus, max_steps=10, **LIGHT) + ["--model.lr", "1e30", "--non_finite.max_consecutive", "2"]
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        fails_with(["fit", *args], capsys, "2 optimizer steps in a row")
+
+
+def test_export_writes_a_safetensors_model_of_the_checkpoint(trained, tmp_path, capsys):
+    checkpoint = trained[0] / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "model")])
+    assert f"exported the model of {checkpoint} to {tmp_path / 'model'}" in capsys.readouterr().out
+    model = load_pretrained(tmp_path / "model")
+    assert model.config.code_bits == 4
+    weights = {key.removeprefix("model."): value for key, value in state_of(checkpoint).items()}
+    assert_same_weights(model.state_dict(), weights)
+    (tmp_path / "cut.ckpt").write_bytes(checkpoint.read_bytes()[:1000])
+    export_cut = ["export", "--ckpt_path", str(tmp_path / "cut.ckpt"), "--out", str(tmp_path / "x")]
+    fails_with(export_cut, capsys, "cannot be read")
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag"])
+def test_memory_layer_scores_and_table_gradients_stay_fp32_under_bf16_autocast(backend, monkeypatch):
+    module = reference if backend == "torch" else embedding_bag
+    score_dtypes = []
+
+    def recording_scores(*args, **kwargs):
+        scores = original(*args, **kwargs)
+        score_dtypes.append(scores.dtype)
+        return scores
+
+    original = module.chunk_scores
+    monkeypatch.setattr(module, "chunk_scores", recording_scores)
+    layer = MemoryLayer(32, 16, code_bits=4, backend=backend)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.nn.functional.linear(x, torch.eye(32)))
+    assert score_dtypes == [torch.float32]
+    y.float().sum().backward()
+    assert layer.tables.dtype == layer.tables.grad.dtype == torch.float32
+    assert torch.isfinite(layer.tables.grad).all() and layer.tables.grad.abs().sum() > 0
