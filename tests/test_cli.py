@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,11 @@ def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
         main(["fit", "--config", str(config)])
     assert exit_info.value.code == 2
     assert "presett" in capsys.readouterr().err
+
+
+def test_mf_console_command_exits_with_status_zero(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    command = [str(Path(sys.executable).parent / "mf"), "validate", *tiny_run_args(tmp_path, corpus)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MFCLI" not in result.stderr
