@@ -8,6 +8,7 @@ triton imports, else ``embedding_bag``.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -71,15 +72,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def backend_function(backend: str) -> Callable[..., torch.Tensor]:
     """The ``memory_layer`` implementation of a concrete backend; triton is imported only here."""
-    if backend == "torch":
-        from mf_lightning.kernels.reference import memory_layer
-    elif backend == "embedding_bag":
-        from mf_lightning.kernels.embedding_bag import memory_layer
-    else:
-        from mf_lightning.kernels.triton_memory import memory_layer
-    return memory_layer
+    module = {"torch": "reference", "embedding_bag": "embedding_bag", "triton": "triton_memory"}[backend]
+    return importlib.import_module(f"mf_lightning.kernels.{module}").memory_layer
 
 
 def check_shapes(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> int:

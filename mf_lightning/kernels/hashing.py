@@ -32,24 +32,24 @@ def bucket_indices(chunks: torch.Tensor) -> torch.Tensor:
     """Bucket index in ``[0, 2**tau)`` of each chunk ``[..., K, tau]``, as int64 ``[..., K]``."""
     bits = (chunks >= 0).to(torch.float32)
     weights = bit_weights(chunks.shape[-1], chunks.device)
-    if not torch.amp.is_autocast_available(chunks.device.type):
-        return (bits @ weights).to(torch.int64)
-    with torch.autocast(chunks.device.type, enabled=False):
-        return (bits @ weights).to(torch.int64)
+    device = chunks.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return (bits @ weights).to(torch.int64)
+    return (bits @ weights).to(torch.int64)
 
 
 def chunk_scores(chunks: torch.Tensor, score: str = "scaled", temperature: float = 1.0) -> torch.Tensor:
     """Differentiable score ``s_k`` of each chunk ``[..., K, tau]``, computed in float32 at least.
 
-    ``paper``: ``prod_j sigmoid(2|z_j|/t)``, evaluated in log space as ``exp(-sum_j softplus(-2|z_j|/t))``
-    (``logsigmoid(a) = -softplus(-a)``, the faster kernel on CPU). ``scaled``: the same times ``sum_j |z_j|``;
+    ``paper``: ``prod_j sigmoid(2|z_j|/t)``, evaluated in log space as ``exp(sum_j logsigmoid(2|z_j|/t))``. ``scaled``: the same times ``sum_j |z_j|``;
     at the default ``t = 1`` this is exactly the authors' ``sum|z| / prod(1 + exp(-2|z|))``.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     z = chunks if chunks.dtype == torch.float64 else chunks.float()
     magnitude = z.abs()
-    probability = torch.exp(-F.softplus(magnitude * (-2.0 / temperature)).sum(-1))
+    probability = F.logsigmoid(magnitude * (2.0 / temperature)).sum(-1).exp()
     if score == "paper":
         return probability
     return magnitude.sum(-1) * probability
