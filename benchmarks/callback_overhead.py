@@ -3,13 +3,14 @@
 Trains a MemoryFormer in a real Lightning Trainer with the monitor's hooks attached, counting buckets
 on every other step only, so steps with and without counting alternate in one run and slow drifts of
 a shared machine hit both alike. A step is the wall time between consecutive training-batch starts
-(forward, backward, optimizer step and callbacks). The monitor logs every 10 steps (5x more often than
-its default), always on a counting step, so the cost of reducing and logging a window is included.
+(forward, backward, optimizer step and callbacks). The monitor logs every ``--log-every`` steps (its
+default, 50; keep it even so it lands on a counting step) and draws heatmaps 10x less often, so the cost
+of reducing and logging a window is included.
 Overhead is reported from mean step times and, robust to outliers, from the median of the ratios of
 neighbouring steps. Prints a markdown table and writes it to
 ``benchmarks/results/callback_overhead_<device>.md``.
 
-    python benchmarks/callback_overhead.py [--steps 40] [--device cpu]
+    python benchmarks/callback_overhead.py [--steps 40] [--device cpu] [--log-every 50]
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class StepTimer(pl.Callback):
 
 
 def time_steps(
-    setup: dict[str, Any], steps: int, device: torch.device, log_dir: str
+    setup: dict[str, Any], steps: int, device: torch.device, log_dir: str, log_every: int
 ) -> tuple[list[float], list[float]]:
     """Seconds of the plain (even) and counting (odd) steps of one run, in pairs."""
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def time_steps(
         devices=1,
         max_steps=total_steps,
         logger=TensorBoardLogger(log_dir),
-        callbacks=[timer, EveryOtherStepMonitor(log_every_n_steps=10, image_every_n_steps=10)],
+        callbacks=[timer, EveryOtherStepMonitor(log_every_n_steps=log_every, image_every_n_steps=10 * log_every)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -114,15 +115,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind per model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--log-every", type=int, default=50, help="monitor log interval (heatmaps every 10x)")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    if args.steps < 1 or args.log_every < 1:
+        parser.error(f"--steps and --log-every must be positive integers, got {args.steps} and {args.log_every}")
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
         for name, setup in MODELS.items():
-            plain, counting = time_steps(setup, args.steps, device, log_dir)
+            plain, counting = time_steps(setup, args.steps, device, log_dir, args.log_every)
             mean_plain, mean_counting = statistics.fmean(plain), statistics.fmean(counting)
             paired = statistics.median(c / p for p, c in zip(plain, counting))
             rows.append(
@@ -138,10 +140,10 @@ def main() -> None:
             "",
             f"Device: {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{os.cpu_count()} logical CPUs. Command: `python benchmarks/callback_overhead.py --steps {args.steps} "
-            f"--device {args.device}`. One-minute load average {load_before:.1f} before, "
+            f"--device {args.device} --log-every {args.log_every}`. One-minute load average {load_before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after (other work on the machine adds noise to every figure).",
             f"{args.steps} steps without and {args.steps} with bucket counting, alternating in one run after "
-            f"{WARMUP_STEPS} warm-up steps; the monitor logs every 10 steps (default 50).",
+            f"{WARMUP_STEPS} warm-up steps; the monitor logs every {args.log_every} steps and draws heatmaps every {10 * args.log_every}.",
             "",
             "| model | tokens / step | plain step (ms, mean) | counting step (ms, mean) | overhead (means) "
             "| overhead (median of paired ratios) |",
