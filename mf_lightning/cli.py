@@ -87,25 +87,14 @@ class MFCLI(LightningCLI):
                 "checkpoint.filename": "best-{step}",
             }
         )
-        parser.add_lightning_class_args(AtomicModelCheckpoint, "periodic_checkpoint")
-        parser.set_defaults(
-            {
-                "periodic_checkpoint.every_n_train_steps": 0,
-                "periodic_checkpoint.every_n_epochs": 0,
-                "periodic_checkpoint.save_top_k": 0,
-                "periodic_checkpoint.save_last": True,
-                "periodic_checkpoint.monitor": None,
-            }
-        )
         parser.add_lightning_class_args(BucketUsageMonitor, "bucket_usage")
         parser.add_lightning_class_args(GradientCoverageMonitor, "gradient_coverage")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        for group in (config.checkpoint, config.periodic_checkpoint):
-            if group.dirpath is None:
-                group.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
