@@ -44,7 +44,6 @@ def tiny_run_args(root: Path, corpus: Path, max_steps: int = 6, **overrides: obj
         "bucket_usage.log_every_n_steps": 2,
         "bucket_usage.image_every_n_steps": 2,
         "gradient_coverage.log_every_n_steps": 2,
-        "checkpoint.every_n_train_steps": 3,
         **overrides,
     }
     args = ["--config", str(QUICKSTART)]
