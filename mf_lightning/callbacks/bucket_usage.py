@@ -12,13 +12,13 @@ from torch.utils.hooks import RemovableHandle
 
 from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers, tensorboard_writers
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, usage_metrics
-from mf_lightning.nn import MemoryLayer
 
 
 class BucketUsageMonitor(pl.Callback):
     """Counts the bucket each training token picks in each table and logs usage statistics per window.
 
-    Forward hooks on every ``MemoryLayer`` of the LightningModule add the buckets of each training batch
+    Bucket observers (:meth:`MemoryLayer.observe_buckets`, which reuse the forward's own hash) on every
+    ``MemoryLayer`` of the LightningModule add the buckets of each training batch
     (validation and prediction are not counted) into int64 counts ``[num_tables, 2**code_bits]`` per
     layer, kept on the model's device in one flat buffer so counting needs no host sync and the ranks
     need one collective. Every ``log_every_n_steps`` optimizer steps the window's counts are summed over
@@ -64,8 +64,7 @@ class BucketUsageMonitor(pl.Callback):
         for (name, layer), size in zip(layers.items(), sizes):
             self.counts[name] = self._flat_counts[start : start + size].view(layer.num_tables, -1)
             offsets = start + torch.arange(layer.num_tables, device=pl_module.device) * 2**layer.code_bits
-            hook = functools.partial(self._count_buckets, offsets)
-            self._hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+            self._hooks.append(layer.observe_buckets(functools.partial(self._count_buckets, offsets)))
             start += size
         self._last_logged_step = trainer.global_step
 
@@ -90,14 +89,11 @@ class BucketUsageMonitor(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
-    def _count_buckets(
-        self, offsets: torch.Tensor, layer: MemoryLayer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
-        """Forward hook: add the bucket of every token and table at ``offsets + bucket`` of the flat counts."""
+    def _count_buckets(self, offsets: torch.Tensor, buckets: torch.Tensor) -> None:
+        """Bucket observer: add the bucket of every token and table at ``offsets + bucket`` of the flat counts."""
         if not self._collecting:
             return
-        x = args[0] if args else kwargs["x"]
-        flat = (layer.bucket_indices(x).reshape(-1, layer.num_tables) + offsets).reshape(-1)
+        flat = (buckets.reshape(-1, offsets.numel()) + offsets).reshape(-1)
         ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(flat.numel())
         self._flat_counts.scatter_add_(0, flat, ones)
 

@@ -105,8 +105,12 @@ def memory_layer(
     score: str = "scaled",
     temperature: float = 1.0,
     backend: str = "auto",
+    buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``."""
+    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``.
+
+    ``buckets`` are this input's bucket indices ``[..., K]`` when the caller has already hashed it.
+    """
     code_bits = check_shapes(x, tables, bias)
     impl = backend_function(resolve_backend(backend, x.device))
-    return impl(x, tables, bias, code_bits, score, temperature)
+    return impl(x, tables, bias, code_bits, score, temperature, buckets)

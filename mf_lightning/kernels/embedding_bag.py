@@ -23,11 +23,13 @@ def memory_layer(
     code_bits: int,
     score: str,
     temperature: float,
+    buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`."""
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
-    rows = bucket_indices(chunks) + table_offsets(num_tables, num_rows, x.device)
+    buckets = bucket_indices(chunks) if buckets is None else buckets.reshape(-1, num_tables)
+    rows = buckets + table_offsets(num_tables, num_rows, x.device)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype)
     y = F.embedding_bag(
         rows, tables.reshape(num_tables * num_rows, out_features), per_sample_weights=scores, mode="sum"

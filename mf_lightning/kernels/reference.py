@@ -14,11 +14,17 @@ def memory_layer(
     code_bits: int,
     score: str,
     temperature: float,
+    buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = sum_k s_k * T_k[h_k] + bias`` by gathering one row per chunk and summing (SPEC §1.4)."""
+    """``y = sum_k s_k * T_k[h_k] + bias`` by gathering one row per chunk and summing (SPEC §1.4).
+
+    ``buckets`` (``[..., K]``, from :func:`bucket_indices` of this ``x``) saves hashing twice when the
+    caller already has them.
+    """
     num_tables = tables.shape[0]
     chunks = x.reshape(*x.shape[:-1], num_tables, code_bits)
-    rows = tables[torch.arange(num_tables, device=x.device), bucket_indices(chunks)]
+    buckets = bucket_indices(chunks) if buckets is None else buckets
+    rows = tables[torch.arange(num_tables, device=x.device), buckets]
     scores = chunk_scores(chunks, score, temperature).to(rows.dtype)
     y = (scores.unsqueeze(-1) * rows).sum(-2)
     return y if bias is None else y + bias

@@ -150,8 +150,12 @@ def memory_layer(
     code_bits: int,
     score: str,
     temperature: float,
+    buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`, computed by the triton kernels."""
+    """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`, computed by the triton kernels.
+
+    ``buckets`` is accepted for that contract and not needed: the fused kernel hashes as it gathers.
+    """
     check_inputs(x, tables, bias, code_bits, score)
     bias = None if bias is None else bias.contiguous()
     y, _, _ = memory_layer_forward(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from mf_lightning.kernels.dispatch import check_backend_name, memory_layer
 from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES, bucket_indices
@@ -27,6 +30,9 @@ class MemoryLayer(nn.Module):
 
     ``backend`` is ``auto`` (triton on CUDA when available, else embedding_bag; ``MF_KERNEL_BACKEND``
     overrides it), or one of ``torch``, ``embedding_bag``, ``triton``.
+
+    :meth:`observe_buckets` lets diagnostics see the bucket indices of every forward without hashing
+    the input a second time.
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class MemoryLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.tables = nn.Parameter(torch.empty(self.num_tables, 2**code_bits, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.bucket_observers: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,9 +73,25 @@ class MemoryLayer(nn.Module):
             nn.init.normal_(self.bias, std=self.bias_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = None
+        if self.bucket_observers:
+            buckets = self.bucket_indices(x)
+            for observer in self.bucket_observers.values():
+                observer(buckets)
         return memory_layer(
-            x, self.tables, self.bias, score=self.score, temperature=self.temperature, backend=self.backend
+            x, self.tables, self.bias, score=self.score, temperature=self.temperature, backend=self.backend,
+            buckets=buckets,
         )
+
+    def observe_buckets(self, observer: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call ``observer(buckets)`` with the int64 bucket indices ``[..., num_tables]`` of every forward.
+
+        The layer then hashes once and hands the same indices to its backend. Returns a handle whose
+        ``remove()`` detaches the observer.
+        """
+        handle = RemovableHandle(self.bucket_observers)
+        self.bucket_observers[handle.id] = observer
+        return handle
 
     @torch.no_grad()
     def bucket_indices(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mf_lightning.kernels import memory_layer
+from mf_lightning.kernels import bucket_indices, memory_layer
 from mf_lightning.kernels.reference import memory_layer as reference_layer
 
 
@@ -51,3 +51,13 @@ def test_table_gradient_is_dense_and_only_hit_rows_are_nonzero():
     bits = (x.detach().reshape(4, 2, 4) >= 0).long() @ torch.tensor([8, 4, 2, 1])
     hit[torch.arange(2), bits] = True
     assert torch.equal(tables.grad.abs().sum(-1) > 0, hit)
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag"])
+def test_precomputed_buckets_give_the_same_output(backend):
+    x, tables, bias = make_inputs((2, 3, 24), 4, 8)
+    buckets = bucket_indices(x.detach().reshape(2, 3, 6, 4))
+    torch.testing.assert_close(
+        memory_layer(x, tables, bias, backend=backend, buckets=buckets), memory_layer(x, tables, bias, backend=backend),
+        rtol=0, atol=0,
+    )

@@ -103,3 +103,20 @@ def test_bucket_indices_match_hash():
     layer = MemoryLayer(8, 4, code_bits=4)
     x = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 0.0]])
     assert layer.bucket_indices(x).tolist() == [[0b1011, 0b0001]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag", "triton"])
+def test_bucket_observers_see_the_forward_hash_and_change_nothing(backend):
+    layer = MemoryLayer(24, 10, code_bits=4, backend=backend)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    expected = layer(x)
+    seen = []
+    handle = layer.observe_buckets(seen.append)
+    observed = layer(x)
+    torch.testing.assert_close(observed, expected, rtol=0, atol=0)
+    assert len(seen) == 1 and torch.equal(seen[0], layer.bucket_indices(x))
+    observed.sum().backward()
+    assert x.grad is not None and layer.tables.grad is not None
+    handle.remove()
+    layer(x)
+    assert len(seen) == 1 and not layer.bucket_observers
