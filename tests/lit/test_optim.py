@@ -54,6 +54,7 @@ def test_schedule_state_round_trips():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = WarmupCosineLR(optimizer, total_steps=50)
     for _ in range(7):
+        optimizer.step()
         scheduler.step()
     restored = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
     restored.load_state_dict(scheduler.state_dict())
