@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mf_lightning.checks import positive_int
 from mf_lightning.kernels.dispatch import BACKENDS
 from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES
 
@@ -154,11 +155,6 @@ def check_keys(values: dict[str, Any], what: str) -> None:
 def choose(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
-
-
-def positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def is_real(value: Any) -> bool:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+from mf_lightning.checks import positive_int
 from mf_lightning.nn import MemoryLayer
 
 if TYPE_CHECKING:
@@ -22,9 +23,7 @@ def memory_layers(module: nn.Module) -> dict[str, MemoryLayer]:
 
 def check_every_n_steps(name: str, value: int) -> int:
     """Return ``value`` if it is a positive integer number of steps; raise a clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer number of optimizer steps, got {value!r}")
-    return value
+    return positive_int(name, value, "a positive integer number of optimizer steps")
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mf_lightning.checks import positive_int
 from mf_lightning.data.cache import TokenCache, prepare_token_cache
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import load_tokenizer
@@ -203,8 +204,7 @@ def only_item(batch: list[Any]) -> Any:
 def check_positive(**values: int) -> None:
     """Raises naming the first of ``values`` that is not an int >= 1."""
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_int(name, value, "an integer >= 1")
 
 
 def resolve_cache_dir(cache_dir: str | None) -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from mf_lightning.config import ModelConfig
-from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, read_checkpoint, state_problems
-from mf_lightning.models.pretrained import clean_keys, save_pretrained
+from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, read_checkpoint
+from mf_lightning.models.pretrained import clean_keys, save_pretrained, state_problems
 from mf_lightning.models.registry import build_model
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import generation
 from mf_lightning.nn.attention import KVCache
@@ -114,8 +115,7 @@ class DecoderLM(nn.Module, ABC):
         norms, softmax, rotary and the Memory Layers' hashing and scores are elementwise and not
         counted, as in the paper (SPEC §3).
         """
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        positive_int("seq_len", seq_len)
         config = self.config
         macs = config.n_layer * self.block_macs_per_token(seq_len) + config.n_embd * config.vocab_size
         return 2 * macs * (3 if training else 1)

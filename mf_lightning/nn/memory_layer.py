@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mf_lightning.checks import positive_int
 from mf_lightning.kernels.dispatch import check_backend_name, memory_layer
 from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES, bucket_indices
 
@@ -108,9 +109,8 @@ class MemoryLayer(nn.Module):
 
 def check_layer_args(in_features: int, out_features: int, code_bits: int, score: str, temperature: float) -> None:
     """Reject a Memory Layer configuration with a message naming the value and what is valid."""
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    positive_int("in_features", in_features)
+    positive_int("out_features", out_features)
     if isinstance(code_bits, bool) or not isinstance(code_bits, int) or not 1 <= code_bits <= MAX_CODE_BITS:
         raise ValueError(f"code_bits must be an integer in 1..{MAX_CODE_BITS}, got {code_bits!r}")
     if in_features % code_bits:

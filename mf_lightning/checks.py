@@ -1,0 +1,12 @@
+"""Argument checks shared across the package, so every bad value is reported the same way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def positive_int(name: str, value: Any, expected: str = "a positive integer") -> int:
+    """Return ``value`` if it is an int >= 1 (bools refused); else raise naming ``name``, ``expected`` and ``value``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
