@@ -31,47 +31,50 @@ from mf_lightning.kernels.triton_kernels import (
 
 BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
 BACKWARD_MODES = ("deterministic", "atomic")
-HASH_BLOCK_ELEMENTS = 2048
+HASH_BLOCK_ELEMENTS = 1024
 """Chunk lanes (hits x padded code bits) per program of the hash and chunk-gradient kernels."""
 ROW_TILE_ELEMENTS = 8192
 """Elements of ``dy`` (hits x padded width) a row-gradient program loads per step."""
 INTERPRETED = triton_interpreted()
 
 
-def configs(tuned: list[dict], interpreted: dict, warps: list[int]) -> list[triton.Config]:
+GATHER_TUNING = [
+    ({"BLOCK_N": 16, "BLOCK_K": 4, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 32, "BLOCK_K": 2, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 16, "BLOCK_K": 2, "BLOCK_D": 256}, 4),
+    ({"BLOCK_N": 8, "BLOCK_K": 8, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 32, "BLOCK_K": 4, "BLOCK_D": 64}, 4),
+    ({"BLOCK_N": 1, "BLOCK_K": 16, "BLOCK_D": 128}, 4),
+]
+"""(block sizes, warps) the gather kernel is autotuned over on a GPU. None spills registers on sm_80 or
+sm_90 (``python -m mf_lightning.kernels.gpu_compile``): 8 warps at 16 x 2 x 256 and 2 warps for the
+row gradient at width 4096 did, and were dropped."""
+ATOMIC_TUNING = [
+    ({"BLOCK_N": 32, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 64, "BLOCK_D": 64}, 4),
+    ({"BLOCK_N": 16, "BLOCK_D": 256}, 8),
+]
+ROW_GRADIENT_TUNING = [({}, 4), ({}, 8)]
+HASH_WARPS = 4
+
+
+def configs(tuning: list[tuple[dict, int]], interpreted: dict) -> list[triton.Config]:
     """Autotuning candidates on a GPU; one fixed configuration under the interpreter (nothing to time)."""
     if INTERPRETED:
         return [triton.Config(interpreted, num_warps=1)]
-    return [triton.Config(kwargs, num_warps=w) for kwargs, w in zip(tuned, warps)]
+    return [triton.Config(kwargs, num_warps=warps) for kwargs, warps in tuning]
 
 
-GATHER_CONFIGS = configs(
-    [
-        {"BLOCK_N": 16, "BLOCK_K": 4, "BLOCK_D": 128},
-        {"BLOCK_N": 32, "BLOCK_K": 2, "BLOCK_D": 128},
-        {"BLOCK_N": 16, "BLOCK_K": 2, "BLOCK_D": 256},
-        {"BLOCK_N": 8, "BLOCK_K": 8, "BLOCK_D": 128},
-        {"BLOCK_N": 32, "BLOCK_K": 4, "BLOCK_D": 64},
-        {"BLOCK_N": 1, "BLOCK_K": 16, "BLOCK_D": 128},
-    ],
-    {"BLOCK_N": 16, "BLOCK_K": 2, "BLOCK_D": 32},
-    [4, 4, 8, 4, 4, 4],
+KEY = ["token_bucket", "num_tables", "out_features"]
+tuned_gather = triton.autotune(configs(GATHER_TUNING, {"BLOCK_N": 16, "BLOCK_K": 2, "BLOCK_D": 32}), key=KEY)(
+    gather_kernel
 )
-ATOMIC_CONFIGS = configs(
-    [{"BLOCK_N": 32, "BLOCK_D": 128}, {"BLOCK_N": 64, "BLOCK_D": 64}, {"BLOCK_N": 16, "BLOCK_D": 256}],
-    {"BLOCK_N": 16, "BLOCK_D": 32},
-    [4, 4, 8],
-)
-ROW_GRADIENT_WARPS = [2, 4, 8]
-
-tuned_gather = triton.autotune(GATHER_CONFIGS, key=["token_bucket", "num_tables", "out_features"])(gather_kernel)
 tuned_atomic_backward = triton.autotune(
-    ATOMIC_CONFIGS, key=["token_bucket", "num_tables", "out_features"], reset_to_zero=["grad_tables_ptr"]
+    configs(ATOMIC_TUNING, {"BLOCK_N": 16, "BLOCK_D": 32}), key=KEY, reset_to_zero=["grad_tables_ptr"]
 )(atomic_backward_kernel)
-tuned_row_gradient = triton.autotune(
-    [triton.Config({}, num_warps=1)] if INTERPRETED else [triton.Config({}, num_warps=w) for w in ROW_GRADIENT_WARPS],
-    key=["num_tables", "out_features"],
-)(row_gradient_kernel)
+tuned_row_gradient = triton.autotune(configs(ROW_GRADIENT_TUNING, {}), key=["num_tables", "out_features"])(
+    row_gradient_kernel
+)
 
 
 def backward_mode() -> str:
@@ -116,7 +119,7 @@ def memory_layer_forward(
     hash_kernel[(triton.cdiv(num_hits, block_hits),)](
         x, buckets, scores, num_hits, num_tables, x.stride(0), x.stride(1), 2.0 / temperature,
         CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits), SCALED=score == "scaled",
-        BLOCK_HITS=block_hits, num_warps=4,
+        BLOCK_HITS=block_hits, num_warps=HASH_WARPS,
     )  # fmt: skip
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -183,7 +186,7 @@ def sorted_backward(grad_y, x, tables, buckets, scores, code_bits, scaled, two_o
     chunk_gradient_kernel[(triton.cdiv(rows.numel(), block_hits),)](
         x, grad_scores, grad_x, rows.numel(), num_tables, x.stride(0), x.stride(1), two_over_t,
         CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits), SCALED=scaled,
-        BLOCK_HITS=block_hits, num_warps=4,
+        BLOCK_HITS=block_hits, num_warps=HASH_WARPS,
     )  # fmt: skip
     return grad_x, grad_tables
 
