@@ -21,13 +21,14 @@ The markdown table is printed and written to ``benchmarks/results/memory_layer_<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import pathlib
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,8 @@ from mf_lightning.nn import MemoryLayer
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DECODE_WIDTH = 1024
+BACKWARD_ENV_VAR, DETERMINISTIC, ATOMIC = "MF_TRITON_BACKWARD", "deterministic", "atomic"
+"""The triton backward modes (``mf_lightning.kernels.triton_memory``; not imported, as triton may be absent)."""
 GOAL_TOKENS, GOAL_WIDTH, GOAL_FRACTION = 16384, 1024, 0.70
 """GPU goal: the triton forward at 16384 tokens x 1024 moves at least 70% of the device's peak bandwidth."""
 SPEC_PEAKS = [
@@ -174,6 +177,8 @@ def measure_width(
     layers: dict[str, nn.Module] = {
         name: MemoryLayer(width, width, args.code_bits, backend=name, **factory) for name in backends
     }
+    if "triton" in layers:
+        layers["triton atomic bwd"] = layers["triton"]
     if args.compile:
         eager = MemoryLayer(width, width, args.code_bits, backend="embedding_bag", **factory)
         layers["embedding_bag+compile"] = torch.compile(eager)
@@ -190,10 +195,25 @@ def measure_width(
         for name, layer in layers.items():
             row = Row(dtype_name, width, tokens, name, None, gathered + io_bytes)
             if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
-                row.forward_s, row.train_step_s = time_module(layer, x, args.min_run_time, args.forward_only)
+                with triton_backward(ATOMIC if name == "triton atomic bwd" else DETERMINISTIC):
+                    row.forward_s, row.train_step_s = time_module(layer, x, args.min_run_time, args.forward_only)
             rows.append(row)
             print(format_row(row, baseline, peaks), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def triton_backward(mode: str) -> Iterator[None]:
+    """Run the block with ``MF_TRITON_BACKWARD=mode``, restoring the variable after."""
+    previous = os.environ.get(BACKWARD_ENV_VAR)
+    os.environ[BACKWARD_ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[BACKWARD_ENV_VAR]
+        else:
+            os.environ[BACKWARD_ENV_VAR] = previous
 
 
 def milliseconds(seconds: float | None) -> str:
@@ -260,6 +280,10 @@ def target_checks(rows: list[Row], peaks: tuple[float | None, float | None]) -> 
             verdict = "met" if triton_row.train_step_s < bag_row.train_step_s else "MISSED"
             lines.append(f"- {shape}, triton forward+backward faster than embedding_bag: {verdict} "
                          f"({triton_row.train_step_s / bag_row.train_step_s:.2f}x its time)")  # fmt: skip
+        atomic_row = by_impl.get("triton atomic bwd")
+        if triton_row and atomic_row and triton_row.train_step_s and atomic_row.train_step_s and tokens >= 1024:
+            lines.append(f"- {shape}, deterministic / atomic triton forward+backward time: "
+                         f"{triton_row.train_step_s / atomic_row.train_step_s:.2f}x (above 1 favours MF_TRITON_BACKWARD=atomic)")  # fmt: skip
     return lines
 
 
@@ -287,7 +311,7 @@ def report(
     if device.type == "cuda":
         copy, spec = (f"{peak / 1e9:.0f} GB/s" if peak else "unknown" for peak in peaks)
         header.append(f"- peaks: device-to-device copy measured {copy} (read + write); datasheet {spec}")
-        header.append(f"- triton backward: {os.environ.get('MF_TRITON_BACKWARD') or 'deterministic'} (MF_TRITON_BACKWARD)")
+        header.append("- triton: deterministic table gradient (the default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
     if args.note:
         header.append(f"- note: {args.note}")
     return "\n".join([*header, "", TABLE_HEADER, *table, "", "## Targets", "", *target_checks(rows, peaks), ""])

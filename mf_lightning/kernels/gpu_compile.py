@@ -19,6 +19,7 @@ It must run without ``TRITON_INTERPRET=1`` (under the interpreter the kernels ar
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=None, help="only these kernels (default: all)")
     parser.add_argument("--covering", action="store_true", help="one variant per kernel and argument types")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compilations in parallel")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled for a GPU")
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the triton wheel has no {', '.join(missing)} under {tool('').parent}")
     chosen = [item for item in variants() if args.kernels is None or item.kernel in args.kernels]
     chosen = covering(chosen) if args.covering else chosen
-    rows = [compile_variant(item, arch) for arch in args.arch for item in chosen]
+    jobs = [(item, arch) for arch in args.arch for item in chosen]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_variant, *zip(*jobs)))
     print(json.dumps(rows) if args.json else markdown(rows))
     return 1 if any(row["spills"] for row in rows) else 0
 
