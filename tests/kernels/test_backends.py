@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mf_lightning.kernels import bucket_indices, memory_layer, memory_layer_and_buckets
+from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.reference import reference_memory_layer
 
 
@@ -56,6 +57,8 @@ def test_table_gradient_is_dense_and_only_hit_rows_are_nonzero():
 @pytest.mark.parametrize("backend", ["torch", "embedding_bag", "triton"])
 def test_every_backend_returns_the_buckets_it_hashed(backend):
     x, tables, bias = make_inputs((2, 3, 24), 4, 8)
+    if not triton_interpreted():  # MF_TEST_CUDA=1: every backend on the GPU
+        x, tables, bias = (t.detach().cuda() for t in (x, tables, bias))
     y, buckets = memory_layer_and_buckets(x, tables, bias, "scaled", 1.0, backend)
     torch.testing.assert_close(y, memory_layer(x, tables, bias, backend="torch"))
     assert torch.equal(buckets.long(), bucket_indices(x.detach().reshape(2, 3, 6, 4)))

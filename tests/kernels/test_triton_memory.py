@@ -16,6 +16,8 @@ from mf_lightning.kernels.triton_memory import triton_memory_layer
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
 from mf_lightning.nn import MemoryLayer
 
+DEVICE = "cpu" if triton_interpreted() else "cuda"
+"""Where every test runs the kernels: interpreted on CPU, or compiled on the GPU under ``MF_TEST_CUDA=1``."""
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or triton_interpreted(),
     reason="needs a CUDA GPU and compiled triton kernels (run with MF_TEST_CUDA=1)",
@@ -29,7 +31,7 @@ def make_inputs(
     code_bits: int,
     with_bias: bool = True,
     dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    device: str = DEVICE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random input with exact zeros and negative zeros in it, tables and bias, all requiring grad."""
     x = torch.randn(*leading, in_features, device=device)
@@ -95,7 +97,7 @@ def test_extreme_code_bits_and_temperature(code_bits: int, backward_mode: str) -
 def test_several_token_and_column_blocks_with_non_contiguous_input(backward_mode: str) -> None:
     """More tokens and columns than one program holds (masked edges), input read through strides."""
     x, tables, bias = make_inputs((2, 37), 8, 150, code_bits=2)
-    wide = torch.zeros(2, 37, 16)
+    wide = torch.zeros(2, 37, 16, device=DEVICE)
     wide[..., ::2] = x.detach()
     every_other = wide.requires_grad_()[..., ::2]
     assert every_other.reshape(-1, 8).stride() == (16, 2), "the kernel must read the strided view, not a copy"
@@ -119,17 +121,17 @@ def test_table_gradient_is_dense_and_zero_on_rows_not_hit(backward_mode: str) ->
     y, _ = triton_memory_layer(x, tables, bias, 4, "paper", 1.0)
     (grad_tables,) = torch.autograd.grad(y.sum(), tables)
     assert grad_tables.shape == tables.shape and grad_tables.is_contiguous() and not grad_tables.is_sparse
-    hit = torch.zeros(tables.shape[:2], dtype=torch.bool)
-    hit[torch.arange(2), bucket_indices(x.detach().view(4, 2, 4))] = True
+    hit = torch.zeros(tables.shape[:2], dtype=torch.bool, device=DEVICE)
+    hit[torch.arange(2, device=DEVICE), bucket_indices(x.detach().view(4, 2, 4))] = True
     assert (grad_tables[~hit] == 0).all()
     assert (grad_tables[hit].abs().sum(-1) > 0).all()
 
 
 def test_memory_layer_module_with_triton_backend_trains_like_torch_backend() -> None:
-    layer = MemoryLayer(16, 12, code_bits=4, backend="triton")
-    twin = MemoryLayer(16, 12, code_bits=4, backend="torch")
+    layer = MemoryLayer(16, 12, code_bits=4, backend="triton", device=DEVICE)
+    twin = MemoryLayer(16, 12, code_bits=4, backend="torch", device=DEVICE)
     twin.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 3, 16, device=DEVICE)
     for module in (layer, twin):
         module(x).square().mean().backward()
     torch.testing.assert_close(layer(x), twin(x))
@@ -145,7 +147,7 @@ def test_opcheck_forward_and_backward_ops() -> None:
     _, buckets, scores = triton_memory.memory_layer_forward(*detached, None, 8, "paper", 1.0)
     torch.library.opcheck(
         torch.ops.mf_lightning.memory_layer_backward.default,
-        (torch.randn(7, 10), *detached, buckets, scores, 8, "paper", 1.0, True),
+        (torch.randn(7, 10, device=DEVICE), *detached, buckets, scores, 8, "paper", 1.0, True),
     )
 
 
@@ -214,7 +216,8 @@ def skewed_inputs(num_tokens: int, code_bits: int, dtype: torch.dtype = torch.fl
     the collapsed bucket usage seen in training, where atomics serialise."""
     x, tables, bias = make_inputs((num_tokens,), 4 * code_bits, 24, code_bits)
     with torch.no_grad():
-        popular = torch.where(torch.arange(4 * code_bits) % 3 == 0, -1.0, 1.0) * (0.5 + torch.rand(num_tokens, 1))
+        signs = torch.where(torch.arange(4 * code_bits, device=x.device) % 3 == 0, -1.0, 1.0)
+        popular = signs * (0.5 + torch.rand(num_tokens, 1, device=x.device))
         x[: num_tokens * 9 // 10] = popular[: num_tokens * 9 // 10]
     return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, tables, bias)]
 
@@ -286,6 +289,6 @@ def test_inductor_compile_on_gpu(backward_mode: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device besides the CPU")
 def test_device_mismatch_is_rejected() -> None:
-    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4)
+    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4, device="cpu")
     with pytest.raises(ValueError, match="tables are on cpu"):
         memory_layer(x.cuda(), tables, bias, backend="triton")
