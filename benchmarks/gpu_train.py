@@ -74,28 +74,57 @@ def window_medians(scalars: dict[str, list[tuple[int, float]]]) -> tuple[float, 
     return tokens_per_second, step_seconds
 
 
-def run(args: argparse.Namespace, config: pathlib.Path, compile_model: str) -> str:
-    """Fit one configuration and return its table line."""
+def run(args: argparse.Namespace, config: pathlib.Path, compile_model: str) -> dict[str, object]:
+    """Fit one configuration and return its measurements."""
     root = args.runs_dir / f"{config.stem}_compile_{compile_model}"
     shutil.rmtree(root, ignore_errors=True)
     command = fit_args(config, compile_model, args.steps, root)
     print(f"== mf {shlex.join(command)}", flush=True)
     torch.cuda.reset_peak_memory_stats()
     cli = mf_main(command)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     tokens_per_second, step_seconds = window_medians(read_scalars(root / "tensorboard"))
     data = cli.datamodule
+    return {
+        "config": config.stem,
+        "compile": compile_model,
+        "batch": f"{data.batch_size} x {data.seq_len}",
+        "tokens_per_second": tokens_per_second,
+        "step_ms": step_seconds * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def table_line(result: dict[str, object]) -> str:
     return (
-        f"| {config.stem} | {compile_model} | {data.batch_size} x {data.seq_len} | {tokens_per_second:,.0f} | "
-        f"{step_seconds * 1e3:.0f} | {peak_gib:.1f} |"
+        f"| {result['config']} | {result['compile']} | {result['batch']} | {result['tokens_per_second']:,.0f} | "
+        f"{result['step_ms']:.0f} | {result['peak_gib']:.1f} |"
     )
+
+
+def goals(results: list[dict[str, object]]) -> list[str]:
+    """MemoryFormer-tiny trains at least as many tokens/s as Transformer-tiny (same batch), within 80 GB."""
+    by_run = {(r["config"], r["compile"]): r for r in results}
+    lines = []
+    for compile_model in ("false", "true"):
+        memoryformer = by_run.get(("memoryformer_tiny", compile_model))
+        transformer = by_run.get(("transformer_tiny", compile_model))
+        if memoryformer and transformer:
+            ratio = memoryformer["tokens_per_second"] / transformer["tokens_per_second"]
+            verdict = "met" if ratio >= 1 else "MISSED"
+            lines.append(f"- compile {compile_model}: MemoryFormer-tiny tokens/s >= Transformer-tiny's: {verdict} "
+                         f"({ratio:.2f}x)")  # fmt: skip
+        if memoryformer:
+            verdict = "met" if memoryformer["peak_gib"] * 2**30 <= 80e9 else "MISSED"
+            lines.append(f"- compile {compile_model}: MemoryFormer-tiny micro-batch within 80 GB: {verdict} "
+                         f"({memoryformer['peak_gib']:.1f} GiB peak)")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_train.py needs a CUDA GPU")
-    lines = [run(args, config, compile_model) for config in args.configs for compile_model in args.compile]
+    results = [run(args, config, compile_model) for config in args.configs for compile_model in args.compile]
     gpu = torch.cuda.get_device_name()
     command = shlex.join(["python", "benchmarks/gpu_train.py", *(sys.argv[1:] if argv is None else argv)])
     text = "\n".join([
@@ -107,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| config | compile | micro-batch | train tokens/s | step ms | peak GPU GiB |",
         "|---|---|---|---:|---:|---:|",
-        *lines,
+        *map(table_line, results),
+        "",
+        "## Goals",
+        "",
+        *goals(results),
         "",
     ])  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
