@@ -34,8 +34,8 @@ LOG_EVERY = 10
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", type=pathlib.Path,
-                        default=[REPO / "configs/memoryformer_tiny.yaml", REPO / "configs/transformer_tiny.yaml"])  # fmt: skip
+    tiny = [REPO / "configs/memoryformer_tiny.yaml", REPO / "configs/transformer_tiny.yaml"]
+    parser.add_argument("--configs", nargs="+", type=pathlib.Path, default=tiny)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--compile", nargs="+", choices=["false", "true"], default=["false", "true"])
     parser.add_argument("--runs-dir", type=pathlib.Path, default=REPO / "runs" / "gpu_train")

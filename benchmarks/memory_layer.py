@@ -283,7 +283,8 @@ def target_checks(rows: list[Row], peaks: tuple[float | None, float | None]) -> 
         atomic_row = by_impl.get("triton atomic bwd")
         if triton_row and atomic_row and triton_row.train_step_s and atomic_row.train_step_s and tokens >= 1024:
             lines.append(f"- {shape}, deterministic / atomic triton forward+backward time: "
-                         f"{triton_row.train_step_s / atomic_row.train_step_s:.2f}x (above 1 favours MF_TRITON_BACKWARD=atomic)")  # fmt: skip
+                         f"{triton_row.train_step_s / atomic_row.train_step_s:.2f}x "
+                         "(above 1 favours MF_TRITON_BACKWARD=atomic)")  # fmt: skip
     return lines
 
 
@@ -295,7 +296,11 @@ def group_by_shape(rows: list[Row]) -> dict[tuple[str, int, int], list[Row]]:
 
 
 def report(
-    args: argparse.Namespace, device: torch.device, rows: list[Row], command: str, peaks: tuple[float | None, float | None]
+    args: argparse.Namespace,
+    device: torch.device,
+    rows: list[Row],
+    command: str,
+    peaks: tuple[float | None, float | None],
 ) -> str:
     groups = group_by_shape(rows)
     table = [format_row(row, group[0], peaks) for group in groups.values() for row in group]
@@ -311,7 +316,7 @@ def report(
     if device.type == "cuda":
         copy, spec = (f"{peak / 1e9:.0f} GB/s" if peak else "unknown" for peak in peaks)
         header.append(f"- peaks: device-to-device copy measured {copy} (read + write); datasheet {spec}")
-        header.append("- triton: deterministic table gradient (the default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
+        header.append("- triton: deterministic table gradient (default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
     if args.note:
         header.append(f"- note: {args.note}")
     return "\n".join([*header, "", TABLE_HEADER, *table, "", "## Targets", "", *target_checks(rows, peaks), ""])

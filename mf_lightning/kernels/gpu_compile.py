@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import datetime
 import itertools
 import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,7 +140,8 @@ def variants() -> list[Variant]:
 
 
 def covering(found: list[Variant]) -> list[Variant]:
-    """One variant per kernel and argument types (the last listed: padded code length, last configuration)."""
+    """One variant per kernel and argument types: the last listed, which has the padded code length, the
+    widest row gradient and the autotuning configuration with the most elements per thread."""
     return list({(item.kernel, tuple(item.signature.values())): item for item in found}.values())
 
 
@@ -152,7 +155,8 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run([tool("cuobjdump"), "-res-usage", file.name], capture_output=True, text=True, check=True)
+        command = [tool("cuobjdump"), "-res-usage", file.name]
+        report = subprocess.run(command, capture_output=True, text=True, check=True)
     line = next(line for line in report.stdout.splitlines() if "REG:" in line)
     return {key: int(value) for key, value in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", line)}
 
@@ -167,7 +171,8 @@ def compile_variant(item: Variant, arch: int) -> dict[str, object]:
     )
     usage = resource_usage(compiled.asm["cubin"])
     spills = usage["LOCAL"] > 0 or usage["STACK"] > 0
-    return {"arch": arch, "kernel": item.kernel, "variant": item.label, "warps": item.num_warps, **usage, "spills": spills}
+    row = {"arch": arch, "kernel": item.kernel, "variant": item.label, "warps": item.num_warps}
+    return {**row, **usage, "spills": spills}
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
@@ -201,7 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(item, arch) for arch in args.arch for item in chosen]
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_variant, *zip(*jobs)))
-    print(json.dumps(rows) if args.json else markdown(rows))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        given = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["python", "-m", "mf_lightning.kernels.gpu_compile", *given])
+        print(f"# Triton kernel resources, compiled ahead of time (no GPU)\n\n- triton {triton.__version__}, "
+              f"date {datetime.date.today().isoformat()}, command: `{command}`\n- registers, shared memory, "
+              "local memory and stack per variant from `cuobjdump -res-usage`; a non-zero stack or local size "
+              f"is a spill\n\n{markdown(rows)}")  # fmt: skip
     return 1 if any(row["spills"] for row in rows) else 0
 
 

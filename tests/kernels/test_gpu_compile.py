@@ -33,8 +33,8 @@ def compile_rows(*args: str) -> list[dict]:
     assert done.stdout.strip(), f"gpu_compile failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
     rows = json.loads(done.stdout)
     for row in rows:
-        print(f"sm_{row['arch']} {row['kernel']} [{row['variant']}] warps={row['warps']}: "
-              f"{row['REG']} registers, {row['SHARED']} B shared, {row['LOCAL']} B local, {row['STACK']} B stack")  # fmt: skip
+        name = f"sm_{row['arch']} {row['kernel']} [{row['variant']}] warps={row['warps']}"
+        print(f"{name}: {row['REG']} registers, {row['SHARED']} B shared, {row['LOCAL']} B local, {row['STACK']} B stack")
     return rows
 
 
