@@ -4,25 +4,31 @@ For every width ``w`` (a ``w -> w`` layer) and token count it times the forward 
 ``torch.inference_mode``, as in decoding) and forward+backward (input, tables and bias all need
 gradients) with ``torch.utils.benchmark`` (warm-up, CUDA synchronisation, median of blocked runs), and
 reports the forward's achieved memory bandwidth: bytes of table rows gathered + input + output for a
-Memory Layer, weight + input + output for ``nn.Linear``, divided by the time. Backends: ``torch`` (the
-reference; skipped where its ``[tokens, K, w]`` gather would exceed ``--max-reference-gib``),
-``embedding_bag``, ``triton`` (CUDA only) and, with ``--compile``, ``torch.compile`` of embedding_bag.
+Memory Layer, weight + input + output for ``nn.Linear``, divided by the time. On CUDA it also gives that
+bandwidth as a fraction of the device's practical peak (a device-to-device copy measured first, bytes
+read + written) and of its datasheet peak (``SPEC_PEAKS``, matched on the device name). Backends:
+``torch`` (the reference; skipped where its ``[tokens, K, w]`` gather would exceed
+``--max-reference-gib``, and not run by default on CUDA), ``embedding_bag``, ``triton`` (CUDA only) and,
+with ``--compile``, ``torch.compile`` of embedding_bag.
 
 The markdown table is printed and written to ``benchmarks/results/memory_layer_<device>.md``.
 
     python benchmarks/memory_layer.py --quick
     python benchmarks/memory_layer.py --tokens 1 16 256 4096 --widths 512 1024 2048 --note "shared CPU"
+    python benchmarks/memory_layer.py --device cuda     # widths 1024 2048, float32 and bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import pathlib
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +41,27 @@ from mf_lightning.nn import MemoryLayer
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DECODE_WIDTH = 1024
+BACKWARD_ENV_VAR, DETERMINISTIC, ATOMIC = "MF_TRITON_BACKWARD", "deterministic", "atomic"
+"""The triton backward modes (``mf_lightning.kernels.triton_memory``; not imported, as triton may be absent)."""
+GOAL_TOKENS, GOAL_WIDTH, GOAL_FRACTION = 16384, 1024, 0.70
+"""GPU goal: the triton forward at 16384 tokens x 1024 moves at least 70% of the device's peak bandwidth."""
+SPEC_PEAKS = [
+    ("h200", 4.8e12),
+    ("h100 pcie", 2.0e12),
+    ("h100", 3.35e12),
+    ("a100-sxm4-80gb", 2.039e12),
+    ("a100 80gb pcie", 1.935e12),
+    ("a100", 1.555e12),
+]
+"""Datasheet HBM bandwidth (bytes/s) by lowercase device-name fragment, most specific first (H200: 4.8 TB/s
+by its datasheet, ~4.3 TB/s seen as a device copy; H100 SXM 3.35 TB/s)."""
 
 
 @dataclass
 class Row:
     """One measured implementation at one shape; times in seconds, ``None`` where not measured."""
 
+    dtype: str
     width: int
     tokens: int
     impl: str
@@ -52,12 +73,13 @@ class Row:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
-    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--widths", type=int, nargs="+", default=None, help="default: 512 1024 2048; CUDA 1024 2048")
     parser.add_argument("--quick", action="store_true", help="only widths 1024, tokens 1 64 1024")
     parser.add_argument("--code-bits", type=int, default=8)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="default: float32 on CPU, float32 and bfloat16 on CUDA")  # fmt: skip
     parser.add_argument("--backends", nargs="+", choices=["torch", "embedding_bag", "triton"], default=None,
-                        help="default: every backend usable on the device")  # fmt: skip
+                        help="default: every backend usable on the device (CUDA: embedding_bag, triton)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the embedding_bag path")
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
@@ -66,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text for the header (e.g. machine load)")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="default: results/memory_layer_<device>.md")
     args = parser.parse_args(argv)
+    on_cuda = args.device.startswith("cuda")
+    args.widths = args.widths or ([1024, 2048] if on_cuda else [512, 1024, 2048])
+    args.dtypes = args.dtypes or (["float32", "bfloat16"] if on_cuda else ["float32"])
     if args.quick:
         args.tokens, args.widths = [1, 64, 1024], [DECODE_WIDTH]
     for width in args.widths:
@@ -113,24 +138,47 @@ def time_module(module: nn.Module, x: torch.Tensor, min_run_time: float, forward
 
 
 def available_backends(device: torch.device, requested: list[str] | None) -> list[str]:
-    usable = ["torch", "embedding_bag"] + (["triton"] if device.type == "cuda" and triton_importable() else [])
+    on_cuda = device.type == "cuda"
+    usable = ["torch", "embedding_bag"] + (["triton"] if on_cuda and triton_importable() else [])
     if requested is None:
-        return usable
+        return usable[1:] if on_cuda else usable
     missing = [name for name in requested if name not in usable]
     if missing:
         raise SystemExit(f"backend(s) {missing} cannot run on {device}; usable here: {usable}")
     return requested
 
 
-def measure_width(args: argparse.Namespace, device: torch.device, width: int, backends: list[str]) -> list[Row]:
+def copy_bandwidth(device: torch.device, min_run_time: float) -> float | None:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write): the practical peak; ``None`` on CPU."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(2**28, device=device, dtype=torch.float32).uniform_()
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), min_run_time)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def spec_bandwidth(device: torch.device) -> float | None:
+    """The datasheet bandwidth of ``device`` from ``SPEC_PEAKS``, ``None`` when unknown or on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((peak for fragment, peak in SPEC_PEAKS if fragment in name), None)
+
+
+def measure_width(
+    args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str], peaks: tuple
+) -> list[Row]:
     """Rows for ``nn.Linear`` and every Memory Layer implementation at each token count, printed as measured."""
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[dtype_name]
     element = torch.finfo(dtype).bits // 8
     num_tables = width // args.code_bits
     factory = {"device": device, "dtype": dtype}
     layers: dict[str, nn.Module] = {
         name: MemoryLayer(width, width, args.code_bits, backend=name, **factory) for name in backends
     }
+    if "triton" in layers:
+        layers["triton atomic bwd"] = layers["triton"]
     if args.compile:
         eager = MemoryLayer(width, width, args.code_bits, backend="embedding_bag", **factory)
         layers["embedding_bag+compile"] = torch.compile(eager)
@@ -139,18 +187,33 @@ def measure_width(args: argparse.Namespace, device: torch.device, width: int, ba
     for tokens in args.tokens:
         x = torch.randn(tokens, width, **factory)
         io_bytes = 2 * tokens * width * element
-        baseline = Row(width, tokens, "nn.Linear", None, width * width * element + io_bytes)
+        baseline = Row(dtype_name, width, tokens, "nn.Linear", None, width * width * element + io_bytes)
         baseline.forward_s, baseline.train_step_s = time_module(linear, x, args.min_run_time, args.forward_only)
         rows.append(baseline)
-        print(format_row(baseline, baseline), flush=True)
+        print(format_row(baseline, baseline, peaks), flush=True)
         gathered = tokens * num_tables * width * element
         for name, layer in layers.items():
-            row = Row(width, tokens, name, None, gathered + io_bytes)
+            row = Row(dtype_name, width, tokens, name, None, gathered + io_bytes)
             if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
-                row.forward_s, row.train_step_s = time_module(layer, x, args.min_run_time, args.forward_only)
+                with triton_backward(ATOMIC if name == "triton atomic bwd" else DETERMINISTIC):
+                    row.forward_s, row.train_step_s = time_module(layer, x, args.min_run_time, args.forward_only)
             rows.append(row)
-            print(format_row(row, baseline), flush=True)
+            print(format_row(row, baseline, peaks), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def triton_backward(mode: str) -> Iterator[None]:
+    """Run the block with ``MF_TRITON_BACKWARD=mode``, restoring the variable after."""
+    previous = os.environ.get(BACKWARD_ENV_VAR)
+    os.environ[BACKWARD_ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[BACKWARD_ENV_VAR]
+        else:
+            os.environ[BACKWARD_ENV_VAR] = previous
 
 
 def milliseconds(seconds: float | None) -> str:
@@ -162,62 +225,101 @@ def ratio(seconds: float | None, baseline: float | None) -> str:
 
 
 TABLE_HEADER = (
-    "| width | tokens | implementation | fwd ms | fwd GB/s | fwd / Linear | fwd+bwd ms | fwd+bwd / Linear |\n"
-    "|---:|---:|---|---:|---:|---:|---:|---:|"
+    "| dtype | width | tokens | implementation | fwd ms | fwd GB/s | % copy peak | % spec peak | fwd / Linear "
+    "| fwd+bwd ms | fwd+bwd / Linear |\n"
+    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
-def format_row(row: Row, baseline: Row) -> str:
-    bandwidth = "" if row.forward_s is None else f"{row.forward_bytes / row.forward_s / 1e9:.1f}"
+def bytes_per_second(row: Row) -> float | None:
+    return None if row.forward_s is None else row.forward_bytes / row.forward_s
+
+
+def percent(value: float | None, peak: float | None) -> str:
+    return "" if value is None or peak is None else f"{100 * value / peak:.0f}%"
+
+
+def format_row(row: Row, baseline: Row, peaks: tuple[float | None, float | None]) -> str:
+    """One table line; ``peaks`` is (measured copy, datasheet) bandwidth, ``None`` where unknown."""
+    bandwidth = bytes_per_second(row)
     return (
-        f"| {row.width} | {row.tokens} | {row.impl} | {milliseconds(row.forward_s)} | {bandwidth} | "
-        f"{ratio(row.forward_s, baseline.forward_s)} | {milliseconds(row.train_step_s)} | "
-        f"{ratio(row.train_step_s, baseline.train_step_s)} |"
+        f"| {row.dtype} | {row.width} | {row.tokens} | {row.impl} | {milliseconds(row.forward_s)} | "
+        f"{'' if bandwidth is None else f'{bandwidth / 1e9:.1f}'} | {percent(bandwidth, peaks[0])} | "
+        f"{percent(bandwidth, peaks[1])} | {ratio(row.forward_s, baseline.forward_s)} | "
+        f"{milliseconds(row.train_step_s)} | {ratio(row.train_step_s, baseline.train_step_s)} |"
     )
 
 
-def target_checks(rows: list[Row]) -> list[str]:
-    """The project's speed targets, judged on the fastest Memory Layer at each shape measured."""
+def target_checks(rows: list[Row], peaks: tuple[float | None, float | None]) -> list[str]:
+    """The project's speed targets, judged on the fastest Memory Layer at each shape measured, and on a GPU
+    the triton goals: forward bandwidth at 16384 x 1024, forward+backward against embedding_bag."""
     lines = []
-    for (width, tokens), group in group_by_shape(rows).items():
+    for (dtype, width, tokens), group in group_by_shape(rows).items():
         linear = group[0]
         fastest = min((r for r in group[1:] if r.forward_s is not None), key=lambda r: r.forward_s, default=None)
         if fastest is None:
             continue
         speedup = fastest.forward_s / linear.forward_s
+        shape = f"{dtype}, {tokens} tokens, width {width}"
         if tokens == 1 and width == DECODE_WIDTH:
             verdict = "met" if speedup < 1 else "MISSED"
-            lines.append(f"- decoding (1 token, {width} -> {width}), forward faster than nn.Linear: {verdict} "
+            lines.append(f"- {shape} (decoding), forward faster than nn.Linear: {verdict} "
                          f"({fastest.impl} {speedup:.2f}x Linear's time)")  # fmt: skip
         if tokens == max(r.tokens for r in rows if r.width == width) and tokens > 1:
             verdict = "met" if speedup <= 2 else "MISSED"
-            lines.append(f"- {tokens} tokens, width {width}, forward within 2x of nn.Linear: {verdict} "
-                         f"({fastest.impl} {speedup:.2f}x)")  # fmt: skip
+            lines.append(f"- {shape}, forward within 2x of nn.Linear: {verdict} ({fastest.impl} {speedup:.2f}x)")
+        by_impl = {row.impl: row for row in group}
+        triton_row, bag_row = by_impl.get("triton"), by_impl.get("embedding_bag")
+        peak = peaks[0] or peaks[1]
+        if triton_row and peak and (tokens, width) == (GOAL_TOKENS, GOAL_WIDTH):
+            fraction = bytes_per_second(triton_row) / peak
+            verdict = "met" if fraction >= GOAL_FRACTION else "MISSED"
+            lines.append(f"- {shape}, triton forward >= {GOAL_FRACTION:.0%} of peak bandwidth: {verdict} "
+                         f"({fraction:.0%} of the {'measured copy' if peaks[0] else 'datasheet'} peak)")  # fmt: skip
+        if triton_row and bag_row and triton_row.train_step_s and bag_row.train_step_s and tokens >= 1024:
+            verdict = "met" if triton_row.train_step_s < bag_row.train_step_s else "MISSED"
+            lines.append(f"- {shape}, triton forward+backward faster than embedding_bag: {verdict} "
+                         f"({triton_row.train_step_s / bag_row.train_step_s:.2f}x its time)")  # fmt: skip
+        atomic_row = by_impl.get("triton atomic bwd")
+        if triton_row and atomic_row and triton_row.train_step_s and atomic_row.train_step_s and tokens >= 1024:
+            lines.append(f"- {shape}, deterministic / atomic triton forward+backward time: "
+                         f"{triton_row.train_step_s / atomic_row.train_step_s:.2f}x "
+                         "(above 1 favours MF_TRITON_BACKWARD=atomic)")  # fmt: skip
     return lines
 
 
-def group_by_shape(rows: list[Row]) -> dict[tuple[int, int], list[Row]]:
-    groups: dict[tuple[int, int], list[Row]] = {}
+def group_by_shape(rows: list[Row]) -> dict[tuple[str, int, int], list[Row]]:
+    groups: dict[tuple[str, int, int], list[Row]] = {}
     for row in rows:
-        groups.setdefault((row.width, row.tokens), []).append(row)
+        groups.setdefault((row.dtype, row.width, row.tokens), []).append(row)
     return groups
 
 
-def report(args: argparse.Namespace, device: torch.device, rows: list[Row], command: str) -> str:
+def report(
+    args: argparse.Namespace,
+    device: torch.device,
+    rows: list[Row],
+    command: str,
+    peaks: tuple[float | None, float | None],
+) -> str:
     groups = group_by_shape(rows)
-    table = [format_row(row, group[0]) for group in groups.values() for row in group]
+    table = [format_row(row, group[0], peaks) for group in groups.values() for row in group]
     header = [
         f"# Memory Layer benchmark: {device_name(device)}",
         "",
-        f"- torch {torch.__version__}, {args.dtype}, code_bits {args.code_bits}, layers width -> width",
+        f"- torch {torch.__version__}, {' and '.join(args.dtypes)}, code_bits {args.code_bits}, layers width -> width",
         f"- date {datetime.date.today().isoformat()}",
         f"- command: `{command}`",
         "- fwd: forward under inference_mode; fwd+bwd: input, tables and bias all take gradients",
         "- fwd GB/s: (rows gathered + input + output) bytes / time; for nn.Linear (weight + input + output)",
     ]
+    if device.type == "cuda":
+        copy, spec = (f"{peak / 1e9:.0f} GB/s" if peak else "unknown" for peak in peaks)
+        header.append(f"- peaks: device-to-device copy measured {copy} (read + write); datasheet {spec}")
+        header.append("- triton: deterministic table gradient (default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
     if args.note:
         header.append(f"- note: {args.note}")
-    return "\n".join([*header, "", TABLE_HEADER, *table, "", "## Targets", "", *target_checks(rows), ""])
+    return "\n".join([*header, "", TABLE_HEADER, *table, "", "## Targets", "", *target_checks(rows, peaks), ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,10 +327,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     backends = available_backends(device, args.backends)
     torch.manual_seed(0)
+    peaks = (copy_bandwidth(device, args.min_run_time), spec_bandwidth(device))
     print(TABLE_HEADER)
-    rows = [row for width in args.widths for row in measure_width(args, device, width, backends)]
+    rows = [
+        row
+        for dtype in args.dtypes
+        for width in args.widths
+        for row in measure_width(args, device, dtype, width, backends, peaks)
+    ]
     command = shlex.join(["python", "benchmarks/memory_layer.py", *(sys.argv[1:] if argv is None else argv)])
-    text = report(args, device, rows, command)
+    text = report(args, device, rows, command, peaks)
     output = args.output or RESULTS_DIR / f"memory_layer_{device_slug(device)}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from mf_lightning.kernels.hashing import check_score
+
 BACKENDS = ("torch", "embedding_bag", "triton")
 ENV_VAR = "MF_KERNEL_BACKEND"
 
@@ -72,15 +74,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+BACKEND_FUNCTIONS = {
+    "torch": ("reference", "reference_memory_layer"),
+    "embedding_bag": ("embedding_bag", "embedding_bag_memory_layer"),
+    "triton": ("triton_memory", "triton_memory_layer"),
+}
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @functools.cache
-def backend_function(backend: str) -> Callable[..., torch.Tensor]:
-    """The ``memory_layer`` implementation of a concrete backend; triton is imported only here."""
-    module = {"torch": "reference", "embedding_bag": "embedding_bag", "triton": "triton_memory"}[backend]
-    return importlib.import_module(f"mf_lightning.kernels.{module}").memory_layer
+def backend_function(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The implementation of a concrete backend (contract: ``reference_memory_layer``); triton is imported only here."""
+    module, name = BACKEND_FUNCTIONS[backend]
+    return getattr(importlib.import_module(f"mf_lightning.kernels.{module}"), name)
 
 
-def check_shapes(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """Code length of ``tables [K, 2**tau, out]``, after checking that ``x`` and ``bias`` fit them."""
+def check_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, backend: str) -> int:
+    """Code length of ``tables [K, 2**tau, out]``, after checking that ``x`` and ``bias`` fit them and ``backend``.
+
+    The one check of the tensors of a call; the backends trust it.
+    """
     num_tables, num_rows, out_features = tables.shape
     code_bits = num_rows.bit_length() - 1
     if num_rows != 2**code_bits:
@@ -94,7 +107,30 @@ def check_shapes(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | Non
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    for name, tensor in (("x", x), ("bias", bias)):
+        if tensor is not None and tensor.device != tables.device:
+            raise ValueError(f"{name} is on {tensor.device} but the tables are on {tables.device}")
+    if backend == "triton":
+        for name, tensor in (("x", x), ("tables", tables), ("bias", bias)):
+            if tensor is not None and tensor.dtype not in TRITON_DTYPES:
+                raise TypeError(
+                    f"the triton Memory Layer supports {', '.join(map(str, TRITON_DTYPES))}; {name} has dtype "
+                    f"{tensor.dtype} (use backend='torch' or 'embedding_bag' for it)"
+                )
     return code_bits
+
+
+def memory_layer_and_buckets(
+    x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, score: str, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[..., out]`` and integer buckets ``[..., K]`` of one forward, from the backend that computed both.
+
+    ``score`` and ``temperature`` were checked where they entered (the ``MemoryLayer`` constructor or
+    :func:`memory_layer`); the backend's name is checked as it is resolved, the tensors once per call.
+    """
+    concrete = resolve_backend(backend, x.device)
+    code_bits = check_inputs(x, tables, bias, concrete)
+    return backend_function(concrete)(x, tables, bias, code_bits, score, temperature)
 
 
 def memory_layer(
@@ -105,12 +141,7 @@ def memory_layer(
     score: str = "scaled",
     temperature: float = 1.0,
     backend: str = "auto",
-    buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``.
-
-    ``buckets`` are this input's bucket indices ``[..., K]`` when the caller has already hashed it.
-    """
-    code_bits = check_shapes(x, tables, bias)
-    impl = backend_function(resolve_backend(backend, x.device))
-    return impl(x, tables, bias, code_bits, score, temperature, buckets)
+    """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``."""
+    check_score(score, temperature)
+    return memory_layer_and_buckets(x, tables, bias, score, float(temperature), backend)[0]

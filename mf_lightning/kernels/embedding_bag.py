@@ -16,19 +16,18 @@ import torch.nn.functional as F
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
 
 
-def memory_layer(
+def embedding_bag_memory_layer(
     x: torch.Tensor,
     tables: torch.Tensor,
     bias: torch.Tensor | None,
     code_bits: int,
     score: str,
     temperature: float,
-    buckets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`mf_lightning.kernels.reference.reference_memory_layer`."""
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
-    buckets = bucket_indices(chunks) if buckets is None else buckets.reshape(-1, num_tables)
+    buckets = bucket_indices(chunks)
     rows = buckets + table_offsets(num_tables, num_rows, x.device)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype)
     y = F.embedding_bag(
@@ -36,7 +35,7 @@ def memory_layer(
     )
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features), buckets.reshape(*x.shape[:-1], num_tables)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ chunk's L1 norm (``scaled``, the authors' code).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,28 @@ def bucket_indices(chunks: torch.Tensor) -> torch.Tensor:
     return (bits @ weights).to(torch.int64)
 
 
+def check_score(score: str, temperature: float) -> None:
+    """Reject a score variant or temperature with a message naming the value and what is valid.
+
+    The one check of these settings, made where they enter: the ``MemoryLayer`` constructor and the
+    functional :func:`mf_lightning.kernels.memory_layer` (``ModelConfig`` checks its own fields).
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
 def chunk_scores(chunks: torch.Tensor, score: str = "scaled", temperature: float = 1.0) -> torch.Tensor:
     """Differentiable score ``s_k`` of each chunk ``[..., K, tau]``, computed in float32 at least.
+
+    ``score`` and ``temperature`` are trusted (see :func:`check_score`).
 
     ``paper``: ``prod_j sigmoid(2|z_j|/t)``, evaluated in log space as ``exp(sum_j logsigmoid(2|z_j|/t))``. ``scaled``: the same times ``sum_j |z_j|``;
     at the default ``t = 1`` this is exactly the authors' ``sum|z| / prod(1 + exp(-2|z|))``.
     """
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     z = chunks if chunks.dtype == torch.float64 else chunks.float()
     magnitude = z.abs()
     probability = F.logsigmoid(magnitude * (2.0 / temperature)).sum(-1).exp()

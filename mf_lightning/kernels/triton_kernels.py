@@ -1,9 +1,27 @@
-"""``@triton.jit`` kernels of the Memory Layer: a fused forward and a fused backward.
+"""``@triton.jit`` kernels of the Memory Layer.
 
-Layout shared by both: inputs ``x [N, K*tau]`` (any strides), tables ``[K, R = 2**tau, D]`` contiguous,
-per-chunk buckets ``[N, K]`` int32 and scores ``[N, K]`` float32 written by the forward and reused by
-the backward so it never hashes again. All arithmetic is float32; chunks are padded to ``TAU_PAD``, the
-next power of two of ``tau``, with masked lanes contributing nothing.
+Layout: inputs ``x [N, K*tau]`` (any strides), tables ``[K, R = 2**tau, D]`` contiguous. A *hit* is one
+(token, table) pair, numbered ``c = n * K + k``; its bucket ``h_c`` (int32) and score ``s_c`` (float32)
+live at ``c`` of ``[N, K]`` buffers. Chunks are padded to ``TAU_PAD``, the next power of two of ``tau``,
+with masked lanes contributing nothing. All arithmetic is float32.
+
+Forward, two launches: :func:`hash_kernel` reads each chunk once and writes ``h_c, s_c``;
+:func:`gather_kernel` sums ``s_c * T_k[h_c]`` over tables for a tile of tokens x columns. Splitting
+them hashes every hit once, whatever the number of column tiles: the gather re-reads 8 bytes of
+``h_c, s_c`` per column tile (from L2), against ``BLOCK_D`` table elements it gathers for that hit.
+
+Backward, two modes:
+
+- deterministic (default): the caller sorts the hits by table row; :func:`row_gradient_kernel` gives
+  each row one program that sums its hits' ``s_c * dy[n]`` in sorted order and writes the row (zeros
+  where no hit), and also writes ``g_c = <T_k[h_c], dy[n]>`` for each of its hits, reading the table
+  row once instead of once per hit. :func:`chunk_gradient_kernel` then turns ``g_c`` into ``dx``.
+- atomic: :func:`atomic_backward_kernel` gathers rows per (token tile, table), reduces ``g_c`` and
+  ``atomic_add`` s ``s_c * dy[n]`` into a float32 table gradient; fast when hits are spread, but
+  atomics serialise on popular rows and the sum order depends on scheduling.
+
+``ds/dz_j`` is ``sgn(z_j) * ds/d|z_j|`` with ``sgn(0) = 0``, exactly as autograd differentiates
+``abs``; the bucket is piecewise constant, so the score is the only path back to ``x``.
 """
 
 from __future__ import annotations
@@ -13,12 +31,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_chunk(x_ptr, tokens, token_ok, k, stride_xn, stride_xw, CODE_BITS: tl.constexpr, TAU_PAD: tl.constexpr):
-    """Chunk ``k`` of each token as float32 ``[BLOCK_N, TAU_PAD]`` (padding lanes are 0), and their mask."""
+def _load_chunks(x_ptr, hits, hit_ok, num_tables, stride_xn, stride_xw, CODE_BITS: tl.constexpr, TAU_PAD: tl.constexpr):
+    """Chunks of hits ``[BLOCK]`` as float32 ``[BLOCK, TAU_PAD]`` (padding lanes 0), and the lane mask."""
     bits = tl.arange(0, TAU_PAD)
     bit_ok = bits < CODE_BITS
-    offsets = tokens.to(tl.int64)[:, None] * stride_xn + (k * CODE_BITS + bits)[None, :] * stride_xw
-    z = tl.load(x_ptr + offsets, mask=token_ok[:, None] & bit_ok[None, :], other=0.0).to(tl.float32)
+    tokens = hits // num_tables
+    first = (hits % num_tables) * CODE_BITS
+    offsets = tokens[:, None] * stride_xn + (first[:, None] + bits[None, :]) * stride_xw
+    z = tl.load(x_ptr + offsets, mask=hit_ok[:, None] & bit_ok[None, :], other=0.0).to(tl.float32)
     return z, bit_ok
 
 
@@ -30,61 +50,172 @@ def _log_probability(magnitude, bit_ok, two_over_t):
 
 
 @triton.jit
-def memory_layer_forward_kernel(
+def _grad_of_chunks(z, bit_ok, grad_score, two_over_t, SCALED: tl.constexpr):
+    """``dL/dz [BLOCK, TAU_PAD]`` of chunks ``z`` from ``dL/ds [BLOCK]``."""
+    magnitude = tl.abs(z)
+    probability = tl.exp(_log_probability(magnitude, bit_ok, two_over_t))
+    grad_of_log_probability = two_over_t / (1.0 + tl.exp(magnitude * two_over_t))
+    if SCALED:
+        l1_norm = tl.sum(magnitude, axis=1)
+        score_by_magnitude = probability[:, None] * (1.0 + l1_norm[:, None] * grad_of_log_probability)
+    else:
+        score_by_magnitude = probability[:, None] * grad_of_log_probability
+    sign = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
+    return grad_score[:, None] * score_by_magnitude * sign
+
+
+@triton.jit
+def _store_grad_x(grad_x_ptr, hits, hit_ok, bit_ok, grad_x, CODE_BITS: tl.constexpr, TAU_PAD: tl.constexpr):
+    """Store ``dx`` of hits into the contiguous ``[N, K*tau]`` input gradient (hit ``c`` starts at ``c*tau``)."""
+    offsets = hits[:, None] * CODE_BITS + tl.arange(0, TAU_PAD)[None, :]
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=hit_ok[:, None] & bit_ok[None, :])
+
+
+@triton.jit
+def hash_kernel(
     x_ptr,
-    tables_ptr,
-    bias_ptr,
-    y_ptr,
     buckets_ptr,
     scores_ptr,
-    num_tokens,
+    num_hits,
     num_tables,
-    out_features,
     stride_xn,
     stride_xw,
     two_over_t,
     CODE_BITS: tl.constexpr,
     TAU_PAD: tl.constexpr,
     SCALED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_HITS: tl.constexpr,
 ):
-    """``y[n, cols] = sum_k s_nk * T_k[h_nk, cols] + bias[cols]`` for one block of tokens and of columns.
-
-    The programs of the first column block also write ``h_nk`` and ``s_nk`` for the backward.
-    """
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    token_ok = tokens < num_tokens
-    col_ok = cols < out_features
-    tile_ok = token_ok[:, None] & col_ok[None, :]
+    """Bucket ``h_c`` (sign pattern, most significant bit first, ``z >= 0`` is 1) and score ``s_c`` of each hit."""
+    hits = tl.program_id(0).to(tl.int64) * BLOCK_HITS + tl.arange(0, BLOCK_HITS)
+    hit_ok = hits < num_hits
+    z, bit_ok = _load_chunks(x_ptr, hits, hit_ok, num_tables, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
     bits = tl.arange(0, TAU_PAD)
-    place_values = tl.where(bits < CODE_BITS, 1 << tl.where(bits < CODE_BITS, CODE_BITS - 1 - bits, 0), 0)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for k in range(num_tables):
-        z, bit_ok = _load_chunk(x_ptr, tokens, token_ok, k, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
-        bucket = tl.sum(tl.where((z >= 0) & bit_ok[None, :], place_values[None, :], 0), axis=1)
-        magnitude = tl.abs(z)
-        score = tl.exp(_log_probability(magnitude, bit_ok, two_over_t))
-        if SCALED:
-            score = score * tl.sum(magnitude, axis=1)
-        row_start = (k * (1 << CODE_BITS) + bucket).to(tl.int64) * out_features
-        rows = tl.load(tables_ptr + row_start[:, None] + cols[None, :], mask=tile_ok, other=0.0)
-        acc += score[:, None] * rows.to(tl.float32)
-        if pid_d == 0:
-            tl.store(buckets_ptr + tokens * num_tables + k, bucket.to(tl.int32), mask=token_ok)
-            tl.store(scores_ptr + tokens * num_tables + k, score, mask=token_ok)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = tokens.to(tl.int64)[:, None] * out_features + cols[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    place_values = tl.where(bit_ok, 1 << tl.where(bit_ok, CODE_BITS - 1 - bits, 0), 0)
+    bucket = tl.sum(tl.where(z >= 0, place_values[None, :], 0), axis=1)
+    magnitude = tl.abs(z)
+    score = tl.exp(_log_probability(magnitude, bit_ok, two_over_t))
+    if SCALED:
+        score = score * tl.sum(magnitude, axis=1)
+    tl.store(buckets_ptr + hits, bucket.to(tl.int32), mask=hit_ok)
+    tl.store(scores_ptr + hits, score, mask=hit_ok)
 
 
 @triton.jit
-def memory_layer_backward_kernel(
+def gather_kernel(
+    tables_ptr,
+    bias_ptr,
+    buckets_ptr,
+    scores_ptr,
+    y_ptr,
+    num_tokens,
+    num_tables,
+    num_rows,
+    out_features,
+    token_bucket,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``y[n, cols] = sum_k s_nk * T_k[h_nk, cols] + bias[cols]`` for one tile of tokens x columns.
+
+    ``BLOCK_K`` tables are gathered per step, so ``BLOCK_N * BLOCK_K`` independent row loads are in
+    flight. ``token_bucket`` (a power of two >= ``num_tokens``) is unused here: it is the autotuning key,
+    so nearby token counts share one tuned configuration.
+    """
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = tokens < num_tokens
+    col_ok = cols < out_features
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for first_table in range(0, num_tables, BLOCK_K):
+        tables = first_table + tl.arange(0, BLOCK_K)
+        hit_ok = token_ok[:, None] & (tables < num_tables)[None, :]
+        hits = tokens[:, None] * num_tables + tables[None, :]
+        bucket = tl.load(buckets_ptr + hits, mask=hit_ok, other=0)
+        score = tl.load(scores_ptr + hits, mask=hit_ok, other=0.0)
+        row_start = (tables[None, :] * num_rows + bucket).to(tl.int64) * out_features
+        rows = tl.load(
+            tables_ptr + row_start[:, :, None] + cols[None, None, :],
+            mask=hit_ok[:, :, None] & col_ok[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(score[:, :, None] * rows.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_offsets = tokens[:, None] * out_features + cols[None, :]
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def row_gradient_kernel(
+    grad_y_ptr,
+    tables_ptr,
+    scores_ptr,
+    sorted_hits_ptr,
+    segment_starts_ptr,
+    row_order_ptr,
+    grad_tables_ptr,
+    grad_scores_ptr,
+    num_tables,
+    out_features,
+    D_PAD: tl.constexpr,
+    BLOCK_HITS: tl.constexpr,
+):
+    """Gradient of one table row, and ``g_c`` of every hit on it, without atomics.
+
+    ``sorted_hits`` lists the hits ordered by row (stable), row ``r``'s hits at
+    ``segment_starts[r] : segment_starts[r + 1]``; ``row_order`` lists rows by descending hit count, so
+    the longest segments start first. The sum runs in that fixed order, ``BLOCK_HITS`` hits per step:
+    the result does not depend on scheduling.
+    """
+    row = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
+    begin = tl.load(segment_starts_ptr + row)
+    end = tl.load(segment_starts_ptr + row + 1)
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < out_features
+    table_row = tl.load(tables_ptr + row * out_features + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    for first in range(begin, end, BLOCK_HITS):
+        positions = first + tl.arange(0, BLOCK_HITS)
+        hit_ok = positions < end
+        hits = tl.load(sorted_hits_ptr + positions, mask=hit_ok, other=0)
+        score = tl.load(scores_ptr + hits, mask=hit_ok, other=0.0)
+        grad_y_offsets = (hits // num_tables)[:, None] * out_features + cols[None, :]
+        grad_y = tl.load(grad_y_ptr + grad_y_offsets, mask=hit_ok[:, None] & col_ok[None, :], other=0.0)
+        grad_y = grad_y.to(tl.float32)
+        acc += tl.sum(score[:, None] * grad_y, axis=0)
+        tl.store(grad_scores_ptr + hits, tl.sum(grad_y * table_row[None, :], axis=1), mask=hit_ok)
+    tl.store(grad_tables_ptr + row * out_features + cols, acc.to(grad_tables_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def chunk_gradient_kernel(
+    x_ptr,
+    grad_scores_ptr,
+    grad_x_ptr,
+    num_hits,
+    num_tables,
+    stride_xn,
+    stride_xw,
+    two_over_t,
+    CODE_BITS: tl.constexpr,
+    TAU_PAD: tl.constexpr,
+    SCALED: tl.constexpr,
+    BLOCK_HITS: tl.constexpr,
+):
+    """``dx`` of each hit's chunk from ``g_c = dL/ds_c``."""
+    hits = tl.program_id(0).to(tl.int64) * BLOCK_HITS + tl.arange(0, BLOCK_HITS)
+    hit_ok = hits < num_hits
+    z, bit_ok = _load_chunks(x_ptr, hits, hit_ok, num_tables, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
+    grad_score = tl.load(grad_scores_ptr + hits, mask=hit_ok, other=0.0)
+    grad_x = _grad_of_chunks(z, bit_ok, grad_score, two_over_t, SCALED)
+    _store_grad_x(grad_x_ptr, hits, hit_ok, bit_ok, grad_x, CODE_BITS, TAU_PAD)
+
+
+@triton.jit
+def atomic_backward_kernel(
     grad_y_ptr,
     x_ptr,
     tables_ptr,
@@ -94,31 +225,31 @@ def memory_layer_backward_kernel(
     grad_tables_ptr,
     num_tokens,
     num_tables,
+    num_rows,
     out_features,
     stride_xn,
     stride_xw,
     two_over_t,
+    token_bucket,
     CODE_BITS: tl.constexpr,
     TAU_PAD: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Gradients of one block of tokens through table ``k = program_id(1)``.
+    """Gradients of one tile of tokens through table ``k = program_id(1)``, table rows by ``atomic_add``.
 
-    Sweeping the hit rows once, it scatters ``s_nk * dy[n]`` into the float32 table gradient with
-    atomic adds and reduces ``g_nk = <T_k[h_nk], dy[n]>``; then ``dx = g_nk * ds/dz`` for chunk ``k``
-    (the bucket is piecewise constant, so the score is the only path back to ``x``). ``ds/dz_j`` is
-    ``sgn(z_j) * ds/d|z_j|`` with ``sgn(0) = 0``, exactly as autograd differentiates ``abs``.
+    Sweeping the hit rows once, it scatters ``s_c * dy[n]`` into the float32 table gradient and reduces
+    ``g_c``; then ``dx`` of chunk ``k``. ``token_bucket`` is the autotuning key (see :func:`gather_kernel`).
     """
-    pid_n = tl.program_id(0)
     k = tl.program_id(1)
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     token_ok = tokens < num_tokens
-    bucket = tl.load(buckets_ptr + tokens * num_tables + k, mask=token_ok, other=0)
-    score = tl.load(scores_ptr + tokens * num_tables + k, mask=token_ok, other=0.0)
-    row_start = (k * (1 << CODE_BITS) + bucket).to(tl.int64) * out_features
-    grad_y_start = tokens.to(tl.int64) * out_features
+    hits = tokens * num_tables + k
+    bucket = tl.load(buckets_ptr + hits, mask=token_ok, other=0)
+    score = tl.load(scores_ptr + hits, mask=token_ok, other=0.0)
+    row_start = (k * num_rows + bucket).to(tl.int64) * out_features
+    grad_y_start = tokens * out_features
     grad_score = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for col_start in range(0, out_features, BLOCK_D):
         cols = col_start + tl.arange(0, BLOCK_D)
@@ -127,23 +258,6 @@ def memory_layer_backward_kernel(
         rows = tl.load(tables_ptr + row_start[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         grad_score += tl.sum(rows * grad_y, axis=1)
         tl.atomic_add(grad_tables_ptr + row_start[:, None] + cols[None, :], score[:, None] * grad_y, mask=tile_ok)
-
-    z, bit_ok = _load_chunk(x_ptr, tokens, token_ok, k, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
-    magnitude = tl.abs(z)
-    probability = tl.exp(_log_probability(magnitude, bit_ok, two_over_t))
-    sigmoid_of_minus_u = 1.0 / (1.0 + tl.exp(magnitude * two_over_t))
-    grad_of_log_probability = two_over_t * sigmoid_of_minus_u
-    if SCALED:
-        l1_norm = tl.sum(magnitude, axis=1)
-        score_by_magnitude = probability[:, None] * (1.0 + l1_norm[:, None] * grad_of_log_probability)
-    else:
-        score_by_magnitude = probability[:, None] * grad_of_log_probability
-    sign = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-    grad_x = grad_score[:, None] * score_by_magnitude * sign
-    bits = tl.arange(0, TAU_PAD)
-    grad_x_offsets = tokens.to(tl.int64)[:, None] * (num_tables * CODE_BITS) + (k * CODE_BITS + bits)[None, :]
-    tl.store(
-        grad_x_ptr + grad_x_offsets,
-        grad_x.to(grad_x_ptr.dtype.element_ty),
-        mask=token_ok[:, None] & bit_ok[None, :],
-    )
+    z, bit_ok = _load_chunks(x_ptr, hits, token_ok, num_tables, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
+    grad_x = _grad_of_chunks(z, bit_ok, grad_score, two_over_t, SCALED)
+    _store_grad_x(grad_x_ptr, hits, token_ok, bit_ok, grad_x, CODE_BITS, TAU_PAD)

@@ -1,35 +1,99 @@
-"""Triton Memory Layer: fused forward and backward kernels registered as ``torch.library`` ops.
+"""Triton Memory Layer: the kernels of :mod:`triton_kernels` registered as ``torch.library`` ops.
 
-``mf_lightning::memory_layer_forward`` hashes, scores and accumulates in one kernel and also returns
-the buckets and scores; ``mf_lightning::memory_layer_backward`` reuses them to produce the input and the
-dense table gradients in one kernel. Both are ``custom_op`` s with a fake (shape) function, and the
-forward carries an autograd formula, so ``torch.compile`` traces the layer without graph breaks.
-(``triton_op`` would let inductor see inside, but under ``TRITON_INTERPRET=1`` its generated fake
-function launches the interpreter on fake tensors, so neither ``opcheck`` nor the CPU tests could run.)
-:func:`memory_layer` is the functional entry point with the contract of
-:func:`mf_lightning.kernels.reference.memory_layer`.
+``mf_lightning::memory_layer_forward`` hashes each (token, table) once, gathers, and also returns the
+buckets and scores; ``mf_lightning::memory_layer_backward`` reuses them for the input and dense table
+gradients. Both are ``custom_op`` s with a fake (shape) function, and the forward carries an autograd
+formula, so ``torch.compile`` traces the layer without graph breaks. (``triton_op`` would let inductor
+see inside, but under ``TRITON_INTERPRET=1`` its generated fake function launches the interpreter on
+fake tensors, so neither ``opcheck`` nor the CPU tests could run.)
+
+The table gradient is deterministic by default (hits sorted by row, one program per row);
+``MF_TRITON_BACKWARD=atomic`` selects the ``atomic_add`` kernel instead. Block sizes and warps are
+autotuned per shape on a GPU; under the interpreter one small fixed configuration runs, which still
+spans several tiles of the small test shapes.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
-from mf_lightning.kernels.dispatch import check_shapes
-from mf_lightning.kernels.hashing import SCORES
-from mf_lightning.kernels.triton_kernels import memory_layer_backward_kernel, memory_layer_forward_kernel
+from mf_lightning.kernels.dispatch import triton_interpreted
+from mf_lightning.kernels.triton_kernels import (
+    atomic_backward_kernel,
+    chunk_gradient_kernel,
+    gather_kernel,
+    hash_kernel,
+    row_gradient_kernel,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_BLOCK_N = 32
-MAX_BLOCK_D = 128
+BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
+BACKWARD_MODES = ("deterministic", "atomic")
+HASH_BLOCK_ELEMENTS = 1024
+"""Chunk lanes (hits x padded code bits) per program of the hash and chunk-gradient kernels."""
+ROW_TILE_ELEMENTS = 8192
+"""Elements of ``dy`` (hits x padded width) a row-gradient program loads per step."""
+INTERPRETED = triton_interpreted()
 
 
-def block_sizes(num_tokens: int, out_features: int) -> tuple[int, int]:
-    """Tokens and output columns handled by one program: powers of two, no larger than needed."""
-    return (
-        min(MAX_BLOCK_N, triton.next_power_of_2(max(num_tokens, 1))),
-        min(MAX_BLOCK_D, triton.next_power_of_2(out_features)),
-    )
+# Autotuning candidates on a GPU, as (block sizes, warps). None spills registers on sm_90 or sm_80 (see
+# ``python -m mf_lightning.kernels.gpu_compile``); candidates that did were dropped: gather 16x2x128,
+# 16x4x128 and 32x2x128 at 4 warps, 16x2x256 and 32x4x128 at 8; atomic 32x128 and 64x64 at 4 warps;
+# the row gradient at 2 warps and width 4096. The last of each list holds the most per thread (the one
+# ``gpu_compile --covering`` checks).
+GATHER_TUNING = [
+    ({"BLOCK_N": 8, "BLOCK_K": 4, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 16, "BLOCK_K": 4, "BLOCK_D": 128}, 8),
+    ({"BLOCK_N": 32, "BLOCK_K": 2, "BLOCK_D": 64}, 4),
+    ({"BLOCK_N": 1, "BLOCK_K": 16, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 8, "BLOCK_K": 8, "BLOCK_D": 128}, 4),
+]
+ATOMIC_TUNING = [
+    ({"BLOCK_N": 32, "BLOCK_D": 64}, 4),
+    ({"BLOCK_N": 16, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 32, "BLOCK_D": 128}, 8),
+]
+ROW_GRADIENT_TUNING = [({}, 8), ({}, 4)]
+HASH_WARPS = 4
+
+
+def configs(tuning: list[tuple[dict, int]], interpreted: dict) -> list[triton.Config]:
+    """Autotuning candidates on a GPU; one fixed configuration under the interpreter (nothing to time)."""
+    if INTERPRETED:
+        return [triton.Config(interpreted, num_warps=1)]
+    return [triton.Config(kwargs, num_warps=warps) for kwargs, warps in tuning]
+
+
+KEY = ["token_bucket", "num_tables", "out_features"]
+tuned_gather = triton.autotune(configs(GATHER_TUNING, {"BLOCK_N": 16, "BLOCK_K": 2, "BLOCK_D": 32}), key=KEY)(
+    gather_kernel
+)
+tuned_atomic_backward = triton.autotune(
+    configs(ATOMIC_TUNING, {"BLOCK_N": 16, "BLOCK_D": 32}), key=KEY, reset_to_zero=["grad_tables_ptr"]
+)(atomic_backward_kernel)
+tuned_row_gradient = triton.autotune(configs(ROW_GRADIENT_TUNING, {}), key=["num_tables", "out_features"])(
+    row_gradient_kernel
+)
+
+
+def backward_mode() -> str:
+    """``deterministic`` (default) or ``atomic``, from ``MF_TRITON_BACKWARD``; a clear error otherwise."""
+    mode = os.environ.get(BACKWARD_ENV_VAR, "").strip() or "deterministic"
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r} is not a backward mode; valid: {', '.join(BACKWARD_MODES)}")
+    return mode
+
+
+def hits_per_program(code_bits: int) -> int:
+    """Hits per program of the hash and chunk-gradient kernels: ``HASH_BLOCK_ELEMENTS`` padded lanes."""
+    return HASH_BLOCK_ELEMENTS // triton.next_power_of_2(code_bits)
+
+
+def row_tile_hits(out_features: int) -> int:
+    """Hits per step of the row-gradient kernel, so that its ``dy`` tile stays ``ROW_TILE_ELEMENTS``."""
+    return max(1, ROW_TILE_ELEMENTS // triton.next_power_of_2(out_features))
 
 
 def empty_forward_outputs(x: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,15 +113,22 @@ def memory_layer_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [N, K*tau]`` -> (``y [N, D]`` in the tables' dtype, buckets ``[N, K]`` int32, scores ``[N, K]`` fp32)."""
     num_tokens = x.shape[0]
-    num_tables, _, out_features = tables.shape
+    num_tables, num_rows, out_features = tables.shape
     y, buckets, scores = empty_forward_outputs(x, tables)
-    block_n, block_d = block_sizes(num_tokens, out_features)
-    grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(out_features, block_d))
-    memory_layer_forward_kernel[grid](
-        x, tables, bias, y, buckets, scores,
-        num_tokens, num_tables, out_features, x.stride(0), x.stride(1), 2.0 / temperature,
+    num_hits = num_tokens * num_tables
+    block_hits = hits_per_program(code_bits)
+    hash_kernel[(triton.cdiv(num_hits, block_hits),)](
+        x, buckets, scores, num_hits, num_tables, x.stride(0), x.stride(1), 2.0 / temperature,
         CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits), SCALED=score == "scaled",
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_HITS=block_hits, num_warps=HASH_WARPS,
+    )  # fmt: skip
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(num_tokens, meta["BLOCK_N"]), triton.cdiv(out_features, meta["BLOCK_D"])
+
+    tuned_gather[grid](
+        tables, bias, buckets, scores, y, num_tokens, num_tables, num_rows, out_features,
+        triton.next_power_of_2(num_tokens), HAS_BIAS=bias is not None,
     )  # fmt: skip
     return y, buckets, scores
 
@@ -77,29 +148,71 @@ def memory_layer_backward(
     code_bits: int,
     score: str,
     temperature: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``grad_x`` like ``x`` but contiguous, dense contiguous ``grad_tables`` like ``tables``) from ``grad_y [N, D]``.
 
-    The table gradient is accumulated in float32 (fp16/bf16 atomics are slow or missing) and cast last.
+    ``deterministic`` picks the sorted, atomic-free table gradient; otherwise it is accumulated by
+    float32 ``atomic_add`` (fp16/bf16 atomics are slow or missing) and cast last.
     """
     grad_y = grad_y.contiguous()
+    args = (grad_y, x, tables, buckets, scores, code_bits, score == "scaled", 2.0 / temperature)
+    return sorted_backward(*args) if deterministic else atomic_backward(*args)
+
+
+def sorted_backward(grad_y, x, tables, buckets, scores, code_bits, scaled, two_over_t) -> tuple[torch.Tensor, ...]:
+    """Table gradient by row segments of the hits sorted by row, then the input gradient from ``g_c``.
+
+    Rows run in descending order of hits, so with fewer hits than rows only the first ``hits`` rows
+    can have any: the grid stops there and the gradient starts from zeros.
+    """
+    num_tables, num_rows, out_features = tables.shape
+    rows = (buckets + torch.arange(0, num_tables * num_rows, num_rows, device=x.device, dtype=torch.int32)).view(-1)
+    sorted_rows, sorted_hits = torch.sort(rows, stable=True)
+    all_rows = torch.arange(num_tables * num_rows + 1, device=x.device, dtype=torch.int32)
+    segment_starts = torch.searchsorted(sorted_rows, all_rows)
+    row_order = torch.sort(segment_starts.diff(), descending=True, stable=True).indices
+    num_programs = min(num_tables * num_rows, rows.numel())
+    unvisited_rows_possible = num_programs < num_tables * num_rows
+    new_tensor = torch.zeros if unvisited_rows_possible else torch.empty
+    grad_tables = new_tensor(tables.shape, device=x.device, dtype=tables.dtype)
+    grad_scores = torch.empty(rows.shape, device=x.device, dtype=torch.float32)
+    tuned_row_gradient[(num_programs,)](
+        grad_y, tables, scores, sorted_hits, segment_starts, row_order, grad_tables, grad_scores,
+        num_tables, out_features, D_PAD=triton.next_power_of_2(out_features),
+        BLOCK_HITS=row_tile_hits(out_features),
+    )  # fmt: skip
+    grad_x = x.new_empty(x.shape)
+    block_hits = hits_per_program(code_bits)
+    chunk_gradient_kernel[(triton.cdiv(rows.numel(), block_hits),)](
+        x, grad_scores, grad_x, rows.numel(), num_tables, x.stride(0), x.stride(1), two_over_t,
+        CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits), SCALED=scaled,
+        BLOCK_HITS=block_hits, num_warps=HASH_WARPS,
+    )  # fmt: skip
+    return grad_x, grad_tables
+
+
+def atomic_backward(grad_y, x, tables, buckets, scores, code_bits, scaled, two_over_t) -> tuple[torch.Tensor, ...]:
+    """Input gradient and float32 ``atomic_add`` table gradient in one kernel, cast to the tables' dtype."""
     num_tokens = x.shape[0]
-    num_tables, _, out_features = tables.shape
+    num_tables, num_rows, out_features = tables.shape
     grad_x = x.new_empty(x.shape)
     grad_tables = torch.zeros(tables.shape, device=tables.device, dtype=torch.float32)
-    block_n, block_d = block_sizes(num_tokens, out_features)
-    grid = (triton.cdiv(num_tokens, block_n), num_tables)
-    memory_layer_backward_kernel[grid](
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(num_tokens, meta["BLOCK_N"]), num_tables
+
+    tuned_atomic_backward[grid](
         grad_y, x, tables, buckets, scores, grad_x, grad_tables,
-        num_tokens, num_tables, out_features, x.stride(0), x.stride(1), 2.0 / temperature,
-        CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits), SCALED=score == "scaled",
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        num_tokens, num_tables, num_rows, out_features, x.stride(0), x.stride(1), two_over_t,
+        triton.next_power_of_2(num_tokens), CODE_BITS=code_bits, TAU_PAD=triton.next_power_of_2(code_bits),
+        SCALED=scaled,
     )  # fmt: skip
     return grad_x, grad_tables.to(tables.dtype)
 
 
 @memory_layer_backward.register_fake
-def _(grad_y, x, tables, buckets, scores, code_bits, score, temperature):
+def _(grad_y, x, tables, buckets, scores, code_bits, score, temperature, deterministic):
     return x.new_empty(x.shape), tables.new_empty(tables.shape)
 
 
@@ -116,8 +229,9 @@ def setup_context(ctx, inputs: tuple, output: tuple) -> None:
 def backward(ctx, grad_y: torch.Tensor, _grad_buckets: None, _grad_scores: None) -> tuple:
     """Gradients of ``x``, ``tables`` and ``bias`` (the latter is ``grad_y`` summed over tokens)."""
     x, tables, buckets, scores = ctx.saved_tensors
+    deterministic = backward_mode() == "deterministic"
     grad_x, grad_tables = memory_layer_backward(
-        grad_y, x, tables, buckets, scores, ctx.code_bits, ctx.score, ctx.temperature
+        grad_y, x, tables, buckets, scores, ctx.code_bits, ctx.score, ctx.temperature, deterministic
     )
     grad_bias = None if ctx.bias_dtype is None else grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return grad_x, grad_tables, grad_bias, None, None, None
@@ -126,39 +240,21 @@ def backward(ctx, grad_y: torch.Tensor, _grad_buckets: None, _grad_scores: None)
 memory_layer_forward.register_autograd(backward, setup_context=setup_context)
 
 
-def check_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, code_bits: int, score: str) -> None:
-    """Reject inputs the kernels cannot take with a message naming the value and what is valid."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    for name, tensor in (("x", x), ("tables", tables), ("bias", bias)):
-        if tensor is None:
-            continue
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"the triton Memory Layer supports {', '.join(map(str, SUPPORTED_DTYPES))}; {name} has dtype "
-                f"{tensor.dtype} (use backend='torch' or 'embedding_bag' for it)"
-            )
-        if tensor.device != tables.device:
-            raise ValueError(f"{name} is on {tensor.device} but the tables are on {tables.device}")
-    if check_shapes(x, tables, bias) != code_bits:
-        raise ValueError(f"code_bits={code_bits} needs tables [K, {2**code_bits}, out], got {tuple(tables.shape)}")
-
-def memory_layer(
+def triton_memory_layer(
     x: torch.Tensor,
     tables: torch.Tensor,
     bias: torch.Tensor | None,
     code_bits: int,
     score: str,
     temperature: float,
-    buckets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as :func:`mf_lightning.kernels.reference.memory_layer`, computed by the triton kernels.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[..., D]`` and int32 buckets ``[..., K]``, computed by the triton kernels.
 
-    ``buckets`` is accepted for that contract and not needed: the fused kernel hashes as it gathers.
+    Same contract as :func:`mf_lightning.kernels.reference.reference_memory_layer`; the inputs were
+    checked by :func:`mf_lightning.kernels.dispatch.check_inputs`.
     """
-    check_inputs(x, tables, bias, code_bits, score)
     bias = None if bias is None else bias.contiguous()
-    y, _, _ = memory_layer_forward(
+    y, buckets, _ = memory_layer_forward(
         x.reshape(-1, x.shape[-1]), tables.contiguous(), bias, code_bits, score, float(temperature)
     )
-    return y.reshape(*x.shape[:-1], tables.shape[-1])
+    return y.reshape(*x.shape[:-1], tables.shape[-1]), buckets.reshape(*x.shape[:-1], tables.shape[0])

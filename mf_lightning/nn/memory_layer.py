@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -11,9 +10,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mf_lightning.checks import positive_int
-from mf_lightning.kernels.dispatch import check_backend_name, memory_layer
-from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES, bucket_indices
-
+from mf_lightning.kernels.dispatch import check_backend_name, memory_layer_and_buckets
+from mf_lightning.kernels.hashing import MAX_CODE_BITS, bucket_indices, check_score
 
 
 class MemoryLayer(nn.Module):
@@ -74,21 +72,18 @@ class MemoryLayer(nn.Module):
             nn.init.normal_(self.bias, std=self.bias_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        buckets = None
+        y, buckets = memory_layer_and_buckets(x, self.tables, self.bias, self.score, self.temperature, self.backend)
         if self.bucket_observers:
-            buckets = self.bucket_indices(x)
+            buckets = buckets.long()
             for observer in self.bucket_observers.values():
                 observer(buckets)
-        return memory_layer(
-            x, self.tables, self.bias, score=self.score, temperature=self.temperature, backend=self.backend,
-            buckets=buckets,
-        )
+        return y
 
     def observe_buckets(self, observer: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Call ``observer(buckets)`` with the int64 bucket indices ``[..., num_tables]`` of every forward.
 
-        The layer then hashes once and hands the same indices to its backend. Returns a handle whose
-        ``remove()`` detaches the observer.
+        Every backend returns the buckets its forward computed with the output, so observing costs no
+        second hash. Returns a handle whose ``remove()`` detaches the observer.
         """
         handle = RemovableHandle(self.bucket_observers)
         self.bucket_observers[handle.id] = observer
@@ -119,7 +114,4 @@ def check_layer_args(in_features: int, out_features: int, code_bits: int, score:
             f"chunks of code_bits entries (try in_features={in_features - in_features % code_bits or code_bits} "
             f"or a code_bits that divides {in_features})"
         )
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_score(score, temperature)

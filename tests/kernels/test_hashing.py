@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mf_lightning.kernels import bucket_indices, chunk_scores
+from mf_lightning.kernels.hashing import check_score
 
 
 def test_bucket_is_sign_pattern_most_significant_bit_first():
@@ -41,6 +42,11 @@ def test_paper_score_is_stable_for_long_chunks():
     assert chunk_scores(torch.full((16,), 1e4), "paper").item() == 1.0
 
 
-def test_unknown_score_is_rejected():
-    with pytest.raises(ValueError, match="'cosine'"):
-        chunk_scores(torch.zeros(2, 4), "cosine")
+@pytest.mark.parametrize(
+    "score, temperature, message",
+    [("cosine", 1.0, "score must be one of .*'cosine'"), ("paper", float("nan"), "temperature .* got nan"),
+     ("paper", True, "temperature .* got True")],
+)
+def test_bad_score_settings_are_rejected(score, temperature, message):
+    with pytest.raises(ValueError, match=message):
+        check_score(score, temperature)

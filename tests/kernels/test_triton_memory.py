@@ -1,7 +1,7 @@
-"""The triton Memory Layer against the pure-torch reference: outputs, all gradients, ops, compile.
+"""The triton Memory Layer against the pure-torch reference: outputs, all gradients, both backward modes, ops, compile.
 
 Without a GPU these run under triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest) on tiny
-float32 shapes; the tests marked ``requires_cuda`` run the compiled kernels (``MF_TEST_CUDA=1`` on a GPU).
+shapes; the tests marked ``requires_cuda`` run the compiled kernels (``MF_TEST_CUDA=1`` on a GPU).
 """
 
 from __future__ import annotations
@@ -9,11 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mf_lightning.kernels import reference, triton_memory
+from mf_lightning.kernels import memory_layer, triton_memory
 from mf_lightning.kernels.dispatch import triton_interpreted
+from mf_lightning.kernels.reference import reference_memory_layer
+from mf_lightning.kernels.triton_memory import triton_memory_layer
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
 from mf_lightning.nn import MemoryLayer
 
+DEVICE = "cpu" if triton_interpreted() else "cuda"
+"""Where every test runs the kernels: interpreted on CPU, or compiled on the GPU under ``MF_TEST_CUDA=1``."""
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or triton_interpreted(),
     reason="needs a CUDA GPU and compiled triton kernels (run with MF_TEST_CUDA=1)",
@@ -27,7 +31,7 @@ def make_inputs(
     code_bits: int,
     with_bias: bool = True,
     dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    device: str = DEVICE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random input with exact zeros and negative zeros in it, tables and bias, all requiring grad."""
     x = torch.randn(*leading, in_features, device=device)
@@ -40,44 +44,60 @@ def make_inputs(
     return leaves[0], leaves[1], leaves[2]
 
 
+@pytest.fixture(params=triton_memory.BACKWARD_MODES)
+def backward_mode(request, monkeypatch) -> str:
+    """Run the test under each table-gradient mode (``MF_TRITON_BACKWARD``)."""
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, request.param)
+    return request.param
+
+
 def run_with_grads(fn, x, tables, bias, code_bits, score, temperature, grad_y=None):
     """Output of ``fn`` and the gradients of x, tables (and bias) for the upstream gradient ``grad_y``."""
-    y = fn(x, tables, bias, code_bits, score, temperature)
+    y, _ = fn(x, tables, bias, code_bits, score, temperature)
     if grad_y is None:
         grad_y = torch.randn_like(y)
     leaves = [t for t in (x, tables, bias) if t is not None]
     return y, torch.autograd.grad(y, leaves, grad_y), grad_y
 
 
+def float_leaves(*tensors):
+    """Float32 copies of the tensors, as fresh leaves: the reference's inputs for a half-precision check."""
+    return [None if t is None else t.detach().float().requires_grad_() for t in tensors]
+
+
 def assert_matches_reference(x, tables, bias, code_bits, score, temperature, **tolerance):
-    y, grads, grad_y = run_with_grads(triton_memory.memory_layer, x, tables, bias, code_bits, score, temperature)
-    y_ref, grads_ref, _ = run_with_grads(reference.memory_layer, x, tables, bias, code_bits, score, temperature, grad_y)
+    """Output and gradients of the triton layer equal the reference's (computed in float32 for fp16/bf16)."""
+    y, grads, grad_y = run_with_grads(triton_memory_layer, x, tables, bias, code_bits, score, temperature)
+    ref_inputs = float_leaves(x, tables, bias)
+    y_ref, grads_ref, _ = run_with_grads(
+        reference_memory_layer, *ref_inputs, code_bits, score, temperature, grad_y.float()
+    )
     assert y.dtype == tables.dtype
-    torch.testing.assert_close(y, y_ref, **tolerance)
-    for name, grad, grad_ref in zip(("x", "tables", "bias"), grads, grads_ref):
-        assert grad.dtype == grad_ref.dtype, name
-        torch.testing.assert_close(grad, grad_ref, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+    torch.testing.assert_close(y.float(), y_ref, **tolerance)
+    for name, grad, grad_ref, leaf in zip(("x", "tables", "bias"), grads, grads_ref, (x, tables, bias)):
+        assert grad.dtype == leaf.dtype, name
+        torch.testing.assert_close(grad.float(), grad_ref, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("code_bits", [3, 4, 8])
 @pytest.mark.parametrize("score", ["scaled", "paper"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_reference_on_odd_shapes(code_bits: int, score: str, with_bias: bool) -> None:
+def test_matches_reference_on_odd_shapes(code_bits: int, score: str, with_bias: bool, backward_mode: str) -> None:
     x, tables, bias = make_inputs((3, 5), 24, 40, code_bits, with_bias)
     assert_matches_reference(x, tables, bias, code_bits, score, temperature=1.0)
 
 
 @pytest.mark.parametrize("code_bits", [1, 16])
-def test_extreme_code_bits_and_temperature(code_bits: int) -> None:
+def test_extreme_code_bits_and_temperature(code_bits: int, backward_mode: str) -> None:
     x, tables, bias = make_inputs((6,), 2 * code_bits, 5, code_bits)
     assert_matches_reference(x, tables, bias, code_bits, "paper", temperature=0.5)
     assert_matches_reference(x, tables, bias, code_bits, "scaled", temperature=2.0)
 
 
-def test_several_token_and_column_blocks_with_non_contiguous_input() -> None:
+def test_several_token_and_column_blocks_with_non_contiguous_input(backward_mode: str) -> None:
     """More tokens and columns than one program holds (masked edges), input read through strides."""
     x, tables, bias = make_inputs((2, 37), 8, 150, code_bits=2)
-    wide = torch.zeros(2, 37, 16)
+    wide = torch.zeros(2, 37, 16, device=DEVICE)
     wide[..., ::2] = x.detach()
     every_other = wide.requires_grad_()[..., ::2]
     assert every_other.reshape(-1, 8).stride() == (16, 2), "the kernel must read the strided view, not a copy"
@@ -95,23 +115,23 @@ def test_saved_buckets_and_scores_match_hashing() -> None:
     assert buckets[0, 0] == buckets[-1, 0] == 2**4 - 1, "0.0 and -0.0 must hash to bit 1"
 
 
-def test_table_gradient_is_dense_and_zero_on_rows_not_hit() -> None:
+def test_table_gradient_is_dense_and_zero_on_rows_not_hit(backward_mode: str) -> None:
     """Hit rows get ``s * dy`` (non-zero: ``paper`` scores are positive even for an all-zero chunk)."""
     x, tables, bias = make_inputs((4,), 8, 6, code_bits=4)
-    y = triton_memory.memory_layer(x, tables, bias, 4, "paper", 1.0)
+    y, _ = triton_memory_layer(x, tables, bias, 4, "paper", 1.0)
     (grad_tables,) = torch.autograd.grad(y.sum(), tables)
     assert grad_tables.shape == tables.shape and grad_tables.is_contiguous() and not grad_tables.is_sparse
-    hit = torch.zeros(tables.shape[:2], dtype=torch.bool)
-    hit[torch.arange(2), bucket_indices(x.detach().view(4, 2, 4))] = True
+    hit = torch.zeros(tables.shape[:2], dtype=torch.bool, device=DEVICE)
+    hit[torch.arange(2, device=DEVICE), bucket_indices(x.detach().view(4, 2, 4))] = True
     assert (grad_tables[~hit] == 0).all()
     assert (grad_tables[hit].abs().sum(-1) > 0).all()
 
 
 def test_memory_layer_module_with_triton_backend_trains_like_torch_backend() -> None:
-    layer = MemoryLayer(16, 12, code_bits=4, backend="triton")
-    twin = MemoryLayer(16, 12, code_bits=4, backend="torch")
+    layer = MemoryLayer(16, 12, code_bits=4, backend="triton", device=DEVICE)
+    twin = MemoryLayer(16, 12, code_bits=4, backend="torch", device=DEVICE)
     twin.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 3, 16, device=DEVICE)
     for module in (layer, twin):
         module(x).square().mean().backward()
     torch.testing.assert_close(layer(x), twin(x))
@@ -127,7 +147,7 @@ def test_opcheck_forward_and_backward_ops() -> None:
     _, buckets, scores = triton_memory.memory_layer_forward(*detached, None, 8, "paper", 1.0)
     torch.library.opcheck(
         torch.ops.mf_lightning.memory_layer_backward.default,
-        (torch.randn(7, 10), *detached, buckets, scores, 8, "paper", 1.0),
+        (torch.randn(7, 10, device=DEVICE), *detached, buckets, scores, 8, "paper", 1.0, True),
     )
 
 
@@ -139,47 +159,122 @@ def test_compiles_without_graph_breaks() -> None:
     x, tables, bias = make_inputs((3, 5), 24, 40, code_bits=8)
 
     def loss(x, tables, bias):
-        return triton_memory.memory_layer(x, tables, bias, 8, "scaled", 1.0).square().sum()
+        return triton_memory_layer(x, tables, bias, 8, "scaled", 1.0)[0].square().sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     value = compiled(x, tables, bias)
     grads = torch.autograd.grad(value, (x, tables, bias))
-    value_ref = reference.memory_layer(x, tables, bias, 8, "scaled", 1.0).square().sum()
+    value_ref = reference_memory_layer(x, tables, bias, 8, "scaled", 1.0)[0].square().sum()
     torch.testing.assert_close(value, value_ref)
     for grad, grad_ref in zip(grads, torch.autograd.grad(value_ref, (x, tables, bias))):
         torch.testing.assert_close(grad, grad_ref)
 
 
 def test_rejects_bad_input_with_clear_errors() -> None:
+    """The functional entry point checks once; the triton functions behind it trust their input."""
     x, tables, bias = make_inputs((2,), 8, 4, code_bits=4)
     with pytest.raises(TypeError, match="torch.float64"):
-        triton_memory.memory_layer(x, tables.double(), bias, 4, "scaled", 1.0)
+        memory_layer(x, tables.double(), bias, backend="triton")
     with pytest.raises(ValueError, match="width 8"):
-        triton_memory.memory_layer(x[:, :6], tables, bias, 4, "scaled", 1.0)
-    with pytest.raises(ValueError, match=r"code_bits=3 needs tables \[K, 8, out\]"):
-        triton_memory.memory_layer(x, tables, bias, 3, "scaled", 1.0)
+        memory_layer(x[:, :6], tables, bias, backend="triton")
+    with pytest.raises(ValueError, match=r"tables must have 2\*\*code_bits rows per table, got 12"):
+        memory_layer(x, tables[:, :12], bias, backend="triton")
     with pytest.raises(ValueError, match="score must be one of"):
-        triton_memory.memory_layer(x, tables, bias, 4, "softmax", 1.0)
+        memory_layer(x, tables, bias, score="softmax", backend="triton")
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
-        triton_memory.memory_layer(x, tables, bias[:3], 4, "scaled", 1.0)
+        memory_layer(x, tables, bias[:3], backend="triton")
+
+
+def test_unknown_backward_mode_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "fast")
+    x, tables, bias = make_inputs((3,), 8, 4, code_bits=4)
+    y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
+    message = "MF_TRITON_BACKWARD='fast' is not a backward mode; valid: deterministic, atomic"
+    with pytest.raises(ValueError, match=message):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("mode, kernel", [("", "tuned_row_gradient"), ("atomic", "tuned_atomic_backward")])
+def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -> None:
+    """Deterministic (row segments, no atomics) unless ``MF_TRITON_BACKWARD=atomic``."""
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, mode)
+    launched = []
+    for name in ("tuned_row_gradient", "tuned_atomic_backward"):
+        tuned = getattr(triton_memory, name)
+        def spy(*args, _run=tuned.run, _name=name, **kwargs):
+            launched.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(tuned, "run", spy)
+    x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
+    triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)[0].sum().backward()
+    assert launched == [kernel]
+
+
+def skewed_inputs(num_tokens: int, code_bits: int, dtype: torch.dtype = torch.float32):
+    """Input whose chunks share one sign pattern for 90% of tokens: most hits land on one row per table,
+    the collapsed bucket usage seen in training, where atomics serialise."""
+    x, tables, bias = make_inputs((num_tokens,), 4 * code_bits, 24, code_bits)
+    with torch.no_grad():
+        signs = torch.where(torch.arange(4 * code_bits, device=x.device) % 3 == 0, -1.0, 1.0)
+        popular = signs * (0.5 + torch.rand(num_tokens, 1, device=x.device))
+        x[: num_tokens * 9 // 10] = popular[: num_tokens * 9 // 10]
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, tables, bias)]
+
+
+def test_skewed_buckets_match_reference_in_both_modes(backward_mode: str) -> None:
+    x, tables, bias = skewed_inputs(70, code_bits=3)
+    buckets = triton_memory_layer(x, tables, bias, 3, "scaled", 1.0)[1]
+    assert (buckets == buckets[0]).all(-1).sum() >= 63, "most tokens must share one row in every table"
+    assert_matches_reference(x, tables, bias, 3, "scaled", 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_both_modes(dtype: torch.dtype, backward_mode: str) -> None:
+    """fp16/bf16 inputs and tables, float32 accumulation (the interpreter runs both dtypes)."""
+    x, tables, bias = skewed_inputs(21, code_bits=4, dtype=dtype)
+    assert_matches_reference(x, tables, bias, 4, "scaled", 1.0, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_input_with_float32_tables_as_under_autocast(backward_mode: str) -> None:
+    """bf16-mixed training hands the layer bf16 activations and float32 tables."""
+    x, tables, bias = make_inputs((3, 5), 16, 20, code_bits=4)
+    x = x.detach().bfloat16().requires_grad_()
+    assert_matches_reference(x, tables, bias, 4, "paper", 1.0, atol=1e-2, rtol=1e-2)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_parameters_on_gpu(dtype: torch.dtype) -> None:
+def test_half_precision_parameters_on_gpu(dtype: torch.dtype, backward_mode: str) -> None:
     x, tables, bias = make_inputs((4, 33), 64, 72, code_bits=8, dtype=dtype, device="cuda")
     assert_matches_reference(x, tables, bias, 8, "scaled", 1.0, atol=2e-2, rtol=2e-2)
 
 
 @requires_cuda
 @pytest.mark.parametrize("score", ["scaled", "paper"])
-def test_large_shapes_on_gpu(score: str) -> None:
-    x, tables, bias = make_inputs((4, 1024), 1024, 1000, code_bits=8, device="cuda")
-    assert_matches_reference(x, tables, bias, 8, score, 1.0, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("code_bits", [8, 10])
+def test_large_shapes_on_gpu(score: str, code_bits: int, backward_mode: str) -> None:
+    x, tables, bias = make_inputs((4, 1024), 100 * code_bits, 1000, code_bits=code_bits, device="cuda")
+    assert_matches_reference(x, tables, bias, code_bits, score, 1.0, atol=1e-4, rtol=1e-4)
 
 
 @requires_cuda
-def test_inductor_compile_on_gpu() -> None:
+def test_deterministic_backward_is_bitwise_repeatable_on_skewed_buckets_on_gpu(monkeypatch) -> None:
+    """Thousands of hits on one row per table: the sorted backward gives identical bits every run."""
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    x, tables, bias = (t.detach().cuda().requires_grad_() for t in skewed_inputs(8192, code_bits=8))
+    grad_y = torch.randn(8192, 24, device="cuda")
+    runs = [
+        torch.autograd.grad(triton_memory_layer(x, tables, bias, 8, "scaled", 1.0)[0], (x, tables), grad_y)
+        for _ in range(3)
+    ]
+    for grads in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0]))
+    assert_matches_reference(x, tables, bias, 8, "scaled", 1.0, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+def test_inductor_compile_on_gpu(backward_mode: str) -> None:
     layer = MemoryLayer(512, 384, backend="triton", device="cuda")
     x = torch.randn(8, 64, 512, device="cuda", requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True)
@@ -194,6 +289,6 @@ def test_inductor_compile_on_gpu() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device besides the CPU")
 def test_device_mismatch_is_rejected() -> None:
-    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4)
+    x, tables, bias = make_inputs((2,), 8, 4, code_bits=4, device="cpu")
     with pytest.raises(ValueError, match="tables are on cpu"):
-        triton_memory.memory_layer(x.cuda(), tables, bias, 4, "scaled", 1.0)
+        memory_layer(x.cuda(), tables, bias, backend="triton")

@@ -120,3 +120,19 @@ def test_bucket_observers_see_the_forward_hash_and_change_nothing(backend):
     handle.remove()
     layer(x)
     assert len(seen) == 1 and not layer.bucket_observers
+
+
+@pytest.mark.parametrize("backend", ["torch", "embedding_bag", "triton"])
+def test_observers_cost_no_second_hash(backend, monkeypatch):
+    """The layer hands observers the buckets its backend returned; it never hashes the input itself."""
+    layer = MemoryLayer(16, 6, code_bits=4, backend=backend)
+    x = torch.randn(5, 16)
+    seen = []
+    layer.observe_buckets(seen.append)
+
+    def second_hash(*args):
+        raise AssertionError("the layer hashed the input a second time")
+
+    monkeypatch.setattr("mf_lightning.nn.memory_layer.bucket_indices", second_hash)
+    layer(x)
+    assert seen[0].dtype == torch.int64 and seen[0].shape == (5, 4)
