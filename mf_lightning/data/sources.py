@@ -250,7 +250,7 @@ def read_parquet(file: Path, text_field: str) -> Iterator[str]:
             for text in batch.column(0).to_pylist():
                 yield from checked_record(text, f"{file} row {row}", text_field)
                 row += 1
-    except pyarrow.ArrowException as error:
+    except (pyarrow.ArrowException, OSError) as error:  # pyarrow reports damaged files as either
         raise ValueError(f"Parquet file {file} cannot be read ({error}); it is truncated or not Parquet") from error
 
 
