@@ -10,9 +10,9 @@ no half cache, and the next preparation removes what a killed one left.
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
 the first, the last and ``SAMPLED_CHUNKS`` random chunks; a file modified since it was written (or
-every file, with ``MF_VERIFY_CACHE=1``) is checked in full. So opening costs a few chunk reads
-whatever the cache's size, and a cache that fails any check is logged with the reason and rebuilt,
-never used.
+every file, with ``MF_VERIFY_CACHE=1``) is checked in full, and its new time recorded when it passes.
+So opening costs a few chunk reads whatever the cache's size, and a cache that fails any check is
+logged with the reason and rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -152,7 +152,25 @@ def cache_problem(directory: Path, key: dict[str, Any], tokenizer: Tokenizer, fu
         problem = content_problem(cache, split, full)
         if problem is not None:
             return problem
+    restamp(cache)
     return None
+
+
+def restamp(cache: TokenCache) -> None:
+    """Records the current modification times of files that were modified but checked whole and intact
+    (touched, copied), so later opens sample them again; a cache that cannot be written is left as is."""
+    stamps = cache.manifest["checksums"]
+    mtimes = {split: cache.path(split).stat().st_mtime_ns for split in SPLITS}
+    if all(stamps[split]["mtime_ns"] == mtimes[split] for split in SPLITS):
+        return
+    for split in SPLITS:
+        stamps[split]["mtime_ns"] = mtimes[split]
+    staged = cache.directory / f".{MANIFEST}.{os.getpid()}"
+    try:
+        staged.write_text(json.dumps(cache.manifest, indent=2), encoding="utf-8")
+        os.replace(staged, cache.directory / MANIFEST)
+    except OSError:
+        staged.unlink(missing_ok=True)
 
 
 def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -> str | None:

@@ -200,6 +200,20 @@ def test_a_file_modified_since_written_is_checked_in_full(
     assert any("train.bin bytes 640..704 differ from their checksum" in message for message in caplog.messages)
 
 
+def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = build_in_chunks_of(monkeypatch, corpus_dir, tmp_path)
+    os.utime(cache.path("train"), ns=(1, 1))
+    checked: list[bool] = []
+    real_checked_chunks = cache_module.checked_chunks
+    monkeypatch.setattr(cache_module, "checked_chunks", lambda count, full: checked.append(full) or real_checked_chunks(count, full))
+    for _ in range(2):
+        assert prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2).directory == cache.directory
+    assert checked == [True, False, False, False]
+    assert json.loads((cache.directory / "manifest.json").read_text())["checksums"]["train"]["mtime_ns"] == 1
+
+
 def test_verify_variable_checks_every_chunk(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
