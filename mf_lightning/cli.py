@@ -129,12 +129,13 @@ class MFCLI(LightningCLI):
 
 
 def check_trainer_counts(trainer: Any) -> None:
-    """Refuses a non-positive ``accumulate_grad_batches`` or ``val_check_interval`` (Lightning fails later, unclearly)."""
+    """Refuses ``accumulate_grad_batches`` or ``val_check_interval`` <= 0 (Lightning fails later, unclearly)."""
     positive_int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, "an integer >= 1")
     interval = trainer.val_check_interval
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
         raise ValueError(
-            f"trainer.val_check_interval must be > 0 (batches as an integer, or a fraction of an epoch), got {interval!r}"
+            "trainer.val_check_interval must be > 0 (batches as an integer, or a fraction of an epoch), "
+            f"got {interval!r}"
         )
 
 
@@ -178,8 +179,9 @@ def is_user_error(error: BaseException) -> bool:
 def main(args: Sequence[str] | None = None) -> MFCLI | None:
     """Entry point of ``mf`` and ``python -m mf_lightning``; ``args`` replaces ``sys.argv[1:]``.
 
-    A configuration or input error (bad value, missing file, corrupt checkpoint) ends the program
-    with one ``mf: error: ...`` line and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
+    A configuration or input error (bad value, missing file, corrupt checkpoint) or a file-system
+    failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...`` line
+    and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
     Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """

@@ -1,4 +1,4 @@
-"""Every failure the user or the machine must fix is one ``mf: error:`` line naming the culprit; bugs keep tracebacks."""
+"""Failures the user or the machine must fix are one ``mf: error:`` line naming the culprit; bugs keep tracebacks."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def one_line_error(capsys: pytest.CaptureFixture, exit_info: pytest.ExceptionInf
 @pytest.mark.parametrize(
     ("subcommand", "setting", "value", "message"),
     [
-        ("fit", "trainer.accumulate_grad_batches", "0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0$"),
+        ("fit", "trainer.accumulate_grad_batches", "0", "accumulate_grad_batches must be an integer >= 1, got 0$"),
         ("fit", "trainer.accumulate_grad_batches", "-2", "trainer.accumulate_grad_batches must be .*, got -2$"),
-        ("fit", "trainer.val_check_interval", "0", r"trainer.val_check_interval must be > 0 \(batches as an integer.*, got 0$"),
+        ("fit", "trainer.val_check_interval", "0", r"val_check_interval must be > 0 \(batches as an integer.*, got 0$"),
         ("fit", "trainer.val_check_interval", "-0.5", r"trainer.val_check_interval must be > 0 \(.*\), got -0.5$"),
         ("validate", "trainer.val_check_interval", "-1", r"trainer.val_check_interval must be > 0 \(.*\), got -1$"),
     ],
@@ -145,7 +145,8 @@ def test_hub_dataset_without_network_is_one_line(tmp_path):
     args = tiny_run_args(tmp_path, corpus, **{"data.source": "hf:someone/some-corpus"})
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
-        [sys.executable, "-m", "mf_lightning", "fit", *args], capture_output=True, text=True, env=environment, timeout=300
+        [sys.executable, "-m", "mf_lightning", "fit", *args],
+        capture_output=True, text=True, env=environment, timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -193,7 +193,8 @@ def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -
         stats, sums = splits.get(split), checksums.get(split)
         if not isinstance(stats, dict) or not all(is_count(stats.get(name)) for name in SPLIT_STATS):
             return f"manifest splits.{split} is {stats!r}, expected positive counts of {', '.join(SPLIT_STATS)}"
-        if not isinstance(sums, dict) or not isinstance(sums.get("crc32"), list) or not isinstance(sums.get("mtime_ns"), int):
+        sums = sums if isinstance(sums, dict) else {}
+        if not isinstance(sums.get("crc32"), list) or not isinstance(sums.get("mtime_ns"), int):
             return f"manifest checksums.{split} is not an object with crc32 and mtime_ns"
         chunks = math.ceil(stats["tokens"] * np.dtype(expected["dtype"]).itemsize / checksums["chunk_bytes"])
         if len(sums["crc32"]) != chunks or not all(isinstance(crc, int) for crc in sums["crc32"]):

@@ -3,7 +3,9 @@
 The config is also stored inside the safetensors metadata, and loading compares the two: a
 ``config.json`` that differs from its weights on any setting but ``RUNTIME_FIELDS`` (settings that
 shape no tensor, such as ``score``, norms or rotary, would otherwise load silently into another
-model) is one error naming the fields. Loading accepts state dicts written from a ``torch.compile``-d model (``_orig_mod.`` in the keys) or
+model) is one error naming the fields.
+
+Loading accepts state dicts written from a ``torch.compile``-d model (``_orig_mod.`` in the keys) or
 taken from a LightningModule that holds the model as ``self.model`` (every key under ``model.``).
 Anything that does not fit the saved config (another arch, other sizes, missing or extra tensors) or
 a file that cannot be read is one ``ValueError`` naming the file and the problem.

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,9 +206,14 @@ def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
     os.utime(cache.path("train"), ns=(1, 1))
     checked: list[bool] = []
     real_checked_chunks = cache_module.checked_chunks
-    monkeypatch.setattr(cache_module, "checked_chunks", lambda count, full: checked.append(full) or real_checked_chunks(count, full))
+    def spy(count: int, full: bool) -> list[int]:
+        checked.append(full)
+        return real_checked_chunks(count, full)
+
+    monkeypatch.setattr(cache_module, "checked_chunks", spy)
     for _ in range(2):
-        assert prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2).directory == cache.directory
+        reopened = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+        assert reopened.directory == cache.directory
     assert checked == [True, False, False, False]
     assert json.loads((cache.directory / "manifest.json").read_text())["checksums"]["train"]["mtime_ns"] == 1
 

@@ -128,8 +128,8 @@ def test_config_json_that_no_longer_matches_its_weights_is_refused_naming_the_fi
     with pytest.raises(
         ValueError,
         match=r"config.json does not describe the model saved in model.safetensors: norm_eps=1e-06 in config.json, "
-        r"1e-05 in the weights; rotary_base=500.0 in config.json, 10000.0 in the weights; score='paper' in config.json, "
-        r"'scaled' in the weights; restore",
+        r"1e-05 in the weights; rotary_base=500.0 in config.json, 10000.0 in the weights; "
+        r"score='paper' in config.json, 'scaled' in the weights; restore",
     ):
         load_pretrained(tmp_path)
 
