@@ -17,8 +17,10 @@ of another model or tokenizer is refused with an error naming both.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,10 +38,12 @@ from mf_lightning.callbacks import (
     NonFiniteTrainingError,
     PreemptionCheckpoint,
 )
+from mf_lightning.checks import positive_int
 from mf_lightning.data import TextDataModule
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint
 from mf_lightning.lit.module import LanguageModel
 from mf_lightning.lit.predictions import CompletionWriter
+from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
 # Lightning 2.6 itself calls jsonargparse and torch APIs that newer releases deprecate; those warnings
 # are not about the user's config or code, so they are silenced for the CLI.
@@ -48,8 +52,18 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 TOOLS = {"efficiency": "mf_lightning.models.efficiency", "export": "mf_lightning.lit.export"}
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, NonFiniteTrainingError)
-"""Errors our own checks raise for bad configs and inputs or a diverged run: one line unless MF_TRACEBACK=1."""
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    ConnectionError,
+    NonFiniteTrainingError,
+)
+"""Errors our own checks raise for bad configs and inputs, an unreachable dataset or a diverged run: one line
+unless MF_TRACEBACK=1. Other ``OSError``s are one line too when their errno is in ``ENVIRONMENT_ERRNOS``
+(read-only file system, full disk, quota); any other error is a bug and shows its traceback."""
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -95,6 +109,9 @@ class MFCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+        check_trainer_counts(config.trainer)
+        if self.subcommand == "fit":
+            check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -111,24 +128,75 @@ class MFCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def check_trainer_counts(trainer: Any) -> None:
+    """Refuses ``accumulate_grad_batches`` or ``val_check_interval`` <= 0 (Lightning fails later, unclearly)."""
+    positive_int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, "an integer >= 1")
+    interval = trainer.val_check_interval
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ValueError(
+            "trainer.val_check_interval must be > 0 (batches as an integer, or a fraction of an epoch), "
+            f"got {interval!r}"
+        )
+
+
+def check_writable(folder: str, option: str) -> None:
+    """Creates ``folder`` and a file in it, so a read-only or full location fails now rather than at the first save."""
+    if "://" in folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(error.errno, f"{error.strerror} ({option}: checkpoints cannot be saved there)", folder) from error
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (a notebook or pytest may replace it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """Ignored: the stream is always the current ``sys.stderr``."""
+
+
+def show_progress_logs() -> None:
+    """Shows this package's INFO log lines (cache and tokenizer building, their progress) on stderr."""
+    logger = logging.getLogger("mf_lightning")
+    if not any(isinstance(handler, StderrHandler) for handler in logger.handlers):
+        logger.addHandler(StderrHandler())
+        logger.setLevel(logging.INFO)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's or the machine's to fix (see ``USER_ERRORS``) rather than a bug."""
+    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS)
+
+
 def main(args: Sequence[str] | None = None) -> MFCLI | None:
     """Entry point of ``mf`` and ``python -m mf_lightning``; ``args`` replaces ``sys.argv[1:]``.
 
-    A configuration or input error (bad value, missing file, corrupt checkpoint) ends the program
-    with one ``mf: error: ...`` line and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
+    A configuration or input error (bad value, missing file, corrupt checkpoint) or a file-system
+    failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...`` line
+    and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
     Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
     argv = list(sys.argv[1:] if args is None else args)
+    show_progress_logs()
     try:
         if argv and argv[0] in TOOLS:
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return None
         return run_cli(None if args is None else argv)
-    except USER_ERRORS as error:
-        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
-        print(f"mf: error: {error}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
+        message = describe(error) if isinstance(error, OSError) else str(error)
+        print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

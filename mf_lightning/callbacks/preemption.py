@@ -30,7 +30,7 @@ class PreemptionCheckpoint(pl.Callback):
             rank_zero_warn("SIGTERM received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
             return
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state; saying so keeps Lightning from logging its default
         rank_zero_info(
             f"SIGTERM received: saved {path} at step {trainer.global_step}; "
             "resume with the same command plus --ckpt_path last"

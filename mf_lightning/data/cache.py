@@ -4,9 +4,15 @@ Documents are split deterministically by index (document 0 and then one in every
 go to validation), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
 the vocabulary fits (ids < 65536), else ``uint32``. The cache folder is named by a hash of everything
 the tokens depend on (source identity, tokenizer fingerprint, validation fraction, format version),
-written in a temporary folder and renamed into place, so an interrupted preparation leaves no half
-cache. A cache that fails its checks (manifest disagreeing, a ``.bin`` whose length disagrees with
-the manifest, an id outside the vocabulary) is logged and rebuilt, never used.
+built in a staging folder and renamed into place (``staging``), so an interrupted preparation leaves
+no half cache, and the next preparation removes what a killed one left.
+
+The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
+time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
+the first, the last and ``SAMPLED_CHUNKS`` random chunks; a file modified since it was written (or
+every file, with ``MF_VERIFY_CACHE=1``) is checked in full, and its new time recorded when it passes.
+So opening costs a few chunk reads whatever the cache's size, and a cache that fails any check is
+logged with the reason and rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -17,24 +23,31 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
+import random
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from mf_lightning.data.sources import Source
+from mf_lightning.data.sources import Source, with_progress
+from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
+SPLIT_STATS = ("documents", "tokens", "bytes")
 ENCODE_BATCH_DOCUMENTS = 256
 MANIFEST = "manifest.json"
+CHUNK_BYTES = 16 << 20
+SAMPLED_CHUNKS = 2
+VERIFY_VARIABLE = "MF_VERIFY_CACHE"
 
 
 @dataclass(frozen=True)
@@ -98,72 +111,175 @@ def prepare_token_cache(
     key = cache_key(source, tokenizer, val_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / "tokens" / digest
-    problem = cache_problem(directory, key, tokenizer.vocab_size)
+    problem = cache_problem(directory, key, tokenizer, full=os.environ.get(VERIFY_VARIABLE) == "1")
     if problem is None:
         return TokenCache(directory, read_manifest(directory))
     if directory.exists():
         log.warning("rebuilding token cache %s: %s", directory, problem)
     else:
         log.info("tokenizing the corpus into %s", directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=directory.parent))
-    try:
-        write_cache(temp, source, tokenizer, key)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(temp, directory)
-    except OSError:
-        if cache_problem(directory, key, tokenizer.vocab_size) is not None:
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    with naming(directory, "writing the token cache"), staging_folder(directory) as staged:
+        write_cache(staged, source, tokenizer, key)
+        try:
+            move_into_place(staged, directory)
+        except OSError:
+            if cache_problem(directory, key, tokenizer, full=True) is not None:
+                raise
     return TokenCache(directory, read_manifest(directory))
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Any:
     return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
 
 
-def cache_problem(directory: Path, key: dict[str, Any], vocab_size: int) -> str | None:
-    """Why the cache in ``directory`` cannot be used, or ``None`` when it is valid."""
+def cache_problem(directory: Path, key: dict[str, Any], tokenizer: Tokenizer, full: bool = False) -> str | None:
+    """Why the cache in ``directory`` cannot be used, or ``None`` when it is valid.
+
+    ``full`` checks every chunk of both files; otherwise only those of a file modified since it was
+    written, and a sample of the others.
+    """
     try:
         manifest = read_manifest(directory)
     except FileNotFoundError:
         return "no manifest"
     except (OSError, ValueError) as error:
         return f"unreadable manifest ({error})"
-    for name, value in key.items():
-        if manifest.get(name) != value:
-            return f"manifest {name} is {manifest.get(name)!r}, expected {value!r}"
-    if manifest.get("vocab_size") != vocab_size:
-        return f"manifest vocab_size is {manifest.get('vocab_size')}, the tokenizer has {vocab_size}"
+    problem = manifest_problem(manifest, key, tokenizer)
+    if problem is not None:
+        return problem
     cache = TokenCache(directory, manifest)
     for split in SPLITS:
-        expected = cache.num_tokens(split) * cache.dtype.itemsize
-        size = cache.path(split).stat().st_size if cache.path(split).is_file() else None
-        if size != expected:
-            return f"{cache.path(split).name} has {size} bytes, the manifest says {expected}"
-        largest = int(cache.open(split).max())
-        if largest >= vocab_size:
-            return f"{cache.path(split).name} holds token id {largest} >= vocab_size {vocab_size}"
+        problem = content_problem(cache, split, full)
+        if problem is not None:
+            return problem
+    restamp(cache)
     return None
+
+
+def restamp(cache: TokenCache) -> None:
+    """Records the current modification times of files that were modified but checked whole and intact
+    (touched, copied), so later opens sample them again; a cache that cannot be written is left as is."""
+    stamps = cache.manifest["checksums"]
+    mtimes = {split: cache.path(split).stat().st_mtime_ns for split in SPLITS}
+    if all(stamps[split]["mtime_ns"] == mtimes[split] for split in SPLITS):
+        return
+    for split in SPLITS:
+        stamps[split]["mtime_ns"] = mtimes[split]
+    staged = cache.directory / f".{MANIFEST}.{os.getpid()}"
+    try:
+        staged.write_text(json.dumps(cache.manifest, indent=2), encoding="utf-8")
+        os.replace(staged, cache.directory / MANIFEST)
+    except OSError:
+        staged.unlink(missing_ok=True)
+
+
+def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+    """What is wrong with a manifest's shape or values for this key and tokenizer, or ``None``."""
+    if not isinstance(manifest, dict):
+        return f"the manifest holds a {type(manifest).__name__}, not an object"
+    expected = {
+        **key,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+    }
+    for name, value in expected.items():
+        if manifest.get(name) != value:
+            return f"manifest {name} is {manifest.get(name)!r}, expected {value!r}"
+    splits, checksums = manifest.get("splits"), manifest.get("checksums")
+    if not isinstance(splits, dict) or not isinstance(checksums, dict) or not is_count(checksums.get("chunk_bytes")):
+        return "the manifest lacks its splits or checksums"
+    for split in SPLITS:
+        stats, sums = splits.get(split), checksums.get(split)
+        if not isinstance(stats, dict) or not all(is_count(stats.get(name)) for name in SPLIT_STATS):
+            return f"manifest splits.{split} is {stats!r}, expected positive counts of {', '.join(SPLIT_STATS)}"
+        sums = sums if isinstance(sums, dict) else {}
+        if not isinstance(sums.get("crc32"), list) or not isinstance(sums.get("mtime_ns"), int):
+            return f"manifest checksums.{split} is not an object with crc32 and mtime_ns"
+        chunks = math.ceil(stats["tokens"] * np.dtype(expected["dtype"]).itemsize / checksums["chunk_bytes"])
+        if len(sums["crc32"]) != chunks or not all(isinstance(crc, int) for crc in sums["crc32"]):
+            return f"manifest checksums.{split} has {len(sums['crc32'])} entries, expected {chunks} integers"
+    return None
+
+
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is an int >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def content_problem(cache: TokenCache, split: str, full: bool) -> str | None:
+    """Whether ``split``'s file has the manifest's size and checksums (all chunks, or a sample; see the module)."""
+    path = cache.path(split)
+    expected = cache.num_tokens(split) * cache.dtype.itemsize
+    stat = path.stat() if path.is_file() else None
+    if stat is None or stat.st_size != expected:
+        return f"{path.name} has {stat and stat.st_size} bytes, the manifest says {expected}"
+    chunk_bytes = cache.manifest["checksums"]["chunk_bytes"]
+    recorded = cache.manifest["checksums"][split]
+    modified = stat.st_mtime_ns != recorded["mtime_ns"]
+    with path.open("rb") as file:
+        for index in checked_chunks(len(recorded["crc32"]), full or modified):
+            file.seek(index * chunk_bytes)
+            if zlib.crc32(file.read(chunk_bytes)) != recorded["crc32"][index]:
+                start = index * chunk_bytes
+                return f"{path.name} bytes {start}..{min(start + chunk_bytes, expected)} differ from their checksum"
+    return None
+
+
+def checked_chunks(count: int, full: bool) -> list[int]:
+    """Indices of the chunks to check: all, or the first, the last and ``SAMPLED_CHUNKS`` others at random."""
+    if full or count <= SAMPLED_CHUNKS + 2:
+        return list(range(count))
+    return sorted({0, count - 1, *random.Random().sample(range(1, count - 1), SAMPLED_CHUNKS)})
+
+
+class ChecksummedWriter:
+    """Writes a file front to back, computing a CRC-32 of every ``chunk_bytes`` bytes on the way."""
+
+    def __init__(self, path: Path, chunk_bytes: int) -> None:
+        self.file = path.open("wb")
+        self.chunk_bytes = chunk_bytes
+        self.checksums: list[int] = []
+        self.crc = 0
+        self.filled = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        view = memoryview(data)
+        while view:
+            taken = view[: self.chunk_bytes - self.filled]
+            self.crc = zlib.crc32(taken, self.crc)
+            self.filled += len(taken)
+            view = view[len(taken) :]
+            if self.filled == self.chunk_bytes:
+                self.checksums.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def close(self) -> dict[str, Any]:
+        """Closes the file; returns its checksums and modification time as recorded in the manifest."""
+        self.file.close()
+        if self.filled:
+            self.checksums.append(self.crc)
+            self.crc, self.filled = 0, 0
+        return {"mtime_ns": os.stat(self.file.name).st_mtime_ns, "crc32": self.checksums}
 
 
 def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict[str, Any]) -> None:
     """Tokenizes every document of ``source`` into ``directory``; the manifest is written last."""
     dtype = token_dtype(tokenizer.vocab_size)
-    stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
-    files = {split: (directory / f"{split}.bin").open("wb") for split in SPLITS}
+    stats = {split: dict.fromkeys(SPLIT_STATS, 0) for split in SPLITS}
+    files = {split: ChecksummedWriter(directory / f"{split}.bin", CHUNK_BYTES) for split in SPLITS}
+    started = time.monotonic()
     try:
         for index, document, ids in tokenized(source, tokenizer):
             split = "val" if is_validation(index, key["val_fraction"]) else "train"
             ids.append(tokenizer.eos_id)
-            append_tokens(files[split], ids, dtype, tokenizer.vocab_size)
+            files[split].write(token_bytes(ids, dtype, tokenizer.vocab_size))
             stats[split]["documents"] += 1
             stats[split]["tokens"] += len(ids)
             stats[split]["bytes"] += len(document.encode("utf-8"))
     finally:
-        for file in files.values():
-            file.close()
+        checksums = {split: file.close() for split, file in files.items()}
     counts = {split: stats[split]["documents"] for split in SPLITS}
     if min(counts.values()) == 0:
         raise ValueError(
@@ -171,14 +287,20 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
             f"{key['val_fraction']}: both splits need at least one; add documents (several files instead of one), "
             "or cut plain-text files into documents with data.document_separator (e.g. '' for blank lines)"
         )
+    log.info(
+        "tokenized %d documents into %d tokens in %.0f s",
+        sum(counts.values()),
+        sum(stats[split]["tokens"] for split in SPLITS),
+        time.monotonic() - started,
+    )
     vocabulary = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name}
-    manifest = {**key, **vocabulary, "splits": stats}
+    manifest = {**key, **vocabulary, "splits": stats, "checksums": {"chunk_bytes": CHUNK_BYTES, **checksums}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def tokenized(source: Source, tokenizer: Tokenizer) -> Iterator[tuple[int, str, list[int]]]:
     """``(index, document, ids)`` for every document, encoded in batches."""
-    documents = source.documents()
+    documents = with_progress(source.documents(), "tokenizing the corpus")
     index = 0
     while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
         for document, ids in zip(batch, tokenizer.encode_batch(batch)):
@@ -186,10 +308,10 @@ def tokenized(source: Source, tokenizer: Tokenizer) -> Iterator[tuple[int, str, 
             index += 1
 
 
-def append_tokens(file: BinaryIO, ids: list[int], dtype: np.dtype, vocab_size: int) -> None:
-    """Writes ``ids`` to ``file`` as ``dtype``, refusing ids outside ``[0, vocab_size)``."""
+def token_bytes(ids: list[int], dtype: np.dtype, vocab_size: int) -> bytes:
+    """``ids`` as ``dtype`` bytes, refusing ids outside ``[0, vocab_size)``."""
     array = np.asarray(ids, dtype=np.int64)
     outside = array[(array < 0) | (array >= vocab_size)]
     if outside.size:
         raise ValueError(f"the tokenizer produced id {outside[0]} outside its vocabulary [0, {vocab_size})")
-    array.astype(dtype).tofile(file)
+    return array.astype(dtype).tobytes()

@@ -15,24 +15,41 @@
   (network needed once; the ``datasets`` package is imported only here).
 
 Bad data is an error, never skipped: a plain-text file that is empty or not UTF-8, a JSONL line that
-is not an object or lacks ``text_field``, a Parquet file without that column, each raises naming the
-file (and line). Empty records inside JSONL, Parquet and datasets are skipped: they carry no text.
-Each source has an ``identity`` string that changes whenever its text could (paths, sizes and mtimes
-of files; the dataset fingerprint), used to key token caches.
+is not UTF-8, not an object or lacks ``text_field``, a Parquet file that cannot be read or lacks that
+column, each raises naming the file (and line). Empty records inside JSONL, Parquet and datasets are
+skipped: they carry no text. A Hub dataset that cannot be reached is a ``ConnectionError`` naming it.
+
+Each source has an ``identity`` string that changes whenever its text could, used to key token caches
+and trained tokenizers. For a file it holds the path, size, modification time, the inode change time
+(``st_ctime_ns``: every write and every reset of the modification time updates it, and no user call
+can set it back, so an edit that keeps size and mtime still changes it) and a CRC-32 of
+``IDENTITY_SAMPLES`` blocks of ``IDENTITY_BLOCK`` bytes spread over the file (the whole of a small
+file), for file systems whose ctime cannot be trusted. It costs a ``stat`` and at most three small
+reads per file, whatever the corpus's size; the price is that copying the corpus or changing its
+permissions changes the identity, and the corpus is tokenized again. For datasets it is the dataset
+fingerprint.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-import sys
 import sysconfig
+import time
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+IDENTITY_BLOCK = 1 << 16
+IDENTITY_SAMPLES = 3
+PROGRESS_SECONDS = 10.0
 DEMO_MAX_BYTES = 4_000_000
 DEMO_SKIPPED_FOLDERS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
@@ -67,14 +84,11 @@ class FileSource(Source):
         self.text_field = text_field
         self.document_separator = document_separator
 
-    @property
+    @cached_property
     def identity(self) -> str:
-        stats = []
-        for file in self.files:
-            stat = file.stat()
-            stats.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+        files = [file_identity(file) for file in self.files]
         return json.dumps(
-            {"files": stats, "text_field": self.text_field, "document_separator": self.document_separator}
+            {"files": files, "text_field": self.text_field, "document_separator": self.document_separator}
         )
 
     def documents(self) -> Iterator[str]:
@@ -132,9 +146,30 @@ class DemoSource(FileSource):
     def __init__(self, max_bytes: int = DEMO_MAX_BYTES) -> None:
         super().__init__(demo_files(Path(sysconfig.get_paths()["stdlib"]), max_bytes))
 
-    @property
-    def identity(self) -> str:
-        return json.dumps({"demo": sys.version, "corpus": json.loads(super().identity)})
+
+def file_identity(file: Path) -> list[Any]:
+    """Path, size, mtime, ctime and sampled-content CRC-32 of ``file`` (see the module docstring)."""
+    stat = file.stat()
+    crc = 0
+    with file.open("rb") as data:
+        for index in range(IDENTITY_SAMPLES):
+            data.seek(max(0, stat.st_size - IDENTITY_BLOCK) * index // max(1, IDENTITY_SAMPLES - 1))
+            crc = zlib.crc32(data.read(IDENTITY_BLOCK), crc)
+    return [str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, crc]
+
+
+def with_progress(documents: Iterable[str], action: str) -> Iterator[str]:
+    """``documents`` unchanged, logging how many (and how much text) went by every ``PROGRESS_SECONDS``."""
+    started = last = time.monotonic()
+    count = size = 0
+    for document in documents:
+        yield document
+        count += 1
+        size += len(document)
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            log.info("%s: %d documents, %.1f M characters so far (%.0f s)", action, count, size / 1e6, now - started)
 
 
 def demo_files(root: Path, max_bytes: int) -> list[Path]:
@@ -181,8 +216,13 @@ def split_records(text: str, separator: str) -> Iterator[str]:
 
 def read_jsonl(file: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` of each JSON object line of ``file``."""
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with file.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                reason = f"byte {error.start}: {error.reason}"
+                raise ValueError(f"{file} line {number} is not UTF-8 ({reason}); convert or remove it") from error
             if not line.strip():
                 continue
             try:
@@ -197,17 +237,21 @@ def read_jsonl(file: Path, text_field: str) -> Iterator[str]:
 
 def read_parquet(file: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` column of the Parquet ``file``, read in batches."""
+    import pyarrow
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(file)
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise ValueError(f"Parquet file {file} has no text field {text_field!r}; its columns are {columns}")
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            yield from checked_record(text, f"{file} row {row}", text_field)
-            row += 1
+    try:
+        parquet = pq.ParquetFile(file)
+        columns = parquet.schema_arrow.names
+        if text_field not in columns:
+            raise ValueError(f"Parquet file {file} has no text field {text_field!r}; its columns are {columns}")
+        for batch in parquet.iter_batches(columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                yield from checked_record(text, f"{file} row {row}", text_field)
+                row += 1
+    except (pyarrow.ArrowException, OSError) as error:  # pyarrow reports damaged files as either
+        raise ValueError(f"Parquet file {file} cannot be read ({error}); it is truncated or not Parquet") from error
 
 
 def checked_record(text: object, where: str, text_field: str) -> Iterator[str]:
@@ -224,7 +268,13 @@ def load_hf_dataset(name_or_path: str, split: str, from_disk: bool) -> Any:
     import datasets
 
     if not from_disk:
-        return datasets.load_dataset(name_or_path, split=split)
+        try:
+            return datasets.load_dataset(name_or_path, split=split)
+        except ConnectionError as error:
+            raise ConnectionError(
+                f"dataset hf:{name_or_path} cannot be downloaded ({error}); connect to the network, "
+                "or use a copy saved with save_to_disk"
+            ) from error
     dataset = datasets.load_from_disk(name_or_path)
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:

@@ -2,7 +2,10 @@
 
 ``load_tokenizer(spec)`` accepts ``"byte"`` (256 byte values + EOS, nothing to download), a path to a
 ``tokenizer.json`` file or to a Hugging Face tokenizer folder holding one, or ``"bpe:<vocab_size>"``: a
-byte-level BPE trained once on the corpus with the ``tokenizers`` library and cached as JSON.
+byte-level BPE trained once on the corpus with the ``tokenizers`` library and cached as a folder
+(``tokenizer.json`` + ``manifest.json`` recording its SHA-256), built in a staging folder and renamed
+into place; a cached BPE whose file does not match its checksum is logged and trained again. A corpus
+too small for the requested size is an error saying what size it gives.
 Every tokenizer has a ``fingerprint`` that changes whenever its text-to-id mapping could, so token
 caches keyed by it are never reused with another mapping.
 """
@@ -13,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,12 +24,16 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mf_lightning.data.sources import Source
+from mf_lightning.data.sources import Source, with_progress
+from mf_lightning.data.staging import move_into_place, staging_folder
+from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 KNOWN_EOS_TOKENS = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST = "manifest.json"
 VALID_SPECS = (
     '"byte", a path to a tokenizer.json file or a folder holding one, or "bpe:<vocab_size>" (e.g. "bpe:4096")'
 )
@@ -140,25 +147,59 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=True,
     )
-    model.train_from_iterator(documents, trainer)
-    return HFTokenizer(model, EOS_TOKEN, f"bpe:{vocab_size}")
+    model.train_from_iterator(with_progress(documents, f"reading the corpus for bpe:{vocab_size}"), trainer)
+    tokenizer = HFTokenizer(model, EOS_TOKEN, f"bpe:{vocab_size}")
+    if tokenizer.vocab_size < vocab_size:
+        raise ValueError(
+            f"tokenizer bpe:{vocab_size} cannot be trained on this corpus: it gives only {tokenizer.vocab_size} "
+            f"tokens (256 bytes, EOS and every merge its text holds); use bpe:{tokenizer.vocab_size} or less, "
+            "or a larger corpus"
+        )
+    return tokenizer
 
 
 def load_bpe(vocab_size: int, source: Source, cache_dir: str | os.PathLike) -> HFTokenizer:
     """The BPE for this corpus and size from ``cache_dir/tokenizers``, trained and saved there on first use."""
     key = hashlib.sha256(f"{source.identity}\n{vocab_size}".encode()).hexdigest()[:16]
-    file = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
-    if file.is_file():
-        return HFTokenizer.from_path(file)
-    log.info("training a byte-level BPE with %d tokens, saved to %s", vocab_size, file)
+    folder = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
+    problem = saved_bpe_problem(folder, vocab_size)
+    if problem is None:
+        return HFTokenizer.from_path(folder / TOKENIZER_FILE)
+    if folder.exists():
+        log.warning("training tokenizer %s again: %s", folder, problem)
+    log.info("training a byte-level BPE with %d tokens, saved to %s", vocab_size, folder)
+    started = time.monotonic()
     tokenizer = train_bpe(source.documents(), vocab_size)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False, encoding="utf-8") as temp:
-        temp.write(tokenizer.model.to_str())
-    os.replace(temp.name, file)
+    log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)
+    text = tokenizer.model.to_str()
+    manifest = {"vocab_size": vocab_size, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    with naming(folder, "saving the trained tokenizer"), staging_folder(folder) as staged:
+        (staged / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+        (staged / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        try:
+            move_into_place(staged, folder)
+        except OSError:
+            if saved_bpe_problem(folder, vocab_size) is not None:
+                raise
     return tokenizer
+
+
+def saved_bpe_problem(folder: Path, vocab_size: int) -> str | None:
+    """Why the BPE saved in ``folder`` cannot be used (missing, or not what was written), or ``None``."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        data = (folder / TOKENIZER_FILE).read_bytes()
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except (OSError, ValueError) as error:
+        return f"unreadable manifest ({error})"
+    if not isinstance(manifest, dict) or manifest.get("vocab_size") != vocab_size:
+        return f"the manifest is {manifest!r}, expected vocab_size {vocab_size} and a sha256"
+    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        return f"{TOKENIZER_FILE} differs from the SHA-256 recorded when it was written"
+    return None
 
 
 def parse_bpe_size(spec: str) -> int:

@@ -29,13 +29,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mf_lightning.models.pretrained import COMPILE_PREFIX, state_problems
+from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
+from mf_lightning.storage_errors import naming
 
 MODEL_CONFIG_KEY = "mf_model_config"
 TOKENIZER_KEY = "mf_tokenizer"
 TOKENIZER_STATE_KEY = "mf_tokenizer_state"
-RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len"})
-"""Model config fields a resumed or evaluated model may change: they shape no weight."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -93,8 +92,13 @@ def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_path(path)
     try:
-        with temporary.open("wb") as file:
-            torch.save(checkpoint, file)
+        with naming(path, "saving a checkpoint"), temporary.open("wb") as file:
+            try:
+                torch.save(checkpoint, file)
+            except RuntimeError as error:  # torch's zip writer hides a failed write (full disk) behind its own error
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from error
+                raise
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

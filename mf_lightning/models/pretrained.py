@@ -1,5 +1,10 @@
 """Save and load models as a directory: ``config.json`` (the ``ModelConfig``) + ``model.safetensors``.
 
+The config is also stored inside the safetensors metadata, and loading compares the two: a
+``config.json`` that differs from its weights on any setting but ``RUNTIME_FIELDS`` (settings that
+shape no tensor, such as ``score``, norms or rotary, would otherwise load silently into another
+model) is one error naming the fields.
+
 Loading accepts state dicts written from a ``torch.compile``-d model (``_orig_mod.`` in the keys) or
 taken from a LightningModule that holds the model as ``self.model`` (every key under ``model.``).
 Anything that does not fit the saved config (another arch, other sizes, missing or extra tensors) or
@@ -9,31 +14,49 @@ a file that cannot be read is one ``ValueError`` naming the file and the problem
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.registry import build_model
+from mf_lightning.storage_errors import naming
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 COMPILE_PREFIX = "_orig_mod."
 LIGHTNING_PREFIX = "model."
 LISTED = 5
+CONFIG_METADATA_KEY = "mf_model_config"
+RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len"})
+"""Model config fields a loaded, resumed or evaluated model may change: they shape no weight and change no result."""
+OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
 
 def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
     """Write ``model``'s config and weights into ``directory`` (created if needed); return the directory."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is an existing file; a model is saved as a folder: give a new or empty one")
+    config = json.dumps(model.config.to_dict(), indent=2)
     state = {key: value.detach().cpu().contiguous() for key, value in clean_keys(model.state_dict()).items()}
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    with naming(directory, "saving the model"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(config + "\n")
+        try:
+            save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", CONFIG_METADATA_KEY: config})
+        except SafetensorError as error:
+            code = OS_ERROR_IN_MESSAGE.search(str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory / WEIGHTS_NAME)) from error
     return directory
 
 
@@ -54,6 +77,7 @@ def load_pretrained(
     with torch.device("meta"):
         model = build_model(config)
     check_state(model, state, weights)
+    check_config_matches_weights(config, directory / CONFIG_NAME, weights)
     model.load_state_dict(state, assign=True)
     return model
 
@@ -77,6 +101,33 @@ def read_weights(path: Path, device: torch.device | str) -> dict[str, torch.Tens
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     return clean_keys(state)
+
+
+def check_config_matches_weights(config: ModelConfig, config_path: Path, weights: Path) -> None:
+    """Raise a ``ValueError`` naming the fields where ``config`` differs from the config stored with ``weights``.
+
+    Weights saved before configs were stored in their metadata are not checked.
+    """
+    with safe_open(weights, framework="pt") as file:
+        stored = (file.metadata() or {}).get(CONFIG_METADATA_KEY)
+    if stored is None:
+        return
+    saved, current = json.loads(stored), as_json(config.to_dict())
+    differences = [
+        f"{name}={current.get(name)!r} in {CONFIG_NAME}, {saved.get(name)!r} in the weights"
+        for name in sorted(set(saved) | set(current))
+        if name not in RUNTIME_FIELDS and saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ValueError(
+            f"{config_path} does not describe the model saved in {weights.name}: {'; '.join(differences)}; "
+            "restore the config saved with the weights or save the model again"
+        )
+
+
+def as_json(values: dict[str, Any]) -> Any:
+    """``values`` as they read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(values))
 
 
 def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

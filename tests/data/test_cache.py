@@ -1,5 +1,11 @@
+import errno
+import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -7,7 +13,8 @@ import numpy as np
 import pytest
 
 from mf_lightning.data import cache as cache_module
-from mf_lightning.data.cache import TokenCache, is_validation, prepare_token_cache, token_dtype
+from mf_lightning.data import sources as sources_module
+from mf_lightning.data.cache import TokenCache, checked_chunks, is_validation, prepare_token_cache, token_dtype
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -106,13 +113,45 @@ def delete_val(cache: TokenCache) -> None:
     cache.path("val").unlink()
 
 
+def flip_a_byte_keeping_size_and_mtime(cache: TokenCache) -> None:
+    path = cache.path("train")
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def rewrite_manifest(change: Callable[[dict], object]) -> Callable[[TokenCache], None]:
+    def damage(cache: TokenCache) -> None:
+        manifest = json.loads((cache.directory / "manifest.json").read_text())
+        (cache.directory / "manifest.json").write_text(json.dumps(change(manifest)))
+
+    return damage
+
+
+def without(manifest: dict, key: str) -> dict:
+    return {name: value for name, value in manifest.items() if name != key}
+
+
+def with_split(manifest: dict, split: object) -> dict:
+    return {**manifest, "splits": {**manifest["splits"], "train": split}}
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
         (truncate_train, "train.bin has .* bytes, the manifest says"),
-        (write_out_of_vocabulary_ids, "val.bin holds token id 999 >= vocab_size 257"),
+        (write_out_of_vocabulary_ids, r"val.bin bytes 0\.\.\d+ differ from their checksum"),
+        (flip_a_byte_keeping_size_and_mtime, r"train.bin bytes 0\.\.\d+ differ from their checksum"),
         (corrupt_manifest, "unreadable manifest"),
         (delete_val, "val.bin has None bytes"),
+        (rewrite_manifest(lambda manifest: [manifest]), "the manifest holds a list, not an object"),
+        (rewrite_manifest(lambda manifest: without(manifest, "checksums")), "lacks its splits or checksums"),
+        (rewrite_manifest(lambda manifest: {**manifest, "splits": []}), "lacks its splits or checksums"),
+        (rewrite_manifest(lambda manifest: with_split(manifest, [1, 2, 3])), r"splits.train is \[1, 2, 3\]"),
+        (rewrite_manifest(lambda manifest: with_split(manifest, {"tokens": "9"})), "splits.train is"),
+        (rewrite_manifest(lambda manifest: {**manifest, "dtype": "float64"}), "manifest dtype is 'float64'"),
     ],
 )
 def test_damaged_cache_is_rebuilt_with_a_log_message(
@@ -132,10 +171,139 @@ def test_damaged_cache_is_rebuilt_with_a_log_message(
     assert {split: rebuilt.open(split).tolist() for split in ("train", "val")} == expected
 
 
+def build_in_chunks_of(monkeypatch: pytest.MonkeyPatch, corpus_dir: Path, tmp_path: Path) -> TokenCache:
+    """A cache whose files have many checksummed chunks (64 bytes each)."""
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 64)
+    cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert len(cache.manifest["checksums"]["train"]["crc32"]) > 20
+    return cache
+
+
+def damage_middle_chunk(cache: TokenCache, keep_mtime: bool) -> None:
+    path = cache.path("train")
+    stat = path.stat()
+    with path.open("r+b") as file:
+        file.seek(64 * 10 + 3)
+        file.write(b"\xff")
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_file_modified_since_written_is_checked_in_full(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = build_in_chunks_of(monkeypatch, corpus_dir, tmp_path)
+    damage_middle_chunk(cache, keep_mtime=False)
+    with caplog.at_level(logging.WARNING, logger="mf_lightning.data.cache"):
+        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert any("train.bin bytes 640..704 differ from their checksum" in message for message in caplog.messages)
+
+
+def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = build_in_chunks_of(monkeypatch, corpus_dir, tmp_path)
+    os.utime(cache.path("train"), ns=(1, 1))
+    checked: list[bool] = []
+    real_checked_chunks = cache_module.checked_chunks
+    def spy(count: int, full: bool) -> list[int]:
+        checked.append(full)
+        return real_checked_chunks(count, full)
+
+    monkeypatch.setattr(cache_module, "checked_chunks", spy)
+    for _ in range(2):
+        reopened = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+        assert reopened.directory == cache.directory
+    assert checked == [True, False, False, False]
+    assert json.loads((cache.directory / "manifest.json").read_text())["checksums"]["train"]["mtime_ns"] == 1
+
+
+def test_verify_variable_checks_every_chunk(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = build_in_chunks_of(monkeypatch, corpus_dir, tmp_path)
+    damage_middle_chunk(cache, keep_mtime=True)
+    monkeypatch.setenv("MF_VERIFY_CACHE", "1")
+    with caplog.at_level(logging.WARNING, logger="mf_lightning.data.cache"):
+        rebuilt = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert any("train.bin bytes 640..704 differ from their checksum" in message for message in caplog.messages)
+    assert 0xFF not in rebuilt.open("train")[: 64 * 11 // 2].tolist()
+
+
+def test_opening_checks_the_first_last_and_a_few_random_chunks() -> None:
+    sampled = checked_chunks(1000, full=False)
+    assert len(sampled) == 4 and sampled[0] == 0 and sampled[-1] == 999
+    assert checked_chunks(1000, full=True) == list(range(1000))
+    assert checked_chunks(3, full=False) == [0, 1, 2]
+
+
 def test_interrupted_preparation_leaves_no_cache(corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         prepare_token_cache(open_source(str(corpus_dir)), FailingTokenizer(), tmp_path, 0.2)
     assert list((tmp_path / "tokens").iterdir()) == []
+
+
+KILLED_BUILDER = """
+import sys, time
+from mf_lightning.data.cache import prepare_token_cache
+from mf_lightning.data.sources import open_source
+from mf_lightning.data.tokenizers import ByteTokenizer
+
+class Stalling(ByteTokenizer):
+    def encode_batch(self, texts):
+        print("building", flush=True)
+        time.sleep(60)
+
+prepare_token_cache(open_source(sys.argv[1]), Stalling(), sys.argv[2], 0.2)
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_outright_leaves_nothing_once_the_next_build_ran(corpus_dir: Path, tmp_path: Path) -> None:
+    builder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILDER, str(corpus_dir), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert builder.stdout.readline() == "building\n"
+    staged = list((tmp_path / "tokens").iterdir())
+    assert len(staged) == 1 and staged[0].name.startswith(".")
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert list((tmp_path / "tokens").iterdir()) == [cache.directory]
+
+
+def test_staging_folders_of_running_builders_and_other_hosts_are_kept(corpus_dir: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    running = tokens / f".abc.staging-{os.uname().nodename}-{os.getppid()}-x1"
+    elsewhere = tokens / ".abc.staging-another-host-1-x2"
+    for folder in (running, elsewhere):
+        folder.mkdir(parents=True)
+    cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert sorted(tokens.iterdir()) == sorted([cache.directory, running, elsewhere])
+
+
+def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.ChecksummedWriter, "write", full)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert raised.value.errno == errno.ENOSPC
+    assert Path(raised.value.filename).parent == tmp_path / "tokens"
+    assert list((tmp_path / "tokens").iterdir()) == []
+
+
+def test_building_logs_its_progress(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sources_module, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+    assert any(re.match(r"tokenizing the corpus: 12 documents", message) for message in caplog.messages)
+    assert any(re.match(r"tokenized 12 documents into \d+ tokens", message) for message in caplog.messages)
 
 
 def test_single_document_cannot_be_split(corpus_dir: Path, tmp_path: Path) -> None:

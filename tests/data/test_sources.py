@@ -1,6 +1,7 @@
 import json
 import os
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,25 @@ def test_jsonl_invalid_json_is_an_error(tmp_path: Path) -> None:
         list(open_source(str(tmp_path / "data.jsonl")).documents())
 
 
+def test_non_utf8_jsonl_in_a_glob_names_the_file_and_line(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl line 2 is not UTF-8 \(byte 13: invalid continuation byte\)"):
+        list(open_source(str(tmp_path / "*.jsonl")).documents())
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"not parquet", lambda data: data[: len(data) // 2]])
+def test_corrupt_parquet_in_a_glob_names_the_file(tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha"] * 50}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["beta"] * 50}), tmp_path / "b.parquet")
+    (tmp_path / "b.parquet").write_bytes(damage((tmp_path / "b.parquet").read_bytes()))
+    with pytest.raises(ValueError, match=r"Parquet file \S*b.parquet cannot be read \(.+\); it is truncated or not"):
+        list(open_source(str(tmp_path / "*.parquet")).documents())
+
+
 def test_parquet_reads_the_text_column_and_names_missing_ones(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -138,6 +158,38 @@ def test_file_identity_changes_when_a_file_changes(corpus_dir: Path) -> None:
     os.utime(file, ns=(1, 1))
     assert open_source(str(corpus_dir)).identity != before
     assert open_source(str(corpus_dir), text_field="body").identity != open_source(str(corpus_dir)).identity
+
+
+def edit_keeping_size_and_mtime(file: Path) -> None:
+    stat = file.stat()
+    text = file.read_text()
+    file.write_text(text[:10] + ("X" if text[10] != "X" else "Y") + text[11:])
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (file.stat().st_size, file.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_file_identity_changes_when_an_edit_keeps_size_and_mtime(corpus_dir: Path) -> None:
+    before = open_source(str(corpus_dir)).identity
+    edit_keeping_size_and_mtime(corpus_dir / "doc03.txt")
+    assert open_source(str(corpus_dir)).identity != before
+
+
+def test_file_identity_samples_content_where_ctime_cannot_be_trusted(
+    corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_stat = Path.stat
+
+    class WithoutCtime:
+        def __init__(self, result: os.stat_result) -> None:
+            self.result = result
+
+        def __getattr__(self, name: str) -> object:
+            return 0 if name == "st_ctime_ns" else getattr(self.result, name)
+
+    monkeypatch.setattr(Path, "stat", lambda path, **options: WithoutCtime(real_stat(path, **options)))
+    before = open_source(str(corpus_dir)).identity
+    edit_keeping_size_and_mtime(corpus_dir / "doc03.txt")
+    assert open_source(str(corpus_dir)).identity != before
 
 
 def test_document_separator_splits_plain_text_into_records(tmp_path):

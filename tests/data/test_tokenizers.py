@@ -1,11 +1,13 @@
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import models
 
-from mf_lightning.data import tokenizers
+from mf_lightning.data import sources, tokenizers
 from mf_lightning.data.sources import FileSource
 from mf_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -110,3 +112,63 @@ def test_bpe_needs_a_source_and_cache_dir() -> None:
 def test_folder_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def cached_bpe_folder(cache: Path) -> Path:
+    (folder,) = (cache / "tokenizers").iterdir()
+    return folder
+
+
+def truncate_tokenizer_json(folder: Path) -> None:
+    file = folder / "tokenizer.json"
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def swap_two_vocabulary_ids(folder: Path) -> None:
+    file = folder / "tokenizer.json"
+    text = file.read_text()
+    assert '"a":65,' in text and '"b":66,' in text
+    file.write_text(text.replace('"a":65,', '"a":66,').replace('"b":66,', '"b":65,', 1))
+
+
+def write_a_list_manifest(folder: Path) -> None:
+    (folder / "manifest.json").write_text("[300]")
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (truncate_tokenizer_json, "tokenizer.json differs from the SHA-256 recorded when it was written"),
+        (swap_two_vocabulary_ids, "tokenizer.json differs from the SHA-256"),
+        (write_a_list_manifest, r"the manifest is \[300\], expected vocab_size 300"),
+        (lambda folder: (folder / "manifest.json").unlink(), "manifest.json is missing"),
+    ],
+)
+def test_damaged_cached_bpe_is_trained_again_with_a_log_message(
+    corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str
+) -> None:
+    source = FileSource(sorted(corpus_dir.iterdir()))
+    first = load_tokenizer("bpe:300", source, tmp_path)
+    damage(cached_bpe_folder(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="mf_lightning.data.tokenizers"):
+        again = load_tokenizer("bpe:300", source, tmp_path)
+    assert any("training tokenizer" in message and re.search(reason, message) for message in caplog.messages)
+    assert again.fingerprint == first.fingerprint
+    assert load_tokenizer("bpe:300", source, tmp_path).fingerprint == first.fingerprint
+
+
+def test_bpe_larger_than_the_corpus_allows_says_what_it_gives(corpus_dir: Path, tmp_path: Path) -> None:
+    source = FileSource(sorted(corpus_dir.iterdir()))
+    with pytest.raises(ValueError, match=r"bpe:70000 cannot be trained on this corpus: it gives only (\d+) tokens"):
+        load_tokenizer("bpe:70000", source, tmp_path)
+    assert list(tmp_path.glob("tokenizers/*")) == []
+
+
+def test_bpe_training_logs_its_progress(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sources, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+        load_tokenizer("bpe:300", FileSource(sorted(corpus_dir.iterdir())), tmp_path)
+    assert any(message.startswith("reading the corpus for bpe:300: 12 documents") for message in caplog.messages)
+    assert any(re.match(r"trained bpe:300 in \d+ s", message) for message in caplog.messages)

@@ -1,13 +1,16 @@
 """save_pretrained / load_pretrained: bit-exact round trip, foreign prefixes, clear errors."""
 
+import errno
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mf_lightning.config import ModelConfig
+from mf_lightning.models import pretrained
 from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, save_pretrained
 
 ARCHS = ["memoryformer", "transformer"]
@@ -112,3 +115,54 @@ def test_corrupt_or_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no model weights at .*model.safetensors"):
         load_pretrained(tmp_path)
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_config_json_that_no_longer_matches_its_weights_is_refused_naming_the_fields(tmp_path: Path) -> None:
+    debug_model().save_pretrained(tmp_path)
+    edit_config(tmp_path, score="paper", rotary_base=500.0, norm_eps=1e-6)
+    with pytest.raises(
+        ValueError,
+        match=r"config.json does not describe the model saved in model.safetensors: norm_eps=1e-06 in config.json, "
+        r"1e-05 in the weights; rotary_base=500.0 in config.json, 10000.0 in the weights; "
+        r"score='paper' in config.json, 'scaled' in the weights; restore",
+    ):
+        load_pretrained(tmp_path)
+
+
+def test_runtime_settings_of_config_json_may_change(tmp_path: Path) -> None:
+    model = debug_model()
+    model.save_pretrained(tmp_path)
+    edit_config(tmp_path, backend="torch", dropout=0.1, max_seq_len=64)
+    loaded = load_pretrained(tmp_path)
+    assert (loaded.config.backend, loaded.config.dropout, loaded.config.max_seq_len) == ("torch", 0.1, 64)
+    assert_same_weights(loaded, model)
+
+
+def test_folders_saved_without_a_config_in_the_weights_still_load(tmp_path: Path) -> None:
+    model = debug_model()
+    model.save_pretrained(tmp_path)
+    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert_same_weights(load_pretrained(tmp_path), model)
+
+
+def test_saving_over_an_existing_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_text("keep me")
+    with pytest.raises(ValueError, match=r"model.bin is an existing file; a model is saved as a folder"):
+        save_pretrained(debug_model(), tmp_path / "model.bin")
+    assert (tmp_path / "model.bin").read_text() == "keep me"
+
+
+def test_a_full_disk_while_saving_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pretrained, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        save_pretrained(debug_model(), tmp_path / "model")
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(tmp_path / "model" / "model.safetensors")
