@@ -57,7 +57,7 @@ def evaluate(
             log_samples=False,
         )
     except ConnectionError as error:
-        raise ConnectionError(
+        raise FileNotFoundError(
             f"the data of task(s) {', '.join(tasks)} could not be fetched ({error}); the harness downloads "
             "it from the Hugging Face Hub once, so run with network access first (it is then cached under "
             "~/.cache/huggingface), or define a local task with dataset_path: json in --include_path"

@@ -20,6 +20,13 @@ def model() -> DecoderLM:
 
 
 @pytest.fixture
+def long_model() -> DecoderLM:
+    """A random debug MemoryFormer whose 256-token context holds each local test document whole."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig.from_preset("debug", arch="memoryformer", max_seq_len=256)).eval()
+
+
+@pytest.fixture
 def tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 
