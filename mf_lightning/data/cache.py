@@ -1,9 +1,10 @@
-"""The token cache: a corpus tokenized once into flat ``train.bin`` / ``val.bin`` memmaps plus a manifest.
+"""The token cache: a corpus tokenized once into flat ``train.bin`` / ``val.bin`` / ``test.bin`` memmaps plus a manifest.
 
-Documents are split deterministically by index (document 0 and then one in every ``1/val_fraction``
-go to validation), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
+Documents are split deterministically by index (:func:`document_split`: document 0 and then one in every
+``1/val_fraction`` go to validation, then the first remaining document and one in every
+``1/test_fraction`` of all go to test), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
 the vocabulary fits (ids < 65536), else ``uint32``. The cache folder is named by a hash of everything
-the tokens depend on (source identity, tokenizer fingerprint, validation fraction, format version),
+the tokens depend on (source identity, tokenizer fingerprint, validation and test fractions, format version),
 written in a temporary folder and renamed into place, so an interrupted preparation leaves no half
 cache. A cache that fails its checks (manifest disagreeing, a ``.bin`` whose length disagrees with
 the manifest, an id outside the vocabulary) is logged and rebuilt, never used.
@@ -32,7 +33,7 @@ from mf_lightning.data.tokenizers import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 ENCODE_BATCH_DOCUMENTS = 256
 MANIFEST = "manifest.json"
 
@@ -49,7 +50,7 @@ class TokenCache:
         return np.dtype(self.manifest["dtype"])
 
     def path(self, split: str) -> Path:
-        """The ``.bin`` file of ``split`` (``"train"`` or ``"val"``)."""
+        """The ``.bin`` file of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         return self.directory / f"{split}.bin"
 
     def num_tokens(self, split: str) -> int:
@@ -79,23 +80,38 @@ def is_validation(index: int, val_fraction: float) -> bool:
     return index == 0 or math.floor(index * val_fraction) > math.floor((index - 1) * val_fraction)
 
 
-def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float) -> dict[str, Any]:
+def document_split(index: int, val_fraction: float, test_fraction: float) -> str:
+    """``"val"``, ``"test"`` or ``"train"`` for document ``index``.
+
+    Validation is exactly :func:`is_validation` (so validation documents do not depend on
+    ``test_fraction``); the test documents are taken from the rest, the first of them and then one in
+    every ``(1 - val_fraction) / test_fraction``, so ``test_fraction`` of all documents (none at 0).
+    """
+    if is_validation(index, val_fraction):
+        return "val"
+    rest = index - 1 - math.floor((index - 1) * val_fraction)  # earlier documents not in validation
+    if test_fraction > 0 and is_validation(rest, test_fraction / (1 - val_fraction)):
+        return "test"
+    return "train"
+
+
+def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float, test_fraction: float) -> dict[str, Any]:
     """Everything the cached tokens depend on."""
     return {
         "format_version": FORMAT_VERSION,
         "source": source.identity,
         "tokenizer": tokenizer.fingerprint,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
     }
 
 
 def prepare_token_cache(
-    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float
+    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float, test_fraction: float = 0.0
 ) -> TokenCache:
     """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    key = cache_key(source, tokenizer, val_fraction)
+    check_fractions(val_fraction, test_fraction)
+    key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / "tokens" / digest
     problem = cache_problem(directory, key, tokenizer.vocab_size)
@@ -117,6 +133,15 @@ def prepare_token_cache(
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return TokenCache(directory, read_manifest(directory))
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raises naming the fractions unless ``0 < val_fraction``, ``0 <= test_fraction`` and some training data is left."""
+    if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction must be in (0, 1), test_fraction in [0, 1), and together below 1 so that documents "
+            f"are left for training; got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -142,7 +167,7 @@ def cache_problem(directory: Path, key: dict[str, Any], vocab_size: int) -> str 
         size = cache.path(split).stat().st_size if cache.path(split).is_file() else None
         if size != expected:
             return f"{cache.path(split).name} has {size} bytes, the manifest says {expected}"
-        largest = int(cache.open(split).max())
+        largest = int(cache.open(split).max()) if expected else 0  # test.bin is empty without a test split
         if largest >= vocab_size:
             return f"{cache.path(split).name} holds token id {largest} >= vocab_size {vocab_size}"
     return None
@@ -155,7 +180,7 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     files = {split: (directory / f"{split}.bin").open("wb") for split in SPLITS}
     try:
         for index, document, ids in tokenized(source, tokenizer):
-            split = "val" if is_validation(index, key["val_fraction"]) else "train"
+            split = document_split(index, key["val_fraction"], key["test_fraction"])
             ids.append(tokenizer.eos_id)
             append_tokens(files[split], ids, dtype, tokenizer.vocab_size)
             stats[split]["documents"] += 1
@@ -165,10 +190,10 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
         for file in files.values():
             file.close()
     counts = {split: stats[split]["documents"] for split in SPLITS}
-    if min(counts.values()) == 0:
+    if min(counts[split] for split in SPLITS if split != "test" or key["test_fraction"] > 0) == 0:
         raise ValueError(
             f"the corpus has {sum(counts.values())} document(s), split {counts} with val_fraction="
-            f"{key['val_fraction']}: both splits need at least one; add documents (several files instead of one), "
+            f"{key['val_fraction']}, test_fraction={key['test_fraction']}: each split needs at least one; add documents (several files instead of one), "
             "or cut plain-text files into documents with data.document_separator (e.g. '' for blank lines)"
         )
     vocabulary = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name}
