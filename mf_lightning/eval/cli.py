@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from mf_lightning.eval import PAPER_TASKS, MissingExtra
-from mf_lightning.eval.report import Row, format_table, log_to_tensorboard, result_rows, write_json
+from mf_lightning.eval.report import (
+    Row,
+    comparison_table,
+    format_table,
+    log_to_tensorboard,
+    read_json,
+    result_rows,
+    write_json,
+)
 from mf_lightning.lit.loading import LAST, load_for_inference, read_run_config, resolve_checkpoint
 
 DEFAULT_BATCH_SIZE = 8
@@ -39,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_path", help="results JSON file or folder (default: <run>/eval/ or <model_dir>/eval/)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds Python, NumPy, torch and few-shot sampling (default: %(default)s)")
+    parser.add_argument(
+        "--compare", nargs="+", metavar="JSON", help="only print results files of several models side by side (Table 1 layout)"
+    )
     return parser
 
 
@@ -46,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``mf eval``: check the arguments, load the model, run the tasks, print the table, save the results."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare:
+        print(comparison_table({Path(path).stem: read_json(path) for path in args.compare}))
+        return
     tasks = check_args(parser, args)
     try:
         from mf_lightning.eval.harness import evaluate
@@ -104,9 +118,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.device is not None:
         try:
-            torch.device(args.device)
+            device = torch.device(args.device)
         except RuntimeError:
             parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device} needs a CUDA GPU, and torch sees none here; use --device cpu")
     return tasks
 
 

@@ -53,12 +53,47 @@ def format_table(rows: list[Row]) -> str:
     lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
     for row in rows:
         stderr = "" if row.stderr is None or math.isnan(row.stderr) else f"{row.stderr:.4f}"
-        lines.append(f"| {row.task} | {row.metric} | {row.value:.4f} | {stderr} |")
+        lines.append(f"| {row.task} | {row.metric} | {number(row.value)} | {stderr} |")
     average = average_accuracy(rows)
     if average is not None:
         count = sum(row.metric == AVERAGED_METRIC for row in rows)
         lines.append(f"| **average** ({count} tasks) | {AVERAGED_METRIC} | {average:.4f} | |")
     return "\n".join(lines)
+
+
+def comparison_table(results: dict[str, dict[str, Any]]) -> str:
+    """The paper's Table 1 layout: one row per task, one ``acc`` column per model (named by the keys), then the average."""
+    accuracies = {
+        name: {row.task: row.value for row in result_rows(result) if row.metric == AVERAGED_METRIC}
+        for name, result in results.items()
+    }
+    tasks = list(dict.fromkeys(task for values in accuracies.values() for task in values))
+    lines = ["| task | " + " | ".join(accuracies) + " |", "|---|" + "---:|" * len(accuracies)]
+    for task in tasks:
+        cells = (f"{values[task]:.4f}" if task in values else "" for values in accuracies.values())
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    averages = (f"{sum(values.values()) / len(values):.4f}" if values else "" for values in accuracies.values())
+    lines.append(f"| **average** ({AVERAGED_METRIC}) | " + " | ".join(averages) + " |")
+    return "\n".join(lines)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A results JSON written by ``mf eval`` (or lm-eval itself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist; give JSON files written by mf eval")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"results file {path} is not valid JSON: {error}") from error
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        raise ValueError(f"results file {path} has no 'results' mapping; give JSON files written by mf eval")
+    return results
+
+
+def number(value: float) -> str:
+    """Four decimals, or four significant digits for large values (word perplexities of untrained models)."""
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> Path:

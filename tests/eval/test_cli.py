@@ -95,6 +95,7 @@ def test_mf_eval_of_a_run_logs_to_its_tensorboard_and_matches_its_export(tmp_pat
         (["--model_dir", "m", "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
         (["--model_dir", "m", "--num_fewshot", "-1"], "--num_fewshot must be >= 0, got -1"),
         (["--model_dir", "m", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+        (["--compare", "missing.json"], "results file missing.json does not exist"),
     ],
 )
 def test_bad_arguments_are_one_usage_error(args, message, capsys) -> None:
