@@ -58,7 +58,8 @@ def test_validate_test_and_predict_from_checkpoint(trained, tmp_path):
     validated = run("validate", args).trainer.callback_metrics
     assert {"val/loss", "val/ppl", "val/bpb"} <= set(validated)
     tested = run("test", args).trainer.callback_metrics
-    assert tested["test/loss"] == pytest.approx(float(validated["val/loss"]), rel=1e-5)
+    assert {"test/loss", "test/ppl", "test/bpb"} <= set(tested)
+    assert float(tested["test/loss"]) != pytest.approx(float(validated["val/loss"]), rel=1e-3)  # held-out documents of its own
     output = tmp_path / "completions.jsonl"
     run("predict", args + ["--model.max_new_tokens", "8", "--data.prompts", "[the memory, attention]",
                            "--trainer.callbacks+=mf_lightning.lit.predictions.CompletionWriter",

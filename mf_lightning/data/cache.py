@@ -1,11 +1,12 @@
-"""The token cache: a corpus tokenized once into flat ``train.bin`` / ``val.bin`` memmaps plus a manifest.
+"""The token cache: a corpus tokenized once into flat ``train.bin`` / ``val.bin`` / ``test.bin`` memmaps plus a manifest.
 
-Documents are split deterministically by index (document 0 and then one in every ``1/val_fraction``
-go to validation), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
+Documents are split deterministically by index (:func:`document_split`: document 0 and then one in every
+``1/val_fraction`` go to validation, then the first remaining document and one in every
+``1/test_fraction`` of all go to test), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
 the vocabulary fits (ids < 65536), else ``uint32``. The cache folder is named by a hash of everything
-the tokens depend on (source identity, tokenizer fingerprint, validation fraction, format version),
-built in a staging folder and renamed into place (``staging``), so an interrupted preparation leaves
-no half cache, and the next preparation removes what a killed one left.
+the tokens depend on (source identity, tokenizer fingerprint, validation and test fractions, format
+version), built in a staging folder and renamed into place (``staging``), so an interrupted preparation
+leaves no half cache, and the next preparation removes what a killed one left.
 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
@@ -40,8 +41,8 @@ from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-SPLITS = ("train", "val")
+FORMAT_VERSION = 3
+SPLITS = ("train", "val", "test")
 SPLIT_STATS = ("documents", "tokens", "bytes")
 ENCODE_BATCH_DOCUMENTS = 256
 MANIFEST = "manifest.json"
@@ -62,7 +63,7 @@ class TokenCache:
         return np.dtype(self.manifest["dtype"])
 
     def path(self, split: str) -> Path:
-        """The ``.bin`` file of ``split`` (``"train"`` or ``"val"``)."""
+        """The ``.bin`` file of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         return self.directory / f"{split}.bin"
 
     def num_tokens(self, split: str) -> int:
@@ -92,23 +93,38 @@ def is_validation(index: int, val_fraction: float) -> bool:
     return index == 0 or math.floor(index * val_fraction) > math.floor((index - 1) * val_fraction)
 
 
-def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float) -> dict[str, Any]:
+def document_split(index: int, val_fraction: float, test_fraction: float) -> str:
+    """``"val"``, ``"test"`` or ``"train"`` for document ``index``.
+
+    Validation is exactly :func:`is_validation` (so validation documents do not depend on
+    ``test_fraction``); the test documents are taken from the rest, the first of them and then one in
+    every ``(1 - val_fraction) / test_fraction``, so ``test_fraction`` of all documents (none at 0).
+    """
+    if is_validation(index, val_fraction):
+        return "val"
+    rest = index - 1 - math.floor((index - 1) * val_fraction)  # earlier documents not in validation
+    if test_fraction > 0 and is_validation(rest, test_fraction / (1 - val_fraction)):
+        return "test"
+    return "train"
+
+
+def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float, test_fraction: float) -> dict[str, Any]:
     """Everything the cached tokens depend on."""
     return {
         "format_version": FORMAT_VERSION,
         "source": source.identity,
         "tokenizer": tokenizer.fingerprint,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
     }
 
 
 def prepare_token_cache(
-    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float
+    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float, test_fraction: float = 0.0
 ) -> TokenCache:
     """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    key = cache_key(source, tokenizer, val_fraction)
+    check_fractions(val_fraction, test_fraction)
+    key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / "tokens" / digest
     problem = cache_problem(directory, key, tokenizer, full=os.environ.get(VERIFY_VARIABLE) == "1")
@@ -126,6 +142,15 @@ def prepare_token_cache(
             if cache_problem(directory, key, tokenizer, full=True) is not None:
                 raise
     return TokenCache(directory, read_manifest(directory))
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raises naming the fractions unless ``0 < val_fraction``, ``0 <= test_fraction`` and some training data is left."""
+    if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction must be in (0, 1), test_fraction in [0, 1), and together below 1 so that documents "
+            f"are left for training; got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
 
 
 def read_manifest(directory: Path) -> Any:
@@ -191,8 +216,9 @@ def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -
         return "the manifest lacks its splits or checksums"
     for split in SPLITS:
         stats, sums = splits.get(split), checksums.get(split)
-        if not isinstance(stats, dict) or not all(is_count(stats.get(name)) for name in SPLIT_STATS):
-            return f"manifest splits.{split} is {stats!r}, expected positive counts of {', '.join(SPLIT_STATS)}"
+        least = 0 if split == "test" else 1  # the test split is empty when data.test_fraction is 0
+        if not isinstance(stats, dict) or not all(is_count(stats.get(name), least) for name in SPLIT_STATS):
+            return f"manifest splits.{split} is {stats!r}, expected counts >= {least} of {', '.join(SPLIT_STATS)}"
         sums = sums if isinstance(sums, dict) else {}
         if not isinstance(sums.get("crc32"), list) or not isinstance(sums.get("mtime_ns"), int):
             return f"manifest checksums.{split} is not an object with crc32 and mtime_ns"
@@ -202,9 +228,9 @@ def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -
     return None
 
 
-def is_count(value: Any) -> bool:
-    """Whether ``value`` is an int >= 1 (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def is_count(value: Any, least: int = 1) -> bool:
+    """Whether ``value`` is an int >= ``least`` (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def content_problem(cache: TokenCache, split: str, full: bool) -> str | None:
@@ -272,7 +298,7 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     started = time.monotonic()
     try:
         for index, document, ids in tokenized(source, tokenizer):
-            split = "val" if is_validation(index, key["val_fraction"]) else "train"
+            split = document_split(index, key["val_fraction"], key["test_fraction"])
             ids.append(tokenizer.eos_id)
             files[split].write(token_bytes(ids, dtype, tokenizer.vocab_size))
             stats[split]["documents"] += 1
@@ -281,10 +307,10 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     finally:
         checksums = {split: file.close() for split, file in files.items()}
     counts = {split: stats[split]["documents"] for split in SPLITS}
-    if min(counts.values()) == 0:
+    if min(counts[split] for split in SPLITS if split != "test" or key["test_fraction"] > 0) == 0:
         raise ValueError(
             f"the corpus has {sum(counts.values())} document(s), split {counts} with val_fraction="
-            f"{key['val_fraction']}: both splits need at least one; add documents (several files instead of one), "
+            f"{key['val_fraction']}, test_fraction={key['test_fraction']}: each split needs at least one; add documents (several files instead of one), "
             "or cut plain-text files into documents with data.document_separator (e.g. '' for blank lines)"
         )
     log.info(

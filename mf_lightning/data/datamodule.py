@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mf_lightning.checks import positive_int
-from mf_lightning.data.cache import TokenCache, prepare_token_cache
+from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_cache
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import load_tokenizer
 from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
@@ -45,7 +45,9 @@ class TextDataModule(L.LightningDataModule):
         text_field: the text field of JSONL, Parquet and dataset records.
         seq_len: tokens per training window.
         batch_size: windows per batch on each device.
-        val_fraction: fraction of documents held out for validation (and test).
+        val_fraction: fraction of documents held out for validation: checkpoint selection and curves.
+        test_fraction: fraction of documents held out for ``mf test``, disjoint from training and
+            validation: the final numbers, never looked at while training; 0 for no test split.
         num_workers: DataLoader worker processes.
         cache_dir: where token caches and trained tokenizers live; default ``$MF_CACHE_DIR`` or
             ``~/.cache/mf_lightning``.
@@ -67,6 +69,7 @@ class TextDataModule(L.LightningDataModule):
         seq_len: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 1234,
@@ -82,14 +85,14 @@ class TextDataModule(L.LightningDataModule):
             check_positive(val_windows=val_windows)
         if num_workers < 0 or seed < 0:
             raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_fractions(val_fraction, test_fraction)
         if not text_field or not hf_split:
             raise ValueError(f"text_field and hf_split must be non-empty, got {text_field!r} and {hf_split!r}")
         self.save_hyperparameters()
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.num_workers = num_workers
         self.seed = seed
         self.val_windows = val_windows
@@ -108,21 +111,23 @@ class TextDataModule(L.LightningDataModule):
     def token_cache(self) -> TokenCache:
         """The prepared token cache, built on first use and checked to hold a window in each split."""
         if self._cache is None:
-            cache = prepare_token_cache(self.corpus, self.tokenizer, self.cache_dir, self.val_fraction)
-            sizes = {split: cache.num_tokens(split) for split in ("train", "val")}
+            cache = prepare_token_cache(
+                self.corpus, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction
+            )
+            splits = ("train", "val", "test") if self.test_fraction > 0 else ("train", "val")
+            sizes = {split: cache.num_tokens(split) for split in splits}
             if min(sizes.values()) < self.seq_len + 1:
                 raise ValueError(
                     f"the corpus is too small for seq_len={self.seq_len}: token counts {sizes}, each split needs "
                     f"at least seq_len + 1 = {self.seq_len + 1}; "
-                    "use more text, a shorter seq_len or a larger val_fraction"
+                    "use more text, a shorter seq_len or a larger val_fraction / test_fraction"
                 )
             self._cache = cache
         return self._cache
 
-    @property
-    def bytes_per_token(self) -> float:
-        """UTF-8 bytes per token of the validation split: bits per byte = loss / ln(2) / bytes_per_token."""
-        return self.token_cache().bytes_per_token("val")
+    def bytes_per_token(self, split: str) -> float:
+        """UTF-8 bytes per token of ``split`` (``"val"`` or ``"test"``): bits per byte = loss / ln(2) / bytes_per_token."""
+        return self.token_cache().bytes_per_token(split)
 
     def prepare_data(self) -> None:
         """Tokenizes the corpus into the token cache (Lightning calls this on one process per node)."""
@@ -167,14 +172,21 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(dataset, sampler=sampler, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        cache = self.token_cache()
-        dataset = ConsecutiveWindows(
-            cache.path("val"), cache.dtype.name, cache.num_tokens("val"), self.seq_len, self.val_windows
-        )
-        return self._loader(dataset)
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """Windows of the test documents (``test_fraction`` of the corpus, held out from training and validation)."""
+        if self.test_fraction == 0:
+            raise ValueError("data.test_fraction is 0, so there is no test split; set it > 0 (e.g. 0.05) to hold one out")
+        return self._evaluation_loader("test")
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        """Consecutive windows of ``split``, at most ``val_windows`` of them."""
+        cache = self.token_cache()
+        dataset = ConsecutiveWindows(
+            cache.path(split), cache.dtype.name, cache.num_tokens(split), self.seq_len, self.val_windows
+        )
+        return self._loader(dataset)
 
     def predict_dataloader(self) -> DataLoader:
         """One prompt per batch: ``{"prompt": str, "input_ids": LongTensor [1, T]}``, ids starting with EOS."""

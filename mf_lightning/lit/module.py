@@ -150,7 +150,7 @@ class LanguageModel(L.LightningModule):
         self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
         bytes_per_token = getattr(getattr(self.trainer, "datamodule", None), "bytes_per_token", None)
         if bytes_per_token:
-            self.log(f"{split}/bpb", loss / (math.log(2) * bytes_per_token), sync_dist=False)
+            self.log(f"{split}/bpb", loss / (math.log(2) * bytes_per_token(split)), sync_dist=False)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
         tokenizer = self.trainer.datamodule.tokenizer

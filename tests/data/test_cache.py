@@ -14,7 +14,14 @@ import pytest
 
 from mf_lightning.data import cache as cache_module
 from mf_lightning.data import sources as sources_module
-from mf_lightning.data.cache import TokenCache, checked_chunks, is_validation, prepare_token_cache, token_dtype
+from mf_lightning.data.cache import (
+    TokenCache,
+    checked_chunks,
+    document_split,
+    is_validation,
+    prepare_token_cache,
+    token_dtype,
+)
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -48,15 +55,23 @@ def test_split_is_by_documents_deterministic_and_never_empty() -> None:
     assert sum(is_validation(index, 0.25) for index in range(1000)) == 250
 
 
+def test_test_split_is_disjoint_from_validation_which_it_leaves_unchanged() -> None:
+    splits = [document_split(index, 0.1, 0.05) for index in range(1000)]
+    assert [index for index, split in enumerate(splits) if split == "val"] == [i for i in range(1000) if is_validation(i, 0.1)]
+    assert splits[:3] == ["val", "test", "train"]  # the first non-validation document is held out for test
+    assert {split: splits.count(split) for split in ("train", "val", "test")} == {"train": 850, "val": 100, "test": 50}
+    assert all(document_split(index, 0.1, 0.0) != "test" for index in range(1000))
+
+
 def test_cache_holds_documents_with_eos_split_as_planned(
     corpus_dir: Path, documents: list[str], tmp_path: Path
 ) -> None:
     tokenizer = ByteTokenizer()
-    cache = prepare_token_cache(open_source(str(corpus_dir)), tokenizer, tmp_path, val_fraction=0.2)
+    cache = prepare_token_cache(open_source(str(corpus_dir)), tokenizer, tmp_path, val_fraction=0.2, test_fraction=0.1)
     assert cache.directory.parent == tmp_path / "tokens"
-    val = [text for index, text in enumerate(documents) if is_validation(index, 0.2)]
-    train = [text for index, text in enumerate(documents) if not is_validation(index, 0.2)]
-    for split, texts in (("train", train), ("val", val)):
+    for split in ("train", "val", "test"):
+        texts = [text for index, text in enumerate(documents) if document_split(index, 0.2, 0.1) == split]
+        assert texts
         expected = [token for text in texts for token in [*tokenizer.encode(text), tokenizer.eos_id]]
         assert cache.open(split).tolist() == expected
         assert cache.manifest["splits"][split] == {
@@ -77,13 +92,14 @@ def test_valid_cache_is_reused(corpus_dir: Path, tmp_path: Path, monkeypatch: py
     assert second == first
 
 
-def test_other_tokenizer_or_val_fraction_gets_its_own_cache(corpus_dir: Path, tmp_path: Path) -> None:
+def test_other_tokenizer_or_split_fractions_get_their_own_cache(corpus_dir: Path, tmp_path: Path) -> None:
     source = open_source(str(corpus_dir))
     byte = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2)
     bpe_tokenizer = load_tokenizer("bpe:300", source, tmp_path)
     bpe = prepare_token_cache(source, bpe_tokenizer, tmp_path, 0.2)
     other_split = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.3)
-    assert len({byte.directory, bpe.directory, other_split.directory}) == 3
+    with_test = prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2, test_fraction=0.1)
+    assert len({byte.directory, bpe.directory, other_split.directory, with_test.directory}) == 4
     assert bpe.manifest["tokenizer"] == bpe_tokenizer.fingerprint
     assert bpe.num_tokens("train") < byte.num_tokens("train")
     assert bpe_tokenizer.decode(bpe.open("val").tolist()) == ByteTokenizer().decode(byte.open("val").tolist())
@@ -214,7 +230,7 @@ def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
     for _ in range(2):
         reopened = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
         assert reopened.directory == cache.directory
-    assert checked == [True, False, False, False]
+    assert checked == [True, False, False, False, False, False]  # train, val, test; twice
     assert json.loads((cache.directory / "manifest.json").read_text())["checksums"]["train"]["mtime_ns"] == 1
 
 
@@ -307,13 +323,23 @@ def test_building_logs_its_progress(
 
 
 def test_single_document_cannot_be_split(corpus_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"1 document\(s\), split \{'train': 0, 'val': 1\}"):
+    with pytest.raises(ValueError, match=r"1 document\(s\), split \{'train': 0, 'val': 1, 'test': 0\}"):
         prepare_token_cache(open_source(str(corpus_dir / "doc00.txt")), ByteTokenizer(), tmp_path, 0.2)
 
 
-def test_val_fraction_outside_zero_one_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
-        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 1.5)
+@pytest.mark.parametrize("val_fraction,test_fraction", [(1.5, 0.0), (0.0, 0.1), (0.2, -0.1), (0.5, 0.5)])
+def test_split_fractions_that_leave_no_split_are_refused(
+    corpus_dir: Path, tmp_path: Path, val_fraction: float, test_fraction: float
+) -> None:
+    message = rf"test_fraction in \[0, 1\), and together below 1 .* got val_fraction={val_fraction}, test_fraction={test_fraction}"
+    with pytest.raises(ValueError, match=message):
+        prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, val_fraction, test_fraction)
+
+
+def test_a_test_split_needs_a_document(corpus_dir: Path, tmp_path: Path) -> None:
+    source = FileSource([corpus_dir / "doc00.txt", corpus_dir / "doc01.txt"])
+    with pytest.raises(ValueError, match=r"2 document\(s\), split \{'train': 0, 'val': 1, 'test': 1\}"):
+        prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2, test_fraction=0.1)
 
 
 def test_dtype_follows_vocabulary_size(corpus_dir: Path, documents: list[str], tmp_path: Path) -> None:

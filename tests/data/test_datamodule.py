@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mf_lightning.data import TextDataModule
+from mf_lightning.data.cache import document_split
 
 SEQ_LEN = 16
 BATCH = 4
@@ -54,24 +55,40 @@ def test_training_batches_are_shifted_windows_and_reproducible(make_datamodule) 
     assert not same_batches(take(make_datamodule(seed=99).train_dataloader(), 3), batches)
 
 
-def test_validation_windows_are_deterministic_capped_and_shared_with_test(make_datamodule) -> None:
+def test_validation_windows_are_deterministic_and_capped(make_datamodule) -> None:
     datamodule = make_datamodule(val_windows=3)
-    datamodule.setup("validate")
     batches = list(datamodule.val_dataloader())
     assert sum(len(x) for x, _ in batches) == 3
     tokens = torch.from_numpy(datamodule.token_cache().open("val")[: 3 * SEQ_LEN + 1].astype("int64"))
     assert torch.equal(batches[0][0][1], tokens[SEQ_LEN : 2 * SEQ_LEN])
-    assert same_batches(list(datamodule.test_dataloader()), batches)
+    assert same_batches(list(datamodule.val_dataloader()), batches)
     uncapped = make_datamodule()
     assert len(uncapped.val_dataloader().dataset) == (uncapped.token_cache().num_tokens("val") - 1) // SEQ_LEN
 
 
-def test_bytes_per_token_is_utf8_bytes_over_validation_tokens(make_datamodule, documents: list[str]) -> None:
+def test_test_windows_come_from_held_out_documents_of_their_own(make_datamodule, documents: list[str]) -> None:
+    datamodule = make_datamodule(test_fraction=0.1)
+    tokenizer = datamodule.tokenizer
+    held_out = [text for index, text in enumerate(documents) if document_split(index, 0.2, 0.1) == "test"]
+    x, _ = next(iter(datamodule.test_dataloader()))
+    assert x[0].tolist() == tokenizer.encode(held_out[0])[:SEQ_LEN]
+    texts = {split: tokenizer.decode(datamodule.token_cache().open(split).tolist()) for split in ("train", "val", "test")}
+    assert texts["test"] == "".join(held_out)
+    assert all(text not in texts["train"] + texts["val"] for text in held_out)
+
+
+def test_without_a_test_split_test_is_a_clear_error(make_datamodule) -> None:
+    with pytest.raises(ValueError, match="data.test_fraction is 0, so there is no test split"):
+        make_datamodule(test_fraction=0.0).test_dataloader()
+
+
+def test_bytes_per_token_is_utf8_bytes_over_the_split_tokens(make_datamodule, documents: list[str]) -> None:
     datamodule = make_datamodule()
-    val_texts = [documents[0], documents[5], documents[10]]
-    expected = sum(len(text.encode()) for text in val_texts) / sum(len(text.encode()) + 1 for text in val_texts)
-    assert datamodule.bytes_per_token == pytest.approx(expected)
-    assert make_datamodule(tokenizer="bpe:300").bytes_per_token > 1.5
+    for split in ("val", "test"):
+        texts = [text for index, text in enumerate(documents) if document_split(index, 0.2, 0.05) == split]
+        expected = sum(len(text.encode()) for text in texts) / sum(len(text.encode()) + 1 for text in texts)
+        assert datamodule.bytes_per_token(split) == pytest.approx(expected)
+    assert make_datamodule(tokenizer="bpe:300").bytes_per_token("val") > 1.5
 
 
 def test_resumed_loader_yields_what_the_uninterrupted_one_yields_next(make_datamodule) -> None:
@@ -138,7 +155,8 @@ def test_predict_without_prompts_or_with_a_missing_file_is_an_error(make_datamod
         ({"train_samples_per_epoch": 0}, "train_samples_per_epoch must be an integer >= 1"),
         ({"num_workers": -1}, "num_workers and seed must be >= 0"),
         ({"seed": -5}, "num_workers and seed must be >= 0"),
-        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\), got 0.0"),
+        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\), .* got val_fraction=0.0"),
+        ({"test_fraction": 0.9}, r"together below 1 .* got val_fraction=0.2, test_fraction=0.9"),
         ({"text_field": ""}, "text_field and hf_split must be non-empty"),
         ({"prompts": ["ok", 3]}, "prompts must be strings"),
         ({"tokenizer": "wordpiece"}, "unknown tokenizer 'wordpiece'"),
@@ -150,7 +168,7 @@ def test_bad_arguments_are_named(make_datamodule, overrides: dict, message: str)
 
 
 def test_corpus_too_small_for_seq_len_names_the_sizes(make_datamodule) -> None:
-    with pytest.raises(ValueError, match=r"too small for seq_len=4000: token counts \{'train': \d+, 'val': \d+\}"):
+    with pytest.raises(ValueError, match=r"too small for seq_len=4000: token counts \{'train': \d+, 'val': \d+, 'test': \d+\}"):
         make_datamodule(seq_len=4000).setup("fit")
 
 

@@ -1,0 +1,142 @@
+"""``mf eval``: zero-shot (or few-shot) lm-evaluation-harness tasks on a trained run or an exported model.
+
+``mf eval --config runs/x/tensorboard/config.yaml --ckpt_path last`` evaluates a run's checkpoint, writes
+the harness's JSON to ``runs/x/eval/`` and logs ``eval/<task>/<metric>`` to the run's TensorBoard at the
+checkpoint's step; ``mf eval --model_dir DIR`` evaluates a folder written by ``mf export``. The default
+tasks are the paper's Table 1: piqa, winogrande, wsc, arc_easy, arc_challenge, logiqa (their data is
+downloaded from the Hugging Face Hub on first use). Options keep the harness's names and meanings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mf_lightning.eval import PAPER_TASKS, MissingExtra
+from mf_lightning.eval.report import (
+    Row,
+    comparison_table,
+    format_table,
+    log_to_tensorboard,
+    read_json,
+    result_rows,
+    write_json,
+)
+from mf_lightning.lit.loading import LAST, load_for_inference, read_run_config, resolve_checkpoint
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SEED = 1234
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model (a run, or an exported folder)")
+    model.add_argument("--config", help="the run's config (<run>/tensorboard/config.yaml)")
+    model.add_argument("--ckpt_path", help=f"'{LAST}' or a .ckpt file of the run (default: {LAST} with --config)")
+    model.add_argument("--model_dir", help="a folder written by mf export (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated task names (default: %(default)s)")
+    parser.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: each task's own, usually 0)")
+    parser.add_argument("--limit", type=float, help="at most this many examples per task (a fraction when < 1); for testing")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--include_path", action="append", default=[], help="a folder of task YAML files (repeatable)")
+    parser.add_argument("--output_path", help="results JSON file or folder (default: <run>/eval/ or <model_dir>/eval/)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds Python, NumPy, torch and few-shot sampling (default: %(default)s)")
+    parser.add_argument(
+        "--compare", nargs="+", metavar="JSON", help="only print results files of several models side by side (Table 1 layout)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``mf eval``: check the arguments, load the model, run the tasks, print the table, save the results."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare:
+        print(comparison_table({Path(path).stem: read_json(path) for path in args.compare}))
+        return
+    tasks = check_args(parser, args)
+    try:
+        from mf_lightning.eval.harness import evaluate
+    except MissingExtra as error:
+        print(f"mf: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    is_run = args.model_dir is None
+    ckpt_path = args.ckpt_path or LAST
+    model, tokenizer = load_for_inference(
+        config=args.config if is_run else None,
+        ckpt_path=ckpt_path if is_run else None,
+        model_dir=args.model_dir,
+        device=device,
+    )
+    results = evaluate(
+        model, tokenizer, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path, args.seed
+    )
+    rows = result_rows(results)
+    print(format_table(rows))
+    if is_run:
+        checkpoint = resolve_checkpoint(ckpt_path, args.config, read_run_config(args.config) if args.config else {})
+        save_run_results(results, rows, checkpoint, args.config, args.output_path)
+    else:
+        print(f"results: {write_json(results, args.output_path or Path(args.model_dir) / 'eval' / 'results.json')}")
+
+
+def save_run_results(
+    results: dict[str, Any], rows: list[Row], checkpoint: Path, config: str | None, output_path: str | None
+) -> None:
+    """Writes a run's results JSON (default ``<run>/eval/<ckpt>-step<N>.json``) and logs them to its TensorBoard."""
+    step, run_dir = checkpoint_step(checkpoint), run_of(checkpoint, config)
+    default = (run_dir / "eval" if run_dir else checkpoint.parent) / f"{checkpoint.stem}-step{step}.json"
+    print(f"results: {write_json(results, output_path or default)}")
+    if run_dir is None:
+        print(f"not logged to TensorBoard: {checkpoint} is not in a run's checkpoints/ folder; pass the run's --config")
+        return
+    log_to_tensorboard(rows, run_dir / "tensorboard", step)
+    print(f"TensorBoard: eval/<task>/<metric> at step {step} in {run_dir / 'tensorboard'}")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The task names; any argument that cannot work ends with argparse's usage error naming it."""
+    if args.model_dir is not None and (args.config is not None or args.ckpt_path is not None):
+        parser.error("give either --model_dir, or --config with --ckpt_path, not both")
+    if args.model_dir is None and args.config is None and args.ckpt_path in (None, LAST):
+        parser.error(f"give --model_dir DIR, or --config RUN_CONFIG (with --ckpt_path {LAST}|FILE)")
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        parser.error(f"--tasks needs at least one task name, got {args.tasks!r}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and not args.limit > 0:
+        parser.error(f"--limit must be > 0 (examples per task, or a fraction < 1), got {args.limit}")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device} needs a CUDA GPU, and torch sees none here; use --device cpu")
+    return tasks
+
+
+def run_of(checkpoint: Path, config: str | None) -> Path | None:
+    """The run folder (holding ``tensorboard/`` and ``checkpoints/``) of a checkpoint, or None if it has none."""
+    if config is not None and Path(config).parent.name == "tensorboard":
+        return Path(config).parent.parent
+    root = (read_run_config(config).get("trainer") or {}).get("default_root_dir") if config else None
+    if root:
+        return Path(root)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Lightning checkpoint was saved at (read through a memory map: no weights are loaded)."""
+    state: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("global_step", 0))
