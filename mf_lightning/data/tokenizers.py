@@ -108,6 +108,11 @@ class HFTokenizer(Tokenizer):
         self.check_ids(ids)
         return self.model.decode(ids, skip_special_tokens=True)
 
+    @property
+    def eos_token(self) -> str:
+        """The end-of-text token's text."""
+        return self.model.id_to_token(self.eos_id)
+
 
 def find_eos_token(model: HFTokenizerModel, config_file: Path, name: Path) -> str:
     """The end-of-text token: ``eos_token`` of the tokenizer config beside it, else a well-known one present."""
@@ -179,3 +184,63 @@ def load_tokenizer(spec: str, source: Source | None = None, cache_dir: str | os.
     if Path(spec).exists():
         return HFTokenizer.from_path(spec)
     raise ValueError(f"unknown tokenizer {spec!r} (no such file or folder); expected {VALID_SPECS}")
+
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+BYTE_MARKER = "mf_byte_tokenizer"
+
+
+def tokenizer_state(tokenizer: Tokenizer) -> dict[str, str]:
+    """The whole tokenizer as plain strings, small enough to store in a checkpoint and rebuild from."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte"}
+    if isinstance(tokenizer, HFTokenizer):
+        return {"kind": "hf", "json": tokenizer.model.to_str(), "eos_token": tokenizer.eos_token}
+    raise TypeError(f"cannot serialise a tokenizer of type {type(tokenizer).__name__}")
+
+
+def tokenizer_from_state(state: dict[str, str], where: str) -> Tokenizer:
+    """Inverse of :func:`tokenizer_state`; ``where`` names the file the state came from in errors."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf" and isinstance(state.get("json"), str) and isinstance(state.get("eos_token"), str):
+        try:
+            model = HFTokenizerModel.from_str(state["json"])
+        except Exception as error:
+            raise ValueError(f"the tokenizer stored in {where} cannot be read: {error}") from error
+        return HFTokenizer(model, state["eos_token"], where)
+    raise ValueError(f"{where} holds no readable tokenizer (got {kind!r}, expected 'byte' or 'hf')")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+    """Write ``tokenizer`` into a model folder: ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face
+    layout, loadable by any ``tokenizers`` user), or for the byte tokenizer a config that names it."""
+    directory = Path(directory)
+    if isinstance(tokenizer, HFTokenizer):
+        (directory / TOKENIZER_FILE).write_text(tokenizer.model.to_str(), encoding="utf-8")
+        config = {"eos_token": tokenizer.eos_token}
+    else:
+        tokenizer_state(tokenizer)
+        config = {BYTE_MARKER: True, "eos_token_id": tokenizer.eos_id}
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_folder_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved by :func:`save_tokenizer` in a model folder."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        return HFTokenizer.from_path(directory)
+    config_file = directory / TOKENIZER_CONFIG_FILE
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+        if isinstance(config, dict) and config.get(BYTE_MARKER) is True:
+            return ByteTokenizer()
+    raise FileNotFoundError(
+        f"{directory} holds no tokenizer ({TOKENIZER_FILE} or a byte-tokenizer {TOKENIZER_CONFIG_FILE}); "
+        "export the model again with `mf export`, which writes it"
+    )

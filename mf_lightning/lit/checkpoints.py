@@ -33,6 +33,7 @@ from mf_lightning.models.pretrained import COMPILE_PREFIX, state_problems
 
 MODEL_CONFIG_KEY = "mf_model_config"
 TOKENIZER_KEY = "mf_tokenizer"
+TOKENIZER_STATE_KEY = "mf_tokenizer_state"
 RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len"})
 """Model config fields a resumed or evaluated model may change: they shape no weight."""
 
@@ -153,11 +154,19 @@ def corrupt(path: Path, error: BaseException) -> ValueError:
     )
 
 
-def stamp_checkpoint(checkpoint: dict[str, Any], model_config: dict[str, Any], tokenizer: str | None) -> None:
-    """Records what ``check_checkpoint`` compares: the model config and the tokenizer's fingerprint."""
+def stamp_checkpoint(
+    checkpoint: dict[str, Any],
+    model_config: dict[str, Any],
+    tokenizer: str | None,
+    tokenizer_state: dict[str, str] | None = None,
+) -> None:
+    """Records what ``check_checkpoint`` compares (the model config, the tokenizer's fingerprint) and the
+    tokenizer itself, so a checkpoint alone is enough to export, evaluate or generate."""
     checkpoint[MODEL_CONFIG_KEY] = model_config
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer
+    if tokenizer_state is not None:
+        checkpoint[TOKENIZER_STATE_KEY] = tokenizer_state
 
 
 def check_checkpoint(

@@ -1,9 +1,10 @@
-"""``mf export --ckpt_path X --out DIR``: the model of a Lightning checkpoint as a safetensors model folder.
+"""``mf export --ckpt_path X --out DIR``: the model of a Lightning checkpoint as a self-contained model folder.
 
 A Lightning checkpoint is a pickle that also carries optimizer and loop state; the exported folder
-(``config.json`` + ``model.safetensors``, as written by ``save_pretrained``) holds only the model, in a
-format that cannot carry code, and loads with ``mf_lightning.models.load_pretrained``. The checkpoint
-itself is read with ``weights_only=True``. The tokenizer is not part of the export.
+(``config.json`` + ``model.safetensors``, as written by ``save_pretrained``, plus the tokenizer's
+``tokenizer.json`` / ``tokenizer_config.json``) holds only the model and its tokenizer, in formats that
+cannot carry code, and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
+(``mf eval`` / ``mf generate --model_dir DIR``). The checkpoint itself is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -12,35 +13,32 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from mf_lightning.config import ModelConfig
-from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, read_checkpoint
-from mf_lightning.models.pretrained import clean_keys, save_pretrained, state_problems
-from mf_lightning.models.registry import build_model
+from mf_lightning.data.tokenizers import save_tokenizer
+from mf_lightning.lit.checkpoints import read_checkpoint
+from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint, read_run_config
+from mf_lightning.models.pretrained import save_pretrained
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """Writes the model of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``; returns ``out``."""
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
+    """Writes the model and tokenizer of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``.
+
+    ``config`` (the run's config.yaml) is only needed for checkpoints that carry no tokenizer.
+    """
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
-    saved = checkpoint.get(MODEL_CONFIG_KEY)
-    if saved is None:
-        raise ValueError(f"checkpoint {ckpt_path} records no model config (it was not written by mf fit); cannot export")
-    config = ModelConfig.from_dict(saved)
-    with torch.device("meta"):
-        model = build_model(config)
-    state = clean_keys(checkpoint["state_dict"])
-    problems = state_problems(state, model.state_dict())
-    if problems:
-        raise ValueError(f"checkpoint {ckpt_path} does not fit its own {config.arch} config: {'; '.join(problems)}")
-    model.load_state_dict(state, assign=True)
-    return save_pretrained(model, out)
+    model = model_from_checkpoint(checkpoint, ckpt_path)
+    tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, read_run_config(config) if config else {})
+    directory = save_pretrained(model, out)
+    save_tokenizer(tokenizer, directory)
+    return directory
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mf export``: parse the arguments, export, and say where the model went."""
     parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by mf fit")
-    parser.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
+    parser.add_argument(
+        "--config", default=None, help="the run's config.yaml; only for checkpoints written before they carried the tokenizer"
+    )
     args = parser.parse_args(argv)
-    print(f"exported the model of {args.ckpt_path} to {export_checkpoint(args.ckpt_path, args.out)}")
+    print(f"exported the model of {args.ckpt_path} to {export_checkpoint(args.ckpt_path, args.out, args.config)}")

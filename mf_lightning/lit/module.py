@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from mf_lightning.config import ModelConfig
+from mf_lightning.data.tokenizers import Tokenizer, tokenizer_state
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
 from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
 from mf_lightning.models import build_model
@@ -168,14 +169,20 @@ class LanguageModel(L.LightningModule):
         return {"prompt": batch["prompt"], "completion": tokenizer.decode(completion)}
 
     @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The attached DataModule's tokenizer (``None`` without one)."""
+        return getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+
+    @property
     def tokenizer_fingerprint(self) -> str | None:
         """Fingerprint of the attached DataModule's tokenizer (``None`` without one)."""
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
-        return getattr(tokenizer, "fingerprint", None)
+        return getattr(self.tokenizer, "fingerprint", None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Records the model config and tokenizer, which loading checks the checkpoint against."""
-        stamp_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint)
+        tokenizer = self.tokenizer
+        state = None if tokenizer is None else tokenizer_state(tokenizer)
+        stamp_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses, with one clear error, a checkpoint of another model or tokenizer before any weight is copied.

@@ -1,0 +1,105 @@
+"""One loader for inference: a run (config + checkpoint) or an exported folder gives the trained model and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_support import run, state_of, tiny_run_args, write_corpus
+from mf_lightning.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    load_folder_tokenizer,
+    save_tokenizer,
+    tokenizer_from_state,
+    tokenizer_state,
+    train_bpe,
+)
+from mf_lightning.lit.checkpoints import TOKENIZER_STATE_KEY
+from mf_lightning.lit.export import export_checkpoint
+from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.models.pretrained import clean_keys
+
+TEXTS = ["the memory layer hashes tokens into buckets", "attention mixes them"] * 20
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A finished 4-step run of a BPE-tokenized corpus; returns its root folder."""
+    root = tmp_path_factory.mktemp("bpe_run")
+    corpus = write_corpus(root / "corpus")
+    run("fit", tiny_run_args(root, corpus, max_steps=4, **{"data.tokenizer": "bpe:300", "trainer.val_check_interval": 2}))
+    return root
+
+
+def assert_weights_of(model: torch.nn.Module, checkpoint: Path) -> None:
+    expected = clean_keys(state_of(checkpoint))
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in state)
+
+
+def test_a_run_loads_from_its_saved_config_and_last(bpe_run):
+    model, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path="last")
+    assert_weights_of(model, bpe_run / "checkpoints" / "last.ckpt")
+    assert not model.training
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == 300
+    checkpoint = torch.load(bpe_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert tokenizer.fingerprint == checkpoint["mf_tokenizer"]
+
+
+def test_an_exported_folder_is_self_contained(bpe_run, tmp_path):
+    checkpoint = bpe_run / "checkpoints" / "last.ckpt"
+    folder = export_checkpoint(checkpoint, tmp_path / "model")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+        p.name for p in folder.iterdir()
+    )
+    model, tokenizer = load_for_inference(model_dir=folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    _, from_run = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=checkpoint)
+    assert tokenizer.fingerprint == from_run.fingerprint
+    assert tokenizer.encode("memory layer") == from_run.encode("memory layer")
+
+
+def test_a_checkpoint_without_a_tokenizer_falls_back_to_the_run_config(bpe_run, tmp_path):
+    checkpoint = torch.load(bpe_run / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint[TOKENIZER_STATE_KEY]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    _, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=old)
+    assert tokenizer.fingerprint == checkpoint["mf_tokenizer"]
+    with pytest.raises(ValueError, match="carries no tokenizer"):
+        export_checkpoint(old, tmp_path / "model")
+
+
+def test_bad_requests_name_what_is_missing(bpe_run, tmp_path):
+    with pytest.raises(ValueError, match="either --model_dir"):
+        load_for_inference()
+    with pytest.raises(ValueError, match="either --model_dir"):
+        load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", model_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs --config"):
+        load_for_inference(ckpt_path="last")
+    empty = tmp_path / "tensorboard" / "config.yaml"
+    empty.parent.mkdir()
+    empty.write_text("trainer: {default_root_dir: nowhere}\n")
+    with pytest.raises(FileNotFoundError, match="has no last.ckpt"):
+        load_for_inference(config=empty, ckpt_path="last")
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        load_folder_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), train_bpe(TEXTS, 280)], ids=["byte", "bpe"])
+def test_tokenizers_round_trip_through_checkpoint_state_and_folders(tokenizer, tmp_path):
+    for restored in (tokenizer_from_state(tokenizer_state(tokenizer), "x"), save_and_load(tokenizer, tmp_path)):
+        assert type(restored) is type(tokenizer)
+        assert (restored.fingerprint, restored.eos_id, restored.vocab_size) == (
+            tokenizer.fingerprint, tokenizer.eos_id, tokenizer.vocab_size,
+        )
+        assert restored.encode("hashes tokens") == tokenizer.encode("hashes tokens")
+
+
+def save_and_load(tokenizer, folder: Path):
+    save_tokenizer(tokenizer, folder)
+    return load_folder_tokenizer(folder)
