@@ -46,7 +46,7 @@ from mf_lightning.lit.predictions import CompletionWriter
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-TOOLS = {"efficiency": "mf_lightning.models.efficiency", "export": "mf_lightning.lit.export"}
+TOOLS = {"efficiency": "mf_lightning.models.efficiency", "export": "mf_lightning.lit.export", "generate": "mf_lightning.lit.generate"}
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, NonFiniteTrainingError)
 """Errors our own checks raise for bad configs and inputs or a diverged run: one line unless MF_TRACEBACK=1."""

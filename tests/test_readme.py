@@ -11,6 +11,7 @@ import pytest
 
 from cli_support import REPO
 from mf_lightning.cli import main
+from mf_lightning.lit.generate import parse_args
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 COMMAND_LINES = [
@@ -36,6 +37,9 @@ def test_mf_command_parses(command, capsys):
     if args[0] == "efficiency":
         main(args)
         assert "FLOPs" in capsys.readouterr().out
+        return
+    if args[0] == "generate":
+        assert parse_args(args[1:]).prompt
         return
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
