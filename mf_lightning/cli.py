@@ -50,7 +50,12 @@ from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-TOOLS = {"efficiency": "mf_lightning.models.efficiency", "export": "mf_lightning.lit.export", "eval": "mf_lightning.eval.cli"}
+TOOLS = {
+    "efficiency": "mf_lightning.models.efficiency",
+    "export": "mf_lightning.lit.export",
+    "eval": "mf_lightning.eval.cli",
+    "generate": "mf_lightning.lit.generate",
+}
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (
     ValueError,

@@ -12,6 +12,7 @@ import pytest
 from cli_support import REPO
 from mf_lightning.cli import main
 from mf_lightning.eval.cli import build_parser as build_eval_parser
+from mf_lightning.lit.generate import parse_args
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 COMMAND_LINES = [
@@ -40,6 +41,9 @@ def test_mf_command_parses(command, capsys):
         return
     if args[0] == "eval":  # parse only: running it needs a trained model (tests/eval runs it end to end)
         build_eval_parser().parse_args(args[1:])
+        return
+    if args[0] == "generate":
+        assert parse_args(args[1:]).prompt
         return
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])

@@ -28,17 +28,27 @@ def embedding_bag_memory_layer(
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
     buckets = bucket_indices(chunks)
-    rows = buckets + table_offsets(num_tables, num_rows, x.device)
-    scores = chunk_scores(chunks, score, temperature).to(tables.dtype)
+    rows = (buckets + table_offsets(num_tables, num_rows, x.device)).view(-1)
+    scores = chunk_scores(chunks, score, temperature).to(tables.dtype).view(-1)
     y = F.embedding_bag(
-        rows, tables.reshape(num_tables * num_rows, out_features), per_sample_weights=scores, mode="sum"
+        rows,
+        tables.view(num_tables * num_rows, out_features),
+        bag_starts(chunks.shape[0], num_tables, x.device),
+        per_sample_weights=scores,
+        mode="sum",
     )
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], out_features), buckets.reshape(*x.shape[:-1], num_tables)
+    return y.view(*x.shape[:-1], out_features), buckets.view(*x.shape[:-1], num_tables)
 
 
 @functools.cache
 def table_offsets(num_tables: int, num_rows: int, device: torch.device) -> torch.Tensor:
     """Row of the first bucket of each table in the flattened ``[K * 2**tau, out]`` tables."""
     return torch.arange(0, num_tables * num_rows, num_rows, device=device, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def bag_starts(num_tokens: int, num_tables: int, device: torch.device) -> torch.Tensor:
+    """Where each token's bag of ``num_tables`` rows starts in the flattened rows (kept, not rebuilt per call)."""
+    return torch.arange(0, num_tokens * num_tables, num_tables, device=device, dtype=torch.int64)

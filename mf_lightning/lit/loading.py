@@ -44,7 +44,7 @@ def load_for_inference(
     if (model_dir is None) == (ckpt_path is None and config is None):
         raise ValueError("give either --model_dir DIR, or --config RUN_CONFIG with --ckpt_path last|FILE")
     if model_dir is not None:
-        model, tokenizer = load_pretrained(model_dir, device), load_folder_tokenizer(model_dir)
+        model, tokenizer = load_pretrained(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
     else:
         run_config = read_run_config(config) if config is not None else {}
         path = resolve_checkpoint(ckpt_path or LAST, config, run_config)

@@ -8,6 +8,7 @@ tested against).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from mf_lightning.models.base import DecoderLM
 
 
-@torch.no_grad()
 def generate(
     model: DecoderLM,
     idx: torch.Tensor,
@@ -36,11 +36,43 @@ def generate(
     decoding stops early once every row has. The model runs in eval mode (no dropout) and is put back
     in its previous mode afterwards.
     """
+    steps = stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    tokens = idx.new_empty(idx.shape[0], idx.shape[1] + max_new_tokens)
+    tokens[:, : idx.shape[1]] = idx
+    length = idx.shape[1]
+    for token in steps:
+        tokens[:, length] = token
+        length += 1
+    return tokens[:, :length]
+
+
+def stream(
+    model: DecoderLM,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """The tokens :func:`generate` appends to ``idx [B, T]``, one ``[B]`` tensor per step as soon as it exists.
+
+    The arguments are checked here, before any decoding; the model is in eval mode while the iterator
+    runs and back in its previous mode once it is exhausted or closed.
+    """
     check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id)
+    return in_eval_mode(model, decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
+
+
+@torch.no_grad()
+def in_eval_mode(model: DecoderLM, steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Run ``steps`` without gradients and with ``model`` in eval mode, restoring its mode afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+        yield from steps
     finally:
         model.train(was_training)
 
@@ -55,22 +87,25 @@ def decode(
     eos_id: int | None,
     use_cache: bool,
     generator: torch.Generator | None,
-) -> torch.Tensor:
-    """The decoding loop of :func:`generate`, on checked arguments."""
+) -> Iterator[torch.Tensor]:
+    """The decoding loop of :func:`stream`, on checked arguments.
+
+    With the cache, each step runs the model on the one new token; the caches are allocated once for
+    the whole prompt + ``max_new_tokens``, and the loop itself allocates nothing but the token.
+    """
     caches = model.new_kv_caches(idx.shape[1] + max_new_tokens) if use_cache else None
-    tokens, step_input = idx, idx
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    tokens = idx
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if eos_id is not None else None
     for _ in range(max_new_tokens):
-        logits = model.compute_logits(step_input if use_cache else tokens, caches)[:, -1]
+        logits = model.compute_logits(tokens, caches)[:, -1]
         token = sample(logits, temperature, top_k, top_p, generator).to(idx.dtype)
-        if eos_id is not None:
+        if finished is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        if eos_id is not None and bool(finished.all()):
-            break
-        step_input = token[:, None]
-    return tokens
+        yield token
+        if finished is not None and bool(finished.all()):
+            return
+        tokens = token[:, None] if use_cache else torch.cat([tokens, token[:, None]], dim=1)
 
 
 def sample(

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.base import DecoderLM
@@ -61,19 +61,25 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
 
 
 def load_pretrained(
-    directory: str | Path, device: torch.device | str = "cpu", arch: str | None = None
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    arch: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> DecoderLM:
     """The model saved in ``directory``, with its weights on ``device``; ``arch`` demands that architecture.
 
     The model is built on the meta device and the loaded tensors are assigned to it, so no memory or
-    time goes into an initialisation that would be overwritten.
+    time goes into an initialisation that would be overwritten. ``dtype`` (e.g. ``torch.bfloat16`` for
+    inference) converts the floating-point weights one tensor at a time as they are read, so the
+    whole model never exists in the saved precision.
     """
+    check_float_dtype(dtype)
     directory = Path(directory)
     config = read_config(directory / CONFIG_NAME)
     if arch is not None and config.arch != arch:
         raise ValueError(f"{directory / CONFIG_NAME} describes a {config.arch!r} model, not {arch!r}")
     weights = directory / WEIGHTS_NAME
-    state = read_weights(weights, device)
+    state = read_weights(weights, device, dtype)
     with torch.device("meta"):
         model = build_model(config)
     check_state(model, state, weights)
@@ -92,12 +98,14 @@ def read_config(path: Path) -> ModelConfig:
         raise ValueError(f"{path} is not a valid model config: {error}") from error
 
 
-def read_weights(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file at ``path``, with compile/Lightning key prefixes removed."""
+def read_weights(path: Path, device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at ``path``, with compile/Lightning key prefixes removed and
+    floating-point tensors converted to ``dtype`` (when given) one by one."""
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path} (expected a directory written by save_pretrained)")
     try:
-        state = load_file(path, device=str(device))
+        with safe_open(path, framework="pt", device=str(device)) as weights:
+            state = {key: to_dtype(weights.get_tensor(key), dtype) for key in weights.keys()}
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     return clean_keys(state)
@@ -128,6 +136,36 @@ def check_config_matches_weights(config: ModelConfig, config_path: Path, weights
 def as_json(values: dict[str, Any]) -> Any:
     """``values`` as they read back from JSON (tuples become lists)."""
     return json.loads(json.dumps(values))
+
+
+def to_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` if it is floating-point and ``dtype`` is given; integer tensors stay as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def check_float_dtype(dtype: torch.dtype | None) -> None:
+    """Reject a ``dtype`` that is not a floating-point torch dtype (weights cannot be stored in it)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch dtype such as torch.bfloat16, got {dtype!r}")
+
+
+def build_in_dtype(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> DecoderLM:
+    """The model of ``config`` built on the meta device and materialised directly in ``dtype`` on ``device``.
+
+    Every module's ``reset_parameters`` then initialises it in place, so a model too large for memory
+    in float32 (MemoryFormer-base: 6.6 billion table values) can be built in bfloat16 without ever
+    being whole in float32. The initialisation is each module's default (e.g. ``nn.Linear``'s uniform),
+    not the model's own: use it for measurements, or load trained weights into it.
+    """
+    check_float_dtype(dtype)
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
 
 
 def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,10 +37,10 @@ class KVCache:
             batch, heads, _, head_size = keys.shape
             self.keys = keys.new_empty(batch, heads, self.max_len, head_size)
             self.values = values.new_empty(batch, heads, self.max_len, head_size)
-        self.keys[:, :, self.length : end] = keys
-        self.values[:, :, self.length : end] = values
+        self.keys.narrow(2, self.length, keys.shape[2]).copy_(keys)
+        self.values.narrow(2, self.length, keys.shape[2]).copy_(values)
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,8 +59,9 @@ class CausalSelfAttention(nn.Module):
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         batch, length, _ = qkv.shape
-        q, k, v = qkv.unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], cos, sin)
+        v = qkv[2]
         if cache is not None:
             k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(

@@ -7,7 +7,7 @@ import torch
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import build_model
-from mf_lightning.models.generation import sample, top_p_filter
+from mf_lightning.models.generation import sample, stream, top_p_filter
 
 ARCHS = ["memoryformer", "transformer"]
 
@@ -112,3 +112,16 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, message: str) -> None:
 def test_out_of_vocabulary_prompt_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"idx holds token ids outside \[0, 257\): min 0, max 300"):
         debug_model().generate(torch.tensor([[0, 300]]), 2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stream_yields_the_tokens_generate_appends(arch: str) -> None:
+    model, prompt = debug_model(arch), torch.randint(0, 257, (2, 3))
+    streamed = list(stream(model, prompt, 7, temperature=0))
+    assert len(streamed) == 7 and all(token.shape == (2,) for token in streamed)
+    torch.testing.assert_close(torch.stack(streamed, dim=1), model.generate(prompt, 7, temperature=0)[:, 3:])
+
+
+def test_stream_checks_its_arguments_before_the_first_token() -> None:
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
+        stream(debug_model(), torch.zeros(1, 2, dtype=torch.long), -1)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import pretrained
 from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, save_pretrained
+from mf_lightning.models.pretrained import build_in_dtype
 
 ARCHS = ["memoryformer", "transformer"]
 
@@ -166,3 +167,26 @@ def test_a_full_disk_while_saving_names_the_file(tmp_path: Path, monkeypatch: py
         save_pretrained(debug_model(), tmp_path / "model")
     assert raised.value.errno == errno.ENOSPC
     assert raised.value.filename == str(tmp_path / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loading_in_bfloat16_converts_every_weight(arch: str, tmp_path: Path) -> None:
+    model = debug_model(arch)
+    loaded = load_pretrained(model.save_pretrained(tmp_path / "saved"), dtype=torch.bfloat16)
+    assert_same_weights(loaded, model.to(torch.bfloat16))
+    assert all(parameter.dtype == torch.bfloat16 for parameter in loaded.parameters())
+
+
+def test_a_dtype_that_cannot_hold_weights_is_a_clear_error(tmp_path: Path) -> None:
+    directory = debug_model().save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="dtype must be None or a floating-point torch dtype.*torch.int8"):
+        load_pretrained(directory, dtype=torch.int8)
+
+
+def test_build_in_dtype_materialises_directly_in_that_dtype() -> None:
+    config = ModelConfig.from_preset("debug")
+    model = build_in_dtype(config, "cpu", torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert model.blocks[0].qkv.tables.std().item() == pytest.approx(model.blocks[0].qkv.init_std, rel=0.1)
+    assert model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0).shape == (1, 4)

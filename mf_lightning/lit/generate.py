@@ -1,0 +1,129 @@
+"""``mf generate``: continue a prompt with a trained model, printing the text as it is generated.
+
+    mf generate --config runs/x/tensorboard/config.yaml --ckpt_path last "Once upon a time"
+    echo "Once upon a time" | mf generate --model_dir exported/ --dtype bfloat16 --temperature 0
+
+The model comes from a run (``--config`` + ``--ckpt_path last|FILE``) or a folder written by
+``mf export`` (``--model_dir``), loaded by :func:`mf_lightning.lit.loading.load_for_inference`. The
+prompt is the positional argument, or standard input when it is absent. The continuation (not the
+prompt) goes to standard output token by token; a token that ends inside a multi-byte character is
+held back until the character is complete, so the streamed text is exactly the decoded continuation.
+Generation stops after ``--max_new_tokens`` tokens or at the tokenizer's end-of-text token. The speed
+(tokens/s, prompt processing included) is printed to standard error at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+import torch
+
+from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.generation import stream
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REPLACEMENT = "\ufffd"
+"""What decoding puts in place of bytes that do not (yet) form a character."""
+
+
+class TextStream:
+    """Turns generated token ids into text pieces whose concatenation is the decoded whole.
+
+    Each :meth:`push` decodes all ids so far and returns the text not returned before, except while
+    the text ends in an incomplete character (a byte-level token can stop in the middle of one); the
+    decoded whole is only a prefix of the final text where it ends in a complete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        """Add one token; the new text that is now final."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        return "" if text.endswith(REPLACEMENT) else self.take(text)
+
+    def finish(self) -> str:
+        """The text not returned yet (including an incomplete character at the very end)."""
+        return self.take(self.tokenizer.decode(self.ids))
+
+    def take(self, text: str) -> str:
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def generate_text(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    out: TextIO,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> int:
+    """Write the continuation of ``prompt`` to ``out`` as it is generated; return the number of tokens made.
+
+    An empty prompt starts a new document (from the end-of-text token). The end-of-text token ends
+    generation and decodes to nothing.
+    """
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    text = TextStream(tokenizer)
+    count = 0
+    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator=generator):
+        count += 1
+        out.write(text.push(int(token)))
+        out.flush()
+    out.write(text.finish())
+    out.flush()
+    return count
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mf generate", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("prompt", nargs="?", default=None, help="text to continue (default: read standard input)")
+    parser.add_argument("--config", default=None, help="a run's config.yaml (with --ckpt_path)")
+    parser.add_argument("--ckpt_path", default=None, help="'last' or a .ckpt file of the run")
+    parser.add_argument("--model_dir", default=None, help="a folder written by mf export (instead of a run)")
+    parser.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    parser.add_argument("--top_p", type=float, default=None, help="sample from the smallest set of this probability")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling, for repeatable output")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    args = parser.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if args.prompt is None and sys.stdin.isatty():
+        parser.error("give a prompt, or pipe one to standard input")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``mf generate``: load the model, stream the continuation to stdout and the speed to stderr."""
+    args = parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt is None else args.prompt
+    model, tokenizer = load_for_inference(args.config, args.ckpt_path, args.model_dir, args.device, DTYPES[args.dtype])
+    generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    count = generate_text(
+        model, tokenizer, prompt, sys.stdout, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator
+    )
+    seconds = time.perf_counter() - start
+    print(f"\n{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s", file=sys.stderr)
