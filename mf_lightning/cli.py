@@ -35,6 +35,7 @@ from mf_lightning.callbacks import (
     NonFiniteGuard,
     NonFiniteTrainingError,
     PreemptionCheckpoint,
+    ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint
@@ -90,9 +91,17 @@ class MFCLI(LightningCLI):
         parser.add_lightning_class_args(BucketUsageMonitor, "bucket_usage")
         parser.add_lightning_class_args(GradientCoverageMonitor, "gradient_coverage")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+        parser.add_lightning_class_args(ValidationSchedule, "validation")
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for name in ("val_check_interval", "check_val_every_n_epoch"):
+            if config.trainer.get(name) is not None:
+                raise ValueError(
+                    f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
+                    "remove it and set validation.every_n_steps (optimizer steps) instead"
+                )
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
 
@@ -104,6 +113,8 @@ class MFCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is False:
             defaults = self.trainer_defaults["callbacks"]
             self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, RichProgressBar)]
+        schedule = self._get(self.config_init, "validation")
+        kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -4,6 +4,7 @@ from mf_lightning.callbacks.bucket_usage import BucketUsageMonitor
 from mf_lightning.callbacks.gradient_coverage import GradientCoverageMonitor
 from mf_lightning.callbacks.non_finite import NonFiniteGuard, NonFiniteTrainingError
 from mf_lightning.callbacks.preemption import PreemptionCheckpoint
+from mf_lightning.callbacks.validation_schedule import ValidationSchedule
 
 __all__ = [
     "BucketUsageMonitor",
@@ -11,4 +12,5 @@ __all__ = [
     "NonFiniteGuard",
     "NonFiniteTrainingError",
     "PreemptionCheckpoint",
+    "ValidationSchedule",
 ]

@@ -33,7 +33,7 @@ from mf_lightning.models.pretrained import COMPILE_PREFIX, state_problems
 
 MODEL_CONFIG_KEY = "mf_model_config"
 TOKENIZER_KEY = "mf_tokenizer"
-RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len"})
+RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len", "loss_chunk_size"})
 """Model config fields a resumed or evaluated model may change: they shape no weight."""
 
 
