@@ -24,17 +24,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
+    FlopsModelSummary,
     GradientCoverageMonitor,
     NonFiniteGuard,
     NonFiniteTrainingError,
     PreemptionCheckpoint,
+    StepProgressBar,
     ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
@@ -110,9 +112,11 @@ class MFCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="")
-        if trainer_config.get("enable_progress_bar") is False:
-            defaults = self.trainer_defaults["callbacks"]
-            self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, RichProgressBar)]
+        for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
+            if trainer_config.get(flag) is False:
+                defaults = self.trainer_defaults["callbacks"]
+                self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, kind)]
+        kwargs["enable_model_summary"] = False  # FlopsModelSummary, when kept, replaces Lightning's default one
         schedule = self._get(self.config_init, "validation")
         kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
         plugins = trainer_config.get("plugins") or []
@@ -168,7 +172,8 @@ def build_cli(args: list[str] | None) -> MFCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "callbacks": [
-                RichProgressBar(),
+                StepProgressBar(),
+                FlopsModelSummary(),
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(batch_size_fn=batch_windows, length_fn=batch_tokens),
                 CompletionWriter(),
