@@ -155,7 +155,6 @@ def test_torch_compile_runs_on_cpu() -> None:
     _, loss = compiled(idx, idx)
     loss.backward()
     torch.testing.assert_close(loss, model(idx, idx)[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_config_backend_and_score_reach_every_memory_layer() -> None:

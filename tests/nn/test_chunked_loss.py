@@ -66,6 +66,7 @@ def test_half_precision_inputs_give_gradients_of_their_dtype() -> None:
     assert_all_close(chunked, loss_and_grads(plain, hidden, weight, targets), rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_it_in_one_graph() -> None:
     hidden, weight, targets = inputs()
     compiled = torch.compile(lambda h, w, t: chunked_cross_entropy(h, w, t, 8), backend="aot_eager", fullgraph=True)
