@@ -5,7 +5,9 @@ last`` evaluate or sample from the latest checkpoint; ``mf efficiency`` prints t
 table of every preset; ``mf export --ckpt_path X --out DIR`` turns a checkpoint into a safetensors model
 folder. Everything a run writes lives under ``trainer.default_root_dir``: TensorBoard logs and the
 resolved config in ``tensorboard/``, checkpoints (``last.ckpt`` and the best by validation loss) in
-``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it.
+``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it. Validation, and the
+checkpoints it writes, come every ``validation.every_n_steps`` optimizer steps and after the final step
+(``ValidationSchedule``); the progress bar counts optimizer steps and tokens (``StepProgressBar``).
 
 Checkpoints are written atomically and read without unpickling code (``mf_lightning.lit.checkpoints``);
 SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``); steps with a non-finite loss or
