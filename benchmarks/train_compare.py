@@ -123,7 +123,7 @@ def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
         "seed_everything": args.seed,
         "trainer.default_root_dir": root,
         "trainer.max_steps": args.steps,
-        "trainer.val_check_interval": args.val_every,
+        "validation.every_n_steps": args.val_every,
         "trainer.limit_val_batches": args.val_batches,
         "trainer.log_every_n_steps": args.log_every,
         "trainer.enable_progress_bar": False,

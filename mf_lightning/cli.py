@@ -5,7 +5,9 @@ last`` evaluate or sample from the latest checkpoint; ``mf efficiency`` prints t
 table of every preset; ``mf export --ckpt_path X --out DIR`` turns a checkpoint into a safetensors model
 folder. Everything a run writes lives under ``trainer.default_root_dir``: TensorBoard logs and the
 resolved config in ``tensorboard/``, checkpoints (``last.ckpt`` and the best by validation loss) in
-``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it.
+``checkpoints/``, so re-running the same command with ``--ckpt_path last`` resumes it. Validation, and the
+checkpoints it writes, come every ``validation.every_n_steps`` optimizer steps and after the final step
+(``ValidationSchedule``); the progress bar counts optimizer steps and tokens (``StepProgressBar``).
 
 Checkpoints are written atomically and read without unpickling code (``mf_lightning.lit.checkpoints``);
 SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``); steps with a non-finite loss or
@@ -26,17 +28,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
+    FlopsModelSummary,
     GradientCoverageMonitor,
     NonFiniteGuard,
     NonFiniteTrainingError,
     PreemptionCheckpoint,
+    StepProgressBar,
+    ValidationSchedule,
 )
 from mf_lightning.checks import positive_int
 from mf_lightning.data import TextDataModule
@@ -109,9 +114,17 @@ class MFCLI(LightningCLI):
         parser.add_lightning_class_args(BucketUsageMonitor, "bucket_usage")
         parser.add_lightning_class_args(GradientCoverageMonitor, "gradient_coverage")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+        parser.add_lightning_class_args(ValidationSchedule, "validation")
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for name in ("val_check_interval", "check_val_every_n_epoch"):
+            if config.trainer.get(name) is not None:
+                raise ValueError(
+                    f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
+                    "remove it and set validation.every_n_steps (optimizer steps) instead"
+                )
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
         check_trainer_counts(config.trainer)
@@ -123,9 +136,13 @@ class MFCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="")
-        if trainer_config.get("enable_progress_bar") is False:
-            defaults = self.trainer_defaults["callbacks"]
-            self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, RichProgressBar)]
+        for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
+            if trainer_config.get(flag) is False:
+                defaults = self.trainer_defaults["callbacks"]
+                self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, kind)]
+        kwargs["enable_model_summary"] = False  # FlopsModelSummary, when kept, replaces Lightning's default one
+        schedule = self._get(self.config_init, "validation")
+        kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -230,7 +247,8 @@ def build_cli(args: list[str] | None) -> MFCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "callbacks": [
-                RichProgressBar(),
+                StepProgressBar(),
+                FlopsModelSummary(),
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(batch_size_fn=batch_windows, length_fn=batch_tokens),
                 CompletionWriter(),

@@ -37,7 +37,9 @@ class ModelConfig:
 
     ``arch`` is ``memoryformer`` (Memory Layers instead of fully-connected layers) or ``transformer``
     (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
-    ``ffn_multiplier`` is the baseline's feed-forward expansion. Derived, read-only fields:
+    ``ffn_multiplier`` is the baseline's feed-forward expansion. ``loss_chunk_size`` tokens at a time go
+    through the LM head and cross-entropy when a loss is computed (``mf_lightning.nn.chunked_loss``; 0 forms
+    the full ``[tokens, vocab]`` logits instead). Derived, read-only fields:
     ``head_size``, ``rotary_dims`` (rotated dimensions of each head), ``num_tables`` (tables per Memory
     Layer reading the residual stream, 0 for the baseline), ``ffn_code_bits`` and ``ffn_hidden``
     (``num_tables * ffn_code_bits`` for MemoryFormer, ``ffn_multiplier * n_embd`` for the baseline).
@@ -59,6 +61,7 @@ class ModelConfig:
     backend: str = "auto"
     dropout: float = 0.0
     ffn_multiplier: int = 4
+    loss_chunk_size: int = 1024
     head_size: int = field(init=False)
     rotary_dims: int = field(init=False)
     num_tables: int = field(init=False)
@@ -86,6 +89,10 @@ class ModelConfig:
             positive_int(name, getattr(self, name))
         if isinstance(self.ffn_extra_bits, bool) or not isinstance(self.ffn_extra_bits, int) or self.ffn_extra_bits < 0:
             raise ValueError(f"ffn_extra_bits must be a non-negative integer, got {self.ffn_extra_bits!r}")
+        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(
+                f"loss_chunk_size must be a non-negative integer (0: no chunking), got {self.loss_chunk_size!r}"
+            )
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         in_range("rotary_fraction", self.rotary_fraction, 0.0, 1.0, closed_low=True)

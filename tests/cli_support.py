@@ -30,7 +30,7 @@ def tiny_run_args(root: Path, corpus: Path, max_steps: int = 6, **overrides: obj
     settings = {
         "trainer.default_root_dir": root,
         "trainer.max_steps": max_steps,
-        "trainer.val_check_interval": 3,
+        "validation.every_n_steps": 3,
         "trainer.limit_val_batches": 2,
         "trainer.log_every_n_steps": 1,
         "trainer.enable_progress_bar": False,

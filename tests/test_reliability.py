@@ -29,7 +29,7 @@ SUBPROCESS_TIMEOUT = 120
 
 def fit_command(root: Path, corpus: Path, *extra: str) -> list[str]:
     """``python -m mf_lightning fit`` of a small model saving ``last.ckpt`` every 2 steps (from validation at step 4)."""
-    args = tiny_run_args(root, corpus, max_steps=STEPS, **LIGHT, **{"trainer.val_check_interval": 4})
+    args = tiny_run_args(root, corpus, max_steps=STEPS, **LIGHT, **{"validation.every_n_steps": 4})
     return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
 
 

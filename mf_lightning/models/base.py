@@ -19,6 +19,7 @@ from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import generation
 from mf_lightning.nn.attention import KVCache
+from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.rotary import rotary_cos_sin
 
 IGNORE_INDEX = -100
@@ -46,28 +47,46 @@ class DecoderLM(nn.Module, ABC):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``[B, T, vocab]`` of token ids ``idx [B, T]``, and the mean next-token cross-entropy
-        against ``targets [B, T]`` (positions holding -100 are ignored) or None without targets."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits ``[B, T, vocab]`` of token ids ``idx [B, T]`` and None; or, given ``targets [B, T]``, the mean
+        next-token cross-entropy (positions holding -100 are ignored) as the second item.
+
+        With targets and ``config.loss_chunk_size > 0`` the logits are never formed (the head and the loss
+        run in chunks of tokens, :mod:`mf_lightning.nn.chunked_loss`) and the first item is None; call
+        without targets, or with ``loss_chunk_size=0``, for the logits.
+        """
         self.check_tokens(idx)
-        logits = self.compute_logits(idx)
         if targets is None:
-            return logits, None
+            return self.compute_logits(idx), None
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        hidden = self.hidden_states(idx)
+        chunk_size = self.config.loss_chunk_size
+        if chunk_size:
+            loss = chunked_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(), chunk_size, IGNORE_INDEX)
+            return None, loss
+        logits = F.linear(hidden, self.head_weight)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's ``[vocab, n_embd]`` weight: the token embedding's when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
+
     def compute_logits(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """Logits of ``idx [B, T]``, placed after the positions already in ``kv_caches`` (one per block)."""
+        return F.linear(self.hidden_states(idx, kv_caches), self.head_weight)
+
+    def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The final-norm hidden states ``[B, T, n_embd]`` of ``idx``, the LM head's input."""
         start = 0 if kv_caches is None else kv_caches[0].length
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base)
         x = self.embed(idx)
         for block, cache in zip(self.blocks, kv_caches or [None] * len(self.blocks)):
             x = block(x, cos, sin, cache)
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        return self.norm(x)
 
     def new_kv_caches(self, max_len: int) -> list[KVCache]:
         """One empty KV cache per block, each holding ``max_len`` positions."""
