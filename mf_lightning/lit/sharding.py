@@ -204,11 +204,35 @@ class FSDPStrategy(ModelParallelStrategy):
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
 
+        names = {id(parameter): name.replace(COMPILE_PREFIX, "") for name, parameter in self.model.named_parameters()}
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if state["state"] and isinstance(next(iter(state["state"])), int):
-                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
             set_optimizer_state_dict(
-                self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+                self.model, optimizer, optim_state_dict=keyed_by_name(state, optimizer, names),
+                options=StateDictOptions(full_state_dict=True),
             )
+
+
+def keyed_by_name(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """An ``Optimizer.state_dict()`` (parameters numbered) keyed by parameter name instead.
+
+    Saved and current parameters are matched group by group, in order, as ``Optimizer.load_state_dict``
+    matches them, so it holds however the numbers were given: by a single-device optimizer (in its
+    groups' order) or by Lightning's sharded save (in the model's order). ``names`` maps ``id(param)`` to
+    the parameter's name.
+    """
+    saved_groups, groups = state["param_groups"], optimizer.param_groups
+    if [len(group["params"]) for group in saved_groups] != [len(group["params"]) for group in groups]:
+        raise ValueError(
+            f"the checkpoint's optimizer has parameter groups of sizes {[len(g['params']) for g in saved_groups]}, "
+            f"this one {[len(g['params']) for g in groups]}; resume with the optimizer the checkpoint was trained with"
+        )
+    name_of = {
+        number: names[id(parameter)]
+        for saved, group in zip(saved_groups, groups)
+        for number, parameter in zip(saved["params"], group["params"])
+    }
+    return {
+        "state": {name_of[number]: value for number, value in state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[number] for number in group["params"]]} for group in saved_groups],
+    }

@@ -8,7 +8,7 @@ from torch import nn
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.lit import LanguageModel
-from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, materialize
+from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, keyed_by_name, materialize
 from mf_lightning.models import build_model
 
 
@@ -53,3 +53,18 @@ def test_replay_initialises_in_the_recorded_order() -> None:
     materialize(module, calls, state, torch.device("cpu"))
     torch.manual_seed(0)
     assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), build().state_dict().values()))
+
+
+def test_optimizer_state_is_keyed_by_name_group_by_group() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    groups = [{"params": [model[1].weight, model[0].bias]}, {"params": [model[0].weight, model[1].bias]}]
+    optimizer = torch.optim.AdamW(groups)
+    model(torch.randn(4, 2)).sum().backward()
+    optimizer.step()
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    keyed = keyed_by_name(optimizer.state_dict(), optimizer, names)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(keyed["state"][name]["exp_avg"], optimizer.state[parameter]["exp_avg"])
+    assert [group["params"] for group in keyed["param_groups"]] == [["1.weight", "0.bias"], ["0.weight", "1.bias"]]
+    with pytest.raises(ValueError, match=r"parameter groups of sizes \[2, 2\], this one \[4\]"):
+        keyed_by_name(optimizer.state_dict(), torch.optim.AdamW(model.parameters()), names)
