@@ -29,6 +29,8 @@ class PaddedWindows(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"item {index} out of range [0, {self.length})")
         if index < len(self.windows):
             return self.windows[index]
         x, y = self.windows[0]
