@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers
@@ -21,7 +22,8 @@ class GradientCoverageMonitor(pl.Callback):
     step trains a fraction of the rows; this shows that fraction and whether the tables learn at a
     pace comparable to the rest of the model. Measured in ``on_before_optimizer_step``, when gradients
     are final (accumulated, unscaled and, under DDP, already all-reduced, hence the same on every
-    rank: rank 0 logs, no collective is needed). Logged, at the global step of the update:
+    rank: rank 0 logs, no collective is needed; under FSDP every rank measures its shards and the sums
+    are reduced). Logged, at the global step of the update:
 
     - ``grad_coverage/<layer path>``: fraction of the layer's rows (one ``[out_features]`` vector of one
       table) with a non-zero gradient;
@@ -51,32 +53,61 @@ class GradientCoverageMonitor(pl.Callback):
         if not self._layers or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        if trainer.is_global_zero:
-            log_scalars(trainer, gradient_statistics(pl_module, self._layers), step)
+        sharded = is_sharded(self._layers)
+        if sharded or trainer.is_global_zero:
+            statistics = gradient_statistics(pl_module, self._layers, trainer.strategy.reduce if sharded else None)
+            if trainer.is_global_zero:
+                log_scalars(trainer, statistics, step)
 
 
-def gradient_statistics(module: nn.Module, layers: Mapping[str, MemoryLayer]) -> dict[str, float]:
-    """Row coverage per layer and overall, and table versus other gradient norms (see the monitor)."""
-    rows_hit = torch.stack([rows_with_gradient(layer) for layer in layers.values()])
-    rows = torch.tensor([layer.num_tables * 2**layer.code_bits for layer in layers.values()])
-    statistics = {f"grad_coverage/{name}": value for name, value in zip(layers, (rows_hit / rows).tolist())}
-    statistics["grad_summary/table_row_coverage"] = (rows_hit.sum() / rows.sum()).item()
+def is_sharded(layers: Mapping[str, MemoryLayer]) -> bool:
+    """Whether the tables are FSDP ``DTensor`` shards, so each rank holds a part of every gradient."""
+    return any(isinstance(layer.tables, DTensor) for layer in layers.values())
+
+
+def gradient_statistics(
+    module: nn.Module, layers: Mapping[str, MemoryLayer], sum_over_ranks: Callable[..., torch.Tensor] | None = None
+) -> dict[str, float]:
+    """Row coverage per layer and overall, and table versus other gradient norms (see the monitor).
+
+    Under FSDP every parameter is a ``DTensor`` sharded along its first dimension (for tables, whole
+    rows stay on one rank), so each rank measures its local shards and ``sum_over_ranks`` (e.g.
+    ``strategy.reduce`` with ``reduce_op="sum"``, called on every rank) adds the row counts and squared
+    norms up: the same numbers as from full gradients.
+    """
     table_ids = {id(layer.tables) for layer in layers.values()}
     tables = [layer.tables for layer in layers.values()]
     others = [p for p in module.parameters() if id(p) not in table_ids]
-    statistics["grad_summary/table_norm"] = gradient_norm(tables)
-    statistics["grad_summary/other_norm"] = gradient_norm(others)
+    sums = torch.stack([*(rows_with_gradient(table) for table in tables), squared_norm(tables), squared_norm(others)])
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums, reduce_op="sum")
+    sums = sums.cpu()
+    rows_hit = sums[: len(tables)]
+    rows = torch.tensor([layer.num_tables * 2**layer.code_bits for layer in layers.values()], dtype=sums.dtype)
+    statistics = {f"grad_coverage/{name}": value for name, value in zip(layers, (rows_hit / rows).tolist())}
+    statistics["grad_summary/table_row_coverage"] = (rows_hit.sum() / rows.sum()).item()
+    statistics["grad_summary/table_norm"] = sums[-2].sqrt().item()
+    statistics["grad_summary/other_norm"] = sums[-1].sqrt().item()
     return statistics
 
 
-def rows_with_gradient(layer: MemoryLayer) -> torch.Tensor:
-    """Number of table rows with a non-zero gradient, on the CPU (0 when the tables have no gradient)."""
-    if layer.tables.grad is None:
-        return torch.zeros((), dtype=torch.int64)
-    return (layer.tables.grad != 0).any(-1).sum().cpu()
+def local_gradient(parameter: nn.Parameter) -> torch.Tensor | None:
+    """The gradient of ``parameter``, or this rank's shard of it under FSDP (None when it has none)."""
+    grad = parameter.grad
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
-def gradient_norm(parameters: list[nn.Parameter]) -> float:
-    """L2 norm of the gradients of ``parameters`` taken together, in float32 (0 when none has one)."""
-    norms = [p.grad.detach().float().norm().cpu() for p in parameters if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def rows_with_gradient(tables: nn.Parameter) -> torch.Tensor:
+    """Number of table rows with a non-zero gradient, as a float64 scalar (0 when the tables have no gradient)."""
+    grad = local_gradient(tables)
+    if grad is None:
+        return torch.zeros((), dtype=torch.float64, device=tables.device)
+    return (grad != 0).any(-1).sum().double()
+
+
+def squared_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """Sum of the squared gradients of ``parameters`` as a float64 scalar (0 when none has one)."""
+    grads = [grad for grad in map(local_gradient, parameters) if grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=parameters[0].device if parameters else "cpu")
+    return torch.stack([grad.detach().float().pow(2).sum() for grad in grads]).double().sum()

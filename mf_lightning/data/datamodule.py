@@ -7,8 +7,8 @@ the corpus is tokenized into the token cache in ``prepare_data`` / ``setup``.
 Training is governed by ``max_steps``: an epoch is ``train_samples_per_epoch`` random windows, and
 ``state_dict`` records how many samples the run consumed so a resumed run continues with exactly the
 samples an uninterrupted one would see. The training sampler shards across DDP ranks itself and
-Lightning keeps it as is (it is a ``DistributedSampler``); evaluation loaders are plain sequential
-ones that Lightning shards under its default ``use_distributed_sampler=True``.
+Lightning keeps it as is (it is a ``DistributedSampler``); evaluation loaders shard the validation
+windows themselves so that each counts once whatever the number of ranks (``data.evaluation``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from mf_lightning.checks import positive_int
 from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_cache
+from mf_lightning.data.evaluation import sharded_evaluation
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import load_tokenizer
 from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
@@ -172,6 +173,7 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(dataset, sampler=sampler, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation windows, each counted once over all ranks (``mf_lightning.data.evaluation``)."""
         return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
@@ -181,12 +183,14 @@ class TextDataModule(L.LightningDataModule):
         return self._evaluation_loader("test")
 
     def _evaluation_loader(self, split: str) -> DataLoader:
-        """Consecutive windows of ``split``, at most ``val_windows`` of them."""
+        """Consecutive windows of ``split`` (at most ``val_windows``), each counted once over all ranks."""
         cache = self.token_cache()
-        dataset = ConsecutiveWindows(
+        windows = ConsecutiveWindows(
             cache.path(split), cache.dtype.name, cache.num_tokens(split), self.seq_len, self.val_windows
         )
-        return self._loader(dataset)
+        world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        dataset, sampler = sharded_evaluation(windows, world_size, rank)
+        return self._loader(dataset, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         """One prompt per batch: ``{"prompt": str, "input_ids": LongTensor [1, T]}``, ids starting with EOS."""

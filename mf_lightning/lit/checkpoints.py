@@ -121,9 +121,16 @@ def fsync_directory(directory: Path) -> None:
 
 
 def read_checkpoint(
-    path: _PATH, map_location: Callable | str | torch.device | None = "cpu", weights_only: bool = True
+    path: _PATH,
+    map_location: Callable | str | torch.device | None = "cpu",
+    weights_only: bool = True,
+    mmap: bool = False,
 ) -> dict[str, Any]:
-    """The checkpoint at ``path``; unreadable files raise one error naming the file and what to do."""
+    """The checkpoint at ``path``; unreadable files raise one error naming the file and what to do.
+
+    ``mmap`` maps the tensors from the file instead of reading them, so processes that each need a part
+    of a large checkpoint (sharded resume) share the page cache instead of holding a copy each.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give an existing .ckpt file or 'last'")
@@ -132,7 +139,7 @@ def read_checkpoint(
             f"checkpoint {path} is a folder, expected a .ckpt file (a save_pretrained folder loads with load_pretrained)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if unsafe is None:

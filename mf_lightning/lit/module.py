@@ -8,13 +8,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics.aggregation import MeanMetric
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, tokenizer_state
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
 from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
+from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, materialize, shard_network
 from mf_lightning.models import build_model
+from mf_lightning.models.base import IGNORE_INDEX
 
 
 class LanguageModel(L.LightningModule):
@@ -91,7 +94,8 @@ class LanguageModel(L.LightningModule):
                 )
             config_args["vocab_size"] = vocab_size
         self.config = ModelConfig.from_preset(preset, arch=arch, **config_args)
-        self.model = build_model(self.config)
+        self.init_rng_state = torch.get_rng_state()
+        self.model, self.init_calls = build_on_meta(lambda: build_model(self.config))
         if compile:
             self.model = torch.compile(self.model)
         self.optimizer_factory = optimizer
@@ -107,6 +111,29 @@ class LanguageModel(L.LightningModule):
     def network(self) -> torch.nn.Module:
         """The bare model (unwrapped from ``torch.compile``), for saving and generation."""
         return getattr(self.model, "_orig_mod", self.model)
+
+    def configure_model(self) -> None:
+        """Materialises the network built on the meta device in ``__init__`` (a no-op once done).
+
+        Under ``ModelParallelStrategy`` (``FSDPStrategy``) each block and then the whole network are
+        sharded with FSDP2 first, so each rank allocates only its shards; otherwise the whole network
+        is allocated on the CPU (the strategy then moves it). Either way the weights are those an eager
+        build from the random state at construction gives (``mf_lightning.lit.sharding``). Call it
+        yourself to use a ``LanguageModel`` outside a ``Trainer``.
+        """
+        if not has_meta_parameters(self.network):
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "LanguageModel shards with FSDP2 only; use trainer.strategy=mf_lightning.lit.sharding.FSDPStrategy "
+                    "or ModelParallelStrategy with tensor_parallel_size=1"
+                )
+            shard_network(self.network, self.device_mesh["data_parallel"], self.trainer.precision)
+            materialize(self.network, self.init_calls, strategy.broadcast(self.init_rng_state), strategy.root_device)
+        else:
+            materialize(self.network, self.init_calls, self.init_rng_state, torch.device("cpu"))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -133,10 +160,12 @@ class LanguageModel(L.LightningModule):
         self.evaluate(batch, self.test_loss, "test")
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, split: str) -> None:
-        """Token-weighted mean loss; perplexity and bits per byte derive from it at epoch end."""
+        """Token-weighted mean loss over the targets that count (filler windows have none; see
+        ``mf_lightning.data.evaluation``); perplexity and bits per byte derive from it at epoch end."""
         x, y = batch
         _, loss = self(x, y)
-        metric.update(loss.detach(), weight=y.numel())
+        tokens = (y != IGNORE_INDEX).sum()
+        metric.update(torch.nan_to_num(loss.detach()), weight=tokens)
         self.log(f"{split}/loss", metric, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:

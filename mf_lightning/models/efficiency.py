@@ -5,7 +5,9 @@
 1. per preset: parameters of both architectures, the Memory Layer table values and their fp32 memory,
    training FLOPs per token of both (``DecoderLM.flops_per_token``) and their ratio;
 2. per block at ``s`` tokens, multiply-accumulates with and without attention beside the paper's
-   Table 1 (SPEC §3).
+   Table 1 (SPEC §3);
+3. per preset, the training state (fp32 weights, gradients and AdamW's two moments) per GPU under DDP,
+   which replicates it, and FSDP, which shards it over the GPUs (``configs/fsdp_base.yaml``).
 
 Differences from Table 1. The standard block is counted exactly as the paper does (``12 s d^2`` +
 ``2 s^2 d``) and matches it. For the Memory Block we count the rows actually accumulated,
@@ -40,6 +42,10 @@ PAPER_TABLE_1 = {
 }
 """Per-block MACs at s = 2048 printed in the paper's Table 1: (without attention, total)."""
 FP32_BYTES = 4
+BF16_BYTES = 2
+ADAM_MOMENTS = 2
+MEMORY_GPUS = (1, 8)
+"""GPU counts of the memory table."""
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,48 @@ def block_table(seq_len: int) -> list[str]:
     return rows
 
 
+def largest_shard_unit(model: DecoderLM) -> int:
+    """Parameters of the largest unit ``mf_lightning.lit.sharding.shard_network`` gathers at once: one
+    block, or the rest (embedding, final norm, head)."""
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    return max(max(sum(p.numel() for p in block.parameters()) for block in model.blocks), model.num_parameters() - blocks)
+
+
+def memory_table(gpus: Sequence[int] = MEMORY_GPUS) -> list[str]:
+    """Markdown rows of the training state per GPU, DDP against FSDP, for every preset and architecture."""
+    rows = [
+        "Training state per GPU: fp32 weights + gradients + AdamW moments (16 bytes per parameter); activations, "
+        "the data and the CUDA context come on top. DDP holds all of it on every GPU; FSDP holds 1/N of it and, "
+        "while a unit computes, that unit gathered in bf16 (the last column; its gradients add as much again).",
+        "",
+        "| preset | arch | parameters | weights | gradients | Adam state | DDP, any number of GPUs | "
+        + " | ".join(f"FSDP, {n} GPU{'s' if n > 1 else ''}" for n in gpus)
+        + " | largest gathered unit (bf16) |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(gpus) + "---|",
+    ]
+    for preset in PRESETS:
+        for arch in ("memoryformer", "transformer"):
+            model = meta_model(preset, arch)
+            parameters = model.num_parameters()
+            weights = parameters * FP32_BYTES
+            state = weights * (2 + ADAM_MOMENTS)
+            fsdp = " | ".join(gib(state / n) for n in gpus)
+            rows.append(
+                f"| {preset} | {arch} | {parameters / 1e6:,.1f}M | {gib(weights)} | {gib(weights)} "
+                f"| {gib(weights * ADAM_MOMENTS)} | {gib(state)} | {fsdp} | {gib(largest_shard_unit(model) * BF16_BYTES)} |"
+            )
+    return rows
+
+
+def gib(size: float) -> str:
+    """``size`` bytes in GiB, two decimals."""
+    return f"{size / 2**30:,.2f} GiB"
+
+
 def report(seq_len: int = PAPER_SEQ_LEN) -> str:
-    """Both tables as one markdown document."""
+    """The three tables as one markdown document."""
     lines = ["# MemoryFormer vs Transformer: parameters and FLOPs", "", *preset_table(seq_len), ""]
-    return "\n".join([*lines, *block_table(seq_len), ""])
+    return "\n".join([*lines, *block_table(seq_len), "", *memory_table(), ""])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

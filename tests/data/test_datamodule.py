@@ -8,6 +8,7 @@ from torch import nn
 
 from mf_lightning.data import TextDataModule
 from mf_lightning.data.cache import document_split
+from mf_lightning.models.base import IGNORE_INDEX
 
 SEQ_LEN = 16
 BATCH = 4
@@ -117,6 +118,22 @@ def test_ddp_ranks_get_disjoint_samples(make_datamodule) -> None:
     assert len(indices[0]) == len(indices[1]) == 32
     assert not set(indices[0]) & set(indices[1])
     assert sorted(indices[0] + indices[1]) == list(range(64))
+
+
+def test_validation_windows_count_once_over_ranks_that_stay_in_step(make_datamodule) -> None:
+    """5 windows over 2 ranks: 3 items each, the filler one with every target ignored, so no window
+    counts twice (Lightning's DistributedSampler would repeat one) and both ranks run 2 batches."""
+    single = [x for batch_x, _ in make_datamodule(val_windows=5, batch_size=2).val_dataloader() for x in batch_x]
+    counted, batches = [], []
+    for rank in (0, 1):
+        datamodule = make_datamodule(val_windows=5, batch_size=2)
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = list(datamodule.val_dataloader())
+        batches.append(len(loader))
+        counted += [x for batch_x, batch_y in loader for x, y in zip(batch_x, batch_y) if (y != IGNORE_INDEX).all()]
+    assert batches == [2, 2]
+    assert len(counted) == len(single) == 5
+    assert all(any(torch.equal(x, window) for x in counted) for window in single)
 
 
 def test_two_workers_give_the_same_batches(make_datamodule) -> None:

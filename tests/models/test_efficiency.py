@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mf_lightning.models.efficiency import PAPER_TABLE_1, block_costs, main
+from mf_lightning.models.efficiency import PAPER_TABLE_1, block_costs, main, memory_table, meta_model, report
 
 
 def test_block_macs_reproduce_paper_table_1_within_15_percent() -> None:
@@ -34,3 +34,12 @@ def test_main_rejects_bad_seq_len(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--seq-len", "0"])
     assert "--seq-len must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_memory_table_shards_the_training_state_over_the_gpus() -> None:
+    rows = {tuple(cell.strip() for cell in row.strip("|").split("|")[:2]): row for row in memory_table() if "|" in row}
+    base = [cell.strip() for cell in rows[("base", "memoryformer")].strip("|").split("|")]
+    parameters = meta_model("base", "memoryformer").num_parameters()
+    assert base[6] == base[7] == f"{parameters * 16 / 2**30:,.2f} GiB"  # DDP, and FSDP on one GPU: everything
+    assert base[8] == f"{parameters * 16 / 8 / 2**30:,.2f} GiB"  # FSDP on 8 GPUs: an eighth
+    assert "FSDP, 8 GPUs" in report()
