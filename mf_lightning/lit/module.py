@@ -165,7 +165,9 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         _, loss = self(x, y)
         tokens = (y != IGNORE_INDEX).sum()
-        metric.update(torch.nan_to_num(loss.detach()), weight=tokens)
+        # A batch of filler windows alone has no target, so its mean loss is 0/0; it adds nothing (a NaN
+        # loss of real targets still shows).
+        metric.update(torch.where(tokens > 0, loss.detach(), 0.0), weight=tokens)
         self.log(f"{split}/loss", metric, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
