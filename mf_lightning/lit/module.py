@@ -14,6 +14,7 @@ from mf_lightning.config import ModelConfig
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
 from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
 from mf_lightning.models import build_model
+from mf_lightning.nn.hash_input import balance_loss
 
 
 class LanguageModel(L.LightningModule):
@@ -123,7 +124,11 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         _, loss = self(x, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return loss
+        balance = balance_loss(self.network)
+        if balance is None:
+            return loss
+        self.log("train/balance_loss", balance, on_step=True, on_epoch=False)
+        return loss + balance
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.evaluate(batch, self.val_loss, "val")
