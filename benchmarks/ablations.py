@@ -44,6 +44,7 @@ from train_compare import (  # noqa: E402
     REPO,
     RunResult,
     RunSpec,
+    cached_result,
     check_shared,
     corpus_path,
     display_path,
@@ -196,6 +197,12 @@ def run_study(args: argparse.Namespace, command: str) -> tuple[Results, str]:
               f"val loss {result.last('val/loss'):.4f}", flush=True)
         write_report(results, args, device, command, plot_curves=False)
 
+    if args.report_only:
+        for corpus, seed, spec in jobs:
+            cached = cached_result(corpus_args(args, corpus, seed), spec)
+            if cached is not None:
+                results[(str(corpus), seed, spec)], device = cached
+        return results, device
     if args.jobs == 1:
         for job in jobs:
             finished(job, run_one(corpus_args(args, job[0], job[1]), job[2]))
@@ -387,7 +394,10 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
         f"date {datetime.date.today().isoformat()}; the machine was shared with other engineers' jobs (load), so "
         "every speed figure is noisy",
         f"- command: `{command}`",
-        f"- runs: {len(results)} of {total} finished" + ("" if len(results) == total else " (PARTIAL RESULTS)"),
+        f"- runs: {len(results)} of {total} finished" + (
+            "" if len(results) == total else
+            " (PARTIAL RESULTS: `--report-only` rebuilt this report from the runs finished so far)"
+        ),
         f"- every run: `configs/quickstart.yaml`, preset `{args.preset}`, overrides `{args.overrides}`, tokenizer "
         f"`{args.tokenizer}`, {args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens = "
         f"{args.steps * tokens_per_step(args):,} training tokens, validation every {args.val_every} steps on the "
@@ -417,6 +427,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="'demo' (the embedded corpus) or fortune-style text files, documents split at '%%' lines")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of every variant")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report and plot from the runs cached so far (partial results)")
     args = parser.parse_args(argv)
     check_shared(parser, args)
     if args.bucket_every < 1:
@@ -441,7 +453,8 @@ def write_report(results: Results, args: argparse.Namespace, device: str, comman
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/ablations.py", *(sys.argv[1:] if argv is None else argv)])
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "benchmarks/ablations.py", *(arg for arg in given if arg != "--report-only")])
     results, device = run_study(args, command)
     markdown = write_report(results, args, device, command, plot_curves=True)
     print(markdown.read_text())

@@ -200,12 +200,11 @@ def train(
     """
     root = args.runs_dir / spec.folder
     arguments = fit_args(args, spec, root)
-    cache = root / "result.json"
-    if getattr(args, "reuse", False) and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached["arguments"] == [str(argument) for argument in arguments]:
-            print(f"== {spec.label}: reusing {cache}", flush=True)
-            return RunResult.from_json(cached["result"]), cached["device"]
+    if getattr(args, "reuse", False):
+        cached = cached_result(args, spec)
+        if cached is not None:
+            print(f"== {spec.label}: reusing {root / 'result.json'}", flush=True)
+            return cached
     shutil.rmtree(root, ignore_errors=True)
     print(f"== {spec.label}: mf {shlex.join(arguments)}", flush=True)
     start = time.perf_counter()
@@ -222,8 +221,20 @@ def train(
         inspect(cli) if inspect else {},
     )
     device = device_name(cli.trainer.strategy.root_device)
-    cache.write_text(json.dumps({"arguments": [str(a) for a in arguments], "device": device, "result": result.to_json()}))
+    (root / "result.json").write_text(json.dumps({"arguments": [str(a) for a in arguments], "device": device, "result": result.to_json()}))
     return result, device
+
+
+def cached_result(args: argparse.Namespace, spec: RunSpec) -> tuple[RunResult, str] | None:
+    """The result and device :func:`train` cached for ``spec`` under these ``args``, or None if there is none."""
+    root = args.runs_dir / spec.folder
+    cache = root / "result.json"
+    if not cache.is_file():
+        return None
+    cached = json.loads(cache.read_text())
+    if cached["arguments"] != [str(argument) for argument in fit_args(args, spec, root)]:
+        return None
+    return RunResult.from_json(cached["result"]), cached["device"]
 
 
 def recipe(cli: Any) -> str:

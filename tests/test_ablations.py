@@ -47,6 +47,11 @@ def test_study_runs_end_to_end_reads_the_monitor_and_resumes(tmp_path: Path, mon
     assert capsys.readouterr().out.count("reusing") == 2
     without_command = lambda text: [line for line in text.splitlines() if not line.startswith("- command:")]  # noqa: E731
     assert without_command((tmp_path / "out" / "ablations_cpu.md").read_text()) == without_command(report)
+    (runs / REMEDY.folder / "result.json").unlink()
+    ablations.main(tiny_args(corpus, tmp_path, "--report-only"))
+    partial = (tmp_path / "out" / "ablations_cpu.md").read_text()
+    assert "runs: 1 of 2 finished (PARTIAL RESULTS" in partial and "| remedy | balance | 0 | not run |" in partial
+    assert not (runs / REMEDY.folder / "result.json").exists()
 
 
 def fake(loss: float) -> RunResult:
