@@ -1,11 +1,12 @@
 """MemoryFormer against the baseline Transformer of the same width and depth, trained on the same real text.
 
-    python benchmarks/train_compare.py [--corpus ../shared/corpora/fortunes.txt] [--steps 300]
+    python benchmarks/train_compare.py [--corpus ../shared/corpora/fortunes.txt | demo] [--steps 300]
         [--preset debug] [--overrides "{n_layer: 4, n_embd: 128, max_seq_len: 256}"]
         [--runs transformer:1e-3 memoryformer:3e-3 ...] [--out benchmarks/results]
 
 Every run is a real ``mf fit --config configs/quickstart.yaml`` (in-process, through
-``mf_lightning.cli.main``) on a fortune file split into documents at ``%`` lines (byte-level by default), with the
+``mf_lightning.cli.main``) on a fortune file split into documents at ``%`` lines, or on the embedded
+``demo`` corpus (byte-level by default), with the
 same preset, overrides, seed, steps, batch and sequence length; only the architecture and the learning
 rate (and optionally the tables' learning-rate multiplier) differ, as each of ``--runs ARCH:LR[:TABLE_LR_X] ...``
 says. Checkpoints and the Memory Layer monitors are switched off so they cost no time. The figures come
@@ -20,12 +21,16 @@ is between the blocks (with a BPE of a few thousand ids the head would hold most
 parameters and FLOPs), and nothing is trained before the runs. One torch thread by default: on a CPU
 shared with other jobs, extra threads mostly wait for each other, and with one thread MemoryFormer runs
 repeat bit for bit.
+
+This module is also the runner of ``benchmarks/ablations.py``: :func:`train` fits one :class:`RunSpec`
+(which may set further ``ModelConfig`` fields) and caches its :class:`RunResult` beside the run's logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -35,11 +40,13 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -58,20 +65,26 @@ SMOOTHING = 0.6
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What differs between the compared runs: the architecture and its learning rates."""
+    """What differs between the compared runs: the architecture, its learning rates and model fields.
+
+    ``overrides`` are ``(field, value)`` pairs of ``ModelConfig`` set on top of the shared ``--overrides``.
+    """
 
     arch: str
     lr: float
     table_lr_multiplier: float = 1.0
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
         tables = f", tables x{self.table_lr_multiplier:g}" if self.table_lr_multiplier != 1 else ""
-        return f"{self.arch} lr {self.lr:g}{tables}"
+        fields = "".join(f", {key}={value}" for key, value in self.overrides)
+        return f"{self.arch} lr {self.lr:g}{tables}{fields}"
 
     @property
     def folder(self) -> str:
-        return f"{self.arch}_lr{self.lr:g}_tables{self.table_lr_multiplier:g}"
+        fields = "".join(f"_{key}{value}" for key, value in self.overrides)
+        return f"{self.arch}_lr{self.lr:g}_tables{self.table_lr_multiplier:g}{fields}"
 
 
 @dataclass
@@ -84,6 +97,19 @@ class RunResult:
     fit_seconds: float
     recipe: str
     scalars: dict[str, list[tuple[int, float]]]
+    extras: dict[str, float] = field(default_factory=dict)
+    """Figures an ``inspect`` function of :func:`train` measured on the trained model."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunResult:
+        values = json.loads(text)
+        spec = values.pop("spec")
+        spec["overrides"] = tuple(tuple(pair) for pair in spec["overrides"])
+        scalars = {tag: [tuple(point) for point in points] for tag, points in values.pop("scalars").items()}
+        return cls(RunSpec(**spec), scalars=scalars, **values)
 
     def last(self, tag: str) -> float:
         return self.scalars[tag][-1][1]
@@ -118,7 +144,16 @@ def parse_run(text: str) -> RunSpec:
 
 
 def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
-    """The ``mf fit`` arguments of one run: quickstart config, the shared settings, then the run's own."""
+    """The ``mf fit`` arguments of one run: quickstart config, the shared settings, then the run's own.
+
+    The bucket-usage monitor runs only with ``args.bucket_every`` > 0, logging every that many steps.
+    """
+    is_file = args.corpus != "demo"
+    overrides = {**yaml.safe_load(args.overrides), **dict(spec.overrides)}
+    monitor = {"bucket_usage.enabled": args.bucket_every > 0}
+    if args.bucket_every:
+        monitor.update({"bucket_usage.log_every_n_steps": args.bucket_every,
+                        "bucket_usage.image_every_n_steps": args.steps})
     settings = {
         "seed_everything": args.seed,
         "trainer.default_root_dir": root,
@@ -129,10 +164,10 @@ def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
         "trainer.enable_progress_bar": False,
         "checkpoint.save_top_k": 0,
         "checkpoint.save_last": False,
-        "bucket_usage.enabled": False,
+        **monitor,
         "gradient_coverage.enabled": False,
         "data.source": args.corpus,
-        "data.document_separator": "%",
+        "data.document_separator": "%" if is_file else "null",
         "data.tokenizer": args.tokenizer,
         "data.seq_len": args.seq_len,
         "data.batch_size": args.batch_size,
@@ -140,7 +175,7 @@ def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
         "data.seed": args.seed,
         "model.arch": spec.arch,
         "model.preset": args.preset,
-        "model.overrides": args.overrides,
+        "model.overrides": json.dumps(overrides),
         "model.lr": spec.lr,
         "model.table_lr_multiplier": spec.table_lr_multiplier,
     }
@@ -154,13 +189,26 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def train(args: argparse.Namespace, spec: RunSpec) -> tuple[RunResult, torch.device]:
-    """Fits one run in a fresh folder under ``--runs-dir`` and reads its TensorBoard events back."""
+def train(
+    args: argparse.Namespace, spec: RunSpec, inspect: Callable[[Any], dict[str, float]] | None = None
+) -> tuple[RunResult, str]:
+    """Fits one run under ``--runs-dir`` and reads its TensorBoard events back; returns it and the device.
+
+    ``inspect(cli)`` may measure the trained model into ``RunResult.extras``. The result is cached as
+    ``result.json`` in the run's folder with its ``mf fit`` arguments: ``args.reuse`` returns a cached
+    result of the same arguments instead of training again (so an interrupted study resumes).
+    """
     root = args.runs_dir / spec.folder
+    arguments = fit_args(args, spec, root)
+    if getattr(args, "reuse", False):
+        cached = cached_result(args, spec)
+        if cached is not None:
+            print(f"== {spec.label}: reusing {root / 'result.json'}", flush=True)
+            return cached
     shutil.rmtree(root, ignore_errors=True)
-    print(f"== {spec.label}: mf {shlex.join(fit_args(args, spec, root))}", flush=True)
+    print(f"== {spec.label}: mf {shlex.join(arguments)}", flush=True)
     start = time.perf_counter()
-    cli = mf_main(fit_args(args, spec, root))
+    cli = mf_main(arguments)
     fit_seconds = time.perf_counter() - start
     network = cli.model.network
     result = RunResult(
@@ -170,8 +218,23 @@ def train(args: argparse.Namespace, spec: RunSpec) -> tuple[RunResult, torch.dev
         fit_seconds,
         recipe(cli),
         read_scalars(root / "tensorboard"),
+        inspect(cli) if inspect else {},
     )
-    return result, cli.trainer.strategy.root_device
+    device = device_name(cli.trainer.strategy.root_device)
+    (root / "result.json").write_text(json.dumps({"arguments": [str(a) for a in arguments], "device": device, "result": result.to_json()}))
+    return result, device
+
+
+def cached_result(args: argparse.Namespace, spec: RunSpec) -> tuple[RunResult, str] | None:
+    """The result and device :func:`train` cached for ``spec`` under these ``args``, or None if there is none."""
+    root = args.runs_dir / spec.folder
+    cache = root / "result.json"
+    if not cache.is_file():
+        return None
+    cached = json.loads(cache.read_text())
+    if cached["arguments"] != [str(argument) for argument in fit_args(args, spec, root)]:
+        return None
+    return RunResult.from_json(cached["result"]), cached["device"]
 
 
 def recipe(cli: Any) -> str:
@@ -185,18 +248,20 @@ def recipe(cli: Any) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model with its logical CPUs and torch's thread count."""
+    """``cpu, <CPU model> (...)`` with its logical CPUs and torch's thread count, or ``cuda, <GPU name>``."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return f"cuda, {torch.cuda.get_device_name(device)}"
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     name = models[0] if models else platform.processor() or platform.machine()
-    return f"{name} ({os.cpu_count()} logical CPUs), torch threads: {torch.get_num_threads()}"
+    return f"cpu, {name} ({os.cpu_count()} logical CPUs), torch threads: {torch.get_num_threads()}"
 
 
-def display_path(path: Path) -> str:
+def display_path(path: Path | str) -> str:
     """``path`` relative to the repository root when that is shorter (it is for the default corpus)."""
+    if path == "demo":
+        return "demo (embedded)"
     relative = os.path.relpath(path, REPO)
     return relative if len(relative) < len(str(path)) else str(path)
 
@@ -286,27 +351,27 @@ def plot(results: list[RunResult], args: argparse.Namespace, path: Path) -> None
         axes.set_ylabel("cross-entropy (nats/byte)" if args.tokenizer == "byte" else "cross-entropy (nats/token)")
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle(f"{Path(args.corpus).name}: preset {args.preset}, overrides {args.overrides}")
+    figure.suptitle(f"{display_path(args.corpus)}: preset {args.preset}, overrides {args.overrides}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def report(results: list[RunResult], args: argparse.Namespace, device: torch.device, command: str, png: str) -> str:
+def report(results: list[RunResult], args: argparse.Namespace, device: str, command: str, png: str) -> str:
     """The markdown result file: device, command and settings, the table, the verdicts and the curves."""
     return "\n".join(
         [
             "# MemoryFormer vs the baseline Transformer on real text, equal tokens",
             "",
-            f"- device: {device.type}, {device_name(device)}; torch {torch.__version__}; "
+            f"- device: {device}; torch {torch.__version__}; "
             f"date {datetime.date.today().isoformat()}",
             f"- command: `{command}`",
             f"- settings shared by every run: `configs/quickstart.yaml` with corpus `{display_path(args.corpus)}` "
-            f"split at `%` lines, tokenizer `{args.tokenizer}`, preset `{args.preset}`, overrides `{args.overrides}`, "
+            f"{'split at `%` lines' if args.corpus != 'demo' else ''}, tokenizer `{args.tokenizer}`, preset `{args.preset}`, overrides `{args.overrides}`, "
             f"seed {args.seed}, "
             f"{args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens = "
             f"{args.steps * tokens_per_step(args):,} training tokens; {results[0].recipe}; validation every "
             f"{args.val_every} steps on the same {args.val_batches * args.batch_size} held-out windows; checkpoints "
-            "and Memory Layer monitors off",
+            f"and Memory Layer monitors {'off' if not args.bucket_every else 'on'}",
             "- per run: the architecture, the peak learning rate and the tables' learning-rate multiplier, as the "
             "table shows",
             "- FLOPs/token: `flops_per_token(seq_len)`, forward + backward (3x forward), embedding lookups, norms and "
@@ -325,15 +390,9 @@ def report(results: list[RunResult], args: argparse.Namespace, device: torch.dev
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpora" / "fortunes.txt",
-                        help="fortune-style text file, documents separated by '%%' lines")
-    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="ARCH:LR[:TABLE_LR_X]",
-                        help="the runs to compare: architecture, peak learning rate, tables' lr multiplier "
-                        "(the defaults follow the paper: MemoryFormer at 3x the baseline's learning rate)")
+def shared_parser(description: str, runs_dir: Path) -> argparse.ArgumentParser:
+    """The options every comparison shares (this script's and ``ablations.py``'s): sizes, steps, logging."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="debug", help="model preset shared by every run")
     parser.add_argument("--overrides", default="{n_layer: 4, n_embd: 128, max_seq_len: 256}",
                         help="model.overrides (YAML dict of ModelConfig fields) shared by every run")
@@ -341,21 +400,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     parser.add_argument("--tokenizer", default="byte", help="data.tokenizer (byte, bpe:<vocab>, or a path)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of initialisation and training windows")
     parser.add_argument("--val-every", type=int, default=50, help="validate every this many steps")
     parser.add_argument("--val-batches", type=int, default=20, help="validation batches (the same windows each time)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: least disturbed by other jobs on a shared CPU)")
     parser.add_argument("--log-every", type=int, default=10, help="log training scalars every this many steps")
-    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "train_compare",
+    parser.add_argument("--bucket-every", type=int, default=0,
+                        help="log the bucket-usage monitor every this many steps (0: monitor off)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a run's cached result.json when its mf fit arguments are unchanged")
+    parser.add_argument("--runs-dir", type=Path, default=runs_dir,
                         help="TensorBoard logs, one folder per run (replaced when the run is repeated)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                        help="folder for the markdown table and the loss-curve PNG")
-    args = parser.parse_args(argv)
-    try:
-        args.runs = [parse_run(text) for text in args.runs]
-    except ValueError as error:
-        parser.error(str(error))
+                        help="folder for the markdown table and the plot")
+    return parser
+
+
+def check_shared(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject shared options that would make a run fail late or its figures meaningless."""
     for name in ("steps", "batch_size", "seq_len", "val_every", "val_batches", "threads", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -365,9 +427,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     if args.steps <= args.log_every:
         parser.error(f"--steps={args.steps} must exceed --log-every={args.log_every} to measure tokens/s after warm-up")
-    if not args.corpus.is_file():
-        parser.error(f"--corpus {args.corpus} is not a file; give a text file of documents separated by '%' lines")
-    args.corpus = args.corpus.resolve()
+    if args.bucket_every < 0 or (args.bucket_every and args.steps % args.bucket_every):
+        parser.error(
+            f"--bucket-every={args.bucket_every} must be 0 or divide --steps={args.steps}, so the last window ends "
+            "at the last step"
+        )
+    try:
+        overrides = yaml.safe_load(args.overrides)
+    except yaml.YAMLError as error:
+        parser.error(f"--overrides {args.overrides!r} is not YAML: {error}")
+    if not isinstance(overrides, dict):
+        parser.error(f"--overrides must be a YAML dict of ModelConfig fields, got {args.overrides!r}")
+
+
+def corpus_path(parser: argparse.ArgumentParser, text: str) -> Path | str:
+    """``demo`` (the embedded corpus) or a resolved text file of documents separated by ``%`` lines."""
+    if text == "demo":
+        return text
+    path = Path(text)
+    if not path.is_file():
+        parser.error(f"corpus {text} is not a file; give 'demo' or a text file of documents separated by '%' lines")
+    return path.resolve()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = shared_parser(__doc__.split("\n\n")[0], REPO / "runs" / "train_compare")
+    parser.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpora" / "fortunes.txt"),
+                        help="'demo' or a fortune-style text file, documents separated by '%%' lines")
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="ARCH:LR[:TABLE_LR_X]",
+                        help="the runs to compare: architecture, peak learning rate, tables' lr multiplier "
+                        "(the defaults follow the paper: MemoryFormer at 3x the baseline's learning rate)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of initialisation and training windows")
+    args = parser.parse_args(argv)
+    try:
+        args.runs = [parse_run(text) for text in args.runs]
+    except ValueError as error:
+        parser.error(str(error))
+    check_shared(parser, args)
+    args.corpus = corpus_path(parser, args.corpus)
     return args
 
 
@@ -375,15 +472,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "benchmarks/train_compare.py", *(sys.argv[1:] if argv is None else argv)])
-    results, device = [], torch.device("cpu")
+    results, device = [], "cpu"
     for spec in args.runs:
         result, device = train(args, spec)
         results.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / f"train_compare_{device.type}_loss.png"
+    kind = device.split(",")[0]
+    png = args.out / f"train_compare_{kind}_loss.png"
     plot(results, args, png)
     text = report(results, args, device, command, png.name)
-    markdown = args.out / f"train_compare_{device.type}.md"
+    markdown = args.out / f"train_compare_{kind}.md"
     markdown.write_text(text)
     print(text)
     print(f"wrote {markdown} and {png}")

@@ -39,7 +39,9 @@ class ModelConfig:
     (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
     ``ffn_multiplier`` is the baseline's feed-forward expansion. ``loss_chunk_size`` tokens at a time go
     through the LM head and cross-entropy when a loss is computed (``mf_lightning.nn.chunked_loss``; 0 forms
-    the full ``[tokens, vocab]`` logits instead). Derived, read-only fields:
+    the full ``[tokens, vocab]`` logits instead). ``hash_centering``, ``hash_offset`` and
+    ``bucket_balance_weight`` switch on remedies for bucket collapse (:mod:`mf_lightning.nn.hash_input`);
+    all off is the paper's model. Derived, read-only fields:
     ``head_size``, ``rotary_dims`` (rotated dimensions of each head), ``num_tables`` (tables per Memory
     Layer reading the residual stream, 0 for the baseline), ``ffn_code_bits`` and ``ffn_hidden``
     (``num_tables * ffn_code_bits`` for MemoryFormer, ``ffn_multiplier * n_embd`` for the baseline).
@@ -62,6 +64,9 @@ class ModelConfig:
     dropout: float = 0.0
     ffn_multiplier: int = 4
     loss_chunk_size: int = 1024
+    hash_centering: bool = False
+    hash_offset: bool = False
+    bucket_balance_weight: float = 0.0
     head_size: int = field(init=False)
     rotary_dims: int = field(init=False)
     num_tables: int = field(init=False)
@@ -93,8 +98,12 @@ class ModelConfig:
             raise ValueError(
                 f"loss_chunk_size must be a non-negative integer (0: no chunking), got {self.loss_chunk_size!r}"
             )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "hash_centering", "hash_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        weight = self.bucket_balance_weight
+        if not is_real(weight) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"bucket_balance_weight must be a non-negative finite number, got {weight!r}")
         in_range("rotary_fraction", self.rotary_fraction, 0.0, 1.0, closed_low=True)
         in_range("dropout", self.dropout, 0.0, 1.0, closed_low=True, closed_high=False)
         for name in ("rotary_base", "norm_eps"):
@@ -114,6 +123,11 @@ class ModelConfig:
             )
         if self.arch == "memoryformer":
             self._check_memory_layers()
+        elif self.hash_centering or self.hash_offset or self.bucket_balance_weight:
+            raise ValueError(
+                "hash_centering, hash_offset and bucket_balance_weight act on Memory Layers and need "
+                f"arch='memoryformer', got arch={self.arch!r} (leave them at False / 0.0 for the Transformer)"
+            )
 
     def _check_memory_layers(self) -> None:
         if self.code_bits + self.ffn_extra_bits > MAX_CODE_BITS:

@@ -68,6 +68,11 @@ def test_derived_fields_cannot_be_overridden() -> None:
         ({"norm_eps": 0.0}, "norm_eps must be a positive finite number, got 0.0"),
         ({"tie_embeddings": "yes"}, "tie_embeddings must be True or False, got 'yes'"),
         ({"ffn_extra_bits": 9}, "code_bits \\+ ffn_extra_bits = 17 exceeds 16"),
+        ({"hash_centering": 1}, "hash_centering must be True or False, got 1"),
+        ({"hash_offset": "yes"}, "hash_offset must be True or False, got 'yes'"),
+        ({"bucket_balance_weight": -0.1}, "bucket_balance_weight must be a non-negative finite number, got -0.1"),
+        ({"bucket_balance_weight": float("nan")}, "bucket_balance_weight must be a non-negative finite number"),
+        ({"arch": "transformer", "hash_offset": True}, "act on Memory Layers and need arch='memoryformer'"),
     ],
 )
 def test_invalid_fields_are_named(overrides: dict, message: str) -> None:

@@ -18,6 +18,7 @@ from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_gro
 from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, materialize, shard_network
 from mf_lightning.models import build_model
 from mf_lightning.models.base import IGNORE_INDEX
+from mf_lightning.nn.hash_input import balance_loss
 
 
 class LanguageModel(L.LightningModule):
@@ -151,7 +152,11 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         _, loss = self(x, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return loss
+        balance = balance_loss(self.network)
+        if balance is None:
+            return loss
+        self.log("train/balance_loss", balance, on_step=True, on_epoch=False)
+        return loss + balance
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.evaluate(batch, self.val_loss, "val")

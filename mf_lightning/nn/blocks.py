@@ -17,6 +17,7 @@ from torch import nn
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.nn.attention import CausalSelfAttention, KVCache
+from mf_lightning.nn.hash_input import HashInput
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 FFN_TABLE_STD = 0.02
@@ -31,7 +32,9 @@ class MemoryBlock(nn.Module):
     there is no output projection. The feed-forward ``ML_1: d -> K*(tau+extra)``, an affine LayerNorm
     (sign hashing wants zero-mean inputs) and ``ML_2`` with code length ``tau+extra`` back to ``d``; no
     activation, hashing is the non-linearity. Init as in the authors' code: Q/K/V tables
-    ``N(0, 2/(5d))``, FFN tables ``N(0, 0.02**2)``, biases ``N(0, 0.001**2)``.
+    ``N(0, 2/(5d))``, FFN tables ``N(0, 0.02**2)``, biases ``N(0, 0.001**2)``. Each Memory Layer reads
+    its input through a :class:`~mf_lightning.nn.hash_input.HashInput` (``*_hash_input``), an identity
+    unless a bucket-collapse remedy of the config is on.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -39,19 +42,28 @@ class MemoryBlock(nn.Module):
         d = config.n_embd
         layer = {"score": config.score, "backend": config.backend, "bias_init_std": BIAS_STD}
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        remedies = {
+            "centering": config.hash_centering,
+            "offset": config.hash_offset,
+            "balance_weight": config.bucket_balance_weight,
+        }
+        self.qkv_hash_input = HashInput(d, **remedies)
         self.qkv = MemoryLayer(d, 3 * d, config.code_bits, init_std=math.sqrt(2 / (5 * d)), **layer)
         self.attention = CausalSelfAttention(config.n_head, config.dropout)
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_in_hash_input = HashInput(d, **remedies)
         self.ffn_in = MemoryLayer(d, config.ffn_hidden, config.code_bits, init_std=FFN_TABLE_STD, **layer)
         self.ffn_mid_norm = nn.LayerNorm(config.ffn_hidden, eps=config.norm_eps)
+        self.ffn_out_hash_input = HashInput(config.ffn_hidden, **remedies)
         self.ffn_out = MemoryLayer(config.ffn_hidden, d, config.ffn_code_bits, init_std=FFN_TABLE_STD, **layer)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.qkv(self.attn_norm(x)), cos, sin, cache))
-        return x + self.dropout(self.ffn_out(self.ffn_mid_norm(self.ffn_in(self.ffn_norm(x)))))
+        x = x + self.dropout(self.attention(self.qkv(self.qkv_hash_input(self.attn_norm(x))), cos, sin, cache))
+        hidden = self.ffn_mid_norm(self.ffn_in(self.ffn_in_hash_input(self.ffn_norm(x))))
+        return x + self.dropout(self.ffn_out(self.ffn_out_hash_input(hidden)))
 
 
 class TransformerBlock(nn.Module):
