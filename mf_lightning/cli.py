@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, Th
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
@@ -37,7 +39,7 @@ from mf_lightning.callbacks import (
     PreemptionCheckpoint,
 )
 from mf_lightning.data import TextDataModule
-from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint
+from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.module import LanguageModel
 from mf_lightning.lit.predictions import CompletionWriter
 
@@ -95,6 +97,7 @@ class MFCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+        check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -116,6 +119,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
 
     A configuration or input error (bad value, missing file, corrupt checkpoint) ends the program
     with one ``mf: error: ...`` line and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
+    SIGTERM stops ``fit`` with a saved checkpoint and exit status 0 (``PreemptionCheckpoint``); it stops
+    ``validate``/``test`` before their results with one ``mf: error:`` line and exit status 143 (128 + 15).
     Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
@@ -130,6 +135,11 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
             raise
         print(f"mf: error: {error}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        if argv and argv[0] == "fit":
+            raise
+        print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def run_cli(args: list[str] | None) -> MFCLI | None:

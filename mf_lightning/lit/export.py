@@ -20,8 +20,17 @@ from mf_lightning.models.pretrained import clean_keys, save_pretrained, state_pr
 from mf_lightning.models.registry import build_model
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """Writes the model of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``; returns ``out``."""
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Writes the model of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``; returns ``out``.
+
+    A non-empty ``out`` may hold another model, so it is refused unless ``overwrite``.
+    """
+    out_dir = Path(out)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        names = ", ".join(sorted(path.name for path in out_dir.iterdir())[:5])
+        raise ValueError(
+            f"--out {out_dir} is not empty ({names}); choose an empty or new folder, or pass --overwrite to replace it"
+        )
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
     saved = checkpoint.get(MODEL_CONFIG_KEY)
     if saved is None:
@@ -42,5 +51,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by mf fit")
     parser.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
     args = parser.parse_args(argv)
-    print(f"exported the model of {args.ckpt_path} to {export_checkpoint(args.ckpt_path, args.out)}")
+    print(f"exported the model of {args.ckpt_path} to {export_checkpoint(args.ckpt_path, args.out, args.overwrite)}")
