@@ -24,9 +24,9 @@ class PreemptionCheckpoint(pl.Callback):
 
     Under gradient accumulation a batch can end inside an accumulation window, whose gradients no
     checkpoint holds (under DDP they are not even synchronised yet), so a save there could not resume
-    exactly. While training, this callback therefore holds a SIGTERM back until the window's optimizer
-    step and hands it to Lightning's handler then: the run stops at most ``accumulate_grad_batches - 1``
-    batches later, at a point a resumed run reproduces bit for bit.
+    exactly. While training, this callback therefore holds a SIGTERM back until the next optimizer step
+    and hands it to Lightning's handler then: the run stops at most ``accumulate_grad_batches`` batches
+    later (plus a validation that was running), at a point a resumed run reproduces bit for bit.
 
     The save never replaces another run's checkpoint: if ``last.ckpt`` exists but this run neither
     wrote nor resumed from it, the state goes to ``preempted-step=N-pid=P.ckpt`` beside it instead.
@@ -37,7 +37,7 @@ class PreemptionCheckpoint(pl.Callback):
     def __init__(self) -> None:
         self.lightning_handler: Any = None
         self.held_back: tuple[int, FrameType | None] | None = None
-        self.in_window = False
+        self.at_step_boundary = True
         self.step_at_batch_start = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -48,34 +48,39 @@ class PreemptionCheckpoint(pl.Callback):
             signal.signal(signal.SIGTERM, self.hold_back)
 
     def hold_back(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM handler: passes the signal on at once between optimizer steps, else at the window's end."""
-        if self.in_window:
-            self.held_back = (signum, frame)
-        else:
-            self.lightning_handler(signum, frame)
+        """SIGTERM handler during training: keeps the signal until the next optimizer step has been taken.
+
+        Lightning checks its flag after each training batch, so a signal passed on at once could stop
+        the run after the first batch of a window even when it arrived between two windows.
+        """
+        self.held_back = (signum, frame)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.step_at_batch_start = trainer.global_step
-        self.in_window = True
+        self.at_step_boundary = False
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self.step_at_batch_start:
-            return
-        self.in_window = False
+        if trainer.global_step != self.step_at_batch_start:
+            self.at_step_boundary = True
+            self.pass_on()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore_handler()
+
+    def pass_on(self) -> None:
+        """Hands a held-back SIGTERM to Lightning's handler, which makes the loop stop after this batch."""
         if self.held_back is not None:
             signum, frame = self.held_back
             self.held_back = None
             self.lightning_handler(signum, frame)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.restore_handler()
-
     def restore_handler(self) -> None:
-        """Gives the SIGTERM handler back to Lightning (which restores the original one at teardown)."""
+        """Gives the SIGTERM handler (and any signal held back) to Lightning, which restores the original at teardown."""
         if self.lightning_handler is not None and signal.getsignal(signal.SIGTERM) == self.hold_back:
             signal.signal(signal.SIGTERM, self.lightning_handler)
+            self.pass_on()
         self.lightning_handler = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -86,7 +91,7 @@ class PreemptionCheckpoint(pl.Callback):
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
             rank_zero_warn("SIGTERM received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
             return
-        if self.in_window:
+        if not self.at_step_boundary:
             rank_zero_warn(
                 "SIGTERM stopped the run inside a gradient-accumulation window, which cannot be saved exactly; "
                 "not saved: resume from the last periodic checkpoint with --ckpt_path last"
