@@ -103,7 +103,6 @@ def scale_group_lr(optimizer: torch.optim.Optimizer, name: str, multiplier: floa
             group["lr"] *= multiplier
 
 
-
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each parameter group's hyper-parameters (everything but its parameters), ``lr`` being the peak.
 
