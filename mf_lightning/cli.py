@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -32,6 +33,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichP
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
@@ -45,7 +47,7 @@ from mf_lightning.callbacks import (
 )
 from mf_lightning.checks import positive_int
 from mf_lightning.data import TextDataModule
-from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint
+from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.module import LanguageModel
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
@@ -130,6 +132,7 @@ class MFCLI(LightningCLI):
         check_trainer_counts(config.trainer)
         if self.subcommand == "fit":
             check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
+        check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -204,6 +207,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     A configuration or input error (bad value, missing file, corrupt checkpoint) or a file-system
     failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...`` line
     and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
+    SIGTERM stops ``fit`` with a saved checkpoint and exit status 0 (``PreemptionCheckpoint``); it stops
+    ``validate``/``test`` before their results with one ``mf: error:`` line and exit status 143 (128 + 15).
     Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
@@ -220,6 +225,11 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         message = describe(error) if isinstance(error, OSError) else str(error)
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        if argv and argv[0] == "fit":
+            raise
+        print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def run_cli(args: list[str] | None) -> MFCLI | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import random
 import signal
@@ -90,6 +91,67 @@ def test_sigterm_saves_last_exits_cleanly_and_resume_matches(uninterrupted, tmp_
     assert f"saved {tmp_path / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in output
     assert "Traceback" not in output
     assert_same_weights(resume(tmp_path, corpus), expected)
+
+
+ACCUMULATED_STEPS = 8
+
+
+def accumulated_fit(root: Path, corpus: Path, accumulate: int, *extra: str) -> list[str]:
+    """``python -m mf_lightning fit`` under gradient accumulation, checkpointing every 2 optimizer steps."""
+    args = tiny_run_args(root, corpus, max_steps=ACCUMULATED_STEPS, **LIGHT,
+                         **{"trainer.val_check_interval": 4, "trainer.accumulate_grad_batches": accumulate})
+    return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
+
+
+def signal_at(batch: int, signum: int) -> list[str]:
+    """CLI arguments adding a ``SignalAt`` callback (tests/signal_support.py) to a subprocess fit."""
+    callback = f'{{"class_path": "signal_support.SignalAt", "init_args": {{"batch": {batch}, "signum": {signum}}}}}'
+    return ["--trainer.callbacks+", callback]
+
+
+def run_fit(command: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``command`` with ``tests/`` importable (for ``signal_support``); returns the finished process."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, capture_output=True, text=True, timeout=4 * SUBPROCESS_TIMEOUT, env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulated(tmp_path_factory) -> dict:
+    """accumulate -> (corpus, final weights) of an uninterrupted accumulated run, computed once per value."""
+    runs = {}
+
+    def final_weights(accumulate: int) -> tuple[Path, dict[str, torch.Tensor]]:
+        if accumulate not in runs:
+            root = tmp_path_factory.mktemp(f"accumulate{accumulate}")
+            corpus = write_corpus(root / "corpus")
+            finished = run_fit(accumulated_fit(root, corpus, accumulate))
+            assert finished.returncode == 0, finished.stdout + finished.stderr
+            runs[accumulate] = corpus, state_of(root / "checkpoints" / "last.ckpt")
+        return runs[accumulate]
+
+    return final_weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_a_signal_inside_an_accumulation_window_then_resume_matches(uninterrupted_accumulated, tmp_path, accumulate, signum):
+    corpus, expected = uninterrupted_accumulated(accumulate)
+    rng = random.Random(f"{accumulate}-{signum}")
+    batch = rng.randrange(2 * accumulate + 1, 6 * accumulate)
+    batch -= batch % accumulate == accumulate - 1  # a batch that does not end its window
+    interrupted = run_fit(accumulated_fit(tmp_path, corpus, accumulate, *signal_at(batch, signum)))
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    if signum == signal.SIGTERM:
+        assert interrupted.returncode == 0, interrupted.stdout + interrupted.stderr
+        assert saved == batch // accumulate + 1, "the save waits for the window's optimizer step"
+    else:
+        assert interrupted.returncode == -signal.SIGKILL and saved <= batch // accumulate
+    resumed = run_fit(accumulated_fit(tmp_path, corpus, accumulate, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stdout + resumed.stderr
+    assert_same_weights(state_of(tmp_path / "checkpoints" / "last.ckpt"), expected)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +293,44 @@ def test_export_writes_a_safetensors_model_of_the_checkpoint(trained, tmp_path, 
     (tmp_path / "cut.ckpt").write_bytes(checkpoint.read_bytes()[:1000])
     export_cut = ["export", "--ckpt_path", str(tmp_path / "cut.ckpt"), "--out", str(tmp_path / "x")]
     fails_with(export_cut, capsys, "cannot be read")
+
+
+def test_export_refuses_a_non_empty_folder_unless_overwrite(trained, tmp_path, capsys):
+    checkpoint = trained[0] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"another model")
+    export = ["export", "--ckpt_path", str(checkpoint), "--out", str(out)]
+    fails_with(export, capsys, f"--out {out} is not empty (model.safetensors)", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == b"another model"
+    main([*export, "--overwrite"])
+    assert load_pretrained(out).config.code_bits == 4
+
+
+def test_a_fresh_fit_refuses_a_folder_holding_a_runs_checkpoints(trained, capsys):
+    root, corpus = trained
+    before = {path: path.stat().st_mtime_ns for path in (root / "checkpoints").iterdir()}
+    args = ["fit", *tiny_run_args(root, corpus, max_steps=4, **LIGHT)]
+    fails_with(args, capsys, f"{root / 'checkpoints'} already holds checkpoints of a run (", "last.ckpt",
+               "--ckpt_path last", "another --trainer.default_root_dir")
+    assert {path: path.stat().st_mtime_ns for path in (root / "checkpoints").iterdir()} == before
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_last_without_a_checkpoint_is_an_error(tmp_path, subcommand, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [subcommand, *tiny_run_args(tmp_path, corpus, **LIGHT), "--ckpt_path", "last"]
+    fails_with(args, capsys, f"--ckpt_path last: {tmp_path / 'checkpoints'} holds no last checkpoint to {subcommand}")
+
+
+def test_sigterm_during_validate_exits_non_zero_with_a_message(trained, capsys):
+    root, corpus = trained
+    callback = '{"class_path": "signal_support.SignalAt", "init_args": {"batch": 0, "stage": "validation"}}'
+    args = tiny_run_args(root, corpus, **LIGHT) + ["--ckpt_path", "last", "--trainer.callbacks+", callback]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *args])
+    assert exit_info.value.code == 143
+    assert "mf: error: SIGTERM stopped validate before it finished; no results were reported" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["torch", "embedding_bag"])

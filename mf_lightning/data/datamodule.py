@@ -4,17 +4,17 @@ Every argument is a plain value LightningCLI fills from YAML. The tokenizer is r
 ``__init__`` (a BPE is trained or loaded then) so ``vocab_size`` can be linked into the model config;
 the corpus is tokenized into the token cache in ``prepare_data`` / ``setup``.
 
-Training is governed by ``max_steps``: an epoch is ``train_samples_per_epoch`` random windows, and
-``state_dict`` records how many samples the run consumed so a resumed run continues with exactly the
-samples an uninterrupted one would see. The training sampler shards across DDP ranks itself and
-Lightning keeps it as is (it is a ``DistributedSampler``); evaluation loaders shard the validation
-windows themselves so that each counts once whatever the number of ranks (``data.evaluation``).
+Training is governed by ``max_steps``: an epoch is ``train_samples_per_epoch`` random windows. The
+training loader (``ResumableLoader``) records how many samples the run consumed, and Lightning keeps
+that in the checkpoint, so a resumed run continues with exactly the samples an uninterrupted one would
+see. The training sampler shards across DDP ranks itself and Lightning keeps it as is (it is a
+``DistributedSampler``); evaluation loaders shard the validation and test windows themselves so that
+each counts once whatever the number of ranks (``data.evaluation``).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,7 @@ from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_c
 from mf_lightning.data.evaluation import sharded_evaluation
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import load_tokenizer
-from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
-
-# Lightning checks only the DataLoader for resumability; ours resumes through the DataModule's state.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 
 CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mf_lightning"
@@ -103,7 +100,6 @@ class TextDataModule(L.LightningDataModule):
         self.corpus = open_source(source, text_field, hf_split, document_separator)
         self.tokenizer = load_tokenizer(tokenizer, self.corpus, self.cache_dir)
         self._cache: TokenCache | None = None
-        self._resumed_samples = 0
 
     @property
     def vocab_size(self) -> int:
@@ -138,24 +134,6 @@ class TextDataModule(L.LightningDataModule):
         """Opens and checks the token cache on every process."""
         self.token_cache()
 
-    @property
-    def consumed_samples(self) -> int:
-        """Training samples consumed over all ranks: from the trainer's step count, or as restored."""
-        trainer = self.trainer
-        if trainer is None:
-            return self._resumed_samples
-        stepped = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
-        return max(stepped, self._resumed_samples)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        consumed = state_dict.get("consumed_samples")
-        if not isinstance(consumed, int) or consumed < 0:
-            raise ValueError(f"datamodule state needs consumed_samples as an int >= 0, got {state_dict!r}")
-        self._resumed_samples = consumed
-
     def train_dataloader(self) -> DataLoader:
         world_size, rank, accumulate = 1, 0, 1
         if self.trainer is not None:
@@ -167,10 +145,10 @@ class TextDataModule(L.LightningDataModule):
         dataset = RandomWindows(
             cache.path("train"), cache.dtype.name, cache.num_tokens("train"), self.seq_len, self.seed, epoch_samples
         )
-        sampler = ResumableSampler(
-            dataset, epoch_samples, start=self.consumed_samples, num_replicas=world_size, rank=rank
+        sampler = ResumableSampler(dataset, epoch_samples, num_replicas=world_size, rank=rank)
+        return ResumableLoader(
+            dataset, sampler, self.batch_size, persistent_workers=self.num_workers > 0, **self._loader_options()
         )
-        return self._loader(dataset, sampler=sampler, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         """The validation windows, each counted once over all ranks (``mf_lightning.data.evaluation``)."""
@@ -202,14 +180,11 @@ class TextDataModule(L.LightningDataModule):
         ]
         return DataLoader(items, batch_size=1, collate_fn=only_item)
 
-    def _loader(self, dataset: Any, **options: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            **options,
-        )
+    def _loader(self, dataset: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available()}
 
 
 def only_item(batch: list[Any]) -> Any:

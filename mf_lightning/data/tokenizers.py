@@ -264,6 +264,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
         config = {"eos_token": tokenizer.eos_token}
     else:
         tokenizer_state(tokenizer)
+        (directory / TOKENIZER_FILE).unlink(missing_ok=True)  # a replaced model's tokenizer would be loaded first
         config = {BYTE_MARKER: True, "eos_token_id": tokenizer.eos_id}
     (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

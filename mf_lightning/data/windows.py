@@ -1,4 +1,4 @@
-"""Datasets of ``(x, y)`` token windows over a token memmap, and the resumable, rank-aware training sampler.
+"""Datasets of ``(x, y)`` token windows over a token memmap, and the resumable, rank-aware training sampler and loader.
 
 Datasets hold only the file path and sizes, and open the memmap lazily in whichever process reads
 them, so they pickle cheaply into DataLoader workers.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class TokenWindows(Dataset):
@@ -109,3 +110,35 @@ class ResumableSampler(DistributedSampler):
         indices = range(self.position + self.rank, end, self.num_replicas)
         self.position = end
         return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """Batches of a ``ResumableSampler`` whose state is the number of samples handed to the training loop.
+
+    Lightning treats a loader with ``state_dict`` / ``load_state_dict`` as resumable: it stores the state
+    in the checkpoint's fit-loop state and loads it before iterating on resume. The count covers every
+    rank (each batch stands for ``batch_size * num_replicas`` samples of the global stream) and only
+    batches actually yielded, not indices the sampler or worker processes read ahead, so a run resumed
+    from any checkpoint continues with exactly the next batch, also in the middle of an accumulation
+    window.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, **options: Any) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **options)
+        self.consumed_samples = sampler.position
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.position = self.consumed_samples
+        samples_per_batch = self.batch_size * self.sampler.num_replicas
+        for batch in super().__iter__():
+            self.consumed_samples += samples_per_batch
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        consumed = state_dict.get("consumed_samples")
+        if not isinstance(consumed, int) or consumed < 0:
+            raise ValueError(f"training loader state needs consumed_samples as an int >= 0, got {state_dict!r}")
+        self.consumed_samples = consumed

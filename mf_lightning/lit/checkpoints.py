@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import secrets
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,20 +78,44 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             temporary = partial_path(Path(linkpath))
-            temporary.unlink(missing_ok=True)
             os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)
             os.replace(temporary, linkpath)
         trainer.strategy.barrier()
 
 
 def partial_path(path: Path) -> Path:
-    """Where ``path`` is staged while written: hidden, in the same folder, not named like a checkpoint."""
-    return path.with_name(f".{path.name}.partial")
+    """Where ``path`` is staged while written: hidden, in the same folder, not named like a checkpoint.
+
+    The name is unique to this writer (host, process id and a random part), so two processes saving
+    the same target at once never write into, or rename away, each other's temporary file.
+    """
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Deletes temporary files of ``path`` left by killed writers of this host (other hosts' may be live)."""
+    prefix = f".{path.name}.{socket.gethostname()}-"
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        pid = stale.name[len(prefix):].split("-")[0] if stale.name.startswith(prefix) else ""
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
     """``torch.save`` to ``path`` through a fsynced temporary file renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     temporary = partial_path(path)
     try:
         with naming(path, "saving a checkpoint"), temporary.open("wb") as file:
@@ -224,3 +250,33 @@ def align_state_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, A
     return {by_plain_name.get(key.replace(COMPILE_PREFIX, ""), key): value for key, value in state.items()}
 
 
+
+
+def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> None:
+    """Refuses a fit that would overwrite another run's checkpoints, and an evaluation of ``last`` without one.
+
+    A fresh ``fit`` (no ``ckpt_path``, or ``last`` with no last checkpoint) in a folder that holds
+    checkpoints would replace them, so it must resume (``--ckpt_path last``) or use another folder.
+    ``validate``/``test``/``predict`` with ``last`` and no last checkpoint would evaluate an untrained
+    model (Lightning only warns), so that is an error. Remote folders (``s3://``...) are not checked.
+    """
+    folder = Path(dirpath)
+    if "://" in dirpath or not folder.is_dir():
+        lasts, others = [], []
+    else:
+        lasts = sorted(path.name for path in folder.glob("last*.ckpt"))
+        others = sorted(path.name for path in folder.glob("*.ckpt"))
+    if subcommand != "fit":
+        if ckpt_path == "last" and not lasts:
+            raise FileNotFoundError(
+                f"--ckpt_path last: {folder} holds no last checkpoint to {subcommand}; train it first with "
+                "mf fit and this config, or give a checkpoint file"
+            )
+        return
+    fresh = ckpt_path is None or (ckpt_path == "last" and not lasts)
+    if fresh and others:
+        raise ValueError(
+            f"{folder} already holds checkpoints of a run ({', '.join(others)}); a new run would overwrite them: "
+            "resume it with --ckpt_path last, or start the new run in another --trainer.default_root_dir "
+            "(or delete those files)"
+        )

@@ -19,11 +19,20 @@ from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint
 from mf_lightning.models.pretrained import save_pretrained
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path, config: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Writes the model and tokenizer of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``.
 
-    ``config`` (the run's config.yaml) is only needed for checkpoints that carry no tokenizer.
+    ``config`` (the run's config.yaml) is only needed for checkpoints that carry no tokenizer. A non-empty
+    ``out`` may hold another model, so it is refused unless ``overwrite``.
     """
+    out_dir = Path(out)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        names = ", ".join(sorted(path.name for path in out_dir.iterdir())[:5])
+        raise ValueError(
+            f"--out {out_dir} is not empty ({names}); choose an empty or new folder, or pass --overwrite to replace it"
+        )
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
     model = model_from_checkpoint(checkpoint, ckpt_path)
     tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, read_run_config(config) if config else {})
@@ -40,5 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--config", default=None, help="the run's config.yaml; only for checkpoints written before they carried the tokenizer"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
     args = parser.parse_args(argv)
-    print(f"exported the model of {args.ckpt_path} to {export_checkpoint(args.ckpt_path, args.out, args.config)}")
+    directory = export_checkpoint(args.ckpt_path, args.out, args.config, args.overwrite)
+    print(f"exported the model of {args.ckpt_path} to {directory}")

@@ -9,12 +9,20 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, tokenizer_state
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
-from mf_lightning.lit.optim import WarmupCosineLR, check_fraction, parameter_groups, scale_group_lr
+from mf_lightning.lit.optim import (
+    WarmupCosineLR,
+    check_fraction,
+    configure_resumed,
+    group_settings,
+    parameter_groups,
+    scale_group_lr,
+)
 from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, materialize, shard_network
 from mf_lightning.models import build_model
 from mf_lightning.models.base import IGNORE_INDEX
@@ -30,6 +38,10 @@ class LanguageModel(L.LightningModule):
     weight decay 0.1 on matrices and tables but not on biases and norms, tables in their own
     parameter group (``table_lr_multiplier``, ``table_weight_decay``). ``optimizer`` / ``scheduler``
     replace AdamW / the schedule when given (LightningCLI injects them from YAML).
+
+    Resuming from a checkpoint keeps the optimizer's moments and the step count, but the config wins for
+    every optimizer and schedule setting (``lr``, ``weight_decay``, ``table_*``, ``warmup_fraction``,
+    ``min_lr_ratio``, the run length from ``trainer.max_steps``): each change is logged as ``old -> new``.
 
     Args:
         arch: ``memoryformer`` (Memory Layers) or ``transformer`` (the Pythia-style baseline).
@@ -104,6 +116,9 @@ class LanguageModel(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.flops_per_batch: int | None = None
+        self.configured_groups: list[dict[str, Any]] = []
+        self.configured_shape: dict[str, Any] | None = None
+        self.resumed = False
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         return self.model(idx, targets)
@@ -229,6 +244,23 @@ class LanguageModel(L.LightningModule):
         checkpoint["state_dict"] = align_state_keys(checkpoint["state_dict"], expected)
         path = getattr(self._trainer, "ckpt_path", None)
         check_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, expected, path)
+        self.resumed = True
+
+    def on_train_start(self) -> None:
+        """Applies the config over the optimizer and schedule settings a resumed checkpoint restored.
+
+        Lightning restores optimizer and scheduler states after ``configure_optimizers`` and before this
+        hook (``tests/lit/test_resume.py`` pins that order); the schedule's length is also set here, since
+        asking for ``estimated_stepping_batches`` earlier would build the training loader before
+        Lightning restores its position (Lightning issue #20550).
+        """
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler if self.trainer.lr_scheduler_configs else None
+        shape = self.configured_shape
+        if shape is not None and shape["total_steps"] is None:
+            shape = {**shape, "total_steps": int(self.trainer.estimated_stepping_batches)}
+        changes = configure_resumed(self.trainer.optimizers[0], scheduler, self.configured_groups, shape)
+        if self.resumed and changes:
+            rank_zero_info(f"resumed with the config's optimizer settings (checkpoint -> config): {'; '.join(changes)}")
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -238,12 +270,15 @@ class LanguageModel(L.LightningModule):
         else:
             optimizer = self.optimizer_factory(groups)
         scale_group_lr(optimizer, "tables", hp.table_lr_multiplier)
+        self.configured_groups = group_settings(optimizer)
         if self.scheduler_factory is None:
             scheduler = WarmupCosineLR(
                 optimizer, total_steps=None, warmup_fraction=hp.warmup_fraction, min_lr_ratio=hp.min_lr_ratio
             )
         else:
             scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        self.configured_shape = (
+            {key: getattr(scheduler, key) for key in WarmupCosineLR.SHAPE}
+            if isinstance(scheduler, WarmupCosineLR) else None
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -50,8 +52,12 @@ class WarmupCosineLR(LRScheduler):
     """Linear warm-up over ``warmup_fraction`` of the run, then cosine decay to ``min_lr_ratio`` of peak.
 
     ``total_steps`` may be left ``None`` at construction and set with :meth:`set_total_steps` before the
-    first step (the LightningModule fills it with ``trainer.estimated_stepping_batches``).
+    first step (the LightningModule fills it with ``trainer.estimated_stepping_batches``). The schedule's
+    shape (``SHAPE``, and ``base_lrs``, the peaks) is configuration: ``configure_resumed`` puts the
+    configured values back after a checkpoint restored its own; its position (``last_epoch``) is state.
     """
+
+    SHAPE = ("total_steps", "warmup_fraction", "min_lr_ratio")
 
     def __init__(
         self,
@@ -96,3 +102,50 @@ def scale_group_lr(optimizer: torch.optim.Optimizer, name: str, multiplier: floa
         if group.get("name") == name:
             group["lr"] *= multiplier
 
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's hyper-parameters (everything but its parameters), ``lr`` being the peak.
+
+    Taken right after the optimizer is built from the config, before a scheduler or checkpoint changes them.
+    """
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def configure_resumed(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    groups: list[dict[str, Any]],
+    shape: dict[str, Any] | None = None,
+) -> list[str]:
+    """Puts the configured hyper-parameters back after a checkpoint restored the optimizer and scheduler.
+
+    The config wins for every group setting (weight decay, betas, ...) and for the peak learning rate,
+    which scales the current one (so a schedule continues at the same point of its new curve), and for
+    a ``WarmupCosineLR``'s ``shape`` (``total_steps`` included); the optimizer's moments and the step
+    count stay as restored. Returns ``"name old -> new"`` for each change (nothing on a fresh run).
+    """
+    changes = []
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    for index, (group, configured) in enumerate(zip(optimizer.param_groups, groups)):
+        label = group.get("name", f"group {index}")
+        for key, value in configured.items():
+            if key == "lr":
+                peak = base_lrs[index] if base_lrs is not None else group.get("initial_lr", group["lr"])
+                if peak != value:
+                    changes.append(f"{label} peak lr {peak:g} -> {value:g}")
+                    group["lr"] *= value / peak
+                    group["initial_lr"] = value
+                    if base_lrs is not None:
+                        base_lrs[index] = value
+            elif key != "initial_lr" and group.get(key) != value:
+                changes.append(f"{label} {key} {group.get(key)} -> {value}")
+                group[key] = value
+    if isinstance(scheduler, WarmupCosineLR) and shape is not None:
+        for key, value in shape.items():
+            old = getattr(scheduler, key)
+            if old != value:
+                if old is not None:
+                    changes.append(f"schedule {key} {old} -> {value}")
+                setattr(scheduler, key, value)
+        scheduler.set_total_steps(scheduler.total_steps)
+    return changes

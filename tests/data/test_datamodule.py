@@ -94,18 +94,21 @@ def test_bytes_per_token_is_utf8_bytes_over_the_split_tokens(make_datamodule, do
 
 def test_resumed_loader_yields_what_the_uninterrupted_one_yields_next(make_datamodule) -> None:
     uninterrupted = take(make_datamodule(train_samples_per_epoch=16).train_dataloader(), 9)
-    resumed = make_datamodule(train_samples_per_epoch=16)
+    resumed = make_datamodule(train_samples_per_epoch=16).train_dataloader()
     resumed.load_state_dict({"consumed_samples": 3 * BATCH})
-    assert same_batches(take(resumed.train_dataloader(), 6), uninterrupted[3:])
+    assert same_batches(take(resumed, 6), uninterrupted[3:])
 
 
-def test_state_dict_counts_samples_from_the_trainer(make_datamodule) -> None:
-    datamodule = make_datamodule()
-    assert datamodule.state_dict() == {"consumed_samples": 0}
-    datamodule.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=2, world_size=3, global_rank=0)
-    assert datamodule.state_dict() == {"consumed_samples": 5 * 2 * BATCH * 3}
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_state_counts_the_batches_handed_out_not_read_ahead(make_datamodule, num_workers) -> None:
+    loader = make_datamodule(train_samples_per_epoch=16, num_workers=num_workers).train_dataloader()
+    assert loader.state_dict() == {"consumed_samples": 0}
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    assert loader.state_dict() == {"consumed_samples": 3 * BATCH}
     with pytest.raises(ValueError, match="consumed_samples as an int >= 0"):
-        datamodule.load_state_dict({"consumed_samples": -1})
+        loader.load_state_dict({"consumed_samples": -1})
 
 
 def test_ddp_ranks_get_disjoint_samples(make_datamodule) -> None:
@@ -245,7 +248,7 @@ def test_lightning_resume_from_checkpoint_continues_the_sample_stream(make_datam
     first_half, trainer = fit(make_datamodule(train_samples_per_epoch=24), max_steps=2)
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
-    assert checkpoint["TextDataModule"] == {"consumed_samples": 2 * 2 * BATCH}
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"consumed_samples": 2 * 2 * BATCH}]
     second_half, _ = fit(make_datamodule(train_samples_per_epoch=24), max_steps=5, ckpt_path=tmp_path / "step2.ckpt")
     assert len(uninterrupted.seen) == 10
     resumed = first_half.seen + second_half.seen

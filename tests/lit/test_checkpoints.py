@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fractions
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,6 +66,36 @@ def test_a_kill_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch)
         io.save_checkpoint(checkpoint_with(2.0), path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["global_step"] == 1
+
+
+def test_two_writers_saving_one_target_at_once_both_complete(tmp_path, monkeypatch):
+    """A second writer finishing while the first is mid-write must neither break nor tear the first's file."""
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    real_save = torch.save
+
+    def first_writer_interrupted_by_a_second(obj, file):
+        monkeypatch.setattr(torch, "save", real_save)
+        io.save_checkpoint(checkpoint_with(2.0), path)
+        real_save(obj, file)
+
+    monkeypatch.setattr(torch, "save", first_writer_interrupted_by_a_second)
+    io.save_checkpoint(checkpoint_with(1.0), path)
+    assert io.load_checkpoint(path)["global_step"] == 1, "the last rename wins with a complete file"
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_temporary_names_are_unique_and_stale_ones_of_dead_writers_are_removed(tmp_path):
+    path = tmp_path / "last.ckpt"
+    assert partial_path(path) != partial_path(path)
+    assert partial_path(path).name.startswith(".last.ckpt.") and f"-{os.getpid()}-" in partial_path(path).name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = partial_path(path).with_name(partial_path(path).name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    live = partial_path(path)
+    stale.write_bytes(b"left by a killed writer")
+    live.write_bytes(b"being written by this process")
+    AtomicCheckpointIO().save_checkpoint(checkpoint_with(1.0), path)
+    assert not stale.exists() and live.exists()
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,15 @@ def test_groups_separate_tables_matrices_and_biases_norms():
     model = build_model(ModelConfig.from_preset("debug"))
     groups = {g["name"]: g for g in parameter_groups(model, weight_decay=0.1, table_weight_decay=0.01)}
     names = {id(p): n for n, p in model.named_parameters()}
-    tables = {names[id(p)] for p in groups["tables"]["params"]}
-    assert tables and all(n.endswith(".tables") for n in tables)
-    assert all(names[id(p)].endswith((".bias", ".weight")) for p in groups["no_decay"]["params"])
-    assert all(p.ndim == 1 for p in groups["no_decay"]["params"])
-    assert {"tok_embeddings.weight", "lm_head.weight"} <= {names[id(p)] for p in groups["decay"]["params"]} or all(
-        p.ndim == 2 for p in groups["decay"]["params"]
+    grouped = {name: {names[id(p)] for p in group["params"]} for name, group in groups.items()}
+    memory_layers = [f"blocks.{i}.{layer}" for i in range(2) for layer in ("qkv", "ffn_in", "ffn_out")]
+    norms = [f"blocks.{i}.{norm}" for i in range(2) for norm in ("attn_norm", "ffn_norm")] + ["norm"]
+    assert grouped["tables"] == {f"{layer}.tables" for layer in memory_layers}
+    assert grouped["decay"] == {"embed.weight", "head.weight"}
+    assert grouped["no_decay"] == (
+        {f"{layer}.bias" for layer in memory_layers}
+        | {f"{norm}.weight" for norm in norms}
+        | {f"blocks.{i}.ffn_mid_norm.{kind}" for i in range(2) for kind in ("weight", "bias")}
     )
     assert groups["tables"]["weight_decay"] == 0.01
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0

@@ -36,9 +36,28 @@ def test_memory_block_init_follows_authors_code() -> None:
 
 
 def test_q_k_v_share_one_hash() -> None:
-    block = MemoryBlock(ModelConfig.from_preset("debug"))
-    h = block.attn_norm(torch.randn(3, 64))
-    assert block.qkv.bucket_indices(h).shape == (3, block.qkv.num_tables)
+    """Q, K and V each read, in every table, the bucket of the one hash of the normed input (SPEC §2)."""
+    config = ModelConfig.from_preset("debug")
+    block, d = MemoryBlock(config), config.n_embd
+    tables = block.qkv.num_tables
+    with torch.no_grad():
+        block.qkv.tables.zero_()
+        block.qkv.bias.zero_()
+        for part in range(3):
+            for table in range(tables):
+                block.qkv.tables[table, :, part * d + table] = torch.arange(1.0, block.qkv.tables.shape[1] + 1)
+                block.qkv.tables[table, :, part * d + tables + table] = 1.0
+    captured = []
+    block.attention.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    x = torch.randn(2, 5, d)
+    block(x, *rotary(config, 5))
+    qkv = captured[0]
+    used = [
+        (qkv[..., part * d : part * d + tables] / qkv[..., part * d + tables : part * d + 2 * tables]).round().long() - 1
+        for part in range(3)
+    ]
+    hashed = block.qkv.bucket_indices(block.attn_norm(x))
+    assert all(torch.equal(buckets, hashed) for buckets in used)
 
 
 def test_memory_block_forward_backward_reaches_every_parameter() -> None:

@@ -105,16 +105,35 @@ def test_bucket_indices_match_hash():
     assert layer.bucket_indices(x).tolist() == [[0b1011, 0b0001]]
 
 
+def reveal_buckets(layer: MemoryLayer) -> None:
+    """Sets tables and bias so that output ``t`` is ``score_t * (bucket_t + 1)`` and output ``T + t`` is ``score_t``."""
+    tables = layer.num_tables
+    assert layer.out_features >= 2 * tables
+    with torch.no_grad():
+        layer.tables.zero_()
+        layer.bias.zero_()
+        for table in range(tables):
+            layer.tables[table, :, table] = torch.arange(1, layer.tables.shape[1] + 1, dtype=layer.tables.dtype)
+            layer.tables[table, :, tables + table] = 1.0
+
+
+def buckets_used(layer: MemoryLayer, output: torch.Tensor) -> torch.Tensor:
+    """The bucket of each table the forward read, recovered from the output of a ``reveal_buckets`` layer."""
+    tables = layer.num_tables
+    return (output[..., :tables] / output[..., tables : 2 * tables]).round().long() - 1
+
+
 @pytest.mark.parametrize("backend", ["torch", "embedding_bag", "triton"])
 def test_bucket_observers_see_the_forward_hash_and_change_nothing(backend):
-    layer = MemoryLayer(24, 10, code_bits=4, backend=backend)
+    layer = MemoryLayer(24, 12, code_bits=4, backend=backend)
+    reveal_buckets(layer)
     x = torch.randn(3, 5, 24, requires_grad=True)
     expected = layer(x)
     seen = []
     handle = layer.observe_buckets(seen.append)
     observed = layer(x)
     torch.testing.assert_close(observed, expected, rtol=0, atol=0)
-    assert len(seen) == 1 and torch.equal(seen[0], layer.bucket_indices(x))
+    assert len(seen) == 1 and torch.equal(seen[0], buckets_used(layer, observed.detach()))
     observed.sum().backward()
     assert x.grad is not None and layer.tables.grad is not None
     handle.remove()
