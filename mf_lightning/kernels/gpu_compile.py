@@ -141,7 +141,7 @@ def variants() -> list[Variant]:
 
 def covering(found: list[Variant]) -> list[Variant]:
     """One variant per kernel and argument types: the last listed, which has the padded code length, the
-    widest row gradient and the autotuning configuration with the most elements per thread."""
+    widest row gradient and the autotuning configuration that uses the most registers."""
     return list({(item.kernel, tuple(item.signature.values())): item for item in found}.values())
 
 

@@ -40,15 +40,14 @@ INTERPRETED = triton_interpreted()
 
 # Autotuning candidates on a GPU, as (block sizes, warps). None spills registers on sm_90 or sm_80 (see
 # ``python -m mf_lightning.kernels.gpu_compile``); candidates that did were dropped: gather 16x2x128,
-# 16x4x128 and 32x2x128 at 4 warps, 16x2x256 and 32x4x128 at 8; atomic 32x128 and 64x64 at 4 warps;
-# the row gradient at 2 warps and width 4096. The last of each list holds the most per thread (the one
-# ``gpu_compile --covering`` checks).
+# 16x4x128, 32x2x128 and 8x8x128 at 4 warps, 16x2x256 and 32x4x128 at 8; atomic 32x128 and 64x64 at 4
+# warps; the row gradient at 2 warps and width 4096. The last of each list uses the most registers (the
+# one ``gpu_compile --covering`` checks).
 GATHER_TUNING = [
     ({"BLOCK_N": 8, "BLOCK_K": 4, "BLOCK_D": 128}, 4),
     ({"BLOCK_N": 16, "BLOCK_K": 4, "BLOCK_D": 128}, 8),
-    ({"BLOCK_N": 32, "BLOCK_K": 2, "BLOCK_D": 64}, 4),
     ({"BLOCK_N": 1, "BLOCK_K": 16, "BLOCK_D": 128}, 4),
-    ({"BLOCK_N": 8, "BLOCK_K": 8, "BLOCK_D": 128}, 4),
+    ({"BLOCK_N": 32, "BLOCK_K": 2, "BLOCK_D": 64}, 4),
 ]
 ATOMIC_TUNING = [
     ({"BLOCK_N": 32, "BLOCK_D": 64}, 4),
