@@ -20,7 +20,7 @@ from mf_lightning.cli import main
 from mf_lightning.lit import LanguageModel
 from mf_lightning.models import load_pretrained
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.timeout(900)]  # three runs in one fixture
 
 CONFIG = REPO / "configs" / "fsdp_base.yaml"
 SCALED_DOWN = {  # the overrides the config's header names, plus a tiny batch and step count

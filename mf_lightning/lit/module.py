@@ -151,6 +151,11 @@ class LanguageModel(L.LightningModule):
         else:
             materialize(self.network, self.init_calls, self.init_rng_state, torch.device("cpu"))
 
+    def cpu(self) -> LanguageModel:
+        """Moves to the CPU; a network not materialised yet (a run that failed before ``configure_model``,
+        which Lightning's teardown still moves) stays on the meta device, where nothing needs moving."""
+        return self if has_meta_parameters(self.network) else super().cpu()
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
