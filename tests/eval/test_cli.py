@@ -30,7 +30,7 @@ def fact_stream(tokenizer: ByteTokenizer, count: int) -> torch.Tensor:
 
 def train_on_facts(model: DecoderLM, tokenizer: ByteTokenizer, steps: int) -> DecoderLM:
     """A few AdamW steps on random 32-token windows of the facts (seconds on a CPU)."""
-    data = fact_stream(tokenizer, 2000)
+    data = fact_stream(tokenizer, 3000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -51,13 +51,13 @@ def save_model_folder(model: DecoderLM, folder: Path) -> Path:
 
 def small_model() -> DecoderLM:
     torch.manual_seed(0)
-    return build_model(ModelConfig.from_preset("debug", arch="memoryformer", max_seq_len=64, n_layer=1, code_bits=4))
+    return build_model(ModelConfig.from_preset("debug", arch="memoryformer", max_seq_len=64, code_bits=4))
 
 
 @pytest.mark.slow
 def test_a_trained_model_scores_above_chance_from_its_folder(tmp_path, in_repo, capsys) -> None:
     untrained = save_model_folder(small_model(), tmp_path / "untrained")
-    trained = save_model_folder(train_on_facts(small_model(), ByteTokenizer(), 80), tmp_path / "trained")
+    trained = save_model_folder(train_on_facts(small_model(), ByteTokenizer(), 120), tmp_path / "trained")
     accuracy = {}
     for name, folder in (("untrained", untrained), ("trained", trained)):
         main(["eval", "--model_dir", str(folder), "--tasks", "mf_toy_choice", *LOCAL])
