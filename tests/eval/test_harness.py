@@ -26,6 +26,7 @@ def test_local_tasks_give_the_accuracy_and_perplexity_of_the_logits(long_model, 
     assert results["results"]["mf_toy_perplexity"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # indexes the whole lm-eval task library (about a minute)
 def test_unknown_task_is_one_clear_error(model, tokenizer, in_repo) -> None:
     with pytest.raises(ValueError, match=r"unknown task\(s\) no_such_task: .* nor defined in .*tasks"):
         evaluate(model, tokenizer, ["mf_toy_choice", "no_such_task"], include_path=[TASKS])
