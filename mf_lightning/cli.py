@@ -45,7 +45,6 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
-from mf_lightning.checks import positive_int
 from mf_lightning.data import TextDataModule
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.module import LanguageModel
@@ -129,7 +128,6 @@ class MFCLI(LightningCLI):
                 )
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
-        check_trainer_counts(config.trainer)
         if self.subcommand == "fit":
             check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
         check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
@@ -151,17 +149,6 @@ class MFCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
-
-
-def check_trainer_counts(trainer: Any) -> None:
-    """Refuses ``accumulate_grad_batches`` or ``val_check_interval`` <= 0 (Lightning fails later, unclearly)."""
-    positive_int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, "an integer >= 1")
-    interval = trainer.val_check_interval
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
-        raise ValueError(
-            "trainer.val_check_interval must be > 0 (batches as an integer, or a fraction of an epoch), "
-            f"got {interval!r}"
-        )
 
 
 def check_writable(folder: str, option: str) -> None:

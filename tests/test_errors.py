@@ -40,11 +40,10 @@ def one_line_error(capsys: pytest.CaptureFixture, exit_info: pytest.ExceptionInf
 @pytest.mark.parametrize(
     ("subcommand", "setting", "value", "message"),
     [
-        ("fit", "trainer.accumulate_grad_batches", "0", "accumulate_grad_batches must be an integer >= 1, got 0$"),
+        ("fit", "trainer.accumulate_grad_batches", "0", "trainer.accumulate_grad_batches must be .*, got 0$"),
         ("fit", "trainer.accumulate_grad_batches", "-2", "trainer.accumulate_grad_batches must be .*, got -2$"),
-        ("fit", "trainer.val_check_interval", "0", r"val_check_interval must be > 0 \(batches as an integer.*, got 0$"),
-        ("fit", "trainer.val_check_interval", "-0.5", r"trainer.val_check_interval must be > 0 \(.*\), got -0.5$"),
-        ("validate", "trainer.val_check_interval", "-1", r"trainer.val_check_interval must be > 0 \(.*\), got -1$"),
+        ("fit", "validation.every_n_steps", "0", r"validation.every_n_steps must be .*, got 0$"),
+        ("validate", "validation.every_n_steps", "-1", r"validation.every_n_steps must be .*, got -1$"),
     ],
 )
 def test_non_positive_trainer_counts_are_one_line(subcommand, setting, value, message, tmp_path, capsys):

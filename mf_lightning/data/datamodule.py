@@ -168,7 +168,7 @@ class TextDataModule(L.LightningDataModule):
         )
         world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
         dataset, sampler = sharded_evaluation(windows, world_size, rank)
-        return self._loader(dataset, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_options())
 
     def predict_dataloader(self) -> DataLoader:
         """One prompt per batch: ``{"prompt": str, "input_ids": LongTensor [1, T]}``, ids starting with EOS."""
@@ -179,9 +179,6 @@ class TextDataModule(L.LightningDataModule):
             for prompt in self.prompts
         ]
         return DataLoader(items, batch_size=1, collate_fn=only_item)
-
-    def _loader(self, dataset: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, **self._loader_options())
 
     def _loader_options(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available()}
