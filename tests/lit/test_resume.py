@@ -21,12 +21,6 @@ def test_resume_applies_the_configs_lr_schedule_length_and_weight_decay(tmp_path
     args = tiny_run_args(tmp_path, corpus, max_steps=8, **LIGHT, **changed) + ["--ckpt_path", "last"]
     with caplog.at_level(logging.INFO):
         resumed = run("fit", args)
-    (line,) = [record.message for record in caplog.records if record.message.startswith("resumed with the config")]
-    for change in ("tables peak lr 0.003 -> 0.002", "tables weight_decay 0.1 -> 0.05", "decay peak lr 0.003 -> 0.001",
-                   "schedule total_steps 4 -> 8", "schedule min_lr_ratio 0.01 -> 0.1"):
-        assert change in line
-    assert "no_decay weight_decay" not in line and "warmup_fraction" not in line, "only changes are listed"
-
     optimizer = resumed.trainer.optimizers[0]
     groups = {group["name"]: group for group in optimizer.param_groups}
     assert groups["tables"]["weight_decay"] == groups["decay"]["weight_decay"] == 0.05
@@ -41,3 +35,9 @@ def test_resume_applies_the_configs_lr_schedule_length_and_weight_decay(tmp_path
         assert logged[step] == pytest.approx(1e-3 * expected.lr_factor(step)), f"lr logged at step {step}"
     tables = dict(scalars(tmp_path / "tensorboard")["lr-AdamW/tables"])
     assert tables[7] == pytest.approx(2e-3 * expected.lr_factor(7))
+
+    (line,) = [record.message for record in caplog.records if record.message.startswith("resumed with the config")]
+    for change in ("tables peak lr 0.003 -> 0.002", "tables weight_decay 0.1 -> 0.05", "decay peak lr 0.003 -> 0.001",
+                   "schedule total_steps 4 -> 8", "schedule min_lr_ratio 0.01 -> 0.1"):
+        assert change in line
+    assert "no_decay weight_decay" not in line and "warmup_fraction" not in line, "only changes are listed"
