@@ -51,10 +51,11 @@ from mf_lightning.lit.module import LanguageModel
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
-# Lightning 2.6 itself calls jsonargparse and torch APIs that newer releases deprecate; those warnings
-# are not about the user's config or code, so they are silenced for the CLI.
+# Lightning 2.6 itself calls jsonargparse APIs that newer jsonargparse releases deprecate; those warnings
+# are not about the user's config (jsonargparse reads this variable when it warns).
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+"""A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
 
 TOOLS = {
     "efficiency": "mf_lightning.models.efficiency",
@@ -237,6 +238,13 @@ def run_cli(args: list[str] | None) -> MFCLI | None:
 
 def build_cli(args: list[str] | None) -> MFCLI:
     """The ``MFCLI`` of ``args``; constructing it runs the subcommand."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LIGHTNING_INTERNAL_WARNING)
+        return new_cli(args)
+
+
+def new_cli(args: list[str] | None) -> MFCLI:
+    """Constructs (and so runs) the ``MFCLI`` of ``args`` with our trainer defaults."""
     return MFCLI(
         LanguageModel,
         TextDataModule,

@@ -25,7 +25,7 @@ from mf_lightning.nn import MemoryLayer
 
 LIGHT = {"model.overrides": "{max_seq_len: 64, code_bits: 4}", "bucket_usage.image_every_n_steps": 1000}
 STEPS = 24
-SUBPROCESS_TIMEOUT = 120
+SUBPROCESS_TIMEOUT = 300  # generous: a loaded 2-core machine runs these 24-step fits in up to ~3 minutes
 
 
 def fit_command(root: Path, corpus: Path, *extra: str) -> list[str]:
