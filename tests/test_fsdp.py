@@ -27,7 +27,7 @@ SCALED_DOWN = {  # the overrides the config's header names, plus a tiny batch an
     "model.preset": "debug", "trainer.accelerator": "cpu", "trainer.precision": "32-true",
     "data.source": "demo", "data.tokenizer": "byte", "data.seq_len": 32, "data.num_workers": 0,
     "data.val_windows": 5,  # odd: 2 ranks get 3 windows each, one of them filler
-    "trainer.max_steps": 4, "trainer.accumulate_grad_batches": 1, "trainer.val_check_interval": 2,
+    "trainer.max_steps": 4, "trainer.accumulate_grad_batches": 1, "validation.every_n_steps": 2,
     "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False,
     "bucket_usage.log_every_n_steps": 2, "bucket_usage.image_every_n_steps": 2,
     "gradient_coverage.log_every_n_steps": 2,

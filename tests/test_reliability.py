@@ -99,7 +99,7 @@ ACCUMULATED_STEPS = 8
 def accumulated_fit(root: Path, corpus: Path, accumulate: int, *extra: str) -> list[str]:
     """``python -m mf_lightning fit`` under gradient accumulation, checkpointing every 2 optimizer steps."""
     args = tiny_run_args(root, corpus, max_steps=ACCUMULATED_STEPS, **LIGHT,
-                         **{"trainer.val_check_interval": 4, "trainer.accumulate_grad_batches": accumulate})
+                         **{"validation.every_n_steps": 2, "trainer.accumulate_grad_batches": accumulate})
     return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
 
 

@@ -249,6 +249,7 @@ class LanguageModel(L.LightningModule):
         checkpoint["state_dict"] = align_state_keys(checkpoint["state_dict"], expected)
         path = getattr(self._trainer, "ckpt_path", None)
         check_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, expected, path)
+        align_logging_step(checkpoint)
         self.resumed = True
 
     def on_train_start(self) -> None:
@@ -287,3 +288,18 @@ class LanguageModel(L.LightningModule):
             if isinstance(scheduler, WarmupCosineLR) else None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def align_logging_step(checkpoint: dict[str, Any]) -> None:
+    """Makes a resumed run log at the checkpoint's optimizer step.
+
+    Lightning counts the logging step (``_batches_that_stepped``) up only after a batch's validation, so
+    a checkpoint written by that validation (every ``ModelCheckpoint`` save, the final step included)
+    records one step less than ``global_step``, and a resumed run would log every later scalar one step
+    early, on top of values already logged there. With one optimizer the two counts are the same number
+    (``tests/lit/test_resume.py`` pins the lr logged after resuming), so the saved count is set to it.
+    """
+    loops = checkpoint.get("loops") or {}
+    epoch_loop = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict")
+    if isinstance(epoch_loop, dict) and "_batches_that_stepped" in epoch_loop and "global_step" in checkpoint:
+        epoch_loop["_batches_that_stepped"] = checkpoint["global_step"]

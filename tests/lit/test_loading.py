@@ -30,7 +30,7 @@ def bpe_run(tmp_path_factory) -> Path:
     """A finished 4-step run of a BPE-tokenized corpus; returns its root folder."""
     root = tmp_path_factory.mktemp("bpe_run")
     corpus = write_corpus(root / "corpus")
-    run("fit", tiny_run_args(root, corpus, max_steps=4, **{"data.tokenizer": "bpe:300", "trainer.val_check_interval": 2}))
+    run("fit", tiny_run_args(root, corpus, max_steps=4, **{"data.tokenizer": "bpe:300", "validation.every_n_steps": 2}))
     return root
 
 
