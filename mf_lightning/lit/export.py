@@ -28,6 +28,8 @@ def export_checkpoint(
     ``out`` may hold another model, so it is refused unless ``overwrite``.
     """
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file; a model is saved as a folder (give a new folder)")
     if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         names = ", ".join(sorted(path.name for path in out_dir.iterdir())[:5])
         raise ValueError(

@@ -121,6 +121,8 @@ class LanguageModel(L.LightningModule):
         self.resumed = False
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        if self._trainer is None:  # used on its own: nothing called configure_model
+            self.configure_model()
         return self.model(idx, targets)
 
     @property
@@ -134,8 +136,8 @@ class LanguageModel(L.LightningModule):
         Under ``ModelParallelStrategy`` (``FSDPStrategy``) each block and then the whole network are
         sharded with FSDP2 first, so each rank allocates only its shards; otherwise the whole network
         is allocated on the CPU (the strategy then moves it). Either way the weights are those an eager
-        build from the random state at construction gives (``mf_lightning.lit.sharding``). Call it
-        yourself to use a ``LanguageModel`` outside a ``Trainer``.
+        build from the random state at construction gives (``mf_lightning.lit.sharding``). Outside a
+        ``Trainer`` the first forward calls it; call it yourself to read the weights before that.
         """
         if not has_meta_parameters(self.network):
             return
