@@ -295,13 +295,19 @@ class LanguageModel(L.LightningModule):
 def align_logging_step(checkpoint: dict[str, Any]) -> None:
     """Makes a resumed run log at the checkpoint's optimizer step.
 
-    Lightning counts the logging step (``_batches_that_stepped``) up only after a batch's validation, so
-    a checkpoint written by that validation (every ``ModelCheckpoint`` save, the final step included)
-    records one step less than ``global_step``, and a resumed run would log every later scalar one step
-    early, on top of values already logged there. With one optimizer the two counts are the same number
-    (``tests/lit/test_resume.py`` pins the lr logged after resuming), so the saved count is set to it.
+    Lightning counts the logging step (``_batches_that_stepped``) up after a batch's validation and, on
+    restart, adds the missing one back only for checkpoints written before the batch completed
+    (``on_train_batch_end``, e.g. ``every_n_train_steps``). A checkpoint written by a validation after
+    the batch completed (every validation-time save, the final step's included) would resume one step
+    early, logging every later scalar on top of values already logged there. With one optimizer the
+    logging step is the optimizer step, so the saved count is set to what Lightning's restart expects
+    (``tests/lit/test_resume.py`` and ``tests/test_cli.py`` pin both kinds of checkpoint).
     """
     loops = checkpoint.get("loops") or {}
-    epoch_loop = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict")
-    if isinstance(epoch_loop, dict) and "_batches_that_stepped" in epoch_loop and "global_step" in checkpoint:
-        epoch_loop["_batches_that_stepped"] = checkpoint["global_step"]
+    fit_loop = loops.get("fit_loop") or {}
+    epoch_loop = fit_loop.get("epoch_loop.state_dict")
+    if not isinstance(epoch_loop, dict) or "_batches_that_stepped" not in epoch_loop or "global_step" not in checkpoint:
+        return
+    total = (fit_loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
+    saved_before_completion = total.get("completed") == total.get("processed", 0) - 1
+    epoch_loop["_batches_that_stepped"] = checkpoint["global_step"] - int(saved_before_completion)
