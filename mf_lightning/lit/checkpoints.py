@@ -31,6 +31,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mf_lightning.data.staging import is_running
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 from mf_lightning.storage_errors import naming
 
@@ -97,19 +98,8 @@ def remove_stale_partials(path: Path) -> None:
     prefix = f".{path.name}.{socket.gethostname()}-"
     for stale in path.parent.glob(f".{path.name}.*.partial"):
         pid = stale.name[len(prefix):].split("-")[0] if stale.name.startswith(prefix) else ""
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isdigit() and not is_running(int(pid)):
             stale.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
