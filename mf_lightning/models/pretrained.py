@@ -1,6 +1,8 @@
 """Save and load models as a directory: ``config.json`` (the ``ModelConfig``) + ``model.safetensors``.
 
-The config is also stored inside the safetensors metadata, and loading compares the two: a
+The weights' content is checked at load against the SHA-256 of each tensor stored in the safetensors metadata
+(:mod:`.integrity`), so a damaged file is one error naming it instead of another model. The config is
+also stored inside the safetensors metadata, and loading compares the two: a
 ``config.json`` that differs from its weights on any setting but ``RUNTIME_FIELDS`` (settings that
 shape no tensor, such as ``score``, norms or rotary, would otherwise load silently into another
 model) is one error naming the fields.
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 from mf_lightning.config import REMOVED_FIELDS, ModelConfig
 from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests, tensors_digests
 from mf_lightning.models.registry import build_model
 from mf_lightning.nn.init import initialise
 from mf_lightning.storage_errors import naming
@@ -52,7 +55,8 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(config + "\n")
         try:
-            save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", CONFIG_METADATA_KEY: config})
+            metadata = {"format": "pt", CONFIG_METADATA_KEY: config, DIGEST_KEY: tensors_digests(state)}
+            save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
         except SafetensorError as error:
             code = OS_ERROR_IN_MESSAGE.search(str(error))
             if code is None:
@@ -81,6 +85,7 @@ def load_pretrained(
         raise ValueError(f"{directory / CONFIG_NAME} describes a {config.arch!r} model, not {arch!r}")
     weights = directory / WEIGHTS_NAME
     state = read_weights(weights, device, dtype)
+    check_file_digests(weights)
     with torch.device("meta"):
         model = build_model(config)
     check_state(model, state, weights)
