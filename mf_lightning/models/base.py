@@ -2,7 +2,10 @@
 
 Token embedding, a stack of blocks, a final RMSNorm and an LM head (untied by default); no learned
 positions (rotary inside attention). A subclass names its ``arch``, its ``block_class`` and how many
-multiply-accumulates one block spends per token; everything else lives here.
+multiply-accumulates one block spends per token; everything else lives here. Every module holding
+parameters or buffers sets all of them in its own ``reset_parameters``, which its constructor calls, so a
+model built on the meta device is initialised by :func:`mf_lightning.nn.init.initialise` after allocation
+exactly as an eager build is.
 """
 
 from __future__ import annotations

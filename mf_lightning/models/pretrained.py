@@ -169,7 +169,7 @@ def build_in_dtype(config: ModelConfig, device: torch.device | str, dtype: torch
     with torch.device("meta"):
         model = build_model(config)
     model = model.to(dtype=dtype).to_empty(device=device)
-    if model.embed.weight.device.type != "meta":
+    if torch.device(device).type != "meta":
         initialise(model)
     return model
 
