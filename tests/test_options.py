@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,12 @@ GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
                         "rotary_fraction": 1.0}, {},
     ),
 }
+ON_GPU = os.environ.get("MF_TEST_CUDA") == "1" and torch.cuda.is_available()
+GPU_GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
+    # The triton kernels run on a CPU only under triton's interpreter (a minute per short run); tests/kernels
+    # checks them there against the reference, and this group trains with them where a GPU is.
+    "triton-backend": ("memoryformer", {"backend": "triton", "hash_centering": True, "loss_chunk_size": 0}, {}),
+}
 LINKED_FIELDS = {"vocab_size": "set from the tokenizer (data.vocab_size)", "max_seq_len": "set by every run below"}
 
 
@@ -62,9 +69,13 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("options") / "corpus")
 
 
-@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize(
+    "group",
+    [*GROUPS, *(pytest.param(name, marks=pytest.mark.skipif(not ON_GPU, reason="needs MF_TEST_CUDA=1 and a GPU"))
+                for name in GPU_GROUPS)],
+)
 def test_option_group_trains_resumes_exports_and_loads(group: str, corpus: Path, tmp_path: Path, capsys) -> None:
-    arch, overrides, options = GROUPS[group]
+    arch, overrides, options = {**GROUPS, **GPU_GROUPS}[group]
     settings = {"model.arch": arch, "model.overrides": overrides_flag(overrides), "validation.every_n_steps": 2,
                 "data.cache_dir": corpus.parent / "cache", **{f"model.{key}": value for key, value in options.items()}}
     run("fit", tiny_run_args(tmp_path, corpus, max_steps=4, **settings))
@@ -78,15 +89,17 @@ def test_option_group_trains_resumes_exports_and_loads(group: str, corpus: Path,
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     mf(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "exported")])
-    model, tokenizer = load_for_inference(model_dir=tmp_path / "exported")
+    device = "cuda" if ON_GPU else "cpu"
+    model, tokenizer = load_for_inference(model_dir=tmp_path / "exported", device=device)
     saved = {key.removeprefix("model."): value for key, value in state_of(checkpoint).items()}
     assert model.state_dict().keys() == saved.keys()
-    assert all(torch.equal(model.state_dict()[key], saved[key]) for key in saved)
-    tokens = torch.tensor([tokenizer.encode("the memory layer hashes tokens")])
+    assert all(torch.equal(model.state_dict()[key].cpu(), saved[key]) for key in saved)
+    tokens = torch.tensor([tokenizer.encode("the memory layer hashes tokens")], device=device)
     with torch.no_grad():
         assert math.isfinite(model(tokens[:, :-1], tokens[:, 1:])[1].item())
     capsys.readouterr()
-    mf(["generate", "--model_dir", str(tmp_path / "exported"), "--max_new_tokens", "5", "--temperature", "0", "the"])
+    mf(["generate", "--model_dir", str(tmp_path / "exported"), "--device", device, "--max_new_tokens", "5",
+        "--temperature", "0", "the"])
     assert " tokens in " in capsys.readouterr().err
 
 
