@@ -9,6 +9,7 @@ a field is added to ``ModelConfig``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,9 @@ import torch
 
 from cli_support import run, scalars, state_of, tiny_run_args, write_corpus
 from mf_lightning.cli import main as mf
-from mf_lightning.config import settable_fields
+from mf_lightning.config import ARCHS, ModelConfig, settable_fields
+from mf_lightning.kernels.dispatch import BACKENDS
+from mf_lightning.kernels.hashing import SCORES
 from mf_lightning.lit.loading import load_for_inference
 
 pytestmark = pytest.mark.slow
@@ -54,9 +57,16 @@ LINKED_FIELDS = {"vocab_size": "set from the tokenizer (data.vocab_size)", "max_
 
 
 def test_the_groups_cover_every_option() -> None:
+    """Every settable field is set away from its default somewhere, and every value of a field with choices."""
     covered = {"arch"} | set(LINKED_FIELDS) | {key for _, overrides, _ in GROUPS.values() for key in overrides}
     assert set(settable_fields()) <= covered, f"add {sorted(set(settable_fields()) - covered)} to GROUPS"
-    assert {arch for arch, _, _ in GROUPS.values()} == {"memoryformer", "transformer"}
+    every = [(arch, overrides) for arch, overrides, _ in (*GROUPS.values(), *GPU_GROUPS.values())]
+    assert {arch for arch, _ in every} == set(ARCHS)
+    for name, choices in (("score", SCORES), ("backend", BACKENDS)):
+        used = {overrides[name] for _, overrides in every if name in overrides} | {getattr(ModelConfig(), name)}
+        assert set(choices) <= used, f"{name}: add {sorted(set(choices) - used)} to a group"
+    flags = [field.name for field in dataclasses.fields(ModelConfig) if field.init and field.type == "bool"]
+    assert flags and all(any(overrides.get(flag) is True for _, overrides in every) for flag in flags)
 
 
 def overrides_flag(overrides: dict[str, object]) -> str:
