@@ -22,7 +22,7 @@ VAL_LOSS_RTOL = 1e-4
 WEIGHT_TOLERANCE = 0.05
 """Of the largest distance Adam can move a weight in ``STEPS`` steps (``LR * STEPS``). A gradient ``g`` at least
 eps changed by rounding noise ``d`` (~1e-10 here) changes Adam's step by about ``d / (|g| + eps)`` of ``LR``: 1% at
-worst (measured: 0.1%). Adam's step does not depend on the gradient's scale, so the first-step gradients, not the
+worst (measured: 0.1% of ``LR * STEPS`` at most). Adam's step does not depend on the gradient's scale, so the first-step gradients, not the
 weights, are what catch a wrong reduction."""
 MAX_LEFT_OUT = 0.05
 """The weights left out for a gradient below eps (measured: 0.3%, bias entries of keys and rarely used table
