@@ -73,18 +73,22 @@ def main() -> None:
     lines = [
         f"# Weights digest (SHA-256) cost ({cpu_name()}, {hashing_threads()} hashing threads, torch {torch.__version__})",
         "",
-        f"`python benchmarks/weights_digest.py --gib {args.gib} --repeats {args.repeats}`; {count} float32 tensors of"
-        f" {TENSOR_BYTES >> 20} MiB ({gib:.2f} GiB); median of the repeats, file in the page cache; the machine was"
-        f" shared with other processes (load average {os.getloadavg()[0]:.1f} at the end).",
+        (
+            f"`python benchmarks/weights_digest.py --gib {args.gib} --repeats {args.repeats}`; {count} float32 tensors"
+            f" of {TENSOR_BYTES >> 20} MiB ({gib:.2f} GiB); median of the repeats, file in the page cache; the machine"
+            f" was shared with other processes (load average {os.getloadavg()[0]:.1f} at the end)."
+        ),
         "",
         "| what | seconds | GiB/s |",
         "|---|---:|---:|",
         *(f"| {what} | {seconds:.3f} | {gib / seconds:.2f} |" for what, seconds in rows),
         "",
-        f"Check at load: {100 * check_seconds / load_seconds:.0f}% of reading the tensors; at this rate the"
-        f" {BASE_BF16_GB:g} GB of MemoryFormer-base in bfloat16 take about"
-        f" {BASE_BF16_GB * 1e9 / (1 << 30) / (gib / check_seconds):.0f} s to check"
-        f" and {BASE_BF16_GB * 1e9 / (1 << 30) / (gib / digest_seconds):.0f} s to digest at save.",
+        (
+            f"Check at load: {100 * check_seconds / load_seconds:.0f}% of reading the tensors; at this rate the"
+            f" {BASE_BF16_GB:g} GB of MemoryFormer-base in bfloat16 take about"
+            f" {BASE_BF16_GB * 1e9 / (1 << 30) / (gib / check_seconds):.0f} s to check"
+            f" and {BASE_BF16_GB * 1e9 / (1 << 30) / (gib / digest_seconds):.0f} s to digest at save."
+        ),
     ]
     table = "\n".join(lines)
     print(table)

@@ -33,8 +33,10 @@ byte-level text (256 bytes + EOS)."""
 REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
     "hash_offset": (
         False,
-        "its ablation found no measurable effect on loss, bucket usage or sign bias, "
-        "benchmarks/results/ablations_cpu.md; hash_centering and bucket_balance_weight remain",
+        (
+            "its ablation found no measurable effect on loss, bucket usage or sign bias, "
+            "benchmarks/results/ablations_cpu.md; hash_centering and bucket_balance_weight remain"
+        ),
     ),
 }
 """Fields that no longer exist, with the value that meant "off" (accepted, and dropped, from configs saved

@@ -24,7 +24,9 @@ class SaveRankWeights(L.Callback):
         self.first: dict[str, torch.Tensor] = {}
         self.below_eps: dict[str, torch.Tensor] = {}
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:  # noqa: ANN001
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         eps = {id(parameter): group["eps"] for group in optimizer.param_groups for parameter in group["params"]}
         for name, parameter in pl_module.named_parameters():
             if parameter.grad is None:
