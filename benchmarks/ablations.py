@@ -108,7 +108,6 @@ ABLATIONS = (
         (
             ("none", PAPER),
             ("hash_centering", memoryformer(hash_centering=True)),
-            ("hash_offset", memoryformer(hash_offset=True)),
             ("bucket_balance_weight 0.1", memoryformer(bucket_balance_weight=0.1)),
         ),
     ),

@@ -30,6 +30,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Sizes of SPEC §2 (Pythia-70M/160M/410M widths and depths); ``debug`` trains on a CPU in seconds on
 byte-level text (256 bytes + EOS)."""
 
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "hash_offset": (
+        False,
+        (
+            "its ablation found no measurable effect on loss, bucket usage or sign bias, "
+            "benchmarks/results/ablations_cpu.md; hash_centering and bucket_balance_weight remain"
+        ),
+    ),
+}
+"""Fields that no longer exist, with the value that meant "off" (accepted, and dropped, from configs saved
+before) and why they were removed."""
+
 
 @dataclass
 class ModelConfig:
@@ -39,7 +51,7 @@ class ModelConfig:
     (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
     ``ffn_multiplier`` is the baseline's feed-forward expansion. ``loss_chunk_size`` tokens at a time go
     through the LM head and cross-entropy when a loss is computed (``mf_lightning.nn.chunked_loss``; 0 forms
-    the full ``[tokens, vocab]`` logits instead). ``hash_centering``, ``hash_offset`` and
+    the full ``[tokens, vocab]`` logits instead). ``hash_centering`` and
     ``bucket_balance_weight`` switch on remedies for bucket collapse (:mod:`mf_lightning.nn.hash_input`);
     all off is the paper's model. Derived, read-only fields:
     ``head_size``, ``rotary_dims`` (rotated dimensions of each head), ``num_tables`` (tables per Memory
@@ -65,7 +77,6 @@ class ModelConfig:
     ffn_multiplier: int = 4
     loss_chunk_size: int = 1024
     hash_centering: bool = False
-    hash_offset: bool = False
     bucket_balance_weight: float = 0.0
     head_size: int = field(init=False)
     rotary_dims: int = field(init=False)
@@ -98,7 +109,7 @@ class ModelConfig:
             raise ValueError(
                 f"loss_chunk_size must be a non-negative integer (0: no chunking), got {self.loss_chunk_size!r}"
             )
-        for name in ("tie_embeddings", "hash_centering", "hash_offset"):
+        for name in ("tie_embeddings", "hash_centering"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         weight = self.bucket_balance_weight
@@ -123,9 +134,9 @@ class ModelConfig:
             )
         if self.arch == "memoryformer":
             self._check_memory_layers()
-        elif self.hash_centering or self.hash_offset or self.bucket_balance_weight:
+        elif self.hash_centering or self.bucket_balance_weight:
             raise ValueError(
-                "hash_centering, hash_offset and bucket_balance_weight act on Memory Layers and need "
+                "hash_centering and bucket_balance_weight act on Memory Layers and need "
                 f"arch='memoryformer', got arch={self.arch!r} (leave them at False / 0.0 for the Transformer)"
             )
 
@@ -146,7 +157,7 @@ class ModelConfig:
         """The preset ``name`` (``debug``, ``tiny``, ``small``, ``base``) for ``arch``, with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-        check_keys(overrides, "override")
+        overrides = without_removed_fields(overrides, "override")
         return cls(**{**PRESETS[name], "arch": arch, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,13 +169,23 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error listing the valid ones."""
         if not isinstance(values, dict):
             raise ValueError(f"a model config must be a dict of fields, got {type(values).__name__}")
-        check_keys(values, "config")
-        return cls(**values)
+        return cls(**without_removed_fields(values, "config"))
 
 
 def settable_fields() -> tuple[str, ...]:
     """Names of the fields a user may set (the constructor arguments)."""
     return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.init)
+
+
+def without_removed_fields(values: dict[str, Any], what: str) -> dict[str, Any]:
+    """``values`` without the fields of ``REMOVED_FIELDS`` that hold their old default (configs saved
+    before the removal stay loadable); raises for unknown keys and for a removed field set otherwise."""
+    for name, (default, reason) in REMOVED_FIELDS.items():
+        if name in values and values[name] != default:
+            raise ValueError(f"{what} key {name}={values[name]!r}: {name} was removed ({reason}); delete it")
+    kept = {name: value for name, value in values.items() if name not in REMOVED_FIELDS}
+    check_keys(kept, what)
+    return kept
 
 
 def check_keys(values: dict[str, Any], what: str) -> None:

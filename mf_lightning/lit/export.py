@@ -4,7 +4,9 @@ A Lightning checkpoint is a pickle that also carries optimizer and loop state; t
 (``config.json`` + ``model.safetensors``, as written by ``save_pretrained``, plus the tokenizer's
 ``tokenizer.json`` / ``tokenizer_config.json``) holds only the model and its tokenizer, in formats that
 cannot carry code, and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
-(``mf eval`` / ``mf generate --model_dir DIR``). The checkpoint itself is read with ``weights_only=True``.
+(``mf eval`` / ``mf generate --model_dir DIR``), which checks every tensor against the SHA-256 recorded
+in ``model.safetensors`` at export (:mod:`mf_lightning.models.integrity`). The checkpoint itself is read
+with ``weights_only=True``.
 """
 
 from __future__ import annotations

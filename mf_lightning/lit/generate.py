@@ -5,7 +5,7 @@
 
 The model comes from a run (``--config`` + ``--ckpt_path last|FILE``) or a folder written by
 ``mf export`` (``--model_dir``), loaded by :func:`mf_lightning.lit.loading.load_for_inference`. The
-prompt is the positional argument, or standard input when it is absent. The continuation (not the
+prompt is the positional argument, or standard input (UTF-8) when it is absent. The continuation (not the
 prompt) goes to standard output token by token; a token that ends inside a multi-byte character is
 held back until the character is complete, so the streamed text is exactly the decoded continuation.
 Generation stops after ``--max_new_tokens`` tokens or at the tokenizer's end-of-text token. The speed
@@ -110,15 +110,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if args.prompt is None and sys.stdin.isatty():
-        parser.error("give a prompt, or pipe one to standard input")
     return args
+
+
+def read_stdin_prompt(stdin: TextIO | None) -> str:
+    """The prompt piped to standard input ``stdin``, decoded as UTF-8.
+
+    Raises one ``ValueError`` naming standard input when there is none to read (closed, or a terminal
+    nobody piped into) or its bytes are not UTF-8 (with the offset of the first bad byte), so the model
+    never continues a prompt mangled by a wrong decoding.
+    """
+    if stdin is None or stdin.closed:
+        raise ValueError("no prompt: standard input is closed; give the prompt as an argument or pipe it in")
+    if stdin.isatty():
+        raise ValueError("no prompt: give it as an argument, or pipe it to standard input")
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"standard input is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} ({error.reason}); "
+            "convert the prompt to UTF-8 (e.g. iconv -t UTF-8) or give it as an argument"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mf generate``: load the model, stream the continuation to stdout and the speed to stderr."""
     args = parse_args(argv)
-    prompt = sys.stdin.read() if args.prompt is None else args.prompt
+    prompt = read_stdin_prompt(sys.stdin) if args.prompt is None else args.prompt
     model, tokenizer = load_for_inference(args.config, args.ckpt_path, args.model_dir, args.device, DTYPES[args.dtype])
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()

@@ -108,7 +108,7 @@ class LanguageModel(L.LightningModule):
             config_args["vocab_size"] = vocab_size
         self.config = ModelConfig.from_preset(preset, arch=arch, **config_args)
         self.init_rng_state = torch.get_rng_state()
-        self.model, self.init_calls = build_on_meta(lambda: build_model(self.config))
+        self.model = build_on_meta(lambda: build_model(self.config))
         if compile:
             self.model = torch.compile(self.model)
         self.optimizer_factory = optimizer
@@ -149,9 +149,9 @@ class LanguageModel(L.LightningModule):
                     "or ModelParallelStrategy with tensor_parallel_size=1"
                 )
             shard_network(self.network, self.device_mesh["data_parallel"], self.trainer.precision)
-            materialize(self.network, self.init_calls, strategy.broadcast(self.init_rng_state), strategy.root_device)
+            materialize(self.network, strategy.broadcast(self.init_rng_state), strategy.root_device)
         else:
-            materialize(self.network, self.init_calls, self.init_rng_state, torch.device("cpu"))
+            materialize(self.network, self.init_rng_state, torch.device("cpu"))
 
     def cpu(self) -> LanguageModel:
         """Moves to the CPU; a network not materialised yet (a run that failed before ``configure_model``,

@@ -1,16 +1,17 @@
 """Sharded training: PyTorch FSDP2 (``fully_shard``) driven by Lightning's ``ModelParallelStrategy``.
 
-``LanguageModel`` builds its network on the meta device (no memory, no initialisation) while recording
-every in-place initialisation call the constructors make (``nn.init.normal_``, ``fill_`` ...), and
-materialises it in ``configure_model``:
+``LanguageModel`` builds its network on the meta device (no memory, no initialisation) and materialises
+it in ``configure_model``, where every module's ``reset_parameters`` sets all of its parameters and
+buffers (:mod:`mf_lightning.nn.init`, the torchtitan pattern), run from the random state captured at
+construction:
 
-- single device and DDP: ``materialize`` allocates the whole network on the CPU and replays the calls
-  from the random state captured at construction, which gives exactly the weights an eager build would;
+- single device and DDP: ``materialize`` allocates the whole network on the CPU and initialises it in
+  place, which gives exactly the weights an eager build would;
 - ``FSDPStrategy``: ``shard_network`` first wraps every block (its Memory Layer tables included) and then
-  the whole network (embedding, final norm, head) in ``fully_shard`` while still on the meta device; the
-  replay then allocates each parameter in full on the CPU, one at a time, keeps this rank's shard and
-  frees the rest. So a rank never holds more than its shards plus one full parameter, and every world
-  size starts from the same weights as one process.
+  the whole network (embedding, final norm, head) in ``fully_shard`` while still on the meta device;
+  ``materialize`` then initialises each module's state in full on the CPU, one module at a time, keeps
+  this rank's shard and frees the rest. So a rank never holds more than its shards plus one module's
+  own parameters, and every world size starts from the same weights as one process.
 
 Inside ``forward`` FSDP2 has all-gathered a unit's parameters into plain tensors, so the Memory Layer
 kernels (Triton, embedding_bag, torch) see ordinary tensors; outside it, parameters and gradients are
@@ -19,8 +20,8 @@ kernels (Triton, embedding_bag, torch) see ordinary tensors; outside it, paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,106 +32,63 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.overrides import TorchFunctionMode
 
 from mf_lightning.lit.checkpoints import read_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX
+from mf_lightning.nn.init import reset_state, stateful_modules
 
 BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 
 
-@dataclass(frozen=True)
-class InitCall:
-    """One in-place initialisation call on parameter ``name``: ``func(*args, **kwargs)`` with the
-    parameter's place in ``args``/``kwargs`` held by ``TARGET``."""
-
-    name: str
-    func: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-    def apply(self, tensor: torch.Tensor) -> None:
-        """Runs the call on ``tensor`` instead of the recorded parameter."""
-        args = tuple(tensor if arg is TARGET else arg for arg in self.args)
-        kwargs = {key: tensor if value is TARGET else value for key, value in self.kwargs.items()}
-        self.func(*args, **kwargs)
-
-
-TARGET = object()
-"""Stands for the initialised parameter in a recorded ``InitCall``."""
-
-
-class InitRecorder(TorchFunctionMode):
-    """Records the in-place calls (``normal_``, ``kaiming_uniform_``, ``fill_`` ...) made on parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[nn.Parameter, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        target = args[0] if args else kwargs.get("tensor")
-        if name.endswith("_") and not name.startswith("_") and isinstance(target, nn.Parameter):
-            self.calls.append((target, func, args, kwargs))
-        return func(*args, **kwargs)
-
-
-def build_on_meta(build: Callable[[], nn.Module]) -> tuple[nn.Module, list[InitCall]]:
-    """``build()`` on the meta device, and the initialisation calls its constructors made, in order.
-
-    Raises naming a parameter no call initialised, as its value would otherwise be left undefined.
-    """
-    recorder = InitRecorder()
-    with torch.device("meta"), recorder:
-        module = build()
-    names = {id(parameter): name for name, parameter in module.named_parameters()}
-    calls = []
-    for parameter, func, args, kwargs in recorder.calls:
-        if id(parameter) not in names:
-            raise ValueError(f"{type(module).__name__} initialises a tensor that is not one of its parameters")
-        calls.append(
-            InitCall(
-                names[id(parameter)],
-                func,
-                tuple(TARGET if arg is parameter else arg for arg in args),
-                {key: TARGET if value is parameter else value for key, value in kwargs.items()},
-            )
-        )
-    uninitialised = sorted(set(names.values()) - {call.name for call in calls})
-    if uninitialised:
-        raise ValueError(f"{type(module).__name__} leaves parameters {uninitialised} uninitialised")
-    return module, calls
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device: shapes only, no memory and no initialisation (see :func:`materialize`)."""
+    with torch.device("meta"):
+        return build()
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, calls: list[InitCall], rng_state: torch.Tensor, device: torch.device) -> None:
-    """Allocates the meta parameters of ``module`` on ``device`` and initialises them by replaying ``calls``.
+def materialize(module: nn.Module, rng_state: torch.Tensor, device: torch.device) -> None:
+    """Allocates the meta state of ``module`` on ``device`` and sets it with every module's ``reset_parameters``.
 
-    The replay runs on the CPU from ``rng_state`` (the global random state when the module was built) and
-    leaves the global random state untouched. A plain parameter is initialised in place (``device`` must
-    then be the CPU, where the eager build would have run); a ``DTensor`` shard receives its part of a
-    full-size CPU tensor that lives only until the parameter's last call.
+    The modules run in :func:`~mf_lightning.nn.init.initialise`'s order on the CPU from ``rng_state``
+    (the global random state when ``module`` was built), leaving the global random state untouched, so
+    the result is the eager build's from that state. The state of one module at a time that is not a
+    plain CPU tensor (a ``DTensor`` shard, or a tensor on an accelerator) is initialised as a full-size
+    CPU stand-in, of which this rank keeps its shard: a rank never holds more than its shards plus one
+    module's own parameters in full, and every world size starts from the weights of one process.
     """
     module.to_empty(device=device)
-    parameters = dict(module.named_parameters())
-    last_call = {call.name: index for index, call in enumerate(calls)}
-    full: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(rng_state)
-        for index, call in enumerate(calls):
-            parameter = parameters[call.name]
-            if not isinstance(parameter, DTensor):
-                call.apply(parameter)
-                continue
-            tensor = full.setdefault(call.name, torch.empty(parameter.shape, dtype=parameter.dtype))
-            call.apply(tensor)
-            if last_call[call.name] == index:
-                shard = distribute_tensor(
-                    full.pop(call.name).to(parameter.device), parameter.device_mesh, parameter.placements,
-                    src_data_rank=None,
-                )
-                parameter.copy_(shard)
+        for name, owner in stateful_modules(module):
+            with cpu_stand_ins(owner):
+                reset_state(name, owner)
+
+
+@contextmanager
+def cpu_stand_ins(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s own parameters and buffers that are not plain CPU tensors are
+    replaced by full-size CPU tensors; on exit their values go into the originals (a ``DTensor`` receives
+    its shard), which are put back."""
+    originals = {
+        slot: (store, tensor)
+        for store in (module._parameters, module._buffers)
+        for slot, tensor in store.items()
+        if tensor is not None and (isinstance(tensor, DTensor) or tensor.device.type != "cpu")
+    }
+    for slot, (store, tensor) in originals.items():
+        stand_in = torch.empty(tensor.shape, dtype=tensor.dtype)
+        store[slot] = nn.Parameter(stand_in, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else stand_in
+    try:
+        yield
+        for slot, (store, tensor) in originals.items():
+            full = store[slot].detach().to(tensor.device)
+            if isinstance(tensor, DTensor):
+                full = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+            tensor.copy_(full)
+    finally:
+        for slot, (store, tensor) in originals.items():
+            store[slot] = tensor
 
 
 def has_meta_parameters(module: nn.Module) -> bool:

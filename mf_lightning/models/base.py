@@ -2,7 +2,10 @@
 
 Token embedding, a stack of blocks, a final RMSNorm and an LM head (untied by default); no learned
 positions (rotary inside attention). A subclass names its ``arch``, its ``block_class`` and how many
-multiply-accumulates one block spends per token; everything else lives here.
+multiply-accumulates one block spends per token; everything else lives here. Every module holding
+parameters or buffers sets all of them in its own ``reset_parameters``, which its constructor calls, so a
+model built on the meta device is initialised by :func:`mf_lightning.nn.init.initialise` after allocation
+exactly as an eager build is.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mf_lightning.config import ModelConfig
 from mf_lightning.models import generation
 from mf_lightning.nn.attention import KVCache
 from mf_lightning.nn.chunked_loss import chunked_cross_entropy
+from mf_lightning.nn.layers import NormalEmbedding, NormalLinear
 from mf_lightning.nn.rotary import rotary_cos_sin
 
 IGNORE_INDEX = -100
@@ -37,13 +41,12 @@ class DecoderLM(nn.Module, ABC):
         if config.arch != self.arch:
             raise ValueError(f"{type(self).__name__} needs a config with arch={self.arch!r}, got arch={config.arch!r}")
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed = NormalEmbedding(config.vocab_size, config.n_embd, std=EMBEDDING_STD)
         self.blocks = nn.ModuleList(self.block_class(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=EMBEDDING_STD)
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=EMBEDDING_STD)
+        self.head = (
+            None if config.tie_embeddings else NormalLinear(config.n_embd, config.vocab_size, bias=False, std=EMBEDDING_STD)
+        )
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

@@ -1,6 +1,8 @@
 """Save and load models as a directory: ``config.json`` (the ``ModelConfig``) + ``model.safetensors``.
 
-The config is also stored inside the safetensors metadata, and loading compares the two: a
+The weights' content is checked at load against the SHA-256 of each tensor stored in the safetensors metadata
+(:mod:`.integrity`), so a damaged file is one error naming it instead of another model. The config is
+also stored inside the safetensors metadata, and loading compares the two: a
 ``config.json`` that differs from its weights on any setting but ``RUNTIME_FIELDS`` (settings that
 shape no tensor, such as ``score``, norms or rotary, would otherwise load silently into another
 model) is one error naming the fields.
@@ -24,9 +26,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mf_lightning.config import ModelConfig
+from mf_lightning.config import REMOVED_FIELDS, ModelConfig
 from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests, tensors_digests
 from mf_lightning.models.registry import build_model
+from mf_lightning.nn.init import initialise
 from mf_lightning.storage_errors import naming
 
 CONFIG_NAME = "config.json"
@@ -51,7 +55,8 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(config + "\n")
         try:
-            save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", CONFIG_METADATA_KEY: config})
+            metadata = {"format": "pt", CONFIG_METADATA_KEY: config, DIGEST_KEY: tensors_digests(state)}
+            save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
         except SafetensorError as error:
             code = OS_ERROR_IN_MESSAGE.search(str(error))
             if code is None:
@@ -80,6 +85,7 @@ def load_pretrained(
         raise ValueError(f"{directory / CONFIG_NAME} describes a {config.arch!r} model, not {arch!r}")
     weights = directory / WEIGHTS_NAME
     state = read_weights(weights, device, dtype)
+    check_file_digests(weights)
     with torch.device("meta"):
         model = build_model(config)
     check_state(model, state, weights)
@@ -114,13 +120,15 @@ def read_weights(path: Path, device: torch.device | str, dtype: torch.dtype | No
 def check_config_matches_weights(config: ModelConfig, config_path: Path, weights: Path) -> None:
     """Raise a ``ValueError`` naming the fields where ``config`` differs from the config stored with ``weights``.
 
-    Weights saved before configs were stored in their metadata are not checked.
+    Weights saved before configs were stored in their metadata are not checked; fields removed since
+    (``REMOVED_FIELDS``, which ``read_config`` accepts only at their "off" value) are left out.
     """
     with safe_open(weights, framework="pt") as file:
         stored = (file.metadata() or {}).get(CONFIG_METADATA_KEY)
     if stored is None:
         return
-    saved, current = json.loads(stored), as_json(config.to_dict())
+    saved = {name: value for name, value in json.loads(stored).items() if name not in REMOVED_FIELDS}
+    current = as_json(config.to_dict())
     differences = [
         f"{name}={current.get(name)!r} in {CONFIG_NAME}, {saved.get(name)!r} in the weights"
         for name in sorted(set(saved) | set(current))
@@ -152,19 +160,17 @@ def check_float_dtype(dtype: torch.dtype | None) -> None:
 def build_in_dtype(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> DecoderLM:
     """The model of ``config`` built on the meta device and materialised directly in ``dtype`` on ``device``.
 
-    Every module's ``reset_parameters`` then initialises it in place, so a model too large for memory
-    in float32 (MemoryFormer-base: 6.6 billion table values) can be built in bfloat16 without ever
-    being whole in float32. The initialisation is each module's default (e.g. ``nn.Linear``'s uniform),
-    not the model's own: use it for measurements, or load trained weights into it.
+    Every module's ``reset_parameters`` then initialises all its state in place (the model's own
+    initialisation, :func:`~mf_lightning.nn.init.initialise`, drawn in ``dtype`` on ``device``), so a
+    model too large for memory in float32 (MemoryFormer-base: 6.6 billion table values) can be built in
+    bfloat16 without ever being whole in float32. On the ``meta`` device nothing is allocated or set.
     """
     check_float_dtype(dtype)
     with torch.device("meta"):
         model = build_model(config)
     model = model.to(dtype=dtype).to_empty(device=device)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+    if torch.device(device).type != "meta":
+        initialise(model)
     return model
 
 

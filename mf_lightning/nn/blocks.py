@@ -18,6 +18,7 @@ from torch import nn
 from mf_lightning.config import ModelConfig
 from mf_lightning.nn.attention import CausalSelfAttention, KVCache
 from mf_lightning.nn.hash_input import HashInput
+from mf_lightning.nn.layers import NormalLinear
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 FFN_TABLE_STD = 0.02
@@ -42,11 +43,7 @@ class MemoryBlock(nn.Module):
         d = config.n_embd
         layer = {"score": config.score, "backend": config.backend, "bias_init_std": BIAS_STD}
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        remedies = {
-            "centering": config.hash_centering,
-            "offset": config.hash_offset,
-            "balance_weight": config.bucket_balance_weight,
-        }
+        remedies = {"centering": config.hash_centering, "balance_weight": config.bucket_balance_weight}
         self.qkv_hash_input = HashInput(d, **remedies)
         self.qkv = MemoryLayer(d, 3 * d, config.code_bits, init_std=math.sqrt(2 / (5 * d)), **layer)
         self.attention = CausalSelfAttention(config.n_head, config.dropout)
@@ -77,18 +74,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         d = config.n_embd
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attention = CausalSelfAttention(config.n_head, config.dropout)
-        self.proj = nn.Linear(d, d)
-        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.ffn_in = nn.Linear(d, config.ffn_hidden)
-        self.ffn_out = nn.Linear(config.ffn_hidden, d)
-        self.dropout = nn.Dropout(config.dropout)
         residual_std = LINEAR_STD / math.sqrt(2 * config.n_layer)
-        stds = {self.qkv: LINEAR_STD, self.proj: residual_std, self.ffn_in: LINEAR_STD, self.ffn_out: residual_std}
-        for linear, std in stds.items():
-            nn.init.normal_(linear.weight, std=std)
-            nn.init.zeros_(linear.bias)
+        self.qkv = NormalLinear(d, 3 * d, std=LINEAR_STD)
+        self.attention = CausalSelfAttention(config.n_head, config.dropout)
+        self.proj = NormalLinear(d, d, std=residual_std)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_in = NormalLinear(d, config.ffn_hidden, std=LINEAR_STD)
+        self.ffn_out = NormalLinear(config.ffn_hidden, d, std=residual_std)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None

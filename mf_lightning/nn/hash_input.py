@@ -3,14 +3,12 @@
 A Memory Layer picks each table's row by the signs of its input chunk, so a feature whose sign is the
 same for most tokens wastes its bit, and a chunk of such features sends most tokens into a few rows
 (bucket collapse). The RMSNorm'ed residual stream feeding Q/K/V and ``ML_1`` is not mean-centred, and in
-training its features drift far from zero mean (``benchmarks/results/ablations_cpu.md``). Three remedies,
+training its features drift far from zero mean (``benchmarks/results/ablations_cpu.md``). Two remedies,
 each off by default (the paper's model), each a :class:`ModelConfig` field:
 
 - ``hash_centering``: subtract a running mean of each input feature (an exponential moving average of
   earlier training batches, no gradient), so every bit splits the tokens about evenly. Only earlier
   batches enter the mean, so no token sees statistics of later ones.
-- ``hash_offset``: subtract a learned per-feature offset (initialised to zero). It learns only through
-  the chunk score, which depends on ``|z|``, not on the sign.
 - ``bucket_balance_weight``: an auxiliary loss ``weight * mean_j (mean_tokens tanh(z_j))**2`` that is 0
   when every bit is positive for half the tokens; :func:`balance_loss` sums it over the model.
 """
@@ -25,19 +23,24 @@ CENTERING_MOMENTUM = 0.05
 
 
 class HashInput(nn.Module):
-    """Identity in shape ``[..., features]``: centres and shifts a Memory Layer's input as configured.
+    """Identity in shape ``[..., features]``: centres a Memory Layer's input when configured.
 
     In training, with ``balance_weight > 0``, the latest forward's balance term is kept in
     ``balance_term`` for :func:`balance_loss` (``None`` otherwise).
     """
 
-    def __init__(self, features: int, centering: bool = False, offset: bool = False, balance_weight: float = 0.0) -> None:
+    def __init__(self, features: int, centering: bool = False, balance_weight: float = 0.0) -> None:
         super().__init__()
         self.centering = centering
         self.balance_weight = balance_weight
-        self.register_buffer("running_mean", torch.zeros(features) if centering else None)
-        self.offset = nn.Parameter(torch.zeros(features)) if offset else None
+        self.register_buffer("running_mean", torch.empty(features) if centering else None)
         self.balance_term: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The running mean starts at zero: before any batch, the input is hashed as it is."""
+        if self.running_mean is not None:
+            nn.init.zeros_(self.running_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.centering:
@@ -46,15 +49,13 @@ class HashInput(nn.Module):
                 batch_mean = x.detach().flatten(0, -2).mean(0)
                 self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), CENTERING_MOMENTUM)
             x = x - centre.to(x.dtype)
-        if self.offset is not None:
-            x = x - self.offset
         self.balance_term = None
         if self.training and self.balance_weight > 0:
             self.balance_term = self.balance_weight * torch.tanh(x.float()).flatten(0, -2).mean(0).square().mean()
         return x
 
     def extra_repr(self) -> str:
-        return f"centering={self.centering}, offset={self.offset is not None}, balance_weight={self.balance_weight:g}"
+        return f"centering={self.centering}, balance_weight={self.balance_weight:g}"
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor | None:

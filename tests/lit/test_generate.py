@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,34 @@ def test_bad_requests_are_one_clear_error(trained_dir, capsys) -> None:
     with pytest.raises(SystemExit):
         mf(["generate", "--model_dir", str(trained_dir), "--max_new_tokens", "500", "hi"])
     assert "exceeds max_seq_len=128" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (None, "no prompt: standard input is closed"),
+        ("closed", "no prompt: standard input is closed"),
+        (b"caf\xe9 au lait", r"standard input is not UTF-8 text: byte 0xe9 at offset 3 \(invalid continuation byte\)"),
+    ],
+    ids=["none", "closed", "latin-1"],
+)
+def test_unreadable_standard_input_is_one_clear_error(trained_dir, capsys, monkeypatch, stdin, message) -> None:
+    if stdin == "closed":
+        stdin = io.StringIO("unused")
+        stdin.close()
+    elif isinstance(stdin, bytes):
+        stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    with pytest.raises(SystemExit) as exit_info:
+        mf(["generate", "--model_dir", str(trained_dir), "--max_new_tokens", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.match(f"mf: error: {message}", err), err
+    assert len(err.splitlines()) == 2  # the error and the hint about the traceback
+
+
+def test_utf8_standard_input_is_read_as_bytes_whatever_the_locale(trained_dir, capsys, monkeypatch) -> None:
+    args = ["--model_dir", str(trained_dir), "--max_new_tokens", "20", "--temperature", "0"]
+    expected, _ = generate(capsys, *args, PROMPT)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(PROMPT.encode()), encoding="ascii"))
+    assert generate(capsys, *args)[0] == expected

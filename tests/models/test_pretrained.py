@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from mf_lightning.cli import main
 from mf_lightning.config import ModelConfig
+from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
 from mf_lightning.models import pretrained
 from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, save_pretrained
+from mf_lightning.models.integrity import tensors_digests
 from mf_lightning.models.pretrained import build_in_dtype
 
 ARCHS = ["memoryformer", "transformer"]
@@ -148,6 +151,67 @@ def test_folders_saved_without_a_config_in_the_weights_still_load(tmp_path: Path
     model = debug_model()
     model.save_pretrained(tmp_path)
     save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert_same_weights(load_pretrained(tmp_path), model)
+
+
+def flip_bit(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset_from_end", [1, 5000])
+def test_a_bit_flipped_in_the_tensor_data_is_one_error_naming_the_file(offset_from_end: int, tmp_path: Path) -> None:
+    debug_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    assert load_file(weights)  # the header is intact: safetensors alone would load the damaged data
+    flip_bit(weights, offset_from_end)
+    with pytest.raises(ValueError, match=rf"{weights} is damaged: the data of 1 tensor\(s\) \(.*\) does not match the SHA-256"):
+        load_pretrained(tmp_path)
+
+
+def test_a_damaged_model_folder_stops_mf_generate_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    debug_model().save_pretrained(tmp_path)
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    flip_bit(tmp_path / "model.safetensors", 100)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model_dir", str(tmp_path), "--max_new_tokens", "2", "hi"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"mf: error: {tmp_path / 'model.safetensors'} is damaged")
+
+
+def test_the_damaged_tensors_are_named(tmp_path: Path) -> None:
+    model = debug_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    with safe_open(weights, framework="pt") as file:
+        metadata = file.metadata()
+    state["norm.weight"][3] = 2.0
+    save_file(state, weights, metadata=metadata)  # valid header, the old digests
+    with pytest.raises(ValueError, match=r"damaged: the data of 1 tensor\(s\) \(norm.weight\) does not match"):
+        load_pretrained(tmp_path)
+
+
+def test_the_digests_cover_every_dtype_and_shape() -> None:
+    state = {"b": torch.zeros((), dtype=torch.bfloat16), "a": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    digests = json.loads(tensors_digests(state))
+    assert list(digests) == ["a", "b"]
+    assert digests == json.loads(tensors_digests(dict(reversed(state.items()))))
+    changed = json.loads(tensors_digests({**state, "b": torch.ones((), dtype=torch.bfloat16)}))
+    assert changed["a"] == digests["a"] and changed["b"] != digests["b"]
+
+
+def test_a_folder_saved_with_hash_offset_off_still_loads(tmp_path: Path) -> None:
+    model = debug_model()
+    model.save_pretrained(tmp_path)
+    edit_config(tmp_path, hash_offset=False)
+    weights = tmp_path / "model.safetensors"
+    with safe_open(weights, framework="pt") as file:
+        metadata = file.metadata()
+    config = json.loads(metadata["mf_model_config"])
+    metadata["mf_model_config"] = json.dumps({**config, "hash_offset": False})
+    save_file(load_file(weights), weights, metadata=metadata)
     assert_same_weights(load_pretrained(tmp_path), model)
 
 

@@ -9,7 +9,7 @@ from mf_lightning.nn.blocks import MemoryBlock
 from mf_lightning.nn.hash_input import CENTERING_MOMENTUM, HashInput, balance_loss
 from mf_lightning.nn.rotary import rotary_cos_sin
 
-REMEDIES = {"hash_centering": True, "hash_offset": True, "bucket_balance_weight": 0.5}
+REMEDIES = {"hash_centering": True, "bucket_balance_weight": 0.5}
 
 
 def run_block(block: MemoryBlock, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,13 @@ def test_each_remedy_keeps_shapes_and_trains(remedy: str) -> None:
     loss.backward()
     assert y.shape == x.shape and x.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
-    if remedy == "hash_offset":
-        assert block.ffn_in_hash_input.offset.shape == (64,) and block.ffn_out_hash_input.offset.shape == (80,)
+
+
+def test_reset_parameters_sets_the_running_mean_to_zero() -> None:
+    layer = HashInput(3, centering=True).train()
+    layer(torch.ones(2, 3))
+    layer.reset_parameters()
+    assert torch.equal(layer.running_mean, torch.zeros(3))
 
 
 def test_centering_uses_only_earlier_batches_and_freezes_in_eval() -> None:
