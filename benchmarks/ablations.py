@@ -9,7 +9,7 @@ bits, ``scaled`` score, tables at the common learning rate, no remedy) and keeps
 must be divisible by all three), score ``paper`` vs ``scaled``, table learning-rate multiplier 1 vs 3,
 the three bucket-collapse remedies of :mod:`mf_lightning.nn.hash_input`, and the Transformer baseline at
 1e-3 and 3e-3. The paper's model is the middle of several sweeps and is trained once per corpus and seed.
-Every run is one ``mf fit`` of :func:`train_compare.train` (the same runner as ``train_compare.py``),
+Every run is one ``mf fit`` of :func:`harness.train` (the same runner as ``train_compare.py``),
 with the bucket-usage monitor on; ``--jobs`` runs go in parallel processes, one torch thread each.
 
 Writes ``ablations_<device>.md`` (settings, per-run table per corpus, per-ablation verdicts, the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import multiprocessing
 import re
 import shlex
@@ -39,21 +38,22 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_compare import (  # noqa: E402
+from harness import (
     REPO,
     RunResult,
     RunSpec,
     cached_result,
-    check_shared,
+    check_fit_args,
     corpus_path,
+    device_slug,
     display_path,
-    shared_parser,
+    environment,
+    fit_parser,
     tokens_per_step,
     train,
 )
 
-from mf_lightning.callbacks.monitoring import memory_layers  # noqa: E402
+from mf_lightning.callbacks.monitoring import memory_layers
 
 PAPER_LR = 3e-3
 LAYER_KINDS = ("qkv", "ffn_in", "ffn_out")
@@ -161,7 +161,7 @@ def input_statistics(cli: Any) -> dict[str, float]:
 
 
 def run_one(args: argparse.Namespace, spec: RunSpec) -> tuple[RunResult, str]:
-    """One run in a worker process: one torch thread, then :func:`train_compare.train`."""
+    """One run in a worker process: one torch thread, then :func:`harness.train`."""
     torch.set_num_threads(args.threads)
     return train(args, spec, input_statistics if spec.arch == "memoryformer" else None)
 
@@ -389,8 +389,7 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
     lines = [
         "# The paper's ablations and bucket-collapse remedies at small scale, equal tokens",
         "",
-        f"- device: {device}; {args.jobs} runs in parallel; torch {torch.__version__}; "
-        f"date {datetime.date.today().isoformat()}; the machine was shared with other engineers' jobs (load), so "
+        f"- {environment(device)}; {args.jobs} runs in parallel; the machine was shared with other engineers' jobs, so "
         "every speed figure is noisy",
         f"- command: `{command}`",
         f"- runs: {len(results)} of {total} finished" + (
@@ -419,7 +418,7 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = shared_parser(__doc__.split("\n\n")[0], REPO / "runs" / "ablations")
+    parser = fit_parser(__doc__.split("\n\n")[0], REPO / "runs" / "ablations")
     parser.set_defaults(overrides="{n_layer: 2, n_embd: 80, n_head: 2, max_seq_len: 64}", steps=150, seq_len=64,
                         val_every=25, val_batches=8, bucket_every=50)
     parser.add_argument("--corpora", nargs="+", default=[str(REPO.parent / "shared" / "corpora" / "fortunes.txt"), "demo"],
@@ -429,7 +428,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report and plot from the runs cached so far (partial results)")
     args = parser.parse_args(argv)
-    check_shared(parser, args)
+    check_fit_args(parser, args)
     if args.bucket_every < 1:
         parser.error("--bucket-every must be positive: the study reports the bucket-usage monitor's figures")
     if args.jobs < 1 or len(args.seeds) < 1 or len(set(args.seeds)) != len(args.seeds):
@@ -441,7 +440,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def write_report(results: Results, args: argparse.Namespace, device: str, command: str, plot_curves: bool) -> Path:
     """``ablations_<device>.md`` (and, with ``plot_curves``, the PNG of validation curves) under ``--out``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    kind = device.split(",")[0]
+    kind = device_slug(device)
     png = args.out / f"ablations_{kind}_val.png"
     if plot_curves:
         plot(results, args, png)

@@ -12,18 +12,18 @@ markdown and writes it to ``benchmarks/results/bf16_quality.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from harness import environment, markdown_table, write_result
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer
 from mf_lightning.models import DecoderLM, build_model, load_pretrained
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HEADER = ("arch", "val loss fp32", "val loss bf16", "max abs logit diff", "mean abs logit diff", "argmax agreement")
 PACKAGE = Path(__file__).resolve().parents[1] / "mf_lightning"
 WINDOW, BATCH = 64, 16
 LEARNING_RATES = {"memoryformer": 3e-3, "transformer": 1e-3}
@@ -71,31 +71,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     training, validation = corpus()
-    rows = [
-        "| arch | val loss fp32 | val loss bf16 | max abs logit diff | mean abs logit diff | argmax agreement |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for arch in LEARNING_RATES:
         model = train(arch, training, args.steps)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             half = load_pretrained(folder, dtype=torch.bfloat16).eval()
         loss, half_loss, largest, mean, agreement = compare(model, half, validation)
-        rows.append(
-            f"| {arch} | {loss:.4f} | {half_loss:.4f} | {largest:.3f} | {mean:.4f} | {100 * agreement:.1f}% |"
-        )
+        rows.append([arch, f"{loss:.4f}", f"{half_loss:.4f}", f"{largest:.3f}", f"{mean:.4f}", f"{100 * agreement:.1f}%"])
     report = "\n".join([
         f"# bfloat16 against float32 weights, debug preset trained {args.steps} steps (seed {args.seed})",
         "",
-        f"torch {torch.__version__}; date: {datetime.date.today().isoformat()}; "
-        f"command: `python benchmarks/bf16_quality.py --steps {args.steps} --seed {args.seed}`",
+        f"{environment()}; command: `python benchmarks/bf16_quality.py --steps {args.steps} --seed {args.seed}`",
         "",
-        *rows,
+        *markdown_table(HEADER, rows),
         "",
     ])
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bf16_quality.md").write_text(report)
+    write_result("bf16_quality.md", report)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from harness import device_slug, environment, write_result
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,7 +32,6 @@ from mf_lightning.callbacks import BucketUsageMonitor
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import MemoryFormer
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 6
 MODELS = {
     "debug (2 x 64, K=8)": {"preset": "debug", "batch": 8, "seq": 128},
@@ -120,7 +118,7 @@ def main() -> None:
     if args.steps < 1 or args.log_every < 1:
         parser.error(f"--steps and --log-every must be positive integers, got {args.steps} and {args.log_every}")
     device = torch.device(args.device)
-    load_before = os.getloadavg()[0]
+    before = environment(device)
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
         for name, setup in MODELS.items():
@@ -133,15 +131,13 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     report = "\n".join(
         [
             "# BucketUsageMonitor overhead per training step",
             "",
-            f"Device: {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{os.cpu_count()} logical CPUs. Command: `python benchmarks/callback_overhead.py --steps {args.steps} "
-            f"--device {args.device} --log-every {args.log_every}`. One-minute load average {load_before:.1f} before, "
-            f"{os.getloadavg()[0]:.1f} after (other work on the machine adds noise to every figure).",
+            f"Before: {before}. After: load average {os.getloadavg()[0]:.1f} (other work on the machine adds noise to "
+            f"every figure). Command: `python benchmarks/callback_overhead.py --steps {args.steps} "
+            f"--device {args.device} --log-every {args.log_every}`.",
             f"{args.steps} steps without and {args.steps} with bucket counting, alternating in one run after "
             f"{WARMUP_STEPS} warm-up steps; the monitor logs every {args.log_every} steps and draws heatmaps every {10 * args.log_every}.",
             "",
@@ -152,10 +148,7 @@ def main() -> None:
             "",
         ]
     )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"callback_overhead_{device.type}.md"
-    path.write_text(report)
-    print(f"wrote {path}")
+    write_result(f"callback_overhead_{device_slug(device)}.md", report)
 
 
 if __name__ == "__main__":

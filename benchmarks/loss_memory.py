@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import statistics
 import subprocess
@@ -31,11 +30,11 @@ import sys
 import time
 
 import torch
+from harness import environment, write_result
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import build_model
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 VOCAB, CONTROL_VOCAB, WIDTH, BATCH, SEQ_LEN = 50304, 256, 512, 8, 1024
 MIB = 2**20
 
@@ -94,28 +93,21 @@ def main() -> None:
         return
 
     chunks = sorted({0, *args.chunks})
-    load_before = os.getloadavg()[0]
+    before = environment()
     runs: dict[tuple[int, int], list[dict[str, float]]] = {}
     for _ in range(args.rounds):
         for chunk_size, vocab in [(0, CONTROL_VOCAB), *((c, VOCAB) for c in chunks)]:
             runs.setdefault((chunk_size, vocab), []).append(run_worker(chunk_size, vocab, args.repeats))
-    load_after = os.getloadavg()[0]
 
     unit_mib = BATCH * SEQ_LEN * VOCAB * 4 / MIB
     control_mib = min(r["extra_mib"] for r in runs[(0, CONTROL_VOCAB)])
     plain_time = statistics.median(r["step_s"] for r in runs[(0, VOCAB)])
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
     lines = [
         "# Chunked LM loss: extra peak memory and time of one forward + backward",
         "",
-        f"Device: {cpu} ({platform.machine()}), {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Command: `python benchmarks/loss_memory.py "
-        f"--rounds {args.rounds} --repeats {args.repeats} --chunks {' '.join(map(str, chunks))}`. "
-        f"One-minute load average {load_before:.1f} before, {load_after:.1f} after (a shared machine: "
-        "other processes slow every step alike and add noise to the times).",
+        f"Before: {before}. After: load average {os.getloadavg()[0]:.1f} (a shared machine: other processes slow "
+        "every step alike and add noise to the times). Command: `python benchmarks/loss_memory.py "
+        f"--rounds {args.rounds} --repeats {args.repeats} --chunks {' '.join(map(str, chunks))}`.",
         "",
         f"Model: MemoryFormer, 1 layer, width {WIDTH}, vocabulary {VOCAB}; {BATCH} x {SEQ_LEN} tokens. "
         f"One fp32 [tokens, vocab] tensor = {unit_mib:.0f} MiB. Extra = peak RSS of the step minus the RSS with "
@@ -133,10 +125,7 @@ def main() -> None:
             f"| {label(chunk_size)} | {extra:.0f} | {extra - control_mib:.0f} | {(extra - control_mib) / unit_mib:.2f} "
             f"| {seconds:.2f} | {seconds / plain_time - 1:+.1%} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loss_memory_cpu.md").write_text(table)
+    write_result("loss_memory_cpu.md", "\n".join(lines))
 
 
 if __name__ == "__main__":
