@@ -4,7 +4,9 @@ A Lightning checkpoint is a pickle that also carries optimizer and loop state; t
 (``config.json`` + ``model.safetensors``, as written by ``save_pretrained``, plus the tokenizer's
 ``tokenizer.json`` / ``tokenizer_config.json``) holds only the model and its tokenizer, in formats that
 cannot carry code, and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
-(``mf eval`` / ``mf generate --model_dir DIR``). The checkpoint itself is read with ``weights_only=True``.
+(``mf eval`` / ``mf generate --model_dir DIR``). The checkpoint itself is read with ``weights_only=True``;
+a sharded checkpoint folder (``FSDP2Strategy``) is assembled in this process, which needs host memory for
+its weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def export_checkpoint(
 def main(argv: Sequence[str] | None = None) -> None:
     """``mf export``: parse the arguments, export, and say where the model went."""
     parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by mf fit")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a .ckpt file written by mf fit, or the folder of a sharded (FSDP) checkpoint"
+    )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(
         "--config", default=None, help="the run's config.yaml; only for checkpoints written before they carried the tokenizer"
