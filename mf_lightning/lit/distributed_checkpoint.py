@@ -106,7 +106,8 @@ def save_sharded(
     tensors: dict[str, Any] = {WEIGHTS_KEY: rest.pop(WEIGHTS_KEY)}
     rest[OPTIMIZER_REST_KEY] = []
     for index, state in enumerate(rest.pop("optimizer_states", [])):
-        tensors[optimizer_key(index)], optimizer_rest = split_optimizer_state(state)
+        optimizer_tensors, optimizer_rest = split_optimizer_state(state)
+        tensors[optimizer_key(index)] = {"state": optimizer_tensors}
         rest[OPTIMIZER_REST_KEY].append(optimizer_rest)
     folder.mkdir(parents=True, exist_ok=True)
     with naming(folder, "saving a sharded checkpoint"):
@@ -262,7 +263,7 @@ def load_sharded_optimizer(
         )
     tensors, _ = split_optimizer_state(get_optimizer_state_dict(model, optimizer))
     with naming(folder, "reading a sharded checkpoint"):
-        dcp.load({optimizer_key(index): tensors}, storage_reader=dcp.FileSystemReader(folder))
+        dcp.load({optimizer_key(index): {"state": tensors}}, storage_reader=dcp.FileSystemReader(folder))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=merge_optimizer_state(tensors, rest))
 
 

@@ -322,9 +322,10 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 class FSDPStrategy(FSDP2Strategy):
     """The former name of ``FSDP2Strategy``, which read like Lightning's FSDP1 ``FSDPStrategy``: refused
-    with the new class path, so an old config fails at once with the fix rather than running something else."""
+    with the new class path before anything runs. (Raised from ``setup_environment``, not the constructor,
+    because the config parser would bury a constructor's error in its own multi-line report.)"""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def setup_environment(self) -> None:
         raise ValueError(
             "trainer.strategy mf_lightning.lit.sharding.FSDPStrategy was renamed: use "
             "class_path: mf_lightning.lit.sharding.FSDP2Strategy (FSDP2, sharded checkpoint folders by default)"

@@ -8,7 +8,7 @@ from torch import nn
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.lit import LanguageModel
-from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, keyed_by_name, materialize
+from mf_lightning.lit.sharding import FSDPStrategy, build_on_meta, has_meta_parameters, keyed_by_name, materialize
 from mf_lightning.models import build_model
 
 
@@ -68,3 +68,8 @@ def test_optimizer_state_is_keyed_by_name_group_by_group() -> None:
     assert [group["params"] for group in keyed["param_groups"]] == [["1.weight", "0.bias"], ["0.weight", "1.bias"]]
     with pytest.raises(ValueError, match=r"parameter groups of sizes \[2, 2\], this one \[4\]"):
         keyed_by_name(optimizer.state_dict(), torch.optim.AdamW(model.parameters()), names)
+
+
+def test_the_former_strategy_name_is_refused_with_the_new_one() -> None:
+    with pytest.raises(ValueError, match=r"FSDPStrategy was renamed: use class_path: mf_lightning.lit.sharding.FSDP2Strategy"):
+        FSDPStrategy().setup_environment()
