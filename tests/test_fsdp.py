@@ -193,6 +193,7 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, run, 
 def test_sharded_checkpoint_exports_loads_and_generates_on_one_process(runs, tmp_path, capsys):
     checkpoint = runs["two"] / "checkpoints" / "last.ckpt"
     main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "export")])
+    assert "exported the model of" in capsys.readouterr().out
     exported = load_pretrained(tmp_path / "export").state_dict()
     saved = {key.removeprefix("model."): value for key, value in weights(checkpoint).items()}
     assert exported.keys() == saved.keys()
