@@ -190,6 +190,20 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, run, 
     assert read_checkpoint(runs[run] / "checkpoints" / "last.ckpt")["global_step"] == STEPS
 
 
+def test_a_sharded_checkpoint_of_another_model_is_refused_before_loading(runs, tmp_path):
+    """FSDP on one process, resuming ``two``'s folder with another model config: one error naming both."""
+    args = ["--config", str(CONFIG)]
+    for key, value in {**SCALED_DOWN, "trainer.devices": 1, "data.batch_size": 4, "trainer.default_root_dir": tmp_path,
+                       "data.cache_dir": runs["one"].parent / "cache", "model.overrides": "{code_bits: 4}"}.items():
+        args += [f"--{key}", str(value)]
+    result = subprocess.run(
+        [sys.executable, "-m", "mf_lightning", "fit", *args, "--ckpt_path", str(step2(runs["two"]))],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2
+    assert "holds another model: code_bits=" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_sharded_checkpoint_exports_loads_and_generates_on_one_process(runs, tmp_path, capsys):
     checkpoint = runs["two"] / "checkpoints" / "last.ckpt"
     main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "export")])

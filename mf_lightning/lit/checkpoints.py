@@ -156,7 +156,7 @@ def read_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} does not exist; give an existing .ckpt file or 'last'")
     if path.is_dir():
         if is_sharded_checkpoint(path):
-            return read_sharded_checkpoint(path)
+            return read_sharded_checkpoint(path, weights_only)
         raise ValueError(
             f"checkpoint {path} is a folder, expected a .ckpt file or a sharded checkpoint folder (with .metadata "
             "and meta.pt) written by mf fit (a save_pretrained folder loads with load_pretrained)"

@@ -32,6 +32,7 @@ import ctypes
 import errno
 import os
 import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -174,14 +175,27 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
-    """``meta.pt`` of a sharded checkpoint, read without unpickling code; one clear error if it cannot be read."""
+def read_metadata(folder: Path, weights_only: bool = True) -> dict[str, Any]:
+    """``meta.pt`` of a sharded checkpoint; one clear error if it cannot be read.
+
+    With ``weights_only`` (the default) nothing but tensors and plain data is unpickled, so reading
+    cannot run code from the file; ``False`` is for trusted checkpoints holding other Python objects.
+    """
     from mf_lightning.lit.checkpoints import corrupt
 
     path = folder / METADATA_NAME
     try:
-        metadata = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        metadata = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe is None:
+            raise corrupt(path, error) from error
+        raise ValueError(
+            f"{path} holds a Python object beyond tensors and plain data ({unsafe.group(1)}); "
+            "mf does not unpickle such objects because that can run code. If you trust the checkpoint, load it with "
+            "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
         raise corrupt(path, error) from error
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} is not the metadata of a sharded checkpoint; give a checkpoint written by mf fit")
@@ -211,7 +225,7 @@ def stored_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     }
 
 
-def read_sharded_placeholder(folder: Path) -> dict[str, Any]:
+def read_sharded_placeholder(folder: Path, weights_only: bool = True) -> dict[str, Any]:
     """The checkpoint in ``folder`` with its tensors left on disk, for a sharded resume.
 
     The weights are meta tensors of the stored shapes and dtypes (what ``check_checkpoint`` compares
@@ -220,7 +234,7 @@ def read_sharded_placeholder(folder: Path) -> dict[str, Any]:
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    checkpoint = read_metadata(folder)
+    checkpoint = read_metadata(folder, weights_only)
     prefix = WEIGHTS_KEY + "."
     checkpoint[WEIGHTS_KEY] = {
         key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
@@ -267,14 +281,15 @@ def load_sharded_optimizer(
     set_optimizer_state_dict(model, optimizer, optim_state_dict=merge_optimizer_state(tensors, rest))
 
 
-def read_sharded_checkpoint(folder: Path) -> dict[str, Any]:
+def read_sharded_checkpoint(folder: Path, weights_only: bool = True) -> dict[str, Any]:
     """The whole checkpoint in ``folder``, assembled in this process, laid out like a single ``.ckpt`` file:
     full weights under ``state_dict`` and each optimizer's state numbered group by group, as
     ``Optimizer.state_dict`` numbers it. Needs host memory for all of it (weights and optimizer state).
+    ``weights_only`` applies to ``meta.pt`` (see ``read_metadata``).
     """
     import torch.distributed.checkpoint as dcp
 
-    checkpoint = read_metadata(folder)
+    checkpoint = read_metadata(folder, weights_only)
     tensors = stored_tensors(folder, "")
     with naming(folder, "reading a sharded checkpoint"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)

@@ -289,10 +289,10 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
-        if is_sharded_checkpoint(path):
-            return read_sharded_placeholder(path)
         if weights_only is None:
             weights_only = getattr(self.checkpoint_io, "weights_only", True)
+        if is_sharded_checkpoint(path):
+            return read_sharded_placeholder(path, weights_only)
         return read_checkpoint(path, "cpu", weights_only, mmap=True)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from mf_lightning.lit import distributed_checkpoint
-from mf_lightning.lit.checkpoints import partial_path, read_checkpoint, remove_stale_partials
+from mf_lightning.lit.checkpoints import check_run_folder, partial_path, read_checkpoint, remove_stale_partials
 from mf_lightning.lit.distributed_checkpoint import (
     SHARDED_FOLDER_KEY,
     install,
@@ -86,9 +86,10 @@ def test_a_placeholder_holds_shapes_only_and_names_its_folder(tmp_path) -> None:
 def test_no_python_object_is_unpickled_from_a_folder(tmp_path) -> None:
     model, optimizer = trained()
     save(model, optimizer, tmp_path / "x.ckpt")
-    torch.save({"global_step": 2, "callback": subprocess.Popen}, tmp_path / "x.ckpt" / "meta.pt")
-    with pytest.raises(ValueError, match=r"meta.pt cannot be read"):
+    torch.save({"global_step": 2, "where": Path("runs")}, tmp_path / "x.ckpt" / "meta.pt")
+    with pytest.raises(ValueError, match=r"meta.pt holds a Python object beyond tensors and plain data \(pathlib"):
         read_checkpoint(tmp_path / "x.ckpt")
+    assert read_checkpoint(tmp_path / "x.ckpt", weights_only=False)["where"] == Path("runs")
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path) -> None:
@@ -130,3 +131,12 @@ def test_a_killed_writers_staging_folder_is_never_last_and_is_cleared(tmp_path) 
     assert sorted(path.name for path in tmp_path.glob("last*")) == ["last.ckpt"]
     remove_stale_partials(target)
     assert not killed.exists() and live.exists()
+
+
+def test_a_fresh_run_is_refused_where_sharded_checkpoints_are(tmp_path) -> None:
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(last.ckpt\)"):
+        check_run_folder("fit", None, str(tmp_path))
+    check_run_folder("fit", "last", str(tmp_path))
+    check_run_folder("validate", "last", str(tmp_path))
