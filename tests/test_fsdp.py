@@ -3,7 +3,7 @@
 Five runs of the same config and global batch, each 4 steps with sharded checkpoints at steps 2 and 4:
 ``one`` (FSDP on 1 process), ``two`` (FSDP on 2 ranks), ``resumed`` (2 ranks from ``two``'s step 2),
 ``two_to_one`` (one process without FSDP from ``two``'s step 2) and ``one_to_two`` (2 ranks from
-``one``'s step 2). Comparisons across process counts assert only what holds whatever the order of float
+``one``'s step 2, saving single files: ``save_distributed_checkpoint: false``). Comparisons across process counts assert only what holds whatever the order of float
 summation: first-step gradients, validation losses, and weights within what Adam can move them.
 """
 
@@ -91,7 +91,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     fit(paths["two"], cache, 2)
     fit(paths["resumed"], cache, 2, "--ckpt_path", str(step2(paths["two"])))
     fit(paths["two_to_one"], cache, 1, "--ckpt_path", str(step2(paths["two"])), sharded=False)
-    fit(paths["one_to_two"], cache, 2, "--ckpt_path", str(step2(paths["one"])))
+    fit(paths["one_to_two"], cache, 2, "--ckpt_path", str(step2(paths["one"])),
+        "--trainer.strategy.init_args.save_distributed_checkpoint", "false")  # the single-file option
     return paths
 
 
@@ -150,7 +151,7 @@ def test_two_ranks_train_like_one_process(runs):
     assert [s for s, _ in one["val/loss"]] == [s for s, _ in two["val/loss"]] == [1, 3]
     for (step, a), (_, b) in zip(one["val/loss"], two["val/loss"]):
         assert b == pytest.approx(a, rel=LOSS_RTOL), step
-    one_weights, two_weights = weights(runs["one"] / "checkpoints" / "last.ckpt"), weights(runs["two"] / "checkpoints" / "last.ckpt")
+    one_weights, two_weights = (weights(runs[run] / "checkpoints" / "last.ckpt") for run in ("one", "two"))
     for name, gradient in one_gradients.items():
         difference = (one_weights[name] - two_weights[name]).abs()
         clear = gradient.abs() > 100 * ADAM_EPS
@@ -175,7 +176,7 @@ def test_resume_from_a_sharded_checkpoint_continues_exactly(runs):
     assert sorted(resumed_losses) == [2, 3]
     assert resumed_losses == {step: loss for step, loss in whole["train/loss"] if step in resumed_losses}
     assert dict(resumed["val/loss"])[3] == dict(whole["val/loss"])[3]
-    final, resumed_final = weights(runs["two"] / "checkpoints" / "last.ckpt"), weights(runs["resumed"] / "checkpoints" / "last.ckpt")
+    final, resumed_final = (weights(runs[run] / "checkpoints" / "last.ckpt") for run in ("two", "resumed"))
     assert all(torch.equal(resumed_final[key], final[key]) for key in final)
 
 
@@ -188,6 +189,15 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, run, 
     assert [step for step, _ in resumed["val/loss"]] == [3]
     assert dict(resumed["val/loss"])[3] == pytest.approx(dict(whole["val/loss"])[3], rel=LOSS_RTOL)
     assert read_checkpoint(runs[run] / "checkpoints" / "last.ckpt")["global_step"] == STEPS
+
+
+def test_the_single_file_option_gathers_a_checkpoint_that_resumes_sharded(runs):
+    """``save_distributed_checkpoint: false`` (``one_to_two``): one ``.ckpt`` file with the whole state."""
+    path = runs["one_to_two"] / "checkpoints" / "last.ckpt"
+    assert path.is_file()
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["state_dict"].keys() == weights(runs["two"] / "checkpoints" / "last.ckpt").keys()
+    assert sum(len(state["state"]) for state in checkpoint["optimizer_states"]) == len(checkpoint["state_dict"])
 
 
 def test_a_sharded_checkpoint_of_another_model_is_refused_before_loading(runs, tmp_path):

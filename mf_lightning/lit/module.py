@@ -240,7 +240,8 @@ class LanguageModel(L.LightningModule):
         decodes its own prompts for as many steps as they need, so it cannot run on shards that must be
         all-gathered in lockstep; the copy costs one all-gather of the weights (no optimizer state).
         """
-        self.predictor = unsharded_copy(self.network, lambda: build_model(self.config)) if is_sharded(self.network) else None
+        if is_sharded(self.network):
+            self.predictor = unsharded_copy(self.network, lambda: build_model(self.config))
 
     def on_predict_end(self) -> None:
         self.predictor = None
@@ -248,7 +249,8 @@ class LanguageModel(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
         tokenizer = self.trainer.datamodule.tokenizer
         prompt_ids = batch["input_ids"].to(self.device)
-        out = (self.predictor or self.network).generate(
+        network = self.network if self.predictor is None else self.predictor
+        out = network.generate(
             prompt_ids,
             max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature,

@@ -22,7 +22,6 @@ from mf_lightning.lit.distributed_checkpoint import (
     SHARDED_FOLDER_KEY,
     install,
     is_sharded_checkpoint,
-    read_sharded_checkpoint,
     read_sharded_placeholder,
     save_sharded,
 )
