@@ -3,8 +3,9 @@
 Five runs of the same config and global batch, each 4 steps with sharded checkpoints at steps 2 and 4:
 ``one`` (FSDP on 1 process), ``two`` (FSDP on 2 ranks), ``resumed`` (2 ranks from ``two``'s step 2),
 ``two_to_one`` (one process without FSDP from ``two``'s step 2) and ``one_to_two`` (2 ranks from
-``one``'s step 2, saving single files: ``save_distributed_checkpoint: false``). Comparisons across process counts assert only what holds whatever the order of float
-summation: first-step gradients, validation losses, and weights within what Adam can move them.
+``one``'s step 2, saving single files: ``save_distributed_checkpoint: false``). Comparisons across
+process counts assert only what holds whatever the order of float summation: first-step gradients,
+validation losses, and weights within what Adam can move them.
 """
 
 from __future__ import annotations

@@ -214,14 +214,14 @@ def tensor_index(folder: Path) -> dict[str, Any]:
         raise corrupt(folder / INDEX_NAME, error) from error
 
 
-def stored_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Empty CPU tensors, shaped and typed as stored, for every key of ``folder`` under ``prefix``."""
+def stored_tensors(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Empty tensors on ``device``, shaped and typed as stored, for every (flattened) key of ``folder``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     return {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key: torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
         for key, meta in tensor_index(folder).items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        if isinstance(meta, TensorStorageMetadata)
     }
 
 
@@ -232,14 +232,10 @@ def read_sharded_placeholder(folder: Path, weights_only: bool = True) -> dict[st
     before anything is copied); ``optimizer_states`` holds each optimizer's non-tensor part; the
     folder is recorded under ``SHARDED_FOLDER_KEY`` for ``load_sharded_model`` / ``load_sharded_optimizer``.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     checkpoint = read_metadata(folder, weights_only)
     prefix = WEIGHTS_KEY + "."
     checkpoint[WEIGHTS_KEY] = {
-        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
-        for key, meta in tensor_index(folder).items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        key[len(prefix):]: value for key, value in stored_tensors(folder, "meta").items() if key.startswith(prefix)
     }
     checkpoint["optimizer_states"] = checkpoint.pop(OPTIMIZER_REST_KEY, [])
     checkpoint[SHARDED_FOLDER_KEY] = str(folder)
@@ -290,7 +286,7 @@ def read_sharded_checkpoint(folder: Path, weights_only: bool = True) -> dict[str
     import torch.distributed.checkpoint as dcp
 
     checkpoint = read_metadata(folder, weights_only)
-    tensors = stored_tensors(folder, "")
+    tensors = stored_tensors(folder)
     with naming(folder, "reading a sharded checkpoint"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)

@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``mf export``: parse the arguments, export, and say where the model went."""
     parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--ckpt_path", required=True, help="a .ckpt file written by mf fit, or the folder of a sharded (FSDP) checkpoint"
+        "--ckpt_path", required=True, help="a .ckpt file written by mf fit, or a sharded (FSDP) checkpoint folder"
     )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(

@@ -14,7 +14,9 @@ materialises it in ``configure_model``:
 
 Inside ``forward`` FSDP2 has all-gathered a unit's parameters into plain tensors, so the Memory Layer
 kernels (Triton, embedding_bag, torch) see ordinary tensors; outside it, parameters and gradients are
-``DTensor`` shards along their first dimension (the tables' ``num_tables`` axis).
+``DTensor`` shards along their first dimension (the tables' ``num_tables`` axis). Checkpoints are folders
+of per-rank shards (``FSDP2Strategy``, ``mf_lightning.lit.distributed_checkpoint``); prediction runs on
+a gathered plain copy (``unsharded_copy``).
 """
 
 from __future__ import annotations
