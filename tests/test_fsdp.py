@@ -262,3 +262,11 @@ def test_predict_on_two_ranks_generates_every_prompt_once(runs, tmp_path):
         if tokenizer.eos_id in completion:
             completion = completion[: completion.index(tokenizer.eos_id)]
         assert line["completion"] == tokenizer.decode(completion), line
+
+
+def test_validate_on_two_ranks_reads_a_sharded_checkpoint(runs, tmp_path):
+    """``mf validate`` under FSDP from the step-4 folder gives the loss the run logged there (same ranks,
+    same order of summation)."""
+    config, checkpoint = runs["two"] / "tensorboard" / "config.yaml", runs["two"] / "checkpoints" / "last.ckpt"
+    mf("validate", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path))
+    assert scalars(tmp_path / "tensorboard")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
