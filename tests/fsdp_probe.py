@@ -1,11 +1,12 @@
 """A callback the FSDP test injects with ``--trainer.callbacks+=fsdp_probe.ShardReport``: every rank writes
 what it holds (local shards of parameters and optimizer state against their full sizes) and whether a
-Memory Layer ever saw sharded tables inside its forward."""
+Memory Layer ever saw sharded tables inside its forward; rank 0 also saves the first step's full gradients."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,6 +34,18 @@ class ShardReport(L.Callback):
                 layer.register_forward_pre_hook(
                     lambda module, args: self.forward_saw_dtensor.append(isinstance(module.tables, DTensor))
                 )
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        """At the first step, ``first_gradients.pt``: every parameter's whole gradient (reduced over the ranks)."""
+        if trainer.global_step != 0:
+            return
+        gradients = {
+            name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for name, p in pl_module.named_parameters()
+        }
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(gradients, self.folder / "first_gradients.pt")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for module in pl_module.modules():  # the root unit stays gathered after an evaluation forward

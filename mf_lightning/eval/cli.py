@@ -27,6 +27,7 @@ from mf_lightning.eval.report import (
     result_rows,
     write_json,
 )
+from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_metadata
 from mf_lightning.lit.loading import LAST, load_for_inference, read_run_config, resolve_checkpoint
 
 DEFAULT_BATCH_SIZE = 8
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (a run, or an exported folder)")
     model.add_argument("--config", help="the run's config (<run>/tensorboard/config.yaml)")
-    model.add_argument("--ckpt_path", help=f"'{LAST}' or a .ckpt file of the run (default: {LAST} with --config)")
+    model.add_argument("--ckpt_path", help=f"'{LAST}' or a .ckpt file (or sharded checkpoint folder) of the run (default: {LAST} with --config)")
     model.add_argument("--model_dir", help="a folder written by mf export (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated task names (default: %(default)s)")
     parser.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: each task's own, usually 0)")
@@ -137,6 +138,9 @@ def run_of(checkpoint: Path, config: str | None) -> Path | None:
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a Lightning checkpoint was saved at (read through a memory map: no weights are loaded)."""
+    """The optimizer step a Lightning checkpoint was saved at (read through a memory map: no weights are loaded;
+    of a sharded checkpoint folder only its ``meta.pt``)."""
+    if is_sharded_checkpoint(checkpoint):
+        return int(read_metadata(checkpoint).get("global_step", 0))
     state: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     return int(state.get("global_step", 0))

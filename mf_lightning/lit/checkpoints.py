@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
+from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 from mf_lightning.storage_errors import naming
 
@@ -94,12 +96,12 @@ def partial_path(path: Path) -> Path:
 
 
 def remove_stale_partials(path: Path) -> None:
-    """Deletes temporary files of ``path`` left by killed writers of this host (other hosts' may be live)."""
+    """Deletes temporary files or folders of ``path`` left by killed writers of this host (other hosts' may be live)."""
     prefix = f".{path.name}.{socket.gethostname()}-"
     for stale in path.parent.glob(f".{path.name}.*.partial"):
         pid = stale.name[len(prefix):].split("-")[0] if stale.name.startswith(prefix) else ""
         if pid.isdigit() and not is_running(int(pid)):
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
@@ -144,6 +146,8 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint at ``path``; unreadable files raise one error naming the file and what to do.
 
+    A sharded checkpoint folder (``FSDP2Strategy``) is assembled whole in this process
+    (``mf_lightning.lit.distributed_checkpoint.read_sharded_checkpoint``).
     ``mmap`` maps the tensors from the file instead of reading them, so processes that each need a part
     of a large checkpoint (sharded resume) share the page cache instead of holding a copy each.
     """
@@ -151,8 +155,11 @@ def read_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give an existing .ckpt file or 'last'")
     if path.is_dir():
+        if is_sharded_checkpoint(path):
+            return read_sharded_checkpoint(path, weights_only)
         raise ValueError(
-            f"checkpoint {path} is a folder, expected a .ckpt file (a save_pretrained folder loads with load_pretrained)"
+            f"checkpoint {path} is a folder, expected a .ckpt file or a sharded checkpoint folder (with .metadata "
+            "and meta.pt) written by mf fit (a save_pretrained folder loads with load_pretrained)"
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)

@@ -6,7 +6,8 @@ A Lightning checkpoint is a pickle that also carries optimizer and loop state; t
 cannot carry code, and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
 (``mf eval`` / ``mf generate --model_dir DIR``), which checks every tensor against the SHA-256 recorded
 in ``model.safetensors`` at export (:mod:`mf_lightning.models.integrity`). The checkpoint itself is read
-with ``weights_only=True``.
+with ``weights_only=True``; a sharded checkpoint folder (``FSDP2Strategy``) is assembled in this process,
+which needs host memory for its weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def export_checkpoint(
 def main(argv: Sequence[str] | None = None) -> None:
     """``mf export``: parse the arguments, export, and say where the model went."""
     parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by mf fit")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a .ckpt file written by mf fit, or a sharded (FSDP) checkpoint folder"
+    )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(
         "--config", default=None, help="the run's config.yaml; only for checkpoints written before they carried the tokenizer"

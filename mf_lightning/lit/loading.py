@@ -3,7 +3,8 @@
 One loader serves ``mf export``, ``mf eval`` and ``mf generate``:
 
 - a run: its config (``<run>/tensorboard/config.yaml``, or the YAML it was started with) and
-  ``ckpt_path`` (``last`` or a ``.ckpt`` file). The model is rebuilt from the config the checkpoint
+  ``ckpt_path`` (``last`` or a ``.ckpt`` file, or the folder of a sharded checkpoint written under
+  ``FSDP2Strategy``, assembled in this process). The model is rebuilt from the config the checkpoint
   records and the tokenizer from the copy the checkpoint carries (checkpoints written before it
   carried one fall back to the config's ``data.tokenizer``);
 - a folder written by ``mf export`` / ``save_pretrained``: ``config.json``, ``model.safetensors`` and
@@ -76,14 +77,15 @@ def read_run_config(config: str | Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(ckpt_path: str | Path, config: str | Path | None, run_config: dict[str, Any]) -> Path:
-    """``ckpt_path`` itself, or for ``last`` the run's ``last.ckpt``, searched where the run can have put it."""
+    """``ckpt_path`` itself, or for ``last`` the run's ``last.ckpt`` (file or sharded folder), searched where
+    the run can have put it."""
     if str(ckpt_path) != LAST:
         return Path(ckpt_path)
     if config is None:
         raise ValueError("--ckpt_path last needs --config (the run's config.yaml) to find the run's checkpoints")
     candidates = [Path(folder) / "last.ckpt" for folder in checkpoint_folders(Path(config), run_config)]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.exists():  # a file, or the folder of a sharded checkpoint
             return candidate
     tried = ", ".join(str(candidate) for candidate in dict.fromkeys(candidates))
     raise FileNotFoundError(f"--ckpt_path last: the run has no last.ckpt (looked at {tried}); train it first")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,7 +26,15 @@ from mf_lightning.lit.optim import (
     parameter_groups,
     scale_group_lr,
 )
-from mf_lightning.lit.sharding import build_on_meta, has_meta_parameters, materialize, shard_network
+from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+from mf_lightning.lit.sharding import (
+    build_on_meta,
+    has_meta_parameters,
+    is_sharded,
+    materialize,
+    shard_network,
+    unsharded_copy,
+)
 from mf_lightning.models import build_model
 from mf_lightning.models.base import IGNORE_INDEX
 from mf_lightning.nn.hash_input import balance_loss
@@ -119,6 +130,18 @@ class LanguageModel(L.LightningModule):
         self.configured_groups: list[dict[str, Any]] = []
         self.configured_shape: dict[str, Any] | None = None
         self.resumed = False
+        self.predictor: torch.nn.Module | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> LanguageModel:
+        """Lightning's ``load_from_checkpoint``, which also reads the folder of a sharded checkpoint
+        (``FSDP2Strategy``), assembled whole in this process."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and is_sharded_checkpoint(checkpoint_path):
+            buffer = io.BytesIO()
+            torch.save(read_sharded_checkpoint(Path(checkpoint_path)), buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         if self._trainer is None:  # used on its own: nothing called configure_model
@@ -133,7 +156,7 @@ class LanguageModel(L.LightningModule):
     def configure_model(self) -> None:
         """Materialises the network built on the meta device in ``__init__`` (a no-op once done).
 
-        Under ``ModelParallelStrategy`` (``FSDPStrategy``) each block and then the whole network are
+        Under ``ModelParallelStrategy`` (``FSDP2Strategy``) each block and then the whole network are
         sharded with FSDP2 first, so each rank allocates only its shards; otherwise the whole network
         is allocated on the CPU (the strategy then moves it). Either way the weights are those an eager
         build from the random state at construction gives (``mf_lightning.lit.sharding``). Outside a
@@ -145,7 +168,7 @@ class LanguageModel(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ValueError(
-                    "LanguageModel shards with FSDP2 only; use trainer.strategy=mf_lightning.lit.sharding.FSDPStrategy "
+                    "LanguageModel shards with FSDP2 only; use trainer.strategy=mf_lightning.lit.sharding.FSDP2Strategy "
                     "or ModelParallelStrategy with tensor_parallel_size=1"
                 )
             shard_network(self.network, self.device_mesh["data_parallel"], self.trainer.precision)
@@ -210,10 +233,24 @@ class LanguageModel(L.LightningModule):
         if bytes_per_token:
             self.log(f"{split}/bpb", loss / (math.log(2) * bytes_per_token(split)), sync_dist=False)
 
+    def on_predict_start(self) -> None:
+        """Under FSDP, gathers a whole copy of the weights on every rank for ``predict_step``.
+
+        Generation reads the embedding and head outside the sharded network's ``forward``, and each rank
+        decodes its own prompts for as many steps as they need, so it cannot run on shards that must be
+        all-gathered in lockstep; the copy costs one all-gather of the weights (no optimizer state).
+        """
+        if is_sharded(self.network):
+            self.predictor = unsharded_copy(self.network, lambda: build_model(self.config))
+
+    def on_predict_end(self) -> None:
+        self.predictor = None
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
         tokenizer = self.trainer.datamodule.tokenizer
         prompt_ids = batch["input_ids"].to(self.device)
-        out = self.network.generate(
+        network = self.network if self.predictor is None else self.predictor
+        out = network.generate(
             prompt_ids,
             max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature,

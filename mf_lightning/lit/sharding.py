@@ -7,7 +7,7 @@ construction:
 
 - single device and DDP: ``materialize`` allocates the whole network on the CPU and initialises it in
   place, which gives exactly the weights an eager build would;
-- ``FSDPStrategy``: ``shard_network`` first wraps every block (its Memory Layer tables included) and then
+- ``FSDP2Strategy``: ``shard_network`` first wraps every block (its Memory Layer tables included) and then
   the whole network (embedding, final norm, head) in ``fully_shard`` while still on the meta device;
   ``materialize`` then initialises each module's state in full on the CPU, one module at a time, keeps
   this rank's shard and frees the rest. So a rank never holds more than its shards plus one module's
@@ -15,11 +15,14 @@ construction:
 
 Inside ``forward`` FSDP2 has all-gathered a unit's parameters into plain tensors, so the Memory Layer
 kernels (Triton, embedding_bag, torch) see ordinary tensors; outside it, parameters and gradients are
-``DTensor`` shards along their first dimension (the tables' ``num_tables`` axis).
+``DTensor`` shards along their first dimension (the tables' ``num_tables`` axis). Checkpoints are folders
+of per-rank shards (``FSDP2Strategy``, ``mf_lightning.lit.distributed_checkpoint``); prediction runs on
+a gathered plain copy (``unsharded_copy``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -33,7 +36,17 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mf_lightning.lit.checkpoints import read_checkpoint
+from mf_lightning.lit.checkpoints import partial_path, read_checkpoint, remove_stale_partials
+from mf_lightning.lit.distributed_checkpoint import (
+    SHARDED_FOLDER_KEY,
+    install,
+    is_sharded_checkpoint,
+    load_sharded_model,
+    load_sharded_optimizer,
+    read_sharded_placeholder,
+    remove,
+    save_sharded,
+)
 from mf_lightning.models.pretrained import COMPILE_PREFIX
 from mf_lightning.nn.init import reset_state, stateful_modules
 
@@ -118,23 +131,65 @@ def shard_network(network: nn.Module, mesh: Any, precision: str) -> None:
     fully_shard(network, mesh=mesh, mp_policy=policy)
 
 
-class FSDPStrategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: every process is one data-parallel rank.
+def is_sharded(network: nn.Module) -> bool:
+    """Whether ``network`` is wrapped by FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(network, FSDPModule)
+
+
+def unsharded_copy(network: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A plain (not sharded) copy of the FSDP ``network``, in eval mode, holding its whole weights and buffers.
+
+    Collective: every rank all-gathers the full tensors (on the parameters' device, in their dtype).
+    ``build()`` constructs the same architecture; it runs on the meta device, so nothing is initialised.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        copy = build()
+    copy.load_state_dict(state, assign=True)
+    return copy.eval()
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2 (``fully_shard``): every process is one
+    data-parallel rank. (Lightning's own ``FSDPStrategy`` is the older FSDP1 wrapper; this is not it.)
 
     ``ModelParallelStrategy`` would by default make the GPUs of a node a tensor-parallel group; here the
     data-parallel size is always ``num_nodes x devices`` and the tensor-parallel size 1, so the same
-    config runs on any number of devices. Checkpoints are single files, as under DDP: the full state
-    (weights and optimizer, gathered to rank 0's CPU memory) is written by the trainer's
-    ``CheckpointIO`` (``AtomicCheckpointIO`` in ``mf``), so ``mf export``, ``mf validate --ckpt_path``
-    and a resume on another number of devices (or without sharding) read it unchanged. Resuming reads
-    the file memory-mapped on every rank, lets ``LanguageModel.on_load_checkpoint`` check it against the
-    config, and only then copies each rank's shards of the weights and optimizer state.
+    config runs on any number of devices.
+
+    Checkpoints (``save_distributed_checkpoint=True``, the default) are folders in which every rank
+    writes its own shards of the weights and optimizer state (``mf_lightning.lit.distributed_checkpoint``):
+    nothing is gathered on one host, a save is atomic (staged under a hidden name, moved into place when
+    every rank is done), and a resume on any number of ranks reads just its own shards, after
+    ``LanguageModel.on_load_checkpoint`` has checked the stored shapes against the config. ``mf export``,
+    ``mf eval``, ``mf generate``, ``mf validate`` and a resume without sharding read the folder too.
+
+    ``save_distributed_checkpoint=False`` writes single ``.ckpt`` files instead, as under DDP: the full
+    state is gathered into rank 0's host memory and written by the trainer's ``CheckpointIO``
+    (``AtomicCheckpointIO`` in ``mf``); only sensible for models whose whole state fits one host.
+
+    Both kinds resume under this strategy: a file is memory-mapped on every rank, checked, and each
+    rank copies its shards from it.
+
+    Args:
+        save_distributed_checkpoint: write sharded checkpoint folders (default) rather than single files.
+        process_group_backend: ``nccl``, ``gloo`` ...; default: the device's.
+        timeout: timeout of the collectives.
     """
 
-    def __init__(self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
         super().__init__(
             tensor_parallel_size=1,
-            save_distributed_checkpoint=False,
+            save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
@@ -148,27 +203,93 @@ class FSDPStrategy(ModelParallelStrategy):
         """Lightning hands the optimizer states to ``load_optimizer_state_dict`` after the checks."""
         return True
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full weights on rank 0 (single-file checkpoints), else this rank's shards, left where they
+        are (on the GPU): the checkpoint writer copies them to the host one tensor at a time."""
+        if not self._save_distributed_checkpoint:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Like ``lightning_module_state_dict``: keyed by parameter name, this rank's shards, not copied."""
+        if not self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        if storage_options is not None or "://" in str(filepath):
+            raise ValueError(
+                f"sharded checkpoints are written to local or mounted folders, not {filepath!r}; "
+                "use a local checkpoint.dirpath or FSDP2Strategy(save_distributed_checkpoint=False)"
+            )
+        target = Path(self.broadcast(str(filepath)))
+        stage = None
+        if self.is_global_zero:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(target)
+            stage = partial_path(target)
+        stage = Path(self.broadcast(str(stage)))
+        try:
+            save_sharded(checkpoint, stage, self.is_global_zero, self.barrier)
+            if self.is_global_zero:
+                install(stage, target)
+        except BaseException:
+            if self.is_global_zero and os.path.lexists(stage):
+                remove(stage)
+            raise
+        self.barrier()
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if weights_only is None:
             weights_only = getattr(self.checkpoint_io, "weights_only", True)
+        if is_sharded_checkpoint(path):
+            return read_sharded_placeholder(path, weights_only)
         return read_checkpoint(path, "cpu", weights_only, mmap=True)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        if SHARDED_FOLDER_KEY in checkpoint:
+            load_sharded_model(Path(checkpoint[SHARDED_FOLDER_KEY]), self.model, strict)
+            return
         state = {key.replace(COMPILE_PREFIX, ""): value for key, value in checkpoint["state_dict"].items()}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if SHARDED_FOLDER_KEY in checkpoint:
+            folder = Path(checkpoint[SHARDED_FOLDER_KEY])
+            for index, (optimizer, rest) in enumerate(zip(self.optimizers, checkpoint["optimizer_states"])):
+                load_sharded_optimizer(folder, self.model, optimizer, index, rest)
+            return
         names = {id(parameter): name.replace(COMPILE_PREFIX, "") for name, parameter in self.model.named_parameters()}
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state_dict=keyed_by_name(state, optimizer, names),
                 options=StateDictOptions(full_state_dict=True),
             )
+
+
+class FSDPStrategy(FSDP2Strategy):
+    """The former name of ``FSDP2Strategy``, which read like Lightning's FSDP1 ``FSDPStrategy``: refused
+    with the new class path before anything runs. (Raised from ``setup_environment``, not the constructor,
+    because the config parser would bury a constructor's error in its own multi-line report.)"""
+
+    def setup_environment(self) -> None:
+        raise ValueError(
+            "trainer.strategy mf_lightning.lit.sharding.FSDPStrategy was renamed: use "
+            "class_path: mf_lightning.lit.sharding.FSDP2Strategy (FSDP2, sharded checkpoint folders by default)"
+        )
 
 
 def keyed_by_name(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:

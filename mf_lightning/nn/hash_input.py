@@ -8,7 +8,8 @@ each off by default (the paper's model), each a :class:`ModelConfig` field:
 
 - ``hash_centering``: subtract a running mean of each input feature (an exponential moving average of
   earlier training batches, no gradient), so every bit splits the tokens about evenly. Only earlier
-  batches enter the mean, so no token sees statistics of later ones.
+  batches enter the mean, so no token sees statistics of later ones. Under DDP/FSDP the batch mean is
+  taken over every rank's tokens, so all ranks keep the same running mean.
 - ``bucket_balance_weight``: an auxiliary loss ``weight * mean_j (mean_tokens tanh(z_j))**2`` that is 0
   when every bit is positive for half the tokens; :func:`balance_loss` sums it over the model.
 """
@@ -16,6 +17,7 @@ each off by default (the paper's model), each a :class:`ModelConfig` field:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 CENTERING_MOMENTUM = 0.05
@@ -46,8 +48,7 @@ class HashInput(nn.Module):
         if self.centering:
             centre = self.running_mean.clone()
             if self.training:
-                batch_mean = x.detach().flatten(0, -2).mean(0)
-                self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), CENTERING_MOMENTUM)
+                self.running_mean.lerp_(global_batch_mean(x.detach()).to(self.running_mean.dtype), CENTERING_MOMENTUM)
             x = x - centre.to(x.dtype)
         self.balance_term = None
         if self.training and self.balance_weight > 0:
@@ -56,6 +57,18 @@ class HashInput(nn.Module):
 
     def extra_repr(self) -> str:
         return f"centering={self.centering}, balance_weight={self.balance_weight:g}"
+
+
+def global_batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [..., features]`` over all its tokens and, when ``torch.distributed`` runs several
+    processes (DDP, FSDP), over every rank's tokens: every rank then updates its running mean alike, as
+    one process with the whole batch would. Summed in float32; a collective, so every rank must call it."""
+    tokens = x.flatten(0, -2).float()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tokens.mean(0)
+    totals = torch.cat([tokens.sum(0), tokens.new_tensor([tokens.shape[0]])])
+    dist.all_reduce(totals)
+    return totals[:-1] / totals[-1]
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor | None:

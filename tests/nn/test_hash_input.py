@@ -93,3 +93,35 @@ def test_language_model_trains_on_lm_loss_plus_balance() -> None:
     _, lm_loss = model(x, x)
     torch.testing.assert_close(total, lm_loss + balance_loss(model.network))
     assert balance_loss(model.network) > 0
+
+
+def centre_on_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: a training forward on this rank's own data (shifted by the rank), then its running mean."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        layer = HashInput(4, centering=True).train()
+        for step in range(2):
+            layer(rank_batch(rank, step))
+        torch.save(layer.running_mean, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_batch(rank: int, step: int) -> torch.Tensor:
+    """Rank ``rank``'s batch at ``step``: differently distributed on each rank, 3 x 5 tokens of 4 features."""
+    return torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(10 * step + rank)) + 3.0 * rank
+
+
+@pytest.mark.multiprocess
+def test_centering_keeps_one_running_mean_across_ranks_seeing_different_data(tmp_path) -> None:
+    """Two gloo ranks with different data end with the same running mean: that of one process given both
+    ranks' tokens (the old per-rank mean left rank 1 near 3 and rank 0 near 0)."""
+    torch.multiprocessing.spawn(centre_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    means = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert torch.equal(means[0], means[1])
+    whole = HashInput(4, centering=True).train()
+    for step in range(2):
+        whole(torch.cat([rank_batch(0, step), rank_batch(1, step)]))
+    torch.testing.assert_close(means[0], whole.running_mean)
