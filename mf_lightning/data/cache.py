@@ -25,18 +25,22 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mf_lightning.data.sources import Source, with_progress
+from mf_lightning.data.job_lock import exclusive
+from mf_lightning.data.parts import is_finished, read_sizes, read_tokens, token_dtype
+from mf_lightning.data.progress import Progress
+from mf_lightning.data.sources import Part, Source
 from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.data.workers import tokenize_parts
 from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 SPLITS = ("train", "val", "test")
 SPLIT_STATS = ("documents", "tokens", "bytes")
-ENCODE_BATCH_DOCUMENTS = 256
+PART_BYTES = 8 << 20
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20
 SAMPLED_CHUNKS = 2
@@ -53,10 +57,11 @@ VERIFY_VARIABLE = "MF_VERIFY_CACHE"
 
 @dataclass(frozen=True)
 class TokenCache:
-    """A prepared cache folder and its manifest."""
+    """A prepared cache folder and its manifest; ``verified`` when every chunk was checked (or just written) here."""
 
     directory: Path
     manifest: dict[str, Any]
+    verified: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -77,15 +82,6 @@ class TokenCache:
     def open(self, split: str) -> np.memmap:
         """The split's tokens as a read-only memmap."""
         return np.memmap(self.path(split), dtype=self.dtype, mode="r")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """``uint16`` when every id fits (vocab_size <= 65536), else ``uint32``."""
-    if vocab_size <= 2**16:
-        return np.dtype(np.uint16)
-    if vocab_size <= 2**32:
-        return np.dtype(np.uint32)
-    raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids (at most {2**32})")
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -120,28 +116,76 @@ def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float, test_fr
 
 
 def prepare_token_cache(
-    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float, test_fraction: float = 0.0
+    source: Source,
+    tokenizer: Tokenizer,
+    cache_root: str | os.PathLike,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    workers: int | None = None,
 ) -> TokenCache:
-    """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed."""
+    """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed.
+
+    ``workers`` processes tokenize the corpus (default: every core this process may use). Processes of one
+    job that ask at once (DDP ranks, nodes sharing the cache folder) build it once: one builds, the others
+    wait and then check what it built (``job_lock``).
+    """
     check_fractions(val_fraction, test_fraction)
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / "tokens" / digest
-    problem = cache_problem(directory, key, tokenizer, full=os.environ.get(VERIFY_VARIABLE) == "1")
+    full = os.environ.get(VERIFY_VARIABLE) == "1"
+    problem = cache_problem(directory, key, tokenizer, full)
     if problem is None:
-        return TokenCache(directory, read_manifest(directory))
-    if directory.exists():
-        log.warning("rebuilding token cache %s: %s", directory, problem)
-    else:
-        log.info("tokenizing the corpus into %s", directory)
+        return TokenCache(directory, read_manifest(directory), verified=full)
+    with exclusive(directory.parent / f".{digest}.lock", f"the token cache {directory}"):
+        problem = cache_problem(directory, key, tokenizer, full)  # another process may have built it meanwhile
+        if problem is None:
+            return TokenCache(directory, read_manifest(directory), verified=full)
+        if directory.exists():
+            log.warning("rebuilding token cache %s: %s", directory, problem)
+        else:
+            log.info("tokenizing the corpus into %s", directory)
+        build_cache(directory, source, tokenizer, key, default_workers() if workers is None else workers)
+    return TokenCache(directory, read_manifest(directory), verified=True)
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict[str, Any], workers: int) -> None:
+    """Tokenizes the corpus part by part into a parts folder beside ``directory`` (kept until the cache is in place,
+    so a killed build resumes), then merges the parts into the cache, built in a staging folder and moved into place."""
+    started = time.monotonic()
+    parts_folder = directory.parent / f".{directory.name}.parts"
+    parts_folder.mkdir(parents=True, exist_ok=True)
+    parts = source.parts(PART_BYTES)
+    todo = [part for part in parts if not is_finished(parts_folder, part)]
+    if len(todo) < len(parts):
+        log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder)
+    unit = "B" if not parts or parts[0].unit == "bytes" else " rows"
+    progress = Progress("tokenizing the corpus", sum(part.size for part in parts), unit=unit)
+    progress.advance(sum(part.size for part in parts) - sum(part.size for part in todo))
+    try:
+        with naming(parts_folder, "writing the token cache"):
+            tokenize_parts(source, tokenizer, todo, parts_folder, workers, progress)
+    finally:
+        progress.close()
+    change = source.change()
+    if change is not None:
+        raise ValueError(f"the corpus changed while it was being tokenized ({change}); run again once it is complete")
     with naming(directory, "writing the token cache"), staging_folder(directory) as staged:
-        write_cache(staged, source, tokenizer, key)
+        stats = merge_parts(parts_folder, parts, staged, tokenizer, key)
         try:
             move_into_place(staged, directory)
         except OSError:
             if cache_problem(directory, key, tokenizer, full=True) is not None:
                 raise
-    return TokenCache(directory, read_manifest(directory))
+    shutil.rmtree(parts_folder, ignore_errors=True)
+    documents = sum(stats[split]["documents"] for split in SPLITS)
+    tokens = sum(stats[split]["tokens"] for split in SPLITS)
+    log.info("tokenized %d documents into %d tokens in %.0f s", documents, tokens, time.monotonic() - started)
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -290,20 +334,28 @@ class ChecksummedWriter:
         return {"mtime_ns": os.stat(self.file.name).st_mtime_ns, "crc32": self.checksums}
 
 
-def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict[str, Any]) -> None:
-    """Tokenizes every document of ``source`` into ``directory``; the manifest is written last."""
+def merge_parts(
+    folder: Path, parts: list[Part], directory: Path, tokenizer: Tokenizer, key: dict[str, Any]
+) -> dict[str, dict[str, int]]:
+    """Writes the finished ``parts`` in order into the split files and manifest of ``directory`` (the manifest last);
+    returns the splits' counts. Each document goes to the split of its index in the whole corpus."""
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {split: dict.fromkeys(SPLIT_STATS, 0) for split in SPLITS}
     files = {split: ChecksummedWriter(directory / f"{split}.bin", CHUNK_BYTES) for split in SPLITS}
-    started = time.monotonic()
+    first = 0
     try:
-        for index, document, ids in tokenized(source, tokenizer):
-            split = document_split(index, key["val_fraction"], key["test_fraction"])
-            ids.append(tokenizer.eos_id)
-            files[split].write(token_bytes(ids, dtype, tokenizer.vocab_size))
-            stats[split]["documents"] += 1
-            stats[split]["tokens"] += len(ids)
-            stats[split]["bytes"] += len(document.encode("utf-8"))
+        for part in parts:
+            sizes, tokens = read_sizes(folder, part.index), read_tokens(folder, part.index, dtype)
+            ends = np.cumsum(sizes[:, 0])
+            runs = itertools.groupby(range(len(sizes)), lambda row: document_split(first + row, key["val_fraction"], key["test_fraction"]))
+            for split, rows in runs:
+                rows = list(rows)
+                start = int(ends[rows[0]] - sizes[rows[0], 0])
+                files[split].write(tokens[start : int(ends[rows[-1]])].tobytes())
+                stats[split]["documents"] += len(rows)
+                stats[split]["tokens"] += int(ends[rows[-1]]) - start
+                stats[split]["bytes"] += int(sizes[rows[0] : rows[-1] + 1, 1].sum())
+            first += len(sizes)
     finally:
         checksums = {split: file.close() for split, file in files.items()}
     counts = {split: stats[split]["documents"] for split in SPLITS}
@@ -313,31 +365,7 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
             f"{key['val_fraction']}, test_fraction={key['test_fraction']}: each split needs at least one; add documents (several files instead of one), "
             "or cut plain-text files into documents with data.document_separator (e.g. '' for blank lines)"
         )
-    log.info(
-        "tokenized %d documents into %d tokens in %.0f s",
-        sum(counts.values()),
-        sum(stats[split]["tokens"] for split in SPLITS),
-        time.monotonic() - started,
-    )
     vocabulary = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name}
     manifest = {**key, **vocabulary, "splits": stats, "checksums": {"chunk_bytes": CHUNK_BYTES, **checksums}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-
-
-def tokenized(source: Source, tokenizer: Tokenizer) -> Iterator[tuple[int, str, list[int]]]:
-    """``(index, document, ids)`` for every document, encoded in batches."""
-    documents = with_progress(source.documents(), "tokenizing the corpus")
-    index = 0
-    while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
-        for document, ids in zip(batch, tokenizer.encode_batch(batch)):
-            yield index, document, ids
-            index += 1
-
-
-def token_bytes(ids: list[int], dtype: np.dtype, vocab_size: int) -> bytes:
-    """``ids`` as ``dtype`` bytes, refusing ids outside ``[0, vocab_size)``."""
-    array = np.asarray(ids, dtype=np.int64)
-    outside = array[(array < 0) | (array >= vocab_size)]
-    if outside.size:
-        raise ValueError(f"the tokenizer produced id {outside[0]} outside its vocabulary [0, {vocab_size})")
-    return array.astype(dtype).tobytes()
+    return stats

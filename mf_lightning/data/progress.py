@@ -1,0 +1,93 @@
+"""Progress of the long preparation steps (reading text, training a BPE, tokenizing), on a terminal or not.
+
+On a terminal ``Progress`` draws a ``tqdm`` bar with rate and ETA; anywhere else (a log file, a batch
+job, a pipe) it logs one line every ``PROGRESS_SECONDS`` with the same numbers, so a long step never
+runs silently. ``Heartbeat`` logs how long a step with no measurable progress (the merge phase of BPE
+training, which runs in Rust) has been running.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 10.0
+
+
+def on_terminal() -> bool:
+    """Whether stderr is an interactive terminal (a closed or replaced stderr is not)."""
+    stream = sys.stderr
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+
+class Progress:
+    """Counts ``done`` of ``total`` units (bytes, or rows) and documents, and shows them (see the module)."""
+
+    def __init__(self, action: str, total: int | None, done: int = 0, unit: str = "B") -> None:
+        self.action = action
+        self.total = total
+        self.done = done
+        self.unit = unit
+        self.documents = 0
+        self.started = self.last = time.monotonic()
+        self.first = done
+        self.bar = None
+        if on_terminal():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=action, unit=unit, unit_scale=True, dynamic_ncols=True)
+
+    def advance(self, amount: int, documents: int = 0) -> None:
+        """Adds ``amount`` units and ``documents`` documents."""
+        self.done += amount
+        self.documents += documents
+        if self.bar is not None:
+            self.bar.update(amount)
+            return
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            log.info("%s: %s", self.action, self.summary(now))
+
+    def summary(self, now: float) -> str:
+        """``"45% (120.0 of 256.0 MB), 12.3 MB/s, 3000 documents, 10 s left"`` (what is knowable of it)."""
+        elapsed = max(now - self.started, 1e-9)
+        rate = (self.done - self.first) / elapsed
+        scale, name = (1e6, f"M{self.unit}") if self.unit == "B" else (1, self.unit)
+        text = f"{self.done / scale:.1f} {name}"
+        if self.total:
+            text = f"{100 * self.done / self.total:.0f}% ({self.done / scale:.1f} of {self.total / scale:.1f} {name})"
+        text += f", {rate / scale:.1f} {name}/s, {self.documents} documents, {elapsed:.0f} s"
+        if self.total and rate > 0:
+            text += f", about {(self.total - self.done) / rate:.0f} s left"
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def heartbeat(action: str, seconds: float | None = None) -> Iterator[None]:
+    """Logs ``"<action> (<n> s)"`` every ``seconds`` (default ``PROGRESS_SECONDS``) while the block runs."""
+    interval = PROGRESS_SECONDS if seconds is None else seconds
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            log.info("%s (%.0f s)", action, time.monotonic() - started)
+
+    thread = threading.Thread(target=beat, name="mf-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
