@@ -111,7 +111,7 @@ def check_alive(processes: list[Any], current: dict[int, int], parts: dict[int, 
             continue
         if process.exitcode < 0:
             name = signal.Signals(-process.exitcode).name
-            likely = ", likely the out-of-memory killer" if -process.exitcode == signal.SIGKILL else ""
+            likely = ", likely the out-of-memory killer," if -process.exitcode == signal.SIGKILL else ""
             how = f"was killed by {name}{likely}"
         else:
             how = f"exited with status {process.exitcode}"
@@ -147,11 +147,13 @@ class Reporter:
 def work(source: Source, tokenizer: Tokenizer, folder: Path, tasks: Any, events: Any) -> None:
     """A worker process: tokenizes parts from ``tasks`` until it takes ``None``, reporting on ``events``."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    pid = os.getpid()
+    pid, parent = os.getpid(), os.getppid()
     while (part := tasks.get()) is not None:
         events.put(("start", pid, part.index))
 
         def report(position: int, documents: int, index: int = part.index) -> None:
+            if os.getppid() != parent:  # the parent was killed: stop rather than write parts nobody waits for
+                os._exit(1)
             events.put(("progress", pid, index, position, documents))
 
         try:
