@@ -118,7 +118,8 @@ class HFTokenizer(Tokenizer):
         return self.model.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.model.encode_batch(texts, add_special_tokens=False)]
+        """The ids of ``texts``, by ``encode_batch_fast``: the same ids without the character offsets we never use."""
+        return [encoding.ids for encoding in self.model.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         self.check_ids(ids)

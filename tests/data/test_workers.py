@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from conftest import make_documents
+from corpus_support import make_documents
 from mf_lightning.data import cache as cache_module
 from mf_lightning.data.cache import SPLITS, document_split, prepare_token_cache
 from mf_lightning.data.sources import FileSource, open_source
