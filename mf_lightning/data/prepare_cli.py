@@ -1,6 +1,7 @@
 """``mf prepare``: build the tokenizer and the token cache of a config's ``data:`` section, without training.
 
     mf prepare --config configs/quickstart.yaml [--config more.yaml] [--data.prepare_workers 8] [--data.source ...]
+    mf prepare --config configs/quickstart.yaml --print_config     # the resolved data settings, nothing built
 
 Takes the ``data:`` keys of the same YAML files as ``mf fit`` (other sections are ignored) and any
 ``--data.*`` option; trains the ``bpe:<N>`` tokenizer if there is one, tokenizes the corpus into the
@@ -73,12 +74,17 @@ def prepare(data: TextDataModule) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """``mf prepare``: read the configs' data sections and options, prepare, and print what was done."""
     argv = list(argv or [])
-    configs = argparse.ArgumentParser(add_help=False)
-    configs.add_argument("--config", action="append", default=[])
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", action="append", default=[])
+    first.add_argument("--print_config", action="store_true", help="print the resolved data settings and exit")
+    known, _ = first.parse_known_args(argv)
     defaults: dict[str, Any] = {}
-    for config_file in configs.parse_known_args(argv)[0].config:
+    for config_file in known.config:
         defaults.update(data_section(config_file))
     parser = build_parser(defaults)
-    arguments = parser.parse_args(argv)
+    arguments = parser.parse_args([argument for argument in argv if argument != "--print_config"])
+    if known.print_config:
+        print(yaml.safe_dump({"data": arguments.data.as_dict()}, sort_keys=False), end="")
+        raise SystemExit(0)
     data = TextDataModule(**arguments.data.as_dict())
     print(prepare(data))
