@@ -5,15 +5,21 @@ Documents are split deterministically by index (:func:`document_split`: document
 ``1/test_fraction`` of all go to test), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
 the vocabulary fits (ids < 65536), else ``uint32``. The cache folder is named by a hash of everything
 the tokens depend on (source identity, tokenizer fingerprint, validation and test fractions, format
-version), built in a staging folder and renamed into place (``staging``), so an interrupted preparation
-leaves no half cache, and the next preparation removes what a killed one left.
+version).
+
+Building: the source is cut into parts of about ``PART_BYTES`` (``sources``), which worker processes
+tokenize into a hidden parts folder beside the cache (``workers``, ``parts``); the finished parts are
+then merged in order into the split files, in a staging folder renamed into place (``staging``). The
+result does not depend on the number of workers. The parts folder stays until the cache is in place,
+so a killed build resumes from its finished parts; a lock file beside the cache (``job_lock``) makes the
+processes of one job build it once, the others waiting and then checking it.
 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
 the first, the last and ``SAMPLED_CHUNKS`` random chunks; a file modified since it was written (or
 every file, with ``MF_VERIFY_CACHE=1``) is checked in full, and its new time recorded when it passes.
-So opening costs a few chunk reads whatever the cache's size, and a cache that fails any check is
-logged with the reason and rebuilt, never used.
+A cache that fails is logged with the reason and rebuilt, never used. The chunks the opening check
+did not read are checked in the background while training runs (``verification``).
 """
 
 from __future__ import annotations
@@ -57,11 +63,13 @@ VERIFY_VARIABLE = "MF_VERIFY_CACHE"
 
 @dataclass(frozen=True)
 class TokenCache:
-    """A prepared cache folder and its manifest; ``verified`` when every chunk was checked (or just written) here."""
+    """A prepared cache folder and its manifest; ``built`` when this process wrote it, ``verified`` when every chunk
+    was checked (or written) by this process."""
 
     directory: Path
     manifest: dict[str, Any]
     verified: bool = field(default=False, compare=False)
+    built: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -146,7 +154,7 @@ def prepare_token_cache(
         else:
             log.info("tokenizing the corpus into %s", directory)
         build_cache(directory, source, tokenizer, key, default_workers() if workers is None else workers)
-    return TokenCache(directory, read_manifest(directory), verified=True)
+    return TokenCache(directory, read_manifest(directory), verified=True, built=True)
 
 
 def default_workers() -> int:
@@ -165,8 +173,8 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     if len(todo) < len(parts):
         log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder)
     unit = "B" if not parts or parts[0].unit == "bytes" else " rows"
-    progress = Progress("tokenizing the corpus", sum(part.size for part in parts), unit=unit)
-    progress.advance(sum(part.size for part in parts) - sum(part.size for part in todo))
+    total, remaining = sum(part.size for part in parts), sum(part.size for part in todo)
+    progress = Progress("tokenizing the corpus", total, done=total - remaining, unit=unit)
     try:
         with naming(parts_folder, "writing the token cache"):
             tokenize_parts(source, tokenizer, todo, parts_folder, workers, progress)
@@ -343,6 +351,7 @@ def merge_parts(
     stats = {split: dict.fromkeys(SPLIT_STATS, 0) for split in SPLITS}
     files = {split: ChecksummedWriter(directory / f"{split}.bin", CHUNK_BYTES) for split in SPLITS}
     first = 0
+    progress = Progress("merging the parts into the cache", len(parts), unit=" parts")
     try:
         for part in parts:
             sizes, tokens = read_sizes(folder, part.index), read_tokens(folder, part.index, dtype)
@@ -356,7 +365,9 @@ def merge_parts(
                 stats[split]["tokens"] += int(ends[rows[-1]]) - start
                 stats[split]["bytes"] += int(sizes[rows[0] : rows[-1] + 1, 1].sum())
             first += len(sizes)
+            progress.advance(1, len(sizes))
     finally:
+        progress.close()
         checksums = {split: file.close() for split, file in files.items()}
     counts = {split: stats[split]["documents"] for split in SPLITS}
     if min(counts[split] for split in SPLITS if split != "test" or key["test_fraction"] > 0) == 0:

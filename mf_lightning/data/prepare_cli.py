@@ -62,7 +62,7 @@ def prepare(data: TextDataModule) -> str:
     tokens = sum(splits[split]["tokens"] for split in SPLITS)
     text_bytes = sum(splits[split]["bytes"] for split in SPLITS)
     speed = f"tokenized {text_bytes / 1e6:.1f} MB of text in {seconds:.1f} s ({text_bytes / 1e6 / seconds:.1f} MB/s)"
-    how = speed if cache.verified else "found ready (nothing to do)"
+    how = speed if cache.built else "found ready (nothing to do)"
     return (
         f"prepared {sum(documents.values())} documents ({', '.join(f'{split} {count}' for split, count in documents.items())}), "
         f"{tokens} tokens of a {data.vocab_size}-token vocabulary; {how}\n"

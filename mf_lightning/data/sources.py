@@ -95,6 +95,7 @@ class Part:
     index: int
     pieces: tuple[Piece, ...]
     size: int
+    unit: str = "bytes"
 
     def describe(self) -> str:
         """Where the part's documents come from, for messages."""
@@ -102,10 +103,6 @@ class Part:
         if len(self.pieces) > 1:
             return f"part {self.index} ({len(self.pieces)} files, {first.name} .. {last.name})"
         return f"part {self.index} ({first.name} {self.unit} {first.start}..{first.end})"
-
-    @property
-    def unit(self) -> str:
-        return "rows" if self.pieces[0].name.startswith("dataset ") else "bytes"
 
 
 class Cursor:
@@ -170,7 +167,6 @@ class FileSource(Source):
         return [file_identity(file) for file in self.files]
 
     def change(self) -> str | None:
-        self.identity  # noqa: B018 - taken before the comparison if it was not yet
         for file, recorded in zip(self.files, self.file_identities):
             if not file.exists():
                 return f"{file} was removed"
@@ -274,7 +270,7 @@ class DatasetSource(Source):
         step = max(1, part_bytes // row_bytes)
         name = f"dataset {self.name_or_path}"
         return [
-            Part(index, (Piece(name, start, min(start + step, rows)),), min(step, rows - start))
+            Part(index, (Piece(name, start, min(start + step, rows)),), min(step, rows - start), unit="rows")
             for index, start in enumerate(range(0, rows, step))
         ]
 

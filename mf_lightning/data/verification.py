@@ -35,8 +35,11 @@ class FullCheck:
         for split in SPLITS:
             problem = content_problem(self.cache, split, full=True)
             if problem is not None:
-                (self.cache.directory / MANIFEST).unlink(missing_ok=True)
-                log.error("token cache %s is damaged: %s; removed its manifest so it is rebuilt", self.cache.directory, problem)
+                try:
+                    (self.cache.directory / MANIFEST).unlink(missing_ok=True)
+                except OSError as error:  # a read-only cache: the next run's full check finds the damage again
+                    log.warning("cannot remove the manifest of the damaged token cache %s: %s", self.cache.directory, error)
+                log.error("token cache %s is damaged: %s", self.cache.directory, problem)
                 self.problem = problem
                 return
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import QUICKSTART, run, tiny_run_args, write_corpus
+from mf_lightning.cli import main
 from mf_lightning.data import TextDataModule
 from mf_lightning.data import cache as cache_module
 from mf_lightning.data.verification import DamagedCache
@@ -65,3 +67,20 @@ def test_an_intact_cache_passes_the_background_check(corpus_dir: Path, tmp_path:
     opened.teardown("fit")
     assert len(next(iter(opened.train_dataloader()))) == 2
     assert manifest["checksums"]["train"]["crc32"]
+
+
+def test_mf_fit_on_a_cache_damaged_where_the_sample_misses_stops_with_one_line(
+    tmp_path: Path, small_chunks: int, capsys: pytest.CaptureFixture
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus")
+    args = tiny_run_args(tmp_path / "run", corpus, max_steps=2)
+    data_args = [arg for key, value in zip(args[2::2], args[3::2]) if key.startswith("--data.") for arg in (key, value)]
+    main(["prepare", "--config", str(QUICKSTART), *data_args])
+    (cache,) = (tmp_path / "run" / "cache" / "tokens").iterdir()
+    zero_a_middle_chunk_keeping_mtime(cache / "train.bin", small_chunks)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", args)
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mf: error:")]
+    assert len(error) == 1 and f"token cache {cache} is damaged (train.bin bytes 640..704 differ" in error[0]
