@@ -172,9 +172,8 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     todo = [part for part in parts if not is_finished(parts_folder, part)]
     if len(todo) < len(parts):
         log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder)
-    unit = "B" if not parts or parts[0].unit == "bytes" else " rows"
     total, remaining = sum(part.size for part in parts), sum(part.size for part in todo)
-    progress = Progress("tokenizing the corpus", total, done=total - remaining, unit=unit)
+    progress = Progress("tokenizing the corpus", total, done=total - remaining)
     try:
         with naming(parts_folder, "writing the token cache"):
             tokenize_parts(source, tokenizer, todo, parts_folder, workers, progress)

@@ -32,7 +32,7 @@ reads per file, whatever the corpus's size; the price is that copying the corpus
 permissions changes the identity, and the corpus is tokenized again. For datasets it is the dataset
 fingerprint.
 
-For parallel preparation a source cuts itself into ``Part``\ s (``parts(part_bytes)``): runs of
+For parallel preparation a source cuts itself into parts (``Part``, from ``parts(part_bytes)``): runs of
 consecutive documents, each read on its own by ``part_documents`` (in a worker process), whose
 concatenation in order is exactly ``documents()``. Small files are grouped into one part; an
 uncompressed JSONL file larger than ``part_bytes`` is cut into byte ranges, each owning the lines that
@@ -90,23 +90,24 @@ class Piece:
 @dataclass(frozen=True)
 class Part:
     """Consecutive documents of a source, read and tokenized as one unit; ``size`` is in bytes of its files
-    (compressed where they are), the unit of progress and of the BPE sample's shares."""
+    (compressed where they are; estimated for a dataset), the unit of progress and of the BPE sample's shares.
+    ``piece_unit`` says what its pieces' ``start`` and ``end`` count."""
 
     index: int
     pieces: tuple[Piece, ...]
     size: int
-    unit: str = "bytes"
+    piece_unit: str = "bytes"
 
     def describe(self) -> str:
         """Where the part's documents come from, for messages."""
         first, last = self.pieces[0], self.pieces[-1]
         if len(self.pieces) > 1:
             return f"part {self.index} ({len(self.pieces)} files, {first.name} .. {last.name})"
-        return f"part {self.index} ({first.name} {self.unit} {first.start}..{first.end})"
+        return f"part {self.index} ({first.name} {self.piece_unit} {first.start}..{first.end})"
 
 
 class Cursor:
-    """How far the reading of a part has got, in the unit of its ``size``; readers move it as they go."""
+    """How far the reading of a part has got, in bytes like its ``size``; readers move it as they go."""
 
     def __init__(self) -> None:
         self.done = 0
@@ -257,28 +258,31 @@ class DatasetSource(Source):
     def documents(self) -> Iterator[str]:
         yield from self.rows(0, len(self.dataset), Cursor())
 
+    @property
+    def row_bytes(self) -> int:
+        """The dataset's average size of a row in bytes: the unit of its parts' sizes and progress."""
+        return max(1, self.dataset.data.nbytes // max(1, len(self.dataset)))
+
     def rows(self, start: int, end: int, cursor: Cursor) -> Iterator[str]:
-        """The documents of rows ``[start, end)``; the cursor counts rows."""
+        """The documents of rows ``[start, end)``; the cursor counts their estimated bytes."""
         texts = self.dataset.select_columns([self.text_field]).select(range(start, end)).iter(batch_size=1000)
+        row_bytes = self.row_bytes
         for row, text in enumerate((text for batch in texts for text in batch[self.text_field]), start=start):
-            cursor.in_piece = row - start
+            cursor.in_piece = (row + 1 - start) * row_bytes
             yield from checked_record(text, f"dataset {self.name_or_path} row {row}", self.text_field)
 
     def parts(self, part_bytes: int) -> list[Part]:
-        rows = len(self.dataset)
-        row_bytes = max(1, self.dataset.data.nbytes // max(1, rows))
+        rows, row_bytes = len(self.dataset), self.row_bytes
         step = max(1, part_bytes // row_bytes)
         name = f"dataset {self.name_or_path}"
         return [
-            Part(index, (Piece(name, start, min(start + step, rows)),), min(step, rows - start), unit="rows")
+            Part(index, (Piece(name, start, min(start + step, rows)),), (min(start + step, rows) - start) * row_bytes, "rows")
             for index, start in enumerate(range(0, rows, step))
         ]
 
     def part_documents(self, part: Part, cursor: Cursor | None = None) -> Iterator[str]:
-        cursor = cursor or Cursor()
-        for piece in part.pieces:
-            yield from self.rows(piece.start, piece.end, cursor)
-            cursor.finish_piece(piece)
+        (piece,) = part.pieces
+        yield from self.rows(piece.start, piece.end, cursor or Cursor())
 
 
 class DemoSource(FileSource):

@@ -187,8 +187,11 @@ def load_bpe(
     vocab_size: int, source: Source, cache_dir: str | os.PathLike, sample_bytes: int = DEFAULT_SAMPLE_BYTES
 ) -> HFTokenizer:
     """The BPE for this corpus and size from ``cache_dir/tokenizers``, trained on a sample of at most ``sample_bytes``
-    and saved there on first use (once per job: see the module)."""
-    key = hashlib.sha256(f"{source.identity}\n{vocab_size}\n{sample_bytes}".encode()).hexdigest()[:16]
+    and saved there on first use (once per job: see the module). The sample size is part of the key only when
+    it is smaller than the corpus, since a BPE trained on all of it is the same whatever the limit."""
+    corpus_bytes = sum(part.size for part in source.parts(SAMPLE_PART_BYTES))
+    sampled = f"\n{sample_bytes}" if corpus_bytes > sample_bytes else ""
+    key = hashlib.sha256(f"{source.identity}\n{vocab_size}{sampled}".encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     problem = saved_bpe_problem(folder, vocab_size)
     if problem is None:
@@ -199,15 +202,17 @@ def load_bpe(
             return HFTokenizer.from_path(folder / TOKENIZER_FILE)
         if folder.exists():
             log.warning("training tokenizer %s again: %s", folder, problem)
-        return train_and_save_bpe(vocab_size, source, folder, sample_bytes)
+        return train_and_save_bpe(vocab_size, source, folder, sample_bytes, min(sample_bytes, corpus_bytes))
 
 
-def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_bytes: int) -> HFTokenizer:
-    """Trains the BPE on the corpus's sample and saves it in ``folder`` (staged, then moved into place)."""
-    log.info("training a byte-level BPE with %d tokens on at most %.0f MB of the corpus, saved to %s", vocab_size, sample_bytes / 1e6, folder)
+def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_bytes: int, text_bytes: int) -> HFTokenizer:
+    """Trains the BPE on the corpus's sample (about ``text_bytes``) and saves it in ``folder`` (staged, then moved)."""
+    log.info(
+        "training a byte-level BPE with %d tokens on at most %.0f MiB of the corpus, saved to %s",
+        vocab_size, sample_bytes / (1 << 20), folder,
+    )
     started = time.monotonic()
-    documents = sample_documents(source, sample_bytes, SAMPLE_PART_BYTES)
-    tokenizer = train_bpe(documents, vocab_size, sample_size(source, sample_bytes))
+    tokenizer = train_bpe(sample_documents(source, sample_bytes, SAMPLE_PART_BYTES), vocab_size, text_bytes)
     log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)
     text = tokenizer.model.to_str()
     manifest = {"vocab_size": vocab_size, "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -220,15 +225,6 @@ def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_byt
             if saved_bpe_problem(folder, vocab_size) is not None:
                 raise
     return tokenizer
-
-
-def sample_size(source: Source, sample_bytes: int) -> int | None:
-    """About how much text the BPE sample holds: ``sample_bytes``, or a smaller corpus's file size (``None``
-    for a dataset, whose parts are counted in rows)."""
-    parts = source.parts(SAMPLE_PART_BYTES)
-    if parts and parts[0].unit != "bytes":
-        return None
-    return min(sample_bytes, sum(part.size for part in parts))
 
 
 def saved_bpe_problem(folder: Path, vocab_size: int) -> str | None:

@@ -136,6 +136,17 @@ def test_hf_dataset_saved_to_disk_by_split_with_clear_errors(tmp_path: Path) -> 
         list(open_source(str(tmp_path / "single"), text_field="body").documents())
 
 
+def test_a_dataset_is_cut_into_row_ranges_that_together_are_its_documents(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    texts = [f"row {index} " + "x" * (index % 50) for index in range(500)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    source = open_source(str(tmp_path / "saved"))
+    parts = source.parts(2000)
+    assert len(parts) > 5 and parts[1].describe().startswith(f"part 1 (dataset {tmp_path / 'saved'} rows ")
+    assert [document for part in parts for document in source.part_documents(part)] == texts
+    assert sum(part.size for part in parts) == pytest.approx(source.dataset.data.nbytes, rel=0.01)
+
+
 def test_demo_corpus_is_deterministic_stdlib_source_within_its_cap() -> None:
     demo = DemoSource(max_bytes=300_000)
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -199,3 +199,5 @@ def test_bpe_is_trained_on_a_bounded_sample_spread_over_the_corpus(tmp_path: Pat
     small = load_tokenizer("bpe:300", source, tmp_path, sample_bytes=20_000)
     whole = load_tokenizer("bpe:300", source, tmp_path, sample_bytes=10**9)
     assert len(list((tmp_path / "tokenizers").iterdir())) == 2 and small.vocab_size == whole.vocab_size == 300
+    assert load_tokenizer("bpe:300", source, tmp_path, sample_bytes=10**8).fingerprint == whole.fingerprint
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2  # a limit above the corpus's size keys the same BPE
