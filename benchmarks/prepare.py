@@ -9,11 +9,14 @@ into documents of about 3 KB, shuffled and repeated up to the size, one file), t
   ``encode_batch_fast`` (the same ids without character offsets), which our preparation calls;
 - our preparation (``prepare_token_cache``: read, encode, write the part files, merge into the cache)
   with 1 worker (in process) and with every core's worker, each in a fresh process so that its peak
-  memory (``ru_maxrss`` of the parent and of its largest worker) is its own.
+  memory (``ru_maxrss`` of the parent and of its largest worker) is its own;
+- with ``--litdata``, LitData's ``optimize`` (what litgpt prepares pretraining corpora with) on the same
+  parts of the file and the same tokenizer calls, writing its ``TokensLoader`` chunks, with every core's
+  worker (install it with ``pip install litdata``; it is not a dependency of this package).
 
 Prints a markdown table and writes it to ``benchmarks/results/prepare_cpu.md``.
 
-    python benchmarks/prepare.py [--mib 64 256] [--vocab 32768] [--sample-mib 32]
+    python benchmarks/prepare.py [--mib 64 256] [--vocab 32768] [--sample-mib 32] [--litdata]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCUMENT_CHARS = 3000
@@ -100,8 +104,50 @@ def run_one(corpus: str, tokenizer_file: str, workers: int, cache_root: str) -> 
     }))
 
 
-def prepare_in_subprocess(corpus: Path, tokenizer_file: Path, workers: int, cache_root: Path) -> dict[str, float]:
-    command = [sys.executable, __file__, "--run-one", str(corpus), str(tokenizer_file), str(workers), str(cache_root)]
+def tokenize_part_for_litdata(job: tuple[str, str, int, int]) -> Any:
+    """LitData's ``fn``: the token ids (EOS after each document) of the JSONL lines starting in ``[start, end)``."""
+    import numpy as np
+    import torch
+
+    from mf_lightning.data.sources import open_source
+    from mf_lightning.data.tokenizers import HFTokenizer
+
+    corpus, tokenizer_file, index, part_bytes = job
+    tokenizer = HFTokenizer.from_path(tokenizer_file)
+    source = open_source(corpus)
+    documents = list(source.part_documents(source.parts(part_bytes)[index]))
+    for start in range(0, len(documents), ENCODE_BATCH_DOCUMENTS):
+        flat: list[int] = []
+        for ids in tokenizer.encode_batch(documents[start : start + ENCODE_BATCH_DOCUMENTS]):
+            flat += [*ids, tokenizer.eos_id]
+        yield torch.from_numpy(np.asarray(flat, dtype=np.int32))
+
+
+def run_litdata(corpus: str, tokenizer_file: str, workers: int, output: str) -> None:
+    """In a fresh process: LitData's ``optimize`` over our parts of ``corpus``; prints seconds and peak memory."""
+    from litdata import TokensLoader, optimize
+
+    from mf_lightning.data.cache import PART_BYTES
+    from mf_lightning.data.sources import open_source
+
+    jobs = [(corpus, tokenizer_file, part.index, PART_BYTES) for part in open_source(corpus).parts(PART_BYTES)]
+    started = time.perf_counter()
+    optimize(
+        fn=tokenize_part_for_litdata, inputs=jobs, output_dir=output, chunk_bytes="64MB",
+        item_loader=TokensLoader(), num_workers=workers,
+    )
+    print(json.dumps({
+        "seconds": time.perf_counter() - started,
+        "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+
+
+def prepare_in_subprocess(
+    corpus: Path, tokenizer_file: Path, workers: int, cache_root: Path, mode: str = "--run-one"
+) -> dict[str, float]:
+    """``run_one`` (or ``run_litdata`` with ``mode="--run-litdata"``) in a fresh process."""
+    command = [sys.executable, __file__, mode, str(corpus), str(tokenizer_file), str(workers), str(cache_root)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -131,6 +177,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--sample-mib", type=int, default=32)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--litdata", action="store_true", help="also measure LitData's optimize (needs litdata)")
     args = parser.parse_args()
     rows = []
     for mib in args.mib:
@@ -142,12 +189,19 @@ def main() -> None:
             limit = encode_limit(corpus, tokenizer_file)
             one = prepare_in_subprocess(corpus, tokenizer_file, 1, root / "one")
             many = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "many")
+            litdata = None
+            if args.litdata:
+                litdata = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "litdata", "--run-litdata")
         rate = lambda seconds: limit["characters"] / seconds / 1e6  # noqa: E731
         share = lambda seconds: f"{rate(seconds):.2f} ({100 * limit['encode_batch'] / seconds:.0f} %)"  # noqa: E731
         rows.append(
             f"| {mib} MiB, {documents} docs | {bpe_seconds:.0f} | {rate(limit['encode_batch']):.2f} | "
             f"{share(limit['encode_batch_fast'])} | {share(one['seconds'])} | {share(many['seconds'])} | "
             f"{one['parent_mib']:.0f} | {many['parent_mib']:.0f} + {args.workers} x {many['worker_mib']:.0f} |"
+            + (
+                f" {share(litdata['seconds'])} | {litdata['parent_mib']:.0f} + {args.workers} x {litdata['worker_mib']:.0f} |"
+                if litdata else ""
+            )
         )
         print(rows[-1], flush=True)
     table = [
@@ -160,8 +214,9 @@ def main() -> None:
         f"processes (load average {os.getloadavg()[0]:.1f} at the end).",
         "",
         "| corpus | BPE sample training (s) | encode_batch (limit) | encode_batch_fast | ours, 1 worker | ours, "
-        f"{args.workers} workers | peak MiB, 1 worker | peak MiB, {args.workers} workers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"{args.workers} workers | peak MiB, 1 worker | peak MiB, {args.workers} workers |"
+        + (f" LitData optimize, {args.workers} workers | its peak MiB |" if args.litdata else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.litdata else ""),
         *rows,
     ]
     text = "\n".join(table) + "\n"
@@ -173,5 +228,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--run-one":
         run_one(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) == 6 and sys.argv[1] == "--run-litdata":
+        run_litdata(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
         main()
