@@ -136,3 +136,20 @@ def test_bad_json_in_a_worker_names_file_line_and_part(tmp_path: Path, monkeypat
     monkeypatch.setattr(cache_module, "PART_BYTES", 4096)
     with pytest.raises(PreparationFailed, match=rf"part \d+ \(.*c.jsonl bytes \d+\.\.\d+\): .*c.jsonl line 251 is not valid JSON"):
         prepare_token_cache(open_source(str(tmp_path / "c.jsonl")), ByteTokenizer(), tmp_path / "cache", 0.1, workers=2)
+
+
+def test_a_file_edited_mid_preparation_is_refused_not_cached(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = open_source(str(corpus_dir))
+    planned = FileSource.parts
+
+    def plan_then_edit_a_file(self: FileSource, part_bytes: int) -> list:
+        parts = planned(self, part_bytes)
+        (corpus_dir / "doc05.txt").write_text("edited while being read")
+        return parts
+
+    monkeypatch.setattr(FileSource, "parts", plan_then_edit_a_file)
+    with pytest.raises(ValueError, match=r"the corpus changed while it was being tokenized \(.*doc05.txt was modified\)"):
+        prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2, workers=1)
+    assert not [path for path in (tmp_path / "tokens").iterdir() if not path.name.startswith(".")]
