@@ -73,21 +73,36 @@ class Progress:
             self.bar.close()
 
 
+class Heartbeat:
+    """Logs ``"<action> (<n> s)"`` every ``seconds`` (default ``PROGRESS_SECONDS``) from ``start`` to ``stop``."""
+
+    def __init__(self, action: str, seconds: float | None = None) -> None:
+        self.action = action
+        self.interval = PROGRESS_SECONDS if seconds is None else seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="mf-progress", daemon=True)
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self.thread.start()
+
+    def beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            log.info("%s (%.0f s)", self.action, time.monotonic() - self.started)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 @contextmanager
 def heartbeat(action: str, seconds: float | None = None) -> Iterator[None]:
-    """Logs ``"<action> (<n> s)"`` every ``seconds`` (default ``PROGRESS_SECONDS``) while the block runs."""
-    interval = PROGRESS_SECONDS if seconds is None else seconds
-    stop = threading.Event()
-    started = time.monotonic()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            log.info("%s (%.0f s)", action, time.monotonic() - started)
-
-    thread = threading.Thread(target=beat, name="mf-progress", daemon=True)
-    thread.start()
+    """A ``Heartbeat`` for the duration of the block."""
+    beat = Heartbeat(action, seconds)
+    beat.start()
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
+        beat.stop()

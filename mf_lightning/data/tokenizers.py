@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mf_lightning.data.job_lock import exclusive
-from mf_lightning.data.progress import Progress, heartbeat, on_terminal
+from mf_lightning.data.progress import Heartbeat, Progress, on_terminal
 from mf_lightning.data.sources import Source, sample_documents
 from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.storage_errors import naming
@@ -163,6 +163,7 @@ def train_bpe(documents: Iterable[str], vocab_size: int, text_bytes: int | None 
         show_progress=on_terminal(),
     )
     progress = Progress(f"reading text for bpe:{vocab_size}", text_bytes)
+    merging = Heartbeat(f"training bpe:{vocab_size}: still computing merges")
 
     def read() -> Iterable[str]:
         for document in documents:
@@ -170,9 +171,12 @@ def train_bpe(documents: Iterable[str], vocab_size: int, text_bytes: int | None 
             progress.advance(len(document.encode("utf-8")), 1)
         progress.close()
         log.info("read %d documents (%.1f MB) for bpe:%d; computing its merges", progress.documents, progress.done / 1e6, vocab_size)
+        merging.start()
 
-    with heartbeat(f"training bpe:{vocab_size}: still computing merges"):
+    try:
         model.train_from_iterator(read(), trainer)
+    finally:
+        merging.stop()
     tokenizer = HFTokenizer(model, EOS_TOKEN, f"bpe:{vocab_size}")
     if tokenizer.vocab_size < vocab_size:
         raise ValueError(

@@ -184,6 +184,7 @@ def test_bpe_merge_phase_logs_a_heartbeat_off_a_terminal(
         train_bpe(no_spaces, 1200)
     read = next(index for index, message in enumerate(caplog.messages) if message.startswith("read 50 documents"))
     assert any("training bpe:1200: still computing merges" in message for message in caplog.messages[read:])
+    assert not any("still computing merges" in message for message in caplog.messages[:read])
 
 
 def test_bpe_is_trained_on_a_bounded_sample_spread_over_the_corpus(tmp_path: Path) -> None:
