@@ -12,8 +12,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +94,3 @@ class Heartbeat:
         if self.thread.is_alive():
             self.thread.join()
 
-
-@contextmanager
-def heartbeat(action: str, seconds: float | None = None) -> Iterator[None]:
-    """A ``Heartbeat`` for the duration of the block."""
-    beat = Heartbeat(action, seconds)
-    beat.start()
-    try:
-        yield
-    finally:
-        beat.stop()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mf_lightning.data import progress
-from mf_lightning.data.progress import Progress, heartbeat
+from mf_lightning.data.progress import Heartbeat, Progress
 
 
 def test_off_a_terminal_progress_is_logged_with_rate_and_time_left(
@@ -39,7 +39,12 @@ def test_on_a_terminal_progress_is_a_bar_with_rate_and_eta(
     assert "tokenizing the corpus:  25%" in bar and "1.00M/4.00M" in bar and "B/s]" in bar
 
 
-def test_a_heartbeat_logs_while_its_block_runs(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="mf_lightning.data.progress"), heartbeat("merging", seconds=0.01):
+def test_a_heartbeat_logs_from_start_to_stop(caplog: pytest.LogCaptureFixture) -> None:
+    beat = Heartbeat("merging", seconds=0.01)
+    with caplog.at_level(logging.INFO, logger="mf_lightning.data.progress"):
+        time.sleep(0.05)
+        assert caplog.messages == []  # nothing before it starts
+        beat.start()
         time.sleep(0.1)
+        beat.stop()
     assert any(re.fullmatch(r"merging \(\d+ s\)", message) for message in caplog.messages)
