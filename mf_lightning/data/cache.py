@@ -24,6 +24,7 @@ did not read are checked in the background while training runs (``verification``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -349,20 +350,20 @@ def merge_parts(
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {split: dict.fromkeys(SPLIT_STATS, 0) for split in SPLITS}
     files = {split: ChecksummedWriter(directory / f"{split}.bin", CHUNK_BYTES) for split in SPLITS}
-    first = 0
+    split_of = functools.partial(document_split, val_fraction=key["val_fraction"], test_fraction=key["test_fraction"])
+    first = 0  # the corpus index of the part's first document
     progress = Progress("merging the parts into the cache", len(parts), unit=" parts")
     try:
         for part in parts:
             sizes, tokens = read_sizes(folder, part.index), read_tokens(folder, part.index, dtype)
-            ends = np.cumsum(sizes[:, 0])
-            runs = itertools.groupby(range(len(sizes)), lambda row: document_split(first + row, key["val_fraction"], key["test_fraction"]))
-            for split, rows in runs:
-                rows = list(rows)
-                start = int(ends[rows[0]] - sizes[rows[0], 0])
-                files[split].write(tokens[start : int(ends[rows[-1]])].tobytes())
-                stats[split]["documents"] += len(rows)
-                stats[split]["tokens"] += int(ends[rows[-1]]) - start
-                stats[split]["bytes"] += int(sizes[rows[0] : rows[-1] + 1, 1].sum())
+            starts = np.concatenate([[0], np.cumsum(sizes[:, 0])])
+            for split, run in itertools.groupby(range(first, first + len(sizes)), split_of):
+                indices = list(run)
+                low, high = indices[0] - first, indices[-1] - first + 1  # the run's rows in this part
+                files[split].write(tokens[starts[low] : starts[high]].tobytes())
+                stats[split]["documents"] += high - low
+                stats[split]["tokens"] += int(starts[high] - starts[low])
+                stats[split]["bytes"] += int(sizes[low:high, 1].sum())
             first += len(sizes)
             progress.advance(1, len(sizes))
     finally:

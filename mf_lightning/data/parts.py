@@ -55,7 +55,7 @@ def tokenize_part(source: Source, tokenizer: Tokenizer, part: Part, folder: Path
         with staged_tokens.open("wb") as output:
             while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
                 flat: list[int] = []
-                for document, ids in zip(batch, tokenizer.encode_batch(batch)):
+                for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
                     flat.extend(ids)
                     flat.append(tokenizer.eos_id)
                     sizes.append((len(ids) + 1, len(document.encode("utf-8"))))

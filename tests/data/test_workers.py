@@ -134,7 +134,7 @@ def test_bad_json_in_a_worker_names_file_line_and_part(tmp_path: Path, monkeypat
     lines[250] = "{not json"
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(cache_module, "PART_BYTES", 4096)
-    with pytest.raises(PreparationFailed, match=rf"part \d+ \(.*c.jsonl bytes \d+\.\.\d+\): .*c.jsonl line 251 is not valid JSON"):
+    with pytest.raises(PreparationFailed, match=r"part \d+ \(.*c.jsonl bytes \d+\.\.\d+\): .*c.jsonl line 251 is not valid JSON"):
         prepare_token_cache(open_source(str(tmp_path / "c.jsonl")), ByteTokenizer(), tmp_path / "cache", 0.1, workers=2)
 
 
