@@ -211,10 +211,7 @@ def load_bpe(
 
 def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_bytes: int, text_bytes: int) -> HFTokenizer:
     """Trains the BPE on the corpus's sample (about ``text_bytes``) and saves it in ``folder`` (staged, then moved)."""
-    log.info(
-        "training a byte-level BPE with %d tokens on at most %.0f MiB of the corpus, saved to %s",
-        vocab_size, sample_bytes / (1 << 20), folder,
-    )
+    log.info("training a byte-level BPE with %d tokens on at most %s bytes of the corpus, saved to %s", vocab_size, f"{sample_bytes:,}", folder)
     started = time.monotonic()
     tokenizer = train_bpe(sample_documents(source, sample_bytes, SAMPLE_PART_BYTES), vocab_size, text_bytes)
     log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from cli_support import QUICKSTART, run, tiny_run_args, write_corpus
+from cli_support import QUICKSTART, WORDS, run, tiny_run_args, write_corpus
 from mf_lightning.cli import main
 
 
@@ -38,3 +41,16 @@ def test_prepare_with_a_missing_config_is_one_line(tmp_path: Path, capsys: pytes
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mf: error: config file {tmp_path / 'missing.yaml'} does not exist")
+
+
+def test_fit_trains_on_compressed_jsonl_with_a_sampled_bpe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    texts = [" ".join(WORDS[(index * 7 + offset) % len(WORDS)] for offset in range(60)) for index in range(40)]
+    lines = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines[: len(lines) // 2]))
+    (tmp_path / "corpus" / "b.jsonl.gz").write_bytes(gzip.compress(lines[len(lines) // 2 :]))
+    overrides = {"data.source": str(tmp_path / "corpus" / "*.jsonl.*"), "data.tokenizer": "bpe:300",
+                 "data.bpe_sample_bytes": 3000, "data.prepare_workers": 2}
+    cli = run("fit", tiny_run_args(tmp_path / "run", tmp_path / "corpus", max_steps=1, **overrides))
+    assert cli.trainer.global_step == 1
+    assert "training a byte-level BPE with 300 tokens on at most 3,000 bytes of the corpus" in capsys.readouterr().err
