@@ -85,6 +85,54 @@ def encode_limit(corpus: Path, tokenizer_file: Path) -> dict[str, float]:
     return limits
 
 
+class TreeMemory:
+    """The largest resident memory (VmRSS) of this process and all its descendants together, sampled every 0.1 s
+    from ``/proc`` (``ru_maxrss`` would not do: across ``exec`` it keeps the peak of the process that started us)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kib = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.1):
+            self.peak_kib = max(self.peak_kib, sum(rss_kib(pid) for pid in descendants(os.getpid())))
+
+    def finish(self) -> float:
+        """Stops sampling; returns the peak in MiB."""
+        self.stop.set()
+        self.thread.join()
+        return self.peak_kib / 1024
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of ``pid`` in KiB (0 if it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0)
+
+
 def run_one(corpus: str, tokenizer_file: str, workers: int, cache_root: str) -> None:
     """In a fresh process: prepare the cache, print seconds and peak memory as JSON."""
     from mf_lightning.data.cache import prepare_token_cache
@@ -92,6 +140,7 @@ def run_one(corpus: str, tokenizer_file: str, workers: int, cache_root: str) -> 
     from mf_lightning.data.tokenizers import HFTokenizer
 
     tokenizer = HFTokenizer.from_path(tokenizer_file)
+    memory = TreeMemory()
     started = time.perf_counter()
     cache = prepare_token_cache(open_source(corpus), tokenizer, cache_root, 0.05, 0.05, workers=workers)
     seconds = time.perf_counter() - started
@@ -99,6 +148,7 @@ def run_one(corpus: str, tokenizer_file: str, workers: int, cache_root: str) -> 
     print(json.dumps({
         "seconds": seconds,
         "tokens": tokens,
+        "tree_mib": memory.finish(),
         "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }))
@@ -164,6 +214,36 @@ def train_sample_bpe(corpus: Path, vocab: int, sample_mib: int, folder: Path) ->
     return tokenizer_file, seconds
 
 
+def measure_memory(args: argparse.Namespace) -> None:
+    """Peak memory of the whole preparation (process and workers together) for each corpus size."""
+    rows = []
+    for mib in args.mib:
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            corpus = root / "corpus.jsonl"
+            documents = write_corpus(corpus, mib)
+            tokenizer_file, _ = train_sample_bpe(corpus, args.vocab, args.sample_mib, root / "bpe")
+            many = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "many")
+        rows.append(f"| {mib} MiB, {documents} docs | {many['seconds']:.0f} | {many['tree_mib']:.0f} |")
+        print(rows[-1], flush=True)
+    table = [
+        f"# Corpus preparation: peak memory ({cpu_name()}, bpe:{args.vocab}, {args.workers} workers)",
+        "",
+        f"`python benchmarks/prepare.py --memory-only --mib {' '.join(map(str, args.mib))} --vocab {args.vocab} "
+        f"--sample-mib {args.sample_mib} --workers {args.workers}`; the largest sum of resident memory (VmRSS) of "
+        "the preparing process and all its workers, sampled every 0.1 s. The machine was shared with other "
+        f"processes (load average {os.getloadavg()[0]:.1f} at the end).",
+        "",
+        "| corpus | seconds | peak MiB, process + workers |",
+        "|---|---:|---:|",
+        *rows,
+    ]
+    text = "\n".join(table) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prepare_memory_cpu.md").write_text(text)
+
+
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
@@ -178,7 +258,14 @@ def main() -> None:
     parser.add_argument("--sample-mib", type=int, default=32)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--litdata", action="store_true", help="also measure LitData's optimize (needs litdata)")
+    parser.add_argument(
+        "--memory-only", action="store_true",
+        help="only our preparation with every worker: peak memory of the whole process tree (prepare_memory_cpu.md)",
+    )
     args = parser.parse_args()
+    if args.memory_only:
+        measure_memory(args)
+        return
     rows = []
     for mib in args.mib:
         with tempfile.TemporaryDirectory() as folder:
