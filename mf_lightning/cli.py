@@ -62,6 +62,7 @@ TOOLS = {
     "export": "mf_lightning.lit.export",
     "eval": "mf_lightning.eval.cli",
     "generate": "mf_lightning.lit.generate",
+    "prepare": "mf_lightning.data.prepare_cli",
 }
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (

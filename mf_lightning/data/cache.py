@@ -5,19 +5,26 @@ Documents are split deterministically by index (:func:`document_split`: document
 ``1/test_fraction`` of all go to test), tokenized, and appended with an EOS after each. Ids are stored as ``uint16`` when
 the vocabulary fits (ids < 65536), else ``uint32``. The cache folder is named by a hash of everything
 the tokens depend on (source identity, tokenizer fingerprint, validation and test fractions, format
-version), built in a staging folder and renamed into place (``staging``), so an interrupted preparation
-leaves no half cache, and the next preparation removes what a killed one left.
+version).
+
+Building: the source is cut into parts of about ``PART_BYTES`` (``sources``), which worker processes
+tokenize into a hidden parts folder beside the cache (``workers``, ``parts``); the finished parts are
+then merged in order into the split files, in a staging folder renamed into place (``staging``). The
+result does not depend on the number of workers. The parts folder stays until the cache is in place,
+so a killed build resumes from its finished parts; a lock file beside the cache (``job_lock``) makes the
+processes of one job build it once, the others waiting and then checking it.
 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
 the first, the last and ``SAMPLED_CHUNKS`` random chunks; a file modified since it was written (or
 every file, with ``MF_VERIFY_CACHE=1``) is checked in full, and its new time recorded when it passes.
-So opening costs a few chunk reads whatever the cache's size, and a cache that fails any check is
-logged with the reason and rebuilt, never used.
+A cache that fails is logged with the reason and rebuilt, never used. The chunks the opening check
+did not read are checked in the background while training runs (``verification``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -25,18 +32,22 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mf_lightning.data.sources import Source, with_progress
+from mf_lightning.data.job_lock import exclusive
+from mf_lightning.data.parts import is_finished, read_sizes, read_tokens, token_dtype
+from mf_lightning.data.progress import Progress
+from mf_lightning.data.sources import Part, Source
 from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.data.workers import tokenize_parts
 from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
@@ -44,7 +55,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 SPLITS = ("train", "val", "test")
 SPLIT_STATS = ("documents", "tokens", "bytes")
-ENCODE_BATCH_DOCUMENTS = 256
+PART_BYTES = 8 << 20
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20
 SAMPLED_CHUNKS = 2
@@ -53,10 +64,13 @@ VERIFY_VARIABLE = "MF_VERIFY_CACHE"
 
 @dataclass(frozen=True)
 class TokenCache:
-    """A prepared cache folder and its manifest."""
+    """A prepared cache folder and its manifest; ``built`` when this process wrote it, ``verified`` when every chunk
+    was checked (or written) by this process."""
 
     directory: Path
     manifest: dict[str, Any]
+    verified: bool = field(default=False, compare=False)
+    built: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -77,15 +91,6 @@ class TokenCache:
     def open(self, split: str) -> np.memmap:
         """The split's tokens as a read-only memmap."""
         return np.memmap(self.path(split), dtype=self.dtype, mode="r")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """``uint16`` when every id fits (vocab_size <= 65536), else ``uint32``."""
-    if vocab_size <= 2**16:
-        return np.dtype(np.uint16)
-    if vocab_size <= 2**32:
-        return np.dtype(np.uint32)
-    raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids (at most {2**32})")
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -120,28 +125,75 @@ def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float, test_fr
 
 
 def prepare_token_cache(
-    source: Source, tokenizer: Tokenizer, cache_root: str | os.PathLike, val_fraction: float, test_fraction: float = 0.0
+    source: Source,
+    tokenizer: Tokenizer,
+    cache_root: str | os.PathLike,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    workers: int | None = None,
 ) -> TokenCache:
-    """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed."""
+    """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed.
+
+    ``workers`` processes tokenize the corpus (default: every core this process may use). Processes of one
+    job that ask at once (DDP ranks, nodes sharing the cache folder) build it once: one builds, the others
+    wait and then check what it built (``job_lock``).
+    """
     check_fractions(val_fraction, test_fraction)
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / "tokens" / digest
-    problem = cache_problem(directory, key, tokenizer, full=os.environ.get(VERIFY_VARIABLE) == "1")
+    full = os.environ.get(VERIFY_VARIABLE) == "1"
+    problem = cache_problem(directory, key, tokenizer, full)
     if problem is None:
-        return TokenCache(directory, read_manifest(directory))
-    if directory.exists():
-        log.warning("rebuilding token cache %s: %s", directory, problem)
-    else:
-        log.info("tokenizing the corpus into %s", directory)
+        return TokenCache(directory, read_manifest(directory), verified=full)
+    with exclusive(directory.parent / f".{digest}.lock", f"the token cache {directory}"):
+        problem = cache_problem(directory, key, tokenizer, full)  # another process may have built it meanwhile
+        if problem is None:
+            return TokenCache(directory, read_manifest(directory), verified=full)
+        if directory.exists():
+            log.warning("rebuilding token cache %s: %s", directory, problem)
+        else:
+            log.info("tokenizing the corpus into %s", directory)
+        build_cache(directory, source, tokenizer, key, default_workers() if workers is None else workers)
+    return TokenCache(directory, read_manifest(directory), verified=True, built=True)
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict[str, Any], workers: int) -> None:
+    """Tokenizes the corpus part by part into a parts folder beside ``directory`` (kept until the cache is in place,
+    so a killed build resumes), then merges the parts into the cache, built in a staging folder and moved into place."""
+    started = time.monotonic()
+    parts_folder = directory.parent / f".{directory.name}.parts"
+    parts_folder.mkdir(parents=True, exist_ok=True)
+    parts = source.parts(PART_BYTES)
+    todo = [part for part in parts if not is_finished(parts_folder, part)]
+    if len(todo) < len(parts):
+        log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder)
+    total, remaining = sum(part.size for part in parts), sum(part.size for part in todo)
+    progress = Progress("tokenizing the corpus", total, done=total - remaining)
+    try:
+        with naming(parts_folder, "writing the token cache"):
+            tokenize_parts(source, tokenizer, todo, parts_folder, workers, progress)
+    finally:
+        progress.close()
+    change = source.change()
+    if change is not None:
+        raise ValueError(f"the corpus changed while it was being tokenized ({change}); run again once it is complete")
     with naming(directory, "writing the token cache"), staging_folder(directory) as staged:
-        write_cache(staged, source, tokenizer, key)
+        stats = merge_parts(parts_folder, parts, staged, tokenizer, key)
         try:
             move_into_place(staged, directory)
         except OSError:
             if cache_problem(directory, key, tokenizer, full=True) is not None:
                 raise
-    return TokenCache(directory, read_manifest(directory))
+    shutil.rmtree(parts_folder, ignore_errors=True)
+    documents = sum(stats[split]["documents"] for split in SPLITS)
+    tokens = sum(stats[split]["tokens"] for split in SPLITS)
+    log.info("tokenized %d documents into %d tokens in %.0f s", documents, tokens, time.monotonic() - started)
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -290,21 +342,32 @@ class ChecksummedWriter:
         return {"mtime_ns": os.stat(self.file.name).st_mtime_ns, "crc32": self.checksums}
 
 
-def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict[str, Any]) -> None:
-    """Tokenizes every document of ``source`` into ``directory``; the manifest is written last."""
+def merge_parts(
+    folder: Path, parts: list[Part], directory: Path, tokenizer: Tokenizer, key: dict[str, Any]
+) -> dict[str, dict[str, int]]:
+    """Writes the finished ``parts`` in order into the split files and manifest of ``directory`` (the manifest last);
+    returns the splits' counts. Each document goes to the split of its index in the whole corpus."""
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {split: dict.fromkeys(SPLIT_STATS, 0) for split in SPLITS}
     files = {split: ChecksummedWriter(directory / f"{split}.bin", CHUNK_BYTES) for split in SPLITS}
-    started = time.monotonic()
+    split_of = functools.partial(document_split, val_fraction=key["val_fraction"], test_fraction=key["test_fraction"])
+    first = 0  # the corpus index of the part's first document
+    progress = Progress("merging the parts into the cache", len(parts), unit=" parts")
     try:
-        for index, document, ids in tokenized(source, tokenizer):
-            split = document_split(index, key["val_fraction"], key["test_fraction"])
-            ids.append(tokenizer.eos_id)
-            files[split].write(token_bytes(ids, dtype, tokenizer.vocab_size))
-            stats[split]["documents"] += 1
-            stats[split]["tokens"] += len(ids)
-            stats[split]["bytes"] += len(document.encode("utf-8"))
+        for part in parts:
+            sizes, tokens = read_sizes(folder, part.index), read_tokens(folder, part.index, dtype)
+            starts = np.concatenate([[0], np.cumsum(sizes[:, 0])])
+            for split, run in itertools.groupby(range(first, first + len(sizes)), split_of):
+                indices = list(run)
+                low, high = indices[0] - first, indices[-1] - first + 1  # the run's rows in this part
+                files[split].write(tokens[starts[low] : starts[high]].tobytes())
+                stats[split]["documents"] += high - low
+                stats[split]["tokens"] += int(starts[high] - starts[low])
+                stats[split]["bytes"] += int(sizes[low:high, 1].sum())
+            first += len(sizes)
+            progress.advance(1, len(sizes))
     finally:
+        progress.close()
         checksums = {split: file.close() for split, file in files.items()}
     counts = {split: stats[split]["documents"] for split in SPLITS}
     if min(counts[split] for split in SPLITS if split != "test" or key["test_fraction"] > 0) == 0:
@@ -313,31 +376,7 @@ def write_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
             f"{key['val_fraction']}, test_fraction={key['test_fraction']}: each split needs at least one; add documents (several files instead of one), "
             "or cut plain-text files into documents with data.document_separator (e.g. '' for blank lines)"
         )
-    log.info(
-        "tokenized %d documents into %d tokens in %.0f s",
-        sum(counts.values()),
-        sum(stats[split]["tokens"] for split in SPLITS),
-        time.monotonic() - started,
-    )
     vocabulary = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name}
     manifest = {**key, **vocabulary, "splits": stats, "checksums": {"chunk_bytes": CHUNK_BYTES, **checksums}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-
-
-def tokenized(source: Source, tokenizer: Tokenizer) -> Iterator[tuple[int, str, list[int]]]:
-    """``(index, document, ids)`` for every document, encoded in batches."""
-    documents = with_progress(source.documents(), "tokenizing the corpus")
-    index = 0
-    while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
-        for document, ids in zip(batch, tokenizer.encode_batch(batch)):
-            yield index, document, ids
-            index += 1
-
-
-def token_bytes(ids: list[int], dtype: np.dtype, vocab_size: int) -> bytes:
-    """``ids`` as ``dtype`` bytes, refusing ids outside ``[0, vocab_size)``."""
-    array = np.asarray(ids, dtype=np.int64)
-    outside = array[(array < 0) | (array >= vocab_size)]
-    if outside.size:
-        raise ValueError(f"the tokenizer produced id {outside[0]} outside its vocabulary [0, {vocab_size})")
-    return array.astype(dtype).tobytes()
+    return stats

@@ -2,7 +2,10 @@
 
 Every argument is a plain value LightningCLI fills from YAML. The tokenizer is ready after
 ``__init__`` (a BPE is trained or loaded then) so ``vocab_size`` can be linked into the model config;
-the corpus is tokenized into the token cache in ``prepare_data`` / ``setup``.
+the corpus is tokenized into the token cache in ``prepare_data`` / ``setup`` by ``prepare_workers``
+processes, once per job (the other processes wait and check it). A cache opened rather than built here
+is checked in full in the background (``verification``); the training loader and ``teardown`` raise if
+it is damaged. ``mf prepare`` builds the tokenizer and cache ahead of training (``prepare_cli``).
 
 Training is governed by ``max_steps``: an epoch is ``train_samples_per_epoch`` random windows. The
 training loader (``ResumableLoader``) records how many samples the run consumed, and Lightning keeps
@@ -26,7 +29,8 @@ from mf_lightning.checks import positive_int
 from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_cache
 from mf_lightning.data.evaluation import sharded_evaluation
 from mf_lightning.data.sources import open_source
-from mf_lightning.data.tokenizers import load_tokenizer
+from mf_lightning.data.tokenizers import DEFAULT_SAMPLE_BYTES, load_tokenizer
+from mf_lightning.data.verification import FullCheck
 from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 
 CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
@@ -57,6 +61,10 @@ class TextDataModule(L.LightningDataModule):
             files, ``""`` for blank lines); ``None`` makes each file one document. A single-file corpus
             needs one, since training and validation are split by documents.
         train_samples_per_epoch: windows per epoch over all ranks (rounded down to whole optimizer steps).
+        prepare_workers: processes that tokenize the corpus into the cache; ``None`` for every core this
+            process may use. The cache is the same whatever the number.
+        bpe_sample_bytes: a ``bpe:<N>`` tokenizer is trained on at most this much text, a reproducible
+            share of every part of the corpus (all of a smaller one); default 1 GiB.
     """
 
     def __init__(
@@ -76,11 +84,16 @@ class TextDataModule(L.LightningDataModule):
         hf_split: str = "train",
         train_samples_per_epoch: int = 1_000_000,
         document_separator: str | None = None,
+        prepare_workers: int | None = None,
+        bpe_sample_bytes: int = DEFAULT_SAMPLE_BYTES,
     ) -> None:
         super().__init__()
         check_positive(seq_len=seq_len, batch_size=batch_size, train_samples_per_epoch=train_samples_per_epoch)
         if val_windows is not None:
             check_positive(val_windows=val_windows)
+        if prepare_workers is not None:
+            check_positive(prepare_workers=prepare_workers)
+        check_positive(bpe_sample_bytes=bpe_sample_bytes)
         if num_workers < 0 or seed < 0:
             raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
         check_fractions(val_fraction, test_fraction)
@@ -96,10 +109,12 @@ class TextDataModule(L.LightningDataModule):
         self.val_windows = val_windows
         self.train_samples_per_epoch = train_samples_per_epoch
         self.prompts = read_prompts(prompts)
+        self.prepare_workers = prepare_workers
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.corpus = open_source(source, text_field, hf_split, document_separator)
-        self.tokenizer = load_tokenizer(tokenizer, self.corpus, self.cache_dir)
+        self.tokenizer = load_tokenizer(tokenizer, self.corpus, self.cache_dir, bpe_sample_bytes)
         self._cache: TokenCache | None = None
+        self._full_check: FullCheck | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -109,7 +124,7 @@ class TextDataModule(L.LightningDataModule):
         """The prepared token cache, built on first use and checked to hold a window in each split."""
         if self._cache is None:
             cache = prepare_token_cache(
-                self.corpus, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction
+                self.corpus, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction, self.prepare_workers
             )
             splits = ("train", "val", "test") if self.test_fraction > 0 else ("train", "val")
             sizes = {split: cache.num_tokens(split) for split in splits}
@@ -120,7 +135,14 @@ class TextDataModule(L.LightningDataModule):
                     "use more text, a shorter seq_len or a larger val_fraction / test_fraction"
                 )
             self._cache = cache
+            if not cache.verified:
+                self._full_check = FullCheck(cache)
         return self._cache
+
+    def raise_if_damaged(self) -> None:
+        """Raises ``DamagedCache`` once the background check has found the cache damaged."""
+        if self._full_check is not None:
+            self._full_check.raise_if_damaged()
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes per token of ``split`` (``"val"`` or ``"test"``): bits per byte = loss / ln(2) / bytes_per_token."""
@@ -133,6 +155,11 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Opens and checks the token cache on every process."""
         self.token_cache()
+
+    def teardown(self, stage: str) -> None:
+        """Waits for the background check of the cache; raises ``DamagedCache`` if it failed."""
+        if self._full_check is not None:
+            self._full_check.wait()
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank, accumulate = 1, 0, 1
@@ -147,7 +174,12 @@ class TextDataModule(L.LightningDataModule):
         )
         sampler = ResumableSampler(dataset, epoch_samples, num_replicas=world_size, rank=rank)
         return ResumableLoader(
-            dataset, sampler, self.batch_size, persistent_workers=self.num_workers > 0, **self._loader_options()
+            dataset,
+            sampler,
+            self.batch_size,
+            check=self.raise_if_damaged,
+            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -10,13 +10,16 @@
   column ``text_field``), anything else is plain UTF-8 text: one document per file, or, with a
   ``document_separator``, one per record between lines equal to it (``"%"`` for fortune files, ``""``
   for blank lines), so that a single large file can still be split into training and validation.
+  JSONL and text compressed with gzip or Zstandard (``.jsonl.gz``, ``.json.gz``, ``.jsonl.zst``,
+  ``.txt.gz``, ``.txt.zst``: any name ending ``.gz`` / ``.zst``) are read through ``compressed``.
 - a folder written by ``datasets.save_to_disk`` (detected by its ``state.json`` or
   ``dataset_dict.json``), or ``"hf:<name>"`` for ``datasets.load_dataset(name, split=hf_split)``
   (network needed once; the ``datasets`` package is imported only here).
 
-Bad data is an error, never skipped: a plain-text file that is empty or not UTF-8, a JSONL line that
-is not UTF-8, not an object or lacks ``text_field``, a Parquet file that cannot be read or lacks that
-column, each raises naming the file (and line). Empty records inside JSONL, Parquet and datasets are
+Bad data is an error, never skipped: a plain-text or compressed file that is empty, a text file that is
+not UTF-8, a JSONL line that is not UTF-8, not an object or lacks ``text_field``, a compressed file that is
+damaged or truncated, a Parquet file that cannot be read or lacks that column, each raises naming the
+file (and line and document). Empty records inside JSONL, Parquet and datasets are
 skipped: they carry no text. A Hub dataset that cannot be reached is a ``ConnectionError`` naming it.
 
 Each source has an ``identity`` string that changes whenever its text could, used to key token caches
@@ -28,6 +31,14 @@ file), for file systems whose ctime cannot be trusted. It costs a ``stat`` and a
 reads per file, whatever the corpus's size; the price is that copying the corpus or changing its
 permissions changes the identity, and the corpus is tokenized again. For datasets it is the dataset
 fingerprint.
+
+For parallel preparation a source cuts itself into parts (``Part``, from ``parts(part_bytes)``): runs of
+consecutive documents, each read on its own by ``part_documents`` (in a worker process), whose
+concatenation in order is exactly ``documents()``. Small files are grouped into one part; an
+uncompressed JSONL file larger than ``part_bytes`` is cut into byte ranges, each owning the lines that
+start inside it; a compressed, Parquet or plain-text file is one part (a compressed stream cannot be
+entered in the middle). A dataset is cut into row ranges. ``sample_documents`` reads a bounded,
+reproducible sample spread over all parts (the BPE's training text).
 """
 
 from __future__ import annotations
@@ -37,19 +48,20 @@ import json
 import logging
 import os
 import sysconfig
-import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from mf_lightning.data.compressed import CompressedFile, inner_suffix, is_compressed
 
 log = logging.getLogger(__name__)
 
 IDENTITY_BLOCK = 1 << 16
 IDENTITY_SAMPLES = 3
-PROGRESS_SECONDS = 10.0
 DEMO_MAX_BYTES = 4_000_000
 DEMO_SKIPPED_FOLDERS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
@@ -59,6 +71,55 @@ VALID_SPECS = (
     '"demo", a text/JSONL/Parquet file, a folder or glob of them, a folder written by datasets.save_to_disk, '
     'or "hf:<dataset name>"'
 )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A whole file (``start == 0``, ``end`` its size), the lines of an uncompressed JSONL file that start in bytes
+    ``[start, end)``, or the rows ``[start, end)`` of a dataset (``name`` is then the dataset's)."""
+
+    name: str
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Part:
+    """Consecutive documents of a source, read and tokenized as one unit; ``size`` is in bytes of its files
+    (compressed where they are; estimated for a dataset), the unit of progress and of the BPE sample's shares.
+    ``piece_unit`` says what its pieces' ``start`` and ``end`` count."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+    size: int
+    piece_unit: str = "bytes"
+
+    def describe(self) -> str:
+        """Where the part's documents come from, for messages."""
+        first, last = self.pieces[0], self.pieces[-1]
+        if len(self.pieces) > 1:
+            return f"part {self.index} ({len(self.pieces)} files, {first.name} .. {last.name})"
+        return f"part {self.index} ({first.name} {self.piece_unit} {first.start}..{first.end})"
+
+
+class Cursor:
+    """How far the reading of a part has got, in bytes like its ``size``; readers move it as they go."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.in_piece = 0
+
+    @property
+    def position(self) -> int:
+        return self.done + self.in_piece
+
+    def finish_piece(self, piece: Piece) -> None:
+        self.done += piece.size
+        self.in_piece = 0
 
 
 class Source(ABC):
@@ -73,6 +134,18 @@ class Source(ABC):
     def documents(self) -> Iterator[str]:
         """The documents, always in the same order."""
 
+    def change(self) -> str | None:
+        """What changed in the documents since ``identity`` was taken (checked after preparing), or ``None``."""
+        return None
+
+    @abstractmethod
+    def parts(self, part_bytes: int) -> list[Part]:
+        """The source cut into parts of about ``part_bytes`` (see the module docstring); the same cut every time."""
+
+    @abstractmethod
+    def part_documents(self, part: Part, cursor: Cursor | None = None) -> Iterator[str]:
+        """The documents of ``part`` in order, moving ``cursor`` as they are read."""
+
 
 class FileSource(Source):
     """Documents from files, each read according to its extension (see the module docstring)."""
@@ -86,22 +159,67 @@ class FileSource(Source):
 
     @cached_property
     def identity(self) -> str:
-        files = [file_identity(file) for file in self.files]
         return json.dumps(
-            {"files": files, "text_field": self.text_field, "document_separator": self.document_separator}
+            {"files": self.file_identities, "text_field": self.text_field, "document_separator": self.document_separator}
         )
+
+    @cached_property
+    def file_identities(self) -> list[list[Any]]:
+        return [file_identity(file) for file in self.files]
+
+    def change(self) -> str | None:
+        for file, recorded in zip(self.files, self.file_identities):
+            if not file.exists():
+                return f"{file} was removed"
+            if file_identity(file) != recorded:
+                return f"{file} was modified"
+        return None
 
     def documents(self) -> Iterator[str]:
         for file in self.files:
-            suffix = file.suffix.lower()
-            if suffix in (".jsonl", ".json"):
-                yield from read_jsonl(file, self.text_field)
-            elif suffix == ".parquet":
-                yield from read_parquet(file, self.text_field)
-            elif self.document_separator is None:
-                yield read_text(file)
+            yield from self.file_documents(file, Cursor())
+
+    def file_documents(self, file: Path, cursor: Cursor, start: int = 0, end: int | None = None) -> Iterator[str]:
+        """The documents of ``file`` (of its lines starting in ``[start, end)`` for JSONL), by its extension."""
+        suffix = inner_suffix(file)
+        if suffix in (".jsonl", ".json"):
+            yield from read_jsonl(file, self.text_field, cursor, start, end)
+        elif suffix == ".parquet" and not is_compressed(file):
+            yield from read_parquet(file, self.text_field)
+        elif self.document_separator is None:
+            yield read_text(file)
+        else:
+            yield from split_records(read_text(file), self.document_separator)
+
+    def parts(self, part_bytes: int) -> list[Part]:
+        parts: list[Part] = []
+        grouped: list[Piece] = []
+
+        def close_group() -> None:
+            if grouped:
+                parts.append(Part(len(parts), tuple(grouped), sum(piece.size for piece in grouped)))
+                grouped.clear()
+
+        for file in self.files:
+            size = file.stat().st_size
+            if is_splittable(file) and size > part_bytes:
+                close_group()
+                for start in range(0, size, part_bytes):
+                    piece = Piece(str(file), start, min(start + part_bytes, size))
+                    parts.append(Part(len(parts), (piece,), piece.size))
             else:
-                yield from split_records(read_text(file), self.document_separator)
+                if grouped and sum(piece.size for piece in grouped) + size > part_bytes:
+                    close_group()
+                grouped.append(Piece(str(file), 0, size))
+        close_group()
+        return parts
+
+    def part_documents(self, part: Part, cursor: Cursor | None = None) -> Iterator[str]:
+        cursor = cursor or Cursor()
+        for piece in part.pieces:
+            whole = piece.start == 0 and piece.end == Path(piece.name).stat().st_size
+            yield from self.file_documents(Path(piece.name), cursor, piece.start, None if whole else piece.end)
+            cursor.finish_piece(piece)
 
 
 class DatasetSource(Source):
@@ -134,10 +252,37 @@ class DatasetSource(Source):
         dataset = {"dataset": self.name_or_path, "split": self.split, "fingerprint": self.dataset._fingerprint}
         return json.dumps({**dataset, "text_field": self.text_field})
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_dataset": None}
+
     def documents(self) -> Iterator[str]:
-        texts = self.dataset.select_columns([self.text_field]).iter(batch_size=1000)
-        for row, text in enumerate(text for batch in texts for text in batch[self.text_field]):
+        yield from self.rows(0, len(self.dataset), Cursor())
+
+    @property
+    def row_bytes(self) -> int:
+        """The dataset's average size of a row in bytes: the unit of its parts' sizes and progress."""
+        return max(1, self.dataset.data.nbytes // max(1, len(self.dataset)))
+
+    def rows(self, start: int, end: int, cursor: Cursor) -> Iterator[str]:
+        """The documents of rows ``[start, end)``; the cursor counts their estimated bytes."""
+        texts = self.dataset.select_columns([self.text_field]).select(range(start, end)).iter(batch_size=1000)
+        row_bytes = self.row_bytes
+        for row, text in enumerate((text for batch in texts for text in batch[self.text_field]), start=start):
+            cursor.in_piece = (row + 1 - start) * row_bytes
             yield from checked_record(text, f"dataset {self.name_or_path} row {row}", self.text_field)
+
+    def parts(self, part_bytes: int) -> list[Part]:
+        rows, row_bytes = len(self.dataset), self.row_bytes
+        step = max(1, part_bytes // row_bytes)
+        name = f"dataset {self.name_or_path}"
+        return [
+            Part(index, (Piece(name, start, min(start + step, rows)),), (min(start + step, rows) - start) * row_bytes, "rows")
+            for index, start in enumerate(range(0, rows, step))
+        ]
+
+    def part_documents(self, part: Part, cursor: Cursor | None = None) -> Iterator[str]:
+        (piece,) = part.pieces
+        yield from self.rows(piece.start, piece.end, cursor or Cursor())
 
 
 class DemoSource(FileSource):
@@ -158,20 +303,6 @@ def file_identity(file: Path) -> list[Any]:
     return [str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, crc]
 
 
-def with_progress(documents: Iterable[str], action: str) -> Iterator[str]:
-    """``documents`` unchanged, logging how many (and how much text) went by every ``PROGRESS_SECONDS``."""
-    started = last = time.monotonic()
-    count = size = 0
-    for document in documents:
-        yield document
-        count += 1
-        size += len(document)
-        now = time.monotonic()
-        if now - last >= PROGRESS_SECONDS:
-            last = now
-            log.info("%s: %d documents, %.1f M characters so far (%.0f s)", action, count, size / 1e6, now - started)
-
-
 def demo_files(root: Path, max_bytes: int) -> list[Path]:
     """Sorted ``.py`` files under ``root`` (skipping tests, vendored packages, codec tables) up to ``max_bytes``."""
     chosen, total = [], 0
@@ -189,8 +320,15 @@ def demo_files(root: Path, max_bytes: int) -> list[Path]:
 
 
 def read_text(file: Path) -> str:
-    """The whole UTF-8 text of ``file``; empty or undecodable files are errors naming the file."""
-    data = file.read_bytes()
+    """The whole UTF-8 text of ``file`` (decompressed if it is); empty or undecodable files are errors naming the file."""
+    if is_compressed(file):
+        with CompressedFile(file) as compressed:
+            try:
+                data = compressed.stream.read()
+            except compressed.errors as error:
+                raise ValueError(f"compressed file {file} is damaged or truncated ({error}); replace or remove it") from error
+    else:
+        data = file.read_bytes()
     if not data.strip():
         raise ValueError(f"text file {file} is empty; remove it from the corpus")
     try:
@@ -214,25 +352,112 @@ def split_records(text: str, separator: str) -> Iterator[str]:
         yield "".join(record)
 
 
-def read_jsonl(file: Path, text_field: str) -> Iterator[str]:
-    """The ``text_field`` of each JSON object line of ``file``."""
+def read_jsonl(
+    file: Path, text_field: str, cursor: Cursor | None = None, start: int = 0, end: int | None = None
+) -> Iterator[str]:
+    """The ``text_field`` of each JSON object line of ``file``, or of the lines starting in bytes ``[start, end)``.
+
+    A compressed file is read whole; damage in it, or a compressed file with no data, is an error naming the
+    file, the line and the document reached.
+    """
+    cursor = cursor or Cursor()
+    if is_compressed(file):
+        with CompressedFile(file) as compressed:
+            lines = jsonl_records(compressed.stream, file, text_field, cursor, 0, None)
+            documents = -1
+            try:
+                for documents, text in enumerate(lines):
+                    cursor.in_piece = compressed.compressed_position
+                    yield text
+            except compressed.errors as error:
+                raise ValueError(
+                    f"compressed file {file} is damaged or truncated after document {documents + 1} of the file "
+                    f"({error}); replace or remove it"
+                ) from error
+            if documents < 0:
+                raise ValueError(f"compressed file {file} holds no documents (it is empty); remove it from the corpus")
+        return
     with file.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                reason = f"byte {error.start}: {error.reason}"
-                raise ValueError(f"{file} line {number} is not UTF-8 ({reason}); convert or remove it") from error
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file} line {number} is not valid JSON: {error}") from error
-            if not isinstance(record, dict) or text_field not in record:
-                keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{file} line {number} has no text field {text_field!r} (found {keys})")
-            yield from checked_record(record[text_field], f"{file} line {number}", text_field)
+        yield from jsonl_records(lines, file, text_field, cursor, start, end)
+
+
+def jsonl_records(
+    lines: Any, file: Path, text_field: str, cursor: Cursor, start: int, end: int | None
+) -> Iterator[str]:
+    """The texts of the JSON lines of the binary stream ``lines`` that start in ``[start, end)`` of it."""
+    position = start
+    if start > 0:
+        lines.seek(start - 1)
+        position = start - 1 + len(lines.readline())  # the line under way at ``start`` belongs to the part before
+    count = 0
+    for raw in lines:
+        if end is not None and position >= end:
+            return
+        line_start, position = position, position + len(raw)
+        count += 1
+        cursor.in_piece = position - start
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            reason = f"byte {error.start}: {error.reason}"
+            where = line_label(file, start, count, line_start)
+            raise ValueError(f"{where} is not UTF-8 ({reason}); convert or remove it") from error
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{line_label(file, start, count, line_start)} is not valid JSON: {error}") from error
+        if not isinstance(record, dict) or text_field not in record:
+            keys = list(record) if isinstance(record, dict) else type(record).__name__
+            where = line_label(file, start, count, line_start)
+            raise ValueError(f"{where} has no text field {text_field!r} (found {keys})")
+        text = record[text_field]
+        if isinstance(text, str) and text:
+            yield text
+        elif text is not None and text != "":
+            yield from checked_record(text, line_label(file, start, count, line_start), text_field)
+
+
+def line_label(file: Path, start: int, count: int, line_start: int) -> str:
+    """``"<file> line <n>"`` for the ``count``-th line read from byte ``start``, found at byte ``line_start``."""
+    return f"{file} line {count if start == 0 else line_number(file, line_start)}"
+
+
+def line_number(file: Path, offset: int) -> int:
+    """The number of the line of the uncompressed ``file`` that starts at byte ``offset`` (read only for errors)."""
+    newlines = 0
+    with file.open("rb") as data:
+        while offset > 0:
+            block = data.read(min(offset, 1 << 20))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
+
+
+def is_splittable(file: Path) -> bool:
+    """Whether ``file`` can be cut into byte ranges: uncompressed JSONL."""
+    return not is_compressed(file) and file.suffix.lower() in (".jsonl", ".json")
+
+
+def sample_documents(source: Source, sample_bytes: int, part_bytes: int) -> Iterator[str]:
+    """All documents when the source's files hold at most ``sample_bytes``; else the first documents of every
+    part, each part giving a share of ``sample_bytes`` of text in proportion to its size (about ``sample_bytes``
+    in all, the same every time, spread over the whole corpus)."""
+    parts = source.parts(part_bytes)
+    total = sum(part.size for part in parts)
+    if total <= sample_bytes:
+        yield from source.documents()
+        return
+    for part in parts:
+        share, taken = sample_bytes * part.size / total, 0
+        for document in source.part_documents(part):
+            if taken >= share:
+                break
+            taken += len(document.encode("utf-8"))
+            yield document
 
 
 def read_parquet(file: Path, text_field: str) -> Iterator[str]:

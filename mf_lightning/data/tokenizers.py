@@ -6,6 +6,11 @@ byte-level BPE trained once on the corpus with the ``tokenizers`` library and ca
 (``tokenizer.json`` + ``manifest.json`` recording its SHA-256), built in a staging folder and renamed
 into place; a cached BPE whose file does not match its checksum is logged and trained again. A corpus
 too small for the requested size is an error saying what size it gives.
+
+The BPE is trained on at most ``sample_bytes`` of text (``sources.sample_documents``: a share of every part
+of the corpus, the same every time), so its training time and memory stay flat as the corpus grows; all
+of a smaller corpus is used. Processes of one job asking at once train it once (``job_lock``). Reading
+the sample shows progress (``progress``), and the merge phase, silent off a terminal, logs a heartbeat.
 Every tokenizer has a ``fingerprint`` that changes whenever its text-to-id mapping could, so token
 caches keyed by it are never reused with another mapping.
 """
@@ -24,7 +29,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mf_lightning.data.sources import Source, with_progress
+from mf_lightning.data.job_lock import exclusive
+from mf_lightning.data.progress import Heartbeat, Progress, on_terminal
+from mf_lightning.data.sources import Source, sample_documents
 from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.storage_errors import naming
 
@@ -34,6 +41,8 @@ EOS_TOKEN = "<|endoftext|>"
 KNOWN_EOS_TOKENS = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
+DEFAULT_SAMPLE_BYTES = 1 << 30
+SAMPLE_PART_BYTES = 8 << 20
 VALID_SPECS = (
     '"byte", a path to a tokenizer.json file or a folder holding one, or "bpe:<vocab_size>" (e.g. "bpe:4096")'
 )
@@ -109,7 +118,8 @@ class HFTokenizer(Tokenizer):
         return self.model.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.model.encode_batch(texts, add_special_tokens=False)]
+        """The ids of ``texts``, by ``encode_batch_fast``: the same ids without the character offsets we never use."""
+        return [encoding.ids for encoding in self.model.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         self.check_ids(ids)
@@ -138,8 +148,11 @@ def find_eos_token(model: HFTokenizerModel, config_file: Path, name: Path) -> st
     )
 
 
-def train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
-    """Trains a byte-level BPE of ``vocab_size`` tokens (all 256 bytes and EOS included) on ``documents``."""
+def train_bpe(documents: Iterable[str], vocab_size: int, text_bytes: int | None = None) -> HFTokenizer:
+    """Trains a byte-level BPE of ``vocab_size`` tokens (all 256 bytes and EOS included) on ``documents``.
+
+    ``text_bytes``, the expected size of the text when known, lets the reading progress show an ETA.
+    """
     model = HFTokenizerModel(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
@@ -147,9 +160,23 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=on_terminal(),
     )
-    model.train_from_iterator(with_progress(documents, f"reading the corpus for bpe:{vocab_size}"), trainer)
+    progress = Progress(f"reading text for bpe:{vocab_size}", text_bytes)
+    merging = Heartbeat(f"training bpe:{vocab_size}: still computing merges")
+
+    def read() -> Iterable[str]:
+        for document in documents:
+            yield document
+            progress.advance(len(document.encode("utf-8")), 1)
+        progress.close()
+        log.info("read %d documents (%.1f MB) for bpe:%d; computing its merges", progress.documents, progress.done / 1e6, vocab_size)
+        merging.start()
+
+    try:
+        model.train_from_iterator(read(), trainer)
+    finally:
+        merging.stop()
     tokenizer = HFTokenizer(model, EOS_TOKEN, f"bpe:{vocab_size}")
     if tokenizer.vocab_size < vocab_size:
         raise ValueError(
@@ -160,18 +187,33 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
     return tokenizer
 
 
-def load_bpe(vocab_size: int, source: Source, cache_dir: str | os.PathLike) -> HFTokenizer:
-    """The BPE for this corpus and size from ``cache_dir/tokenizers``, trained and saved there on first use."""
-    key = hashlib.sha256(f"{source.identity}\n{vocab_size}".encode()).hexdigest()[:16]
+def load_bpe(
+    vocab_size: int, source: Source, cache_dir: str | os.PathLike, sample_bytes: int = DEFAULT_SAMPLE_BYTES
+) -> HFTokenizer:
+    """The BPE for this corpus and size from ``cache_dir/tokenizers``, trained on a sample of at most ``sample_bytes``
+    and saved there on first use (once per job: see the module). The sample size is part of the key only when
+    it is smaller than the corpus, since a BPE trained on all of it is the same whatever the limit."""
+    corpus_bytes = sum(part.size for part in source.parts(SAMPLE_PART_BYTES))
+    sampled = f"\n{sample_bytes}" if corpus_bytes > sample_bytes else ""
+    key = hashlib.sha256(f"{source.identity}\n{vocab_size}{sampled}".encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     problem = saved_bpe_problem(folder, vocab_size)
     if problem is None:
         return HFTokenizer.from_path(folder / TOKENIZER_FILE)
-    if folder.exists():
-        log.warning("training tokenizer %s again: %s", folder, problem)
-    log.info("training a byte-level BPE with %d tokens, saved to %s", vocab_size, folder)
+    with exclusive(folder.parent / f".{folder.name}.lock", f"the tokenizer {folder}"):
+        problem = saved_bpe_problem(folder, vocab_size)  # another process may have trained it meanwhile
+        if problem is None:
+            return HFTokenizer.from_path(folder / TOKENIZER_FILE)
+        if folder.exists():
+            log.warning("training tokenizer %s again: %s", folder, problem)
+        return train_and_save_bpe(vocab_size, source, folder, sample_bytes, min(sample_bytes, corpus_bytes))
+
+
+def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_bytes: int, text_bytes: int) -> HFTokenizer:
+    """Trains the BPE on the corpus's sample (about ``text_bytes``) and saves it in ``folder`` (staged, then moved)."""
+    log.info("training a byte-level BPE with %d tokens on at most %s bytes of the corpus, saved to %s", vocab_size, f"{sample_bytes:,}", folder)
     started = time.monotonic()
-    tokenizer = train_bpe(source.documents(), vocab_size)
+    tokenizer = train_bpe(sample_documents(source, sample_bytes, SAMPLE_PART_BYTES), vocab_size, text_bytes)
     log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)
     text = tokenizer.model.to_str()
     manifest = {"vocab_size": vocab_size, "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -210,10 +252,16 @@ def parse_bpe_size(spec: str) -> int:
     return int(size)
 
 
-def load_tokenizer(spec: str, source: Source | None = None, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+def load_tokenizer(
+    spec: str,
+    source: Source | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+) -> Tokenizer:
     """The tokenizer named by ``spec``: ``"byte"``, a tokenizer path, or ``"bpe:<vocab_size>"``.
 
-    A BPE is trained on the documents of ``source`` and cached under ``cache_dir``; both are required for it.
+    A BPE is trained on at most ``sample_bytes`` of the documents of ``source`` and cached under ``cache_dir``;
+    both are required for it.
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -221,7 +269,7 @@ def load_tokenizer(spec: str, source: Source | None = None, cache_dir: str | os.
         vocab_size = parse_bpe_size(spec)
         if source is None or cache_dir is None:
             raise ValueError(f"tokenizer {spec!r} is trained on the corpus: pass its source and a cache_dir")
-        return load_bpe(vocab_size, source, cache_dir)
+        return load_bpe(vocab_size, source, cache_dir, sample_bytes)
     if Path(spec).exists():
         return HFTokenizer.from_path(spec)
     raise ValueError(f"unknown tokenizer {spec!r} (no such file or folder); expected {VALID_SPECS}")

@@ -6,7 +6,7 @@ them, so they pickle cheaply into DataLoader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +120,28 @@ class ResumableLoader(DataLoader):
     rank (each batch stands for ``batch_size * num_replicas`` samples of the global stream) and only
     batches actually yielded, not indices the sampler or worker processes read ahead, so a run resumed
     from any checkpoint continues with exactly the next batch, also in the middle of an accumulation
-    window.
+    window. ``check``, when given, is called before every batch is handed over (the token cache's
+    background check raises through it).
     """
 
-    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, **options: Any) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: ResumableSampler,
+        batch_size: int,
+        check: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **options)
         self.consumed_samples = sampler.position
+        self.check = check
 
     def __iter__(self) -> Iterator[Any]:
         self.sampler.position = self.consumed_samples
         samples_per_batch = self.batch_size * self.sampler.num_replicas
         for batch in super().__iter__():
+            if self.check is not None:
+                self.check()
             self.consumed_samples += samples_per_batch
             yield batch
 

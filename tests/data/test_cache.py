@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mf_lightning.data import cache as cache_module
-from mf_lightning.data import sources as sources_module
+from mf_lightning.data import progress as progress_module
 from mf_lightning.data.cache import (
     TokenCache,
     checked_chunks,
@@ -87,7 +87,7 @@ def test_cache_holds_documents_with_eos_split_as_planned(
 
 def test_valid_cache_is_reused(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
-    monkeypatch.setattr(cache_module, "write_cache", lambda *args: pytest.fail("a valid cache was rebuilt"))
+    monkeypatch.setattr(cache_module, "build_cache", lambda *args: pytest.fail("a valid cache was rebuilt"))
     second = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
     assert second == first
 
@@ -253,10 +253,11 @@ def test_opening_checks_the_first_last_and_a_few_random_chunks() -> None:
     assert checked_chunks(3, full=False) == [0, 1, 2]
 
 
-def test_interrupted_preparation_leaves_no_cache(corpus_dir: Path, tmp_path: Path) -> None:
+def test_interrupted_preparation_leaves_no_cache_only_its_hidden_parts_folder(corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         prepare_token_cache(open_source(str(corpus_dir)), FailingTokenizer(), tmp_path, 0.2)
-    assert list((tmp_path / "tokens").iterdir()) == []
+    (parts,) = (tmp_path / "tokens").iterdir()
+    assert parts.name.endswith(".parts") and parts.name.startswith(".")
 
 
 KILLED_BUILDER = """
@@ -281,7 +282,7 @@ def test_a_build_killed_outright_leaves_nothing_once_the_next_build_ran(corpus_d
     )
     assert builder.stdout.readline() == "building\n"
     staged = list((tmp_path / "tokens").iterdir())
-    assert len(staged) == 1 and staged[0].name.startswith(".")
+    assert {path.suffix for path in staged} == {".lock", ".parts"} and all(path.name.startswith(".") for path in staged)
     builder.send_signal(signal.SIGKILL)
     builder.wait()
     cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
@@ -309,16 +310,16 @@ def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(
         prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
     assert raised.value.errno == errno.ENOSPC
     assert Path(raised.value.filename).parent == tmp_path / "tokens"
-    assert list((tmp_path / "tokens").iterdir()) == []
+    assert [path.suffix for path in (tmp_path / "tokens").iterdir()] == [".parts"]  # kept to resume from
 
 
 def test_building_logs_its_progress(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sources_module, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
     with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
-    assert any(re.match(r"tokenizing the corpus: 12 documents", message) for message in caplog.messages)
+    assert any(re.match(r"tokenizing the corpus: 100% .* 12 documents", message) for message in caplog.messages)
     assert any(re.match(r"tokenized 12 documents into \d+ tokens", message) for message in caplog.messages)
 
 

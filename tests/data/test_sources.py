@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import sysconfig
@@ -5,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from mf_lightning.data.sources import DEMO_MAX_BYTES, DemoSource, open_source
 
@@ -134,6 +136,17 @@ def test_hf_dataset_saved_to_disk_by_split_with_clear_errors(tmp_path: Path) -> 
         list(open_source(str(tmp_path / "single"), text_field="body").documents())
 
 
+def test_a_dataset_is_cut_into_row_ranges_that_together_are_its_documents(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    texts = [f"row {index} " + "x" * (index % 50) for index in range(500)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    source = open_source(str(tmp_path / "saved"))
+    parts = source.parts(2000)
+    assert len(parts) > 5 and parts[1].describe().startswith(f"part 1 (dataset {tmp_path / 'saved'} rows ")
+    assert [document for part in parts for document in source.part_documents(part)] == texts
+    assert sum(part.size for part in parts) == pytest.approx(source.dataset.data.nbytes, rel=0.01)
+
+
 def test_demo_corpus_is_deterministic_stdlib_source_within_its_cap() -> None:
     demo = DemoSource(max_bytes=300_000)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -207,3 +220,89 @@ def test_blank_line_separator(tmp_path):
     assert list(open_source(str(file), document_separator="").documents()) == [
         "para one\nstill one\n", "para two\n", "para three"
     ]
+
+
+def compressed_corpus(folder: Path, texts: list[str]) -> dict[str, Path]:
+    """The same JSONL records as gzip and Zstandard files, and one text document of each kind."""
+    folder.mkdir(exist_ok=True)
+    lines = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+    files = {
+        ".jsonl.gz": gzip.compress(lines),
+        ".json.gz": gzip.compress(lines),
+        ".jsonl.zst": zstandard.ZstdCompressor().compress(lines),
+        ".txt.gz": gzip.compress(texts[0].encode()),
+        ".txt.zst": zstandard.ZstdCompressor().compress(texts[0].encode()),
+    }
+    for suffix, data in files.items():
+        (folder / f"corpus{suffix}").write_bytes(data)
+    return {suffix: folder / f"corpus{suffix}" for suffix in files}
+
+
+def test_compressed_jsonl_and_text_read_like_the_plain_files(tmp_path: Path, documents: list[str]) -> None:
+    files = compressed_corpus(tmp_path / "corpus", documents)
+    for suffix in (".jsonl.gz", ".json.gz", ".jsonl.zst"):
+        assert list(open_source(str(files[suffix])).documents()) == documents
+    for suffix in (".txt.gz", ".txt.zst"):
+        assert list(open_source(str(files[suffix])).documents()) == [documents[0]]
+    assert len(list(open_source(str(tmp_path / "corpus" / "*.zst")).documents())) == len(documents) + 1
+    assert len(list(open_source(str(tmp_path / "corpus")).documents())) == 3 * len(documents) + 2
+
+
+def test_zstandard_frames_written_one_after_another_are_all_read(tmp_path: Path, documents: list[str]) -> None:
+    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": text}) + "\n").encode()) for text in documents]
+    (tmp_path / "frames.jsonl.zst").write_bytes(b"".join(frames))
+    assert list(open_source(str(tmp_path / "frames.jsonl.zst")).documents()) == documents
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+def flip_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(byte ^ 0xFF for byte in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst"])
+@pytest.mark.parametrize("damage", [truncate, flip_middle], ids=["truncated", "corrupt"])
+def test_damaged_compressed_files_are_one_error_naming_the_file(
+    tmp_path: Path, suffix: str, damage: Callable[[bytes], bytes]
+) -> None:
+    texts = [f"document {index} " + "words of text " * 40 for index in range(400)]
+    path = compressed_corpus(tmp_path, texts)[suffix]
+    path.write_bytes(damage(path.read_bytes()))
+    where = " after document \\d+ of the file" if suffix.startswith(".jsonl") else ""
+    damaged = rf"compressed file {path} is damaged or truncated{where} .*replace or remove it"
+    garbled = rf"{path} line \d+ is not (valid JSON|UTF-8)"  # damage decoded to bad lines before gzip's CRC check
+    with pytest.raises(ValueError, match=rf"{damaged}|{garbled}"):
+        list(open_source(str(path)).documents())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst"])
+def test_empty_compressed_files_are_errors_naming_them(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{path} (holds no documents|is empty).*remove it"):
+        list(open_source(str(path)).documents())
+
+
+@pytest.mark.parametrize("part_bytes", [1, 37, 500, 4096, 10**6])
+def test_parts_of_a_jsonl_file_together_are_its_documents(tmp_path: Path, part_bytes: int) -> None:
+    texts = [f"record {index} " + "é" * (index % 7) for index in range(300)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": text} for text in texts[:200]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": text} for text in texts[200:]])
+    source = open_source(str(tmp_path))
+    parts = source.parts(part_bytes)
+    assert [document for part in parts for document in source.part_documents(part)] == texts
+    assert [part.index for part in parts] == list(range(len(parts)))
+
+
+def test_an_error_in_a_later_part_names_the_line_of_the_whole_file(tmp_path: Path) -> None:
+    records = [json.dumps({"text": f"record {index}"}) for index in range(100)]
+    records[80] = json.dumps({"other": 1})
+    (tmp_path / "a.jsonl").write_text("\n".join(records) + "\n")
+    source = open_source(str(tmp_path / "a.jsonl"))
+    last = source.parts(200)[-1]
+    with pytest.raises(ValueError, match=r"a.jsonl line 81 has no text field 'text'"):
+        for part in source.parts(200)[: last.index + 1]:
+            list(source.part_documents(part))

@@ -4,12 +4,13 @@ import re
 from pathlib import Path
 
 import pytest
+from corpus_support import make_documents
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import models
 
-from mf_lightning.data import sources, tokenizers
-from mf_lightning.data.sources import FileSource
-from mf_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from mf_lightning.data import progress, tokenizers
+from mf_lightning.data.sources import FileSource, sample_documents
+from mf_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 TEXT = "Hello, wörld!\n\tTabs, spaces  and émojis 🎉 survive."
 
@@ -167,8 +168,37 @@ def test_bpe_larger_than_the_corpus_allows_says_what_it_gives(corpus_dir: Path, 
 def test_bpe_training_logs_its_progress(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sources, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)
     with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         load_tokenizer("bpe:300", FileSource(sorted(corpus_dir.iterdir())), tmp_path)
-    assert any(message.startswith("reading the corpus for bpe:300: 12 documents") for message in caplog.messages)
+    assert any(re.match(r"reading text for bpe:300: \d+% .* 12 documents", message) for message in caplog.messages)
     assert any(re.match(r"trained bpe:300 in \d+ s", message) for message in caplog.messages)
+
+
+def test_bpe_merge_phase_logs_a_heartbeat_off_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.001)
+    no_spaces = ["".join(chr(0x4E00 + (index * 7919 + offset * 31) % 500) for offset in range(400)) for index in range(50)]
+    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+        train_bpe(no_spaces, 1200)
+    read = next(index for index, message in enumerate(caplog.messages) if message.startswith("read 50 documents"))
+    assert any("training bpe:1200: still computing merges" in message for message in caplog.messages[read:])
+    assert not any("still computing merges" in message for message in caplog.messages[:read])
+
+
+def test_bpe_is_trained_on_a_bounded_sample_spread_over_the_corpus(tmp_path: Path) -> None:
+    texts = [f"document {index} {text}" for index, text in enumerate(make_documents(400, words_per_document=40))]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    source = FileSource([tmp_path / "corpus.jsonl"])
+    sample = list(sample_documents(source, sample_bytes=20_000, part_bytes=40_000))
+    assert sample == list(sample_documents(source, sample_bytes=20_000, part_bytes=40_000))
+    assert 20_000 <= sum(len(text.encode()) for text in sample) < 20_000 + 3 * max(len(text.encode()) for text in texts)
+    numbers = [int(text.split()[1]) for text in sample]
+    assert numbers[0] == 0 and numbers[-1] > 300  # drawn from every part, not the first documents only
+    assert list(sample_documents(source, sample_bytes=10**9, part_bytes=40_000)) == texts
+    small = load_tokenizer("bpe:300", source, tmp_path, sample_bytes=20_000)
+    whole = load_tokenizer("bpe:300", source, tmp_path, sample_bytes=10**9)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2 and small.vocab_size == whole.vocab_size == 300
+    assert load_tokenizer("bpe:300", source, tmp_path, sample_bytes=10**8).fingerprint == whole.fingerprint
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2  # a limit above the corpus's size keys the same BPE
