@@ -40,7 +40,10 @@ Charts = dict[str, dict[str, list[str]]]
 
 
 class OverviewLayout(pl.Callback):
-    """Writes the Custom Scalars layout of ``overview_charts`` to every TensorBoard logger, once per fit (rank 0)."""
+    """Writes the Custom Scalars layout of ``overview_charts`` to every TensorBoard logger, once per fit (rank 0).
+
+    A run with nothing to chart (no metric this layout knows) gets no layout.
+    """
 
     def __init__(self) -> None:
         self._written = False
@@ -55,8 +58,9 @@ class OverviewLayout(pl.Callback):
             return
         self._written = True
         writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
-        if writers:
-            layout = custom_scalars_layout(overview_charts(trainer, pl_module))
+        charts = overview_charts(trainer, pl_module) if writers else {}
+        if charts:
+            layout = custom_scalars_layout(charts)
             for writer in writers:
                 writer.add_custom_scalars(layout)
 
