@@ -158,16 +158,10 @@ class BucketUsageMonitor(pl.Callback):
 
     def _draw_pictures(self, writers: list[SummaryWriter], counts: dict[str, torch.Tensor], step: int) -> None:
         """Rank 0: one heatmap per layer and one rank-frequency plot per layer kind, to every TensorBoard writer."""
-        images = {
-            heatmap_tag(name): usage_heatmap(
-                layer_counts, f"{name}: tokens per row against uniform use, rows sorted by use (step {step})"
-            )
-            for name, layer_counts in counts.items()
-        }
+        images = {heatmap_tag(name): usage_heatmap(layer_counts, name, step) for name, layer_counts in counts.items()}
         for kind, names in group_layers(counts, by="kind").items():
             curves = {block_and_kind(name)[0]: counts[name] for name in names}
-            title = f"{kind}: share of tokens in the k-th most used row, mean over tables (step {step})"
-            images[rank_frequency_tag(kind)] = rank_frequency_plot(curves, title)
+            images[rank_frequency_tag(kind)] = rank_frequency_plot(curves, kind, step)
         for writer in writers:
             for tag, image in images.items():
                 writer.add_image(tag, image, step, dataformats="HWC")

@@ -2,8 +2,9 @@
 
 Both take bucket counts ``[num_tables, num_buckets]`` (tokens that picked each row of each table) and
 return an RGB image ``[height, width, 3]`` of uint8 for ``SummaryWriter.add_image(..., dataformats="HWC")``,
-with a title, axes and a legend, large enough that every table shows. They are drawn with numpy and
-Pillow, which TensorBoard already needs to encode images: no plotting library.
+with a title, axes and a legend. They are drawn with numpy and Pillow, which TensorBoard already needs
+to encode images: no plotting library. They are about ``PICTURE_WIDTH`` pixels wide, the width of an
+image card in TensorBoard's Images tab, so their text stays legible without "Show actual image size".
 
 Colour encodes a row's share of its table's tokens relative to uniform use (``count * num_buckets /
 tokens``): white is 1x (every row used equally), blue rows are used less, red rows more, on a log scale
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,13 +25,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 SCALE_OCTAVES = 4
 """The colour scale spans ``2**-4 = 1/16x`` to ``2**4 = 16x`` the uniform share."""
-MAX_PLOT_WIDTH = 1024
-"""Buckets are drawn ``MAX_PLOT_WIDTH // num_buckets`` pixels wide (up to 8); beyond 1024 buckets, neighbours are averaged."""
+PLOT_WIDTH = 256
+"""Width of the heatmap's plot: rows sorted by use are stretched or averaged to it (sorting keeps averaging faithful)."""
 MAX_PLOT_HEIGHT = 512
-"""Tables are drawn as bands of ``MAX_PLOT_HEIGHT // num_tables`` pixels (2 to 24); beyond 512 tables, neighbours are averaged."""
-MIN_BAND_HEIGHT, MAX_BAND_HEIGHT, MAX_BUCKET_WIDTH = 2, 24, 8
+"""Tables are bands of ``MAX_PLOT_HEIGHT // num_tables`` pixels (2 to 24); beyond 256 tables, neighbours are averaged."""
+MIN_BAND_HEIGHT, MAX_BAND_HEIGHT = 2, 24
 LABELLED_BAND_HEIGHT = 12
 """Bands at least this tall get their table number and used fraction written beside them."""
+PICTURE_WIDTH = 360
 
 DIVERGING = np.array(
     [(5, 48, 97), (33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43), (103, 0, 31)],
@@ -42,8 +45,8 @@ LINE_COLOURS = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 ]
-FONT_SIZE = 12
-LINE_HEIGHT = 16
+"""One colour per line of a rank-frequency plot (Tableau 10); more lines than colours shade from blue to red."""
+FONT_SIZE, LINE_HEIGHT, MARGIN = 12, 15, 6
 
 
 @functools.cache
@@ -90,8 +93,23 @@ def average_groups(values: np.ndarray, axis: int, max_size: int) -> np.ndarray:
     return np.add.reduceat(values, starts, axis=axis) / lengths.reshape(shape)
 
 
+def stretch_columns(values: np.ndarray, width: int) -> np.ndarray:
+    """``values [rows, n]`` resampled to exactly ``width`` columns: each column shows the row it falls in."""
+    columns = average_groups(values, 1, width)
+    return columns[:, np.arange(width) * columns.shape[1] // width]
+
+
 def text_width(draw: ImageDraw.ImageDraw, text: str) -> int:
     return math.ceil(draw.textlength(text, font=font()))
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """``text``, or its end after an ellipsis, so it fits in ``width`` pixels (layer paths end in what matters)."""
+    if text_width(draw, text) <= width:
+        return text
+    while text and text_width(draw, "..." + text) > width:
+        text = text[1:]
+    return "..." + text
 
 
 def tick_positions(size: int, count: int = 4) -> list[int]:
@@ -100,88 +118,80 @@ def tick_positions(size: int, count: int = 4) -> list[int]:
 
 
 def plot_pixels(counts: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
-    """The heatmap's plot area, RGB ``[height, width, 3]``, and the height of one band.
+    """The heatmap's plot area, RGB ``[height, PLOT_WIDTH, 3]``, and the height of one band.
 
-    A band per table (top to bottom), its rows sorted from most to least used (left to right), each
-    row ``MAX_PLOT_WIDTH // num_buckets`` pixels wide (up to ``MAX_BUCKET_WIDTH``) and each band
-    ``MAX_PLOT_HEIGHT // num_tables`` tall (``MIN_BAND_HEIGHT`` to ``MAX_BAND_HEIGHT``); beyond
-    ``MAX_PLOT_WIDTH`` rows or ``MAX_PLOT_HEIGHT`` tables, neighbours are averaged.
+    A band per table (top to bottom), its rows sorted from most to least used (left to right) and
+    stretched or averaged to ``PLOT_WIDTH`` pixels; bands are ``MAX_PLOT_HEIGHT // num_tables`` tall
+    (``MIN_BAND_HEIGHT`` to ``MAX_BAND_HEIGHT``), and beyond ``MAX_PLOT_HEIGHT // MIN_BAND_HEIGHT``
+    tables neighbours are averaged.
     """
     by_use = -np.sort(-relative_shares(as_counts(counts)), axis=-1)
-    relative = average_groups(average_groups(by_use, 1, MAX_PLOT_WIDTH), 0, MAX_PLOT_HEIGHT)
-    rows, columns = relative.shape
-    bucket_width = max(1, min(MAX_BUCKET_WIDTH, MAX_PLOT_WIDTH // columns))
-    band = max(MIN_BAND_HEIGHT, min(MAX_BAND_HEIGHT, MAX_PLOT_HEIGHT // rows))
-    return np.repeat(np.repeat(usage_colours(relative), band, 0), bucket_width, 1), band
+    relative = average_groups(stretch_columns(by_use, PLOT_WIDTH), 0, MAX_PLOT_HEIGHT // MIN_BAND_HEIGHT)
+    band = max(MIN_BAND_HEIGHT, min(MAX_BAND_HEIGHT, MAX_PLOT_HEIGHT // relative.shape[0]))
+    return np.repeat(usage_colours(relative), band, 0), band
 
 
-def usage_heatmap(counts: torch.Tensor | np.ndarray, title: str) -> np.ndarray:
-    """Heatmap of one layer (``plot_pixels``) with its title, axes, colour bar and used fraction per table.
+def usage_heatmap(counts: torch.Tensor | np.ndarray, layer: str, step: int) -> np.ndarray:
+    """Heatmap of one layer (``plot_pixels``) with its title, axes, used fraction per table and colour bar.
 
     Sorting makes each band read like a bar: a table used evenly is white all along, a collapsing one is
     red on the left (a few rows take most tokens) and black on the right (rows never picked). Beside
-    each band (when tall enough) the table's number and the fraction of its rows used; right of the
-    plot, the colour bar with its values and the colour of unused rows.
+    each band (when tall enough) the table's number and the fraction of its rows used; below, the
+    colour scale with its values and the colour of unused rows.
     """
     counts = as_counts(counts)
     num_tables, num_buckets = counts.shape
     pixels, band = plot_pixels(counts)
-    plot_height, plot_width = pixels.shape[:2]
+    plot_height = pixels.shape[0]
     labelled = plot_height == num_tables * band and band >= LABELLED_BAND_HEIGHT
 
-    left, top, bottom, used_column, legend_width = 56, 2 * LINE_HEIGHT + 6, 2 * LINE_HEIGHT + 10, 52, 150
-    legend_height = 8 * LINE_HEIGHT
-    width = left + plot_width + (used_column if labelled else 12) + legend_width
-    height = top + max(plot_height, legend_height) + bottom
-    image = Image.new("RGB", (width, height), BACKGROUND)
+    left, top = 34, MARGIN + 3 * LINE_HEIGHT + 8
+    axis_bottom = top + plot_height + 4 + LINE_HEIGHT
+    image = Image.new("RGB", (PICTURE_WIDTH, axis_bottom + LINE_HEIGHT + 3 * LINE_HEIGHT + MARGIN), BACKGROUND)
     image.paste(Image.fromarray(pixels), (left, top))
     draw = ImageDraw.Draw(image)
-    draw.text((left, 4), title, fill=INK, font=font())
-    draw.text((4, top - LINE_HEIGHT - 2), "table", fill=INK, font=font())
-    draw.rectangle((left - 1, top - 1, left + plot_width, top + plot_height), outline=INK)
+    draw.text((MARGIN, MARGIN), fit_text(draw, f"{layer}  (step {step})", PICTURE_WIDTH - 2 * MARGIN), fill=INK, font=font())
+    draw.text((MARGIN, MARGIN + LINE_HEIGHT), "rows of each table, most used first", fill=INK, font=font())
+    draw.text((MARGIN, top - LINE_HEIGHT - 6), "table", fill=INK, font=font())
+    draw.rectangle((left - 1, top - 1, left + PLOT_WIDTH, top + plot_height), outline=INK)
 
     for table in range(num_tables) if labelled else tick_positions(num_tables):
         y = top + int((table + 0.5) / num_tables * plot_height)
-        draw.line((left - 5, y, left - 2, y), fill=INK)
+        draw.line((left - 4, y, left - 2, y), fill=INK)
         label = str(table)
-        draw.text((left - 8 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
+        draw.text((left - 6 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
     if labelled:
-        used = (counts > 0).mean(-1)
-        x = left + plot_width + 6
-        draw.text((x, top - LINE_HEIGHT - 2), "used", fill=INK, font=font())
-        for table, fraction in enumerate(used):
+        x = left + PLOT_WIDTH + 6
+        draw.text((x, top - LINE_HEIGHT - 6), "used", fill=INK, font=font())
+        for table, fraction in enumerate((counts > 0).mean(-1)):
             draw.text((x, top + table * band + (band - FONT_SIZE) // 2 - 2), f"{fraction:.0%}", fill=INK, font=font())
 
     for rank in tick_positions(num_buckets):
-        x = left + int((rank + 0.5) / num_buckets * plot_width)
-        draw.line((x, top + plot_height + 1, x, top + plot_height + 4), fill=INK)
+        x = left + int((rank + 0.5) / num_buckets * PLOT_WIDTH)
+        draw.line((x, top + plot_height + 1, x, top + plot_height + 3), fill=INK)
         label = str(rank + 1)
-        draw.text((x - text_width(draw, label) // 2, top + plot_height + 5), label, fill=INK, font=font())
-    axis_label = f"rows of the table, most used first ({num_buckets} rows)"
-    draw.text((left + (plot_width - text_width(draw, axis_label)) // 2, height - LINE_HEIGHT - 2), axis_label, fill=INK, font=font())
-    draw_colour_bar(draw, (width - legend_width + 10, top), legend_height - 2 * LINE_HEIGHT)
+        draw.text((min(x - text_width(draw, label) // 2, left + PLOT_WIDTH + 4 - text_width(draw, label)), top + plot_height + 4), label, fill=INK, font=font())
+    draw_colour_bar(draw, (left, axis_bottom + LINE_HEIGHT), PLOT_WIDTH)
     return np.asarray(image)
 
 
-def draw_colour_bar(draw: ImageDraw.ImageDraw, origin: tuple[int, int], bar_height: int) -> None:
-    """The colour scale, ``16x`` at the top to ``1/16x`` at the bottom, its header and the colour of unused rows."""
+def draw_colour_bar(draw: ImageDraw.ImageDraw, origin: tuple[int, int], bar_width: int) -> None:
+    """The colour scale, ``1/16x`` to ``16x`` left to right, its caption, and the colour of unused rows."""
     x, y = origin
-    draw.text((x, y - LINE_HEIGHT - 2), "tokens vs uniform", fill=INK, font=font())
-    octaves = np.linspace(SCALE_OCTAVES, -SCALE_OCTAVES, bar_height)
-    colours = usage_colours(2.0**octaves)
+    draw.text((x, y - LINE_HEIGHT + 1), "tokens per row vs uniform use;", fill=INK, font=font())
+    swatch_x = x + text_width(draw, "tokens per row vs uniform use; ")
+    draw.rectangle((swatch_x, y - LINE_HEIGHT + 4, swatch_x + 10, y - LINE_HEIGHT + 13), fill=UNUSED)
+    draw.text((swatch_x + 14, y - LINE_HEIGHT + 1), "unused", fill=INK, font=font())
+    colours = usage_colours(2.0 ** np.linspace(-SCALE_OCTAVES, SCALE_OCTAVES, bar_width))
     for offset, colour in enumerate(colours):
-        draw.line((x, y + offset, x + 14, y + offset), fill=tuple(int(c) for c in colour))
-    draw.rectangle((x - 1, y - 1, x + 15, y + bar_height), outline=INK)
-    for octave in range(SCALE_OCTAVES, -SCALE_OCTAVES - 1, -2):
-        tick_y = y + round((SCALE_OCTAVES - octave) / (2 * SCALE_OCTAVES) * (bar_height - 1))
-        draw.line((x + 15, tick_y, x + 19, tick_y), fill=INK)
+        draw.line((x + offset, y + 2, x + offset, y + 12), fill=tuple(int(c) for c in colour))
+    draw.rectangle((x - 1, y + 1, x + bar_width, y + 13), outline=INK)
+    for octave in range(-SCALE_OCTAVES, SCALE_OCTAVES + 1, 2):
+        tick_x = x + round((octave + SCALE_OCTAVES) / (2 * SCALE_OCTAVES) * (bar_width - 1))
+        draw.line((tick_x, y + 13, tick_x, y + 16), fill=INK)
         label = f"{2**octave:g}x" if octave >= 0 else f"1/{2**-octave}x"
-        if abs(octave) == SCALE_OCTAVES:
-            label = (">= " if octave > 0 else "<= ") + label
-        draw.text((x + 22, tick_y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
-    swatch_y = y + bar_height + LINE_HEIGHT // 2
-    draw.rectangle((x, swatch_y, x + 14, swatch_y + 10), fill=UNUSED, outline=INK)
-    draw.text((x + 22, swatch_y - 2), "unused", fill=INK, font=font())
+        label_x = min(max(tick_x - text_width(draw, label) // 2, x - 4), x + bar_width + 4 - text_width(draw, label))
+        draw.text((label_x, y + 17), label, fill=INK, font=font())
 
 
 def rank_frequency(counts: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -191,11 +201,27 @@ def rank_frequency(counts: torch.Tensor | np.ndarray) -> np.ndarray:
     return -np.sort(-shares, axis=-1).mean(0)
 
 
-def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], title: str) -> np.ndarray:
-    """Log-log plot of ``rank_frequency`` for each named layer (one line each), against uniform use.
+def line_colour(index: int, count: int) -> tuple[int, int, int]:
+    """Colour of line ``index`` of ``count``: Tableau 10, or a blue-to-red ramp when there are more lines."""
+    if count <= len(LINE_COLOURS):
+        return LINE_COLOURS[index]
+    start, end = np.array(LINE_COLOURS[0]), np.array(LINE_COLOURS[3])
+    return tuple(int(c) for c in np.rint(start + (end - start) * index / (count - 1)))
+
+
+def common_prefix(names: list[str]) -> str:
+    """The dotted prefix all ``names`` share (``model.blocks.`` of ``model.blocks.0``, ``model.blocks.1``)."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(names)
+    return shared[: shared.rfind(".") + 1]
+
+
+def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], kind: str, step: int) -> np.ndarray:
+    """Log-log plot of ``rank_frequency`` of the layers of one ``kind``, keyed by block (one line each).
 
     Uniform use is a flat line at ``1/num_buckets``; a collapsing table starts high and falls off a cliff
-    where its rows stop being used (drawn down to the bottom edge). The legend gives each layer's used fraction.
+    where its rows stop being used (drawn down to the bottom edge). The legend gives each block's used fraction.
     """
     if not layers:
         raise ValueError("a rank-frequency plot needs the counts of at least one layer")
@@ -203,14 +229,14 @@ def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], title: 
     used = {name: (as_counts(counts) > 0).mean().item() for name, counts in layers.items()}
     max_rank = max(len(curve) for curve in curves.values())
     smallest = min([1 / max_rank, *(curve[curve > 0].min() for curve in curves.values() if (curve > 0).any())])
-    lowest_decade = max(-9, math.floor(math.log10(smallest)))
+    lowest_decade = min(-1, max(-9, math.floor(math.log10(smallest))))
+    prefix = common_prefix(list(curves))
 
-    left, top, plot_width, plot_height = 56, 2 * LINE_HEIGHT + 6, 560, 320
-    labels = [f"{name} (used {used[name]:.0%})" for name in curves]
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    legend_width = 40 + max(text_width(scratch, label) for label in labels)
-    width, height = left + plot_width + 20 + legend_width, top + plot_height + 2 * LINE_HEIGHT + 10
-    image = Image.new("RGB", (width, height), BACKGROUND)
+    left, top, plot_width, plot_height = 40, MARGIN + 3 * LINE_HEIGHT, PICTURE_WIDTH - 40 - 2 * MARGIN, 200
+    columns = 3
+    legend_top = top + plot_height + 4 + LINE_HEIGHT + LINE_HEIGHT + 4
+    legend_rows = math.ceil(len(curves) / columns)
+    image = Image.new("RGB", (PICTURE_WIDTH, legend_top + legend_rows * LINE_HEIGHT + MARGIN), BACKGROUND)
     draw = ImageDraw.Draw(image)
     log_max_rank = max(math.log2(max_rank), 1.0)
 
@@ -218,42 +244,46 @@ def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], title: 
         return left + math.log2(rank) / log_max_rank * plot_width
 
     def y_of(share: float) -> float:
-        return top + (0 - math.log10(share)) / -lowest_decade * plot_height if lowest_decade else top
+        return top + math.log10(share) / lowest_decade * plot_height
 
     for exponent in range(int(log_max_rank) + 1):
         x = x_of(2**exponent)
         draw.line((x, top, x, top + plot_height), fill=GRID)
-        draw.line((x, top + plot_height, x, top + plot_height + 4), fill=INK)
-        if exponent % 2 == 0 or log_max_rank <= 6:
+        draw.line((x, top + plot_height, x, top + plot_height + 3), fill=INK)
+        if exponent % 2 == 0 or log_max_rank <= 5:
             label = str(2**exponent)
-            draw.text((x - text_width(draw, label) // 2, top + plot_height + 5), label, fill=INK, font=font())
+            label_x = min(x - text_width(draw, label) // 2, left + plot_width + MARGIN - text_width(draw, label))
+            draw.text((label_x, top + plot_height + 4), label, fill=INK, font=font())
     for decade in range(0, lowest_decade - 1, -1):
         y = y_of(10.0**decade)
         draw.line((left, y, left + plot_width, y), fill=GRID)
-        draw.line((left - 4, y, left, y), fill=INK)
+        draw.line((left - 3, y, left, y), fill=INK)
         label = "1" if decade == 0 else f"1e{decade}"
-        draw.text((left - 7 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
+        draw.text((left - 5 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
     draw.rectangle((left, top, left + plot_width, top + plot_height), outline=INK)
 
     uniform_y = y_of(1 / max_rank)
-    for start in range(left, left + plot_width, 10):
-        draw.line((start, uniform_y, min(start + 5, left + plot_width), uniform_y), fill=INK)
-    draw.text((left + 6, uniform_y - LINE_HEIGHT), f"uniform: 1/{max_rank}", fill=INK, font=font())
+    for start in range(left, left + plot_width, 8):
+        draw.line((start, uniform_y, min(start + 4, left + plot_width), uniform_y), fill=INK)
+    draw.text((left + plot_width - text_width(draw, "uniform") - 4, uniform_y - LINE_HEIGHT), "uniform", fill=INK, font=font())
 
     for index, (name, curve) in enumerate(curves.items()):
-        colour = LINE_COLOURS[index % len(LINE_COLOURS)]
+        colour = line_colour(index, len(curves))
         positive = np.flatnonzero(curve > 0)
         points = [(x_of(rank + 1), y_of(curve[rank])) for rank in positive]
-        if len(positive) < len(curve) and len(positive):
+        if 0 < len(positive) < len(curve):
             points.append((x_of(positive[-1] + 2), top + plot_height))
         if len(points) > 1:
-            draw.line(points, fill=colour, width=2, joint="curve")
-        legend_y = top + index * LINE_HEIGHT
-        draw.line((left + plot_width + 20, legend_y + 7, left + plot_width + 44, legend_y + 7), fill=colour, width=3)
-        draw.text((left + plot_width + 50, legend_y), labels[index], fill=INK, font=font())
+            draw.line(points, fill=colour, width=2)
+        row, column = divmod(index, columns)
+        entry_x, entry_y = MARGIN + column * (PICTURE_WIDTH - 2 * MARGIN) // columns, legend_top + row * LINE_HEIGHT
+        draw.line((entry_x, entry_y + 8, entry_x + 14, entry_y + 8), fill=colour, width=3)
+        entry = fit_text(draw, f"{name[len(prefix):]}: {used[name]:.0%} used", (PICTURE_WIDTH - 2 * MARGIN) // columns - 20)
+        draw.text((entry_x + 18, entry_y), entry, fill=INK, font=font())
 
-    draw.text((left, 4), title, fill=INK, font=font())
-    draw.text((4, top - LINE_HEIGHT - 2), "share of tokens", fill=INK, font=font())
-    axis_label = "rank of the row, most used first (log scale)"
-    draw.text((left + (plot_width - text_width(draw, axis_label)) // 2, height - LINE_HEIGHT - 2), axis_label, fill=INK, font=font())
+    title = f"{kind} in {prefix}*  (step {step})" if prefix else f"{kind}  (step {step})"
+    draw.text((MARGIN, MARGIN), fit_text(draw, title, PICTURE_WIDTH - 2 * MARGIN), fill=INK, font=font())
+    draw.text((MARGIN, MARGIN + LINE_HEIGHT), "share of tokens in the k-th most used row (table mean)", fill=INK, font=font())
+    axis_label = "k (log scale)"
+    draw.text((left + (plot_width - text_width(draw, axis_label)) // 2, top + plot_height + 4 + LINE_HEIGHT), axis_label, fill=INK, font=font())
     return np.asarray(image)
