@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 SCALE_OCTAVES = 4
 """The colour scale spans ``2**-4 = 1/16x`` to ``2**4 = 16x`` the uniform share."""
 PLOT_WIDTH = 256
-"""Width of the heatmap's plot: rows sorted by use are stretched or averaged to it (sorting keeps averaging faithful)."""
+"""Width of the heatmap's plot: the rows, sorted by use, are stretched or averaged to it (sorted, they average faithfully)."""
 MAX_PLOT_HEIGHT = 512
 """Tables are bands of ``MAX_PLOT_HEIGHT // num_tables`` pixels (2 to 24); beyond 256 tables, neighbours are averaged."""
 MIN_BAND_HEIGHT, MAX_BAND_HEIGHT = 2, 24
@@ -103,6 +103,16 @@ def text_width(draw: ImageDraw.ImageDraw, text: str) -> int:
     return math.ceil(draw.textlength(text, font=font()))
 
 
+def write(draw: ImageDraw.ImageDraw, position: tuple[float, float], text: str) -> None:
+    draw.text(position, text, fill=INK, font=font())
+
+
+def centred(draw: ImageDraw.ImageDraw, text: str, x: float, low: float, high: float) -> float:
+    """Left edge of ``text`` centred on ``x``, kept between ``low`` and ``high`` (its right edge)."""
+    width = text_width(draw, text)
+    return min(max(x - width // 2, low), high - width)
+
+
 def fit_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
     """``text``, or its end after an ellipsis, so it fits in ``width`` pixels (layer paths end in what matters)."""
     if text_width(draw, text) <= width:
@@ -150,27 +160,27 @@ def usage_heatmap(counts: torch.Tensor | np.ndarray, layer: str, step: int) -> n
     image = Image.new("RGB", (PICTURE_WIDTH, axis_bottom + LINE_HEIGHT + 3 * LINE_HEIGHT + MARGIN), BACKGROUND)
     image.paste(Image.fromarray(pixels), (left, top))
     draw = ImageDraw.Draw(image)
-    draw.text((MARGIN, MARGIN), fit_text(draw, f"{layer}  (step {step})", PICTURE_WIDTH - 2 * MARGIN), fill=INK, font=font())
-    draw.text((MARGIN, MARGIN + LINE_HEIGHT), "rows of each table, most used first", fill=INK, font=font())
-    draw.text((MARGIN, top - LINE_HEIGHT - 6), "table", fill=INK, font=font())
+    write(draw, (MARGIN, MARGIN), fit_text(draw, f"{layer}  (step {step})", PICTURE_WIDTH - 2 * MARGIN))
+    write(draw, (MARGIN, MARGIN + LINE_HEIGHT), "rows of each table, most used first")
+    write(draw, (MARGIN, top - LINE_HEIGHT - 6), "table")
     draw.rectangle((left - 1, top - 1, left + PLOT_WIDTH, top + plot_height), outline=INK)
 
     for table in range(num_tables) if labelled else tick_positions(num_tables):
         y = top + int((table + 0.5) / num_tables * plot_height)
         draw.line((left - 4, y, left - 2, y), fill=INK)
         label = str(table)
-        draw.text((left - 6 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
+        write(draw, (left - 6 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label)
     if labelled:
         x = left + PLOT_WIDTH + 6
-        draw.text((x, top - LINE_HEIGHT - 6), "used", fill=INK, font=font())
+        write(draw, (x, top - LINE_HEIGHT - 6), "used")
         for table, fraction in enumerate((counts > 0).mean(-1)):
-            draw.text((x, top + table * band + (band - FONT_SIZE) // 2 - 2), f"{fraction:.0%}", fill=INK, font=font())
+            write(draw, (x, top + table * band + (band - FONT_SIZE) // 2 - 2), f"{fraction:.0%}")
 
-    for rank in tick_positions(num_buckets):
-        x = left + int((rank + 0.5) / num_buckets * PLOT_WIDTH)
+    for rank in sorted({1, *(round(quarter * num_buckets / 4) for quarter in range(1, 5))}):
+        x = left + int((rank - 0.5) / num_buckets * PLOT_WIDTH)
         draw.line((x, top + plot_height + 1, x, top + plot_height + 3), fill=INK)
-        label = str(rank + 1)
-        draw.text((min(x - text_width(draw, label) // 2, left + PLOT_WIDTH + 4 - text_width(draw, label)), top + plot_height + 4), label, fill=INK, font=font())
+        label = str(rank)
+        write(draw, (centred(draw, label, x, left - 4, left + PLOT_WIDTH + 4), top + plot_height + 4), label)
     draw_colour_bar(draw, (left, axis_bottom + LINE_HEIGHT), PLOT_WIDTH)
     return np.asarray(image)
 
@@ -178,10 +188,10 @@ def usage_heatmap(counts: torch.Tensor | np.ndarray, layer: str, step: int) -> n
 def draw_colour_bar(draw: ImageDraw.ImageDraw, origin: tuple[int, int], bar_width: int) -> None:
     """The colour scale, ``1/16x`` to ``16x`` left to right, its caption, and the colour of unused rows."""
     x, y = origin
-    draw.text((x, y - LINE_HEIGHT + 1), "tokens per row vs uniform use;", fill=INK, font=font())
+    write(draw, (x, y - LINE_HEIGHT + 1), "tokens per row vs uniform use;")
     swatch_x = x + text_width(draw, "tokens per row vs uniform use; ")
     draw.rectangle((swatch_x, y - LINE_HEIGHT + 4, swatch_x + 10, y - LINE_HEIGHT + 13), fill=UNUSED)
-    draw.text((swatch_x + 14, y - LINE_HEIGHT + 1), "unused", fill=INK, font=font())
+    write(draw, (swatch_x + 14, y - LINE_HEIGHT + 1), "unused")
     colours = usage_colours(2.0 ** np.linspace(-SCALE_OCTAVES, SCALE_OCTAVES, bar_width))
     for offset, colour in enumerate(colours):
         draw.line((x + offset, y + 2, x + offset, y + 12), fill=tuple(int(c) for c in colour))
@@ -190,8 +200,7 @@ def draw_colour_bar(draw: ImageDraw.ImageDraw, origin: tuple[int, int], bar_widt
         tick_x = x + round((octave + SCALE_OCTAVES) / (2 * SCALE_OCTAVES) * (bar_width - 1))
         draw.line((tick_x, y + 13, tick_x, y + 16), fill=INK)
         label = f"{2**octave:g}x" if octave >= 0 else f"1/{2**-octave}x"
-        label_x = min(max(tick_x - text_width(draw, label) // 2, x - 4), x + bar_width + 4 - text_width(draw, label))
-        draw.text((label_x, y + 17), label, fill=INK, font=font())
+        write(draw, (centred(draw, label, tick_x, x - 4, x + bar_width + 4), y + 17), label)
 
 
 def rank_frequency(counts: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -252,20 +261,19 @@ def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], kind: s
         draw.line((x, top + plot_height, x, top + plot_height + 3), fill=INK)
         if exponent % 2 == 0 or log_max_rank <= 5:
             label = str(2**exponent)
-            label_x = min(x - text_width(draw, label) // 2, left + plot_width + MARGIN - text_width(draw, label))
-            draw.text((label_x, top + plot_height + 4), label, fill=INK, font=font())
+            write(draw, (centred(draw, label, x, MARGIN, left + plot_width + MARGIN), top + plot_height + 4), label)
     for decade in range(0, lowest_decade - 1, -1):
         y = y_of(10.0**decade)
         draw.line((left, y, left + plot_width, y), fill=GRID)
         draw.line((left - 3, y, left, y), fill=INK)
         label = "1" if decade == 0 else f"1e{decade}"
-        draw.text((left - 5 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label, fill=INK, font=font())
+        write(draw, (left - 5 - text_width(draw, label), y - FONT_SIZE // 2 - 1), label)
     draw.rectangle((left, top, left + plot_width, top + plot_height), outline=INK)
 
     uniform_y = y_of(1 / max_rank)
     for start in range(left, left + plot_width, 8):
         draw.line((start, uniform_y, min(start + 4, left + plot_width), uniform_y), fill=INK)
-    draw.text((left + plot_width - text_width(draw, "uniform") - 4, uniform_y - LINE_HEIGHT), "uniform", fill=INK, font=font())
+    write(draw, (left + plot_width - text_width(draw, "uniform") - 4, uniform_y - LINE_HEIGHT), "uniform")
 
     for index, (name, curve) in enumerate(curves.items()):
         colour = line_colour(index, len(curves))
@@ -278,12 +286,14 @@ def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], kind: s
         row, column = divmod(index, columns)
         entry_x, entry_y = MARGIN + column * (PICTURE_WIDTH - 2 * MARGIN) // columns, legend_top + row * LINE_HEIGHT
         draw.line((entry_x, entry_y + 8, entry_x + 14, entry_y + 8), fill=colour, width=3)
-        entry = fit_text(draw, f"{name[len(prefix):]}: {used[name]:.0%} used", (PICTURE_WIDTH - 2 * MARGIN) // columns - 20)
-        draw.text((entry_x + 18, entry_y), entry, fill=INK, font=font())
+        entry_width = (PICTURE_WIDTH - 2 * MARGIN) // columns - 20
+        entry = fit_text(draw, f"{name[len(prefix):]}: {used[name]:.0%} used", entry_width)
+        write(draw, (entry_x + 18, entry_y), entry)
 
     title = f"{kind} in {prefix}*  (step {step})" if prefix else f"{kind}  (step {step})"
-    draw.text((MARGIN, MARGIN), fit_text(draw, title, PICTURE_WIDTH - 2 * MARGIN), fill=INK, font=font())
-    draw.text((MARGIN, MARGIN + LINE_HEIGHT), "share of tokens in the k-th most used row (table mean)", fill=INK, font=font())
+    write(draw, (MARGIN, MARGIN), fit_text(draw, title, PICTURE_WIDTH - 2 * MARGIN))
+    write(draw, (MARGIN, MARGIN + LINE_HEIGHT), "share of tokens in the k-th most used row (table mean)")
     axis_label = "k (log scale)"
-    draw.text((left + (plot_width - text_width(draw, axis_label)) // 2, top + plot_height + 4 + LINE_HEIGHT), axis_label, fill=INK, font=font())
+    axis_label_x = centred(draw, axis_label, left + plot_width / 2, 0, PICTURE_WIDTH)
+    write(draw, (axis_label_x, top + plot_height + 4 + LINE_HEIGHT), axis_label)
     return np.asarray(image)

@@ -24,7 +24,11 @@ import lightning.pytorch as pl
 
 from mf_lightning.callbacks.bucket_usage import layer_usage_tag, model_usage_tag
 from mf_lightning.callbacks.gradient_coverage import TABLE_ROW_COVERAGE, coverage_tag
-from mf_lightning.callbacks.monitoring import block_and_kind, group_layers, tensorboard_writers
+from mf_lightning.callbacks.monitoring import (
+    block_and_kind,
+    group_layers,
+    tensorboard_writers,
+)
 from mf_lightning.callbacks.run_tags import (
     bits_per_byte_tags,
     coverage_layers,

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from image_support import find_block
 
 from mf_lightning.callbacks.heatmap import (
     DIVERGING,
     LINE_COLOURS,
     MAX_PLOT_HEIGHT,
-    PLOT_WIDTH,
     MIN_BAND_HEIGHT,
+    PLOT_WIDTH,
     UNUSED,
     average_groups,
     plot_pixels,
@@ -19,7 +20,6 @@ from mf_lightning.callbacks.heatmap import (
     usage_colours,
     usage_heatmap,
 )
-from image_support import find_block
 
 
 def staircase(num_tables: int, num_buckets: int) -> torch.Tensor:

@@ -4,13 +4,20 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from cli_support import run, scalars, tiny_run_args, write_corpus
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_accumulator import (
+    EventAccumulator,
+)
 from tensorboard.plugins import base_plugin
-from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, metadata
+from tensorboard.plugins.hparams import (
+    api_pb2,
+    backend_context,
+    list_session_groups,
+    metadata,
+)
 
-from cli_support import run, scalars, tiny_run_args, write_corpus
 from mf_lightning.callbacks import HParamsSummary
 from mf_lightning.callbacks.hparams import flatten
 

@@ -2,12 +2,15 @@
 
 import re
 
-import pytest
 from lightning.pytorch.callbacks import ThroughputMonitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from mf_lightning.callbacks import BucketUsageMonitor, GradientCoverageMonitor, OverviewLayout
+from mf_lightning.callbacks import (
+    BucketUsageMonitor,
+    GradientCoverageMonitor,
+    OverviewLayout,
+)
 from mf_lightning.callbacks.monitoring import block_and_kind, group_layers
 
 HEADLINE_TAGS = {"train/loss", "val/loss", "val/bpb", "bucket_usage/used_fraction", "grad_summary/table_row_coverage"}
