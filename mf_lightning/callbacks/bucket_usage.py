@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.hooks import RemovableHandle
@@ -20,9 +21,6 @@ from mf_lightning.callbacks.monitoring import (
     tensorboard_writers,
 )
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, usage_metrics
-
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
 
 
 def model_usage_tag(metric: str) -> str:
@@ -154,17 +152,10 @@ class BucketUsageMonitor(pl.Callback):
                     writer.add_histogram(f"bucket_{metric}_per_table/{name}", value, step)
                 writer.add_histogram(f"bucket_counts/{name}", layer_counts.flatten().float(), step)
         if writers and step % self.image_every_n_steps == 0:
-            self._draw_pictures(writers, counts, step)
-
-    def _draw_pictures(self, writers: list[SummaryWriter], counts: dict[str, torch.Tensor], step: int) -> None:
-        """Rank 0: one heatmap per layer and one rank-frequency plot per layer kind, to every TensorBoard writer."""
-        images = {heatmap_tag(name): usage_heatmap(layer_counts, name, step) for name, layer_counts in counts.items()}
-        for kind, names in group_layers(counts, by="kind").items():
-            curves = {block_and_kind(name)[0]: counts[name] for name in names}
-            images[rank_frequency_tag(kind)] = rank_frequency_plot(curves, kind, step)
-        for writer in writers:
-            for tag, image in images.items():
-                writer.add_image(tag, image, step, dataformats="HWC")
+            pictures = usage_pictures(counts, step)
+            for writer in writers:
+                for tag, picture in pictures.items():
+                    writer.add_image(tag, picture, step, dataformats="HWC")
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -172,3 +163,11 @@ class BucketUsageMonitor(pl.Callback):
         self._hooks = []
         self._collecting = False
 
+
+def usage_pictures(counts: dict[str, torch.Tensor], step: int) -> dict[str, np.ndarray]:
+    """Tag -> RGB image: a heatmap per layer and a rank-frequency plot per layer kind, one line per block."""
+    pictures = {heatmap_tag(name): usage_heatmap(layer_counts, name, step) for name, layer_counts in counts.items()}
+    for kind, names in group_layers(counts, by="kind").items():
+        curves = {block_and_kind(name)[0]: counts[name] for name in names}
+        pictures[rank_frequency_tag(kind)] = rank_frequency_plot(curves, kind, step)
+    return pictures
