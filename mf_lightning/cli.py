@@ -139,7 +139,7 @@ class MFCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
-            # no hp_metric placeholder: HParamsSummary names the metrics of the HParams table
+            # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False)
         for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
             if trainer_config.get(flag) is False:

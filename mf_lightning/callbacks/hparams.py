@@ -15,8 +15,9 @@ They are written at the start of every fit (rank 0), which makes the right thing
   row keeps the settings the run started with, the metrics come from the resumed curves, and the
   resumed fit's completion marks it successful.
 
-This is also why ``mf`` turns off the ``hp_metric`` placeholder of Lightning's ``TensorBoardLogger``:
-written first, its summary would hide this one.
+``on_fit_start`` runs before Lightning's own ``log_hyperparams``, so with a ``TensorBoardLogger`` that
+keeps its ``hp_metric`` default, the placeholder summary comes second and TensorBoard ignores it; ``mf``
+turns the placeholder off anyway, since it also logs a meaningless ``hp_metric`` scalar (-1 at step 0).
 """
 
 from __future__ import annotations
