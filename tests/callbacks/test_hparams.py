@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import (
     metadata,
 )
 
-from mf_lightning.callbacks import HParamsSummary
+from mf_lightning.callbacks import BucketUsageMonitor, HParamsSummary
 from mf_lightning.callbacks.hparams import flatten
 
 METRICS = {"val/loss", "val/bpb", "bucket_usage/used_fraction", "train/loss"}
@@ -104,3 +104,10 @@ def test_settings_are_flat_and_typed_for_the_table() -> None:
         "model.top_p": "None",
         "model.overrides.code_bits": 4,
     }
+
+
+def test_summary_comes_before_lightnings_hp_metric_placeholder(tiny_module, fit, tmp_path) -> None:
+    """The fixture's ``TensorBoardLogger`` keeps ``default_hp_metric=True``: its placeholder must not win."""
+    fit(tiny_module, [HParamsSummary(), BucketUsageMonitor(log_every_n_steps=1, image_every_n_steps=2)], max_steps=2)
+    (group,) = hparams_table(tmp_path / "tb")
+    assert [value.name.tag for value in group.metric_values] == ["bucket_usage/used_fraction"]
