@@ -108,6 +108,8 @@ def test_settings_are_flat_and_typed_for_the_table() -> None:
 
 def test_summary_comes_before_lightnings_hp_metric_placeholder(tiny_module, fit, tmp_path) -> None:
     """The fixture's ``TensorBoardLogger`` keeps ``default_hp_metric=True``: its placeholder must not win."""
+    tiny_module.save_hyperparameters({"hidden_tables": 4})  # Lightning writes its placeholder for modules with some
     fit(tiny_module, [HParamsSummary(), BucketUsageMonitor(log_every_n_steps=1, image_every_n_steps=2)], max_steps=2)
     (group,) = hparams_table(tmp_path / "tb")
     assert [value.name.tag for value in group.metric_values] == ["bucket_usage/used_fraction"]
+    assert settings_of(group)["model.hidden_tables"] == 4
