@@ -24,11 +24,7 @@ import lightning.pytorch as pl
 
 from mf_lightning.callbacks.bucket_usage import layer_usage_tag, model_usage_tag
 from mf_lightning.callbacks.gradient_coverage import TABLE_ROW_COVERAGE, coverage_tag
-from mf_lightning.callbacks.monitoring import (
-    block_and_kind,
-    group_layers,
-    tensorboard_writers,
-)
+from mf_lightning.callbacks.monitoring import group_layers, tensorboard_writers
 from mf_lightning.callbacks.run_tags import (
     bits_per_byte_tags,
     coverage_layers,
@@ -84,10 +80,11 @@ def overview_charts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Chart
         f"{block}: used fraction": [layer_usage_tag(USED_FRACTION, path) for path in paths]
         for block, paths in group_layers(usage, by="block").items()
     }
+    usage_by_kind, coverage_by_kind = group_layers(usage, by="kind"), group_layers(coverage, by="kind")
     by_kind = {}
-    for kind in group_layers(usage + coverage, by="kind"):
-        by_kind[f"{kind}: used fraction"] = [layer_usage_tag(USED_FRACTION, p) for p in usage if block_and_kind(p)[1] == kind]
-        by_kind[f"{kind}: rows with a gradient"] = [coverage_tag(p) for p in coverage if block_and_kind(p)[1] == kind]
+    for kind in {**usage_by_kind, **coverage_by_kind}:
+        by_kind[f"{kind}: used fraction"] = [layer_usage_tag(USED_FRACTION, path) for path in usage_by_kind.get(kind, [])]
+        by_kind[f"{kind}: rows with a gradient"] = [coverage_tag(path) for path in coverage_by_kind.get(kind, [])]
     charts = {"Overview": overview, "Memory Layers by block": by_block, "Memory Layers by kind": by_kind}
     charts = {category: {title: tags for title, tags in group.items() if tags} for category, group in charts.items()}
     return {category: group for category, group in charts.items() if group}
