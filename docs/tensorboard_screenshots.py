@@ -31,7 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {
     "tensorboard_overview.png": ("#custom_scalars", (1400, 1000)),
-    "tensorboard_bucket_usage.png": ("#images&tagFilter=qkv", (1400, 820)),
+    "tensorboard_bucket_usage.png": ("#images&tagFilter=qkv", (1540, 700)),
 }
 """File name -> (TensorBoard page, browser window size)."""
 
