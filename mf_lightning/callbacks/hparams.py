@@ -52,8 +52,9 @@ class HParamsSummary(pl.Callback):
         writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
         if not writers:
             return
-        metrics = comparison_metrics(trainer, pl_module)
-        experiment, session_start, session_end = hparams(run_settings(trainer, pl_module), dict.fromkeys(metrics, 0.0))
+        # torch's summary only names the metric columns after the keys; TensorBoard reads the values from the curves
+        metrics = dict.fromkeys(comparison_metrics(trainer, pl_module), 0.0)
+        experiment, session_start, session_end = hparams(run_settings(trainer, pl_module), metrics)
         summaries = [session_end] if ending else [experiment, session_start]
         for writer in writers:
             file_writer = writer._get_file_writer()  # as TensorBoardLogger.log_hyperparams writes its summaries
@@ -62,10 +63,9 @@ class HParamsSummary(pl.Callback):
 
 
 def comparison_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-    """Tags of the metrics the HParams table shows: validation loss and bits per byte, used rows, training loss."""
-    losses = loss_tags(trainer, pl_module)
+    """Tags of the metrics the HParams table shows: the losses, validation bits per byte and used table rows."""
     used = [model_usage_tag(USED_FRACTION)] if usage_layers(trainer, pl_module) else []
-    return losses[::-1] + bits_per_byte_tags(trainer, pl_module) + used
+    return loss_tags(trainer, pl_module) + bits_per_byte_tags(trainer, pl_module) + used
 
 
 def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, HParamValue]:
