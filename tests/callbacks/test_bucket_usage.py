@@ -4,10 +4,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mf_lightning.callbacks import BucketUsageMonitor
 from mf_lightning.callbacks import bucket_usage
-from mf_lightning.callbacks.heatmap import plot_pixels
+from mf_lightning.callbacks.heatmap import DIVERGING, LABELLED_BAND_HEIGHT, PICTURE_WIDTH, UNUSED, plot_pixels
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, used_fraction
 from image_support import decode, find_block
 
@@ -111,3 +112,20 @@ def test_every_rank_reduces_and_only_rank_zero_writes(tiny_module, fit, read_eve
 def test_bad_arguments_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BucketUsageMonitor(**kwargs)
+
+
+def test_mf_fit_draws_a_readable_picture_of_every_layer_and_kind(mf_fit_run) -> None:
+    events = EventAccumulator(str(mf_fit_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Tags()["images"]
+    heatmaps = [tag for tag in images if tag.startswith("bucket_heatmap/")]
+    assert len(heatmaps) == 6, "debug preset: 2 blocks of qkv, ffn_in, ffn_out"
+    assert sorted(tag for tag in images if tag.startswith("bucket_rank_frequency/")) == [
+        f"bucket_rank_frequency/{kind}" for kind in ("ffn_in", "ffn_out", "qkv")
+    ]
+    legend = {tuple(DIVERGING[0].astype(int)), tuple(DIVERGING[-1].astype(int)), UNUSED}
+    for tag in heatmaps:
+        latest = events.Images(tag)[-1]
+        pixels = decode(latest.encoded_image_string)
+        assert latest.width == PICTURE_WIDTH and latest.height >= 8 * LABELLED_BAND_HEIGHT, "8 tables, each labelled"
+        assert legend <= {tuple(pixel) for pixel in pixels.reshape(-1, 3).tolist()}, f"{tag} lacks its colour bar"
