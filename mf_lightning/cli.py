@@ -39,15 +39,17 @@ from mf_lightning.callbacks import (
     BucketUsageMonitor,
     FlopsModelSummary,
     GradientCoverageMonitor,
+    HParamsSummary,
     NonFiniteGuard,
     NonFiniteTrainingError,
+    OverviewLayout,
     PreemptionCheckpoint,
     StepProgressBar,
     ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
-from mf_lightning.lit.module import LanguageModel
+from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
@@ -107,7 +109,7 @@ class MFCLI(LightningCLI):
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/loss",
+                "checkpoint.monitor": metric_tag(VAL, LOSS),
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
@@ -138,7 +140,8 @@ class MFCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="")
+            # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False)
         for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
             if trainer_config.get(flag) is False:
                 defaults = self.trainer_defaults["callbacks"]
@@ -257,6 +260,8 @@ def new_cli(args: list[str] | None) -> MFCLI:
                 FlopsModelSummary(),
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(batch_size_fn=batch_windows, length_fn=batch_tokens),
+                OverviewLayout(),
+                HParamsSummary(),
                 CompletionWriter(),
                 PreemptionCheckpoint(),
             ],

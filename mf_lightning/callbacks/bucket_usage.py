@@ -6,12 +6,41 @@ import functools
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.hooks import RemovableHandle
 
-from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers, tensorboard_writers
+from mf_lightning.callbacks.heatmap import rank_frequency_plot, usage_heatmap
+from mf_lightning.callbacks.monitoring import (
+    block_and_kind,
+    check_every_n_steps,
+    group_layers,
+    log_scalars,
+    memory_layers,
+    tensorboard_writers,
+)
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, usage_metrics
+
+
+def model_usage_tag(metric: str) -> str:
+    """Tag of a usage metric averaged over every table of the model, e.g. ``bucket_usage/used_fraction``."""
+    return f"bucket_usage/{metric}"
+
+
+def layer_usage_tag(metric: str, layer: str) -> str:
+    """Tag of a usage metric averaged over the tables of one layer, e.g. ``bucket_used_fraction/blocks.0.qkv``."""
+    return f"bucket_{metric}/{layer}"
+
+
+def heatmap_tag(layer: str) -> str:
+    """Tag of a layer's usage heatmap image."""
+    return f"bucket_heatmap/{layer}"
+
+
+def rank_frequency_tag(kind: str) -> str:
+    """Tag of the rank-frequency plot of every layer of one kind (``qkv``, ``ffn_in``, ...)."""
+    return f"bucket_rank_frequency/{kind}"
 
 
 class BucketUsageMonitor(pl.Callback):
@@ -27,8 +56,13 @@ class BucketUsageMonitor(pl.Callback):
     - ``bucket_usage/<metric>``: each metric of ``USAGE_METRICS`` averaged over every table of the model;
     - ``bucket_<metric>/<layer path>``: the metric averaged over that layer's tables;
     - TensorBoard only: histograms ``bucket_<metric>_per_table/<layer path>`` (one value per table) and
-      ``bucket_counts/<layer path>`` (tokens per bucket), and every ``image_every_n_steps`` a heatmap
-      ``bucket_heatmap/<layer path>`` of ``log(1 + count)``, tables down, buckets across.
+      ``bucket_counts/<layer path>`` (tokens per bucket), and every ``image_every_n_steps`` the pictures
+      of ``mf_lightning.callbacks.heatmap``: a heatmap ``bucket_heatmap/<layer path>`` (a band per
+      table, rows sorted by use, coloured by share of tokens against uniform use, with a colour bar) and
+      a rank-frequency plot ``bucket_rank_frequency/<kind>`` per layer kind (``qkv``, ``ffn_in``, ...:
+      the layer's name in its block), one line per block.
+
+    The ``*_tag`` functions of this module name every tag; the TensorBoard layout uses them too.
 
     ``counts`` maps each layer path to the current window's counts (views into the flat buffer).
     ``enabled=False`` switches the monitor off (it is always present in ``mf fit``).
@@ -105,19 +139,23 @@ class BucketUsageMonitor(pl.Callback):
             start += view.numel()
         per_table = {name: usage_metrics(layer_counts) for name, layer_counts in counts.items()}
         scalars = {
-            f"bucket_usage/{metric}": torch.cat([values[metric] for values in per_table.values()]).mean().item()
+            model_usage_tag(metric): torch.cat([values[metric] for values in per_table.values()]).mean().item()
             for metric in USAGE_METRICS
         }
         for name, values in per_table.items():
-            scalars.update({f"bucket_{metric}/{name}": value.mean().item() for metric, value in values.items()})
+            scalars.update({layer_usage_tag(metric, name): value.mean().item() for metric, value in values.items()})
         log_scalars(trainer, scalars, step)
-        for writer in tensorboard_writers(trainer):
+        writers = tensorboard_writers(trainer)
+        for writer in writers:
             for name, layer_counts in counts.items():
                 for metric, value in per_table[name].items():
                     writer.add_histogram(f"bucket_{metric}_per_table/{name}", value, step)
                 writer.add_histogram(f"bucket_counts/{name}", layer_counts.flatten().float(), step)
-                if step % self.image_every_n_steps == 0:
-                    writer.add_image(f"bucket_heatmap/{name}", log_count_heatmap(layer_counts), step)
+        if writers and step % self.image_every_n_steps == 0:
+            pictures = usage_pictures(counts, step)
+            for writer in writers:
+                for tag, picture in pictures.items():
+                    writer.add_image(tag, picture, step, dataformats="HWC")
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -126,7 +164,10 @@ class BucketUsageMonitor(pl.Callback):
         self._collecting = False
 
 
-def log_count_heatmap(counts: torch.Tensor) -> torch.Tensor:
-    """Grey image ``[1, tables, buckets]`` in [0, 1]: ``log(1 + count)`` scaled by its maximum."""
-    log_counts = counts.float().log1p()
-    return (log_counts / log_counts.max().clamp_min(1e-12)).unsqueeze(0)
+def usage_pictures(counts: dict[str, torch.Tensor], step: int) -> dict[str, np.ndarray]:
+    """Tag -> RGB image: a heatmap per layer and a rank-frequency plot per layer kind, one line per block."""
+    pictures = {heatmap_tag(name): usage_heatmap(layer_counts, name, step) for name, layer_counts in counts.items()}
+    for kind, names in group_layers(counts, by="kind").items():
+        curves = {block_and_kind(name)[0]: counts[name] for name in names}
+        pictures[rank_frequency_tag(kind)] = rank_frequency_plot(curves, kind, step)
+    return pictures

@@ -14,6 +14,15 @@ from torch.optim import Optimizer
 from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers
 from mf_lightning.nn import MemoryLayer
 
+TABLE_ROW_COVERAGE = "grad_summary/table_row_coverage"
+TABLE_NORM = "grad_summary/table_norm"
+OTHER_NORM = "grad_summary/other_norm"
+
+
+def coverage_tag(layer: str) -> str:
+    """Tag of the fraction of one layer's table rows with a gradient, e.g. ``grad_coverage/blocks.0.qkv``."""
+    return f"grad_coverage/{layer}"
+
 
 class GradientCoverageMonitor(pl.Callback):
     """Logs, every ``log_every_n_steps`` optimizer steps (step 0 included), the gradient of the tables.
@@ -84,10 +93,10 @@ def gradient_statistics(
     sums = sums.cpu()
     rows_hit = sums[: len(tables)]
     rows = torch.tensor([layer.num_tables * 2**layer.code_bits for layer in layers.values()], dtype=sums.dtype)
-    statistics = {f"grad_coverage/{name}": value for name, value in zip(layers, (rows_hit / rows).tolist())}
-    statistics["grad_summary/table_row_coverage"] = (rows_hit.sum() / rows.sum()).item()
-    statistics["grad_summary/table_norm"] = sums[-2].sqrt().item()
-    statistics["grad_summary/other_norm"] = sums[-1].sqrt().item()
+    statistics = {coverage_tag(name): value for name, value in zip(layers, (rows_hit / rows).tolist())}
+    statistics[TABLE_ROW_COVERAGE] = (rows_hit.sum() / rows.sum()).item()
+    statistics[TABLE_NORM] = sums[-2].sqrt().item()
+    statistics[OTHER_NORM] = sums[-1].sqrt().item()
     return statistics
 
 

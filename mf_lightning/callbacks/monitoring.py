@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
@@ -19,6 +19,27 @@ if TYPE_CHECKING:
 def memory_layers(module: nn.Module) -> dict[str, MemoryLayer]:
     """Every ``MemoryLayer`` inside ``module``, keyed by its module path (e.g. ``blocks.0.attn.qkv``)."""
     return {name: layer for name, layer in module.named_modules() if isinstance(layer, MemoryLayer)}
+
+
+def block_and_kind(path: str) -> tuple[str, str]:
+    """Splits a layer path into the module holding the layer and the layer's own name, the layer's kind.
+
+    ``model.blocks.0.qkv`` -> ``("model.blocks.0", "qkv")``; a layer at the top of the model has the
+    block ``"model"``. Layers of one block, or of one kind across blocks, are compared side by side.
+    """
+    block, _, kind = path.rpartition(".")
+    return block or "model", kind
+
+
+def group_layers(paths: Iterable[str], by: str) -> dict[str, list[str]]:
+    """Layer paths grouped by ``"block"`` or ``"kind"`` (see ``block_and_kind``), in first-seen order."""
+    if by not in ("block", "kind"):
+        raise ValueError(f"layers group by 'block' or 'kind', got {by!r}")
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        block, kind = block_and_kind(path)
+        groups.setdefault(block if by == "block" else kind, []).append(path)
+    return groups
 
 
 def check_every_n_steps(name: str, value: int) -> int:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 
 TOP_FRACTION = 0.01
+USED_FRACTION = "used_fraction"
+"""Name of the ``used_fraction`` metric: the one that shows bucket collapse first."""
 
 
 def check_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ def top_share(counts: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Ten
 
 
 USAGE_METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "used_fraction": used_fraction,
+    USED_FRACTION: used_fraction,
     "normalized_entropy": normalized_entropy,
     "kl_to_uniform": kl_to_uniform,
     "gini": gini,

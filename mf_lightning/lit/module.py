@@ -39,6 +39,16 @@ from mf_lightning.models import build_model
 from mf_lightning.models.base import IGNORE_INDEX
 from mf_lightning.nn.hash_input import balance_loss
 
+TRAIN, VAL, TEST = "train", "val", "test"
+LOSS, BALANCE_LOSS, PERPLEXITY, BITS_PER_BYTE = "loss", "balance_loss", "ppl", "bpb"
+"""The splits and metric names ``LanguageModel`` logs as ``metric_tag(split, metric)``, e.g. ``val/loss``;
+the checkpoint monitor and the TensorBoard layout and HParams name the metrics through these."""
+
+
+def metric_tag(split: str, metric: str) -> str:
+    """The logged name of ``metric`` on ``split``: ``train/loss``, ``val/bpb``, ..."""
+    return f"{split}/{metric}"
+
 
 class LanguageModel(L.LightningModule):
     """Next-token language model (MemoryFormer or the baseline Transformer) with the paper's recipe.
@@ -196,18 +206,18 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self(x, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log(metric_tag(TRAIN, LOSS), loss, prog_bar=True, on_step=True, on_epoch=False)
         balance = balance_loss(self.network)
         if balance is None:
             return loss
-        self.log("train/balance_loss", balance, on_step=True, on_epoch=False)
+        self.log(metric_tag(TRAIN, BALANCE_LOSS), balance, on_step=True, on_epoch=False)
         return loss + balance
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.evaluate(batch, self.val_loss, "val")
+        self.evaluate(batch, self.val_loss, VAL)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.evaluate(batch, self.test_loss, "test")
+        self.evaluate(batch, self.test_loss, TEST)
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, split: str) -> None:
         """Token-weighted mean loss over the targets that count (filler windows have none; see
@@ -218,20 +228,20 @@ class LanguageModel(L.LightningModule):
         # A batch of filler windows alone has no target, so its mean loss is 0/0; it adds nothing (a NaN
         # loss of real targets still shows).
         metric.update(torch.where(tokens > 0, loss.detach(), 0.0), weight=tokens)
-        self.log(f"{split}/loss", metric, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(metric_tag(split, LOSS), metric, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_derived("val", self.val_loss)
+        self.log_derived(VAL, self.val_loss)
 
     def on_test_epoch_end(self) -> None:
-        self.log_derived("test", self.test_loss)
+        self.log_derived(TEST, self.test_loss)
 
     def log_derived(self, split: str, metric: MeanMetric) -> None:
         loss = metric.compute()
-        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
+        self.log(metric_tag(split, PERPLEXITY), torch.exp(loss), sync_dist=False)
         bytes_per_token = getattr(getattr(self.trainer, "datamodule", None), "bytes_per_token", None)
         if bytes_per_token:
-            self.log(f"{split}/bpb", loss / (math.log(2) * bytes_per_token(split)), sync_dist=False)
+            self.log(metric_tag(split, BITS_PER_BYTE), loss / (math.log(2) * bytes_per_token(split)), sync_dist=False)
 
     def on_predict_start(self) -> None:
         """Under FSDP, gathers a whole copy of the weights on every rank for ``predict_step``.

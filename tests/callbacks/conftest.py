@@ -1,6 +1,7 @@
-"""A tiny LightningModule of two Memory Layers, a CPU Trainer run of it, and its TensorBoard events."""
+"""A tiny LightningModule of two Memory Layers, a CPU Trainer run of it, its TensorBoard events, and an ``mf fit`` run."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cli_support import run, tiny_run_args, write_corpus
 from mf_lightning.nn import MemoryLayer
 
 BATCH_SIZE = 8
@@ -128,3 +130,11 @@ def direct_counts(layer: MemoryLayer, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def count_buckets() -> Callable[[MemoryLayer, torch.Tensor], torch.Tensor]:
     return direct_counts
+
+
+@pytest.fixture(scope="session")
+def mf_fit_run(tmp_path_factory) -> Path:
+    """``mf fit`` of the debug preset for 6 steps (validation at 3 and 6, usage every 2 steps); its root folder."""
+    root = tmp_path_factory.mktemp("mf_fit")
+    run("fit", tiny_run_args(root, write_corpus(root / "corpus"), max_steps=6))
+    return root

@@ -4,10 +4,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mf_lightning.callbacks import BucketUsageMonitor
 from mf_lightning.callbacks import bucket_usage
+from mf_lightning.callbacks.heatmap import DIVERGING, LABELLED_BAND_HEIGHT, PICTURE_WIDTH, UNUSED, plot_pixels
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, used_fraction
+from image_support import decode, find_block
 
 BATCH = 8
 LAYERS = ("hidden", "head")
@@ -22,12 +25,19 @@ def test_logs_scalars_histograms_and_heatmaps(tiny_module, inputs, fit, read_eve
         for layer in LAYERS:
             assert [e.step for e in events.Scalars(f"bucket_{metric}/{layer}")] == [2, 4]
             assert f"bucket_{metric}_per_table/{layer}" in tags["histograms"]
+    windows = [inputs[:2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
     for layer in LAYERS:
         assert [e.step for e in events.Histograms(f"bucket_counts/{layer}")] == [2, 4]
-        (image,) = events.Images(f"bucket_heatmap/{layer}")
-        assert (image.step, image.height, image.width) == (4, getattr(tiny_module, layer).num_tables, 16)
+        (heatmap,) = events.Images(f"bucket_heatmap/{layer}")
+        (rank_plot,) = events.Images(f"bucket_rank_frequency/{layer}")  # each layer is a kind of its own here
+        assert heatmap.step == rank_plot.step == 4
+        assert heatmap.height >= 12 * getattr(tiny_module, layer).num_tables and rank_plot.width >= 300
+    plot, band = plot_pixels(count_buckets(tiny_module.hidden, windows[1]))
+    assert band >= 12, "each table is a band tall enough to read"
+    (heatmap,) = events.Images("bucket_heatmap/hidden")
+    assert find_block(decode(heatmap.encoded_image_string), plot) is not None, "it shows the last window's counts"
+    assert (heatmap.height, heatmap.width) > plot.shape[:2], "with axes and a legend around them"
 
-    windows = [inputs[:2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
     expected = [used_fraction(count_buckets(tiny_module.hidden, x)).mean().item() for x in windows]
     logged = [e.value for e in events.Scalars("bucket_used_fraction/hidden")]
     assert logged == pytest.approx(expected, rel=1e-6)
@@ -102,3 +112,20 @@ def test_every_rank_reduces_and_only_rank_zero_writes(tiny_module, fit, read_eve
 def test_bad_arguments_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BucketUsageMonitor(**kwargs)
+
+
+def test_mf_fit_draws_a_readable_picture_of_every_layer_and_kind(mf_fit_run) -> None:
+    events = EventAccumulator(str(mf_fit_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Tags()["images"]
+    heatmaps = [tag for tag in images if tag.startswith("bucket_heatmap/")]
+    assert len(heatmaps) == 6, "debug preset: 2 blocks of qkv, ffn_in, ffn_out"
+    assert sorted(tag for tag in images if tag.startswith("bucket_rank_frequency/")) == [
+        f"bucket_rank_frequency/{kind}" for kind in ("ffn_in", "ffn_out", "qkv")
+    ]
+    legend = {tuple(DIVERGING[0].astype(int)), tuple(DIVERGING[-1].astype(int)), UNUSED}
+    for tag in heatmaps:
+        latest = events.Images(tag)[-1]
+        pixels = decode(latest.encoded_image_string)
+        assert latest.width == PICTURE_WIDTH and latest.height >= 8 * LABELLED_BAND_HEIGHT, "8 tables, each labelled"
+        assert legend <= {tuple(pixel) for pixel in pixels.reshape(-1, 3).tolist()}, f"{tag} lacks its colour bar"
