@@ -33,9 +33,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -108,6 +107,7 @@ SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 """Exit status of a command stopped by SIGTERM (143, as a shell reports a process killed by it), so
 ``mf fit && mf export`` stops and a requeue script tells "preempted" from "finished" (0)."""
 LOST_RANK_EXIT_STATUS = 1
+"""Exit status of a rank whose fit stopped because another rank was lost (``RankLostError``): resumable."""
 TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
 """Trainer settings whose value 0 would make ``fit`` train nothing and still exit 0."""
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -164,12 +164,7 @@ class MFCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "fit":
-            for name in TRAINS_NOTHING:
-                if config.trainer.get(name) == 0:
-                    raise ValueError(
-                        f"trainer.{name}={config.trainer[name]!r} would train nothing; give a positive value "
-                        "(or run mf validate to only evaluate)"
-                    )
+            check_trains_something(config.trainer)
             if is_first_process():
                 self.claim_run_folders(root, str(config.checkpoint.dirpath))
             check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
@@ -177,12 +172,12 @@ class MFCLI(LightningCLI):
 
     def claim_run_folders(self, root: str, checkpoints: str) -> None:
         """Locks the run folder, and the checkpoint folder when it lies outside it, until this CLI ends."""
-        folders = [Path(root)]
+        folders = [root]
         if not Path(os.path.abspath(checkpoints)).is_relative_to(os.path.abspath(root)):
-            folders.append(Path(checkpoints))
+            folders.append(checkpoints)
         for folder in folders:
-            if "://" not in str(folder):
-                self.claims.enter_context(RunFolderLock(folder))
+            if "://" not in folder:  # remote folders cannot be locked with a file; they are not claimed
+                self.claims.enter_context(RunFolderLock(Path(folder)))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -201,6 +196,16 @@ class MFCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def check_trains_something(trainer_config: Any) -> None:
+    """Refuses trainer settings with which ``fit`` would train nothing and still exit 0 (``TRAINS_NOTHING``)."""
+    for name in TRAINS_NOTHING:
+        if trainer_config.get(name) == 0:
+            raise ValueError(
+                f"trainer.{name}={trainer_config[name]!r} would train nothing; give a positive value "
+                "(or run mf validate to only evaluate)"
+            )
 
 
 def is_first_process() -> bool:

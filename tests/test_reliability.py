@@ -410,7 +410,7 @@ def ddp_uninterrupted(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Ten
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddp_last_holds_every_validated_model_whatever_the_metric(ddp_uninterrupted):
-    root, _, final = ddp_uninterrupted
+    root, _, _ = ddp_uninterrupted
     assert_last_followed_every_validation(root)
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == DDP_STEPS
 
@@ -467,3 +467,17 @@ def test_of_two_runs_started_at_once_in_one_folder_one_is_refused_before_writing
     assert len(list((root / "tensorboard").glob("events.out.tfevents.*"))) == 1, "the refused run wrote no logs"
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert not (root / ".mf-fit.lock").exists(), "the winner released the folder"
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_path, accumulate):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = tiny_run_args(tmp_path, corpus, max_steps=6, **LIGHT, **{"trainer.accumulate_grad_batches": accumulate})
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", args + signal_at(0, signal.SIGTERM))
+    assert exit_info.value.code == 143
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    run("fit", args + ["--ckpt_path", "last"])
+    assert sorted(path.name for path in (tmp_path / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
+from typing import Self
 
 from mf_lightning.data.staging import is_running
 
@@ -33,7 +34,7 @@ class RunFolderLock:
         self.holder = f"{socket.gethostname()} {os.getpid()}"
         self.claim()
 
-    def __enter__(self) -> RunFolderLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -302,7 +302,7 @@ def test_a_resume_after_moving_the_run_folder_continues_its_last_and_best(tmp_pa
         first.parent.rename(second.parent)
     else:
         shutil.copytree(first.parent, second.parent, dirs_exist_ok=True)
-    trainer, _, probe, _ = fit_scripted(second, [0.5, 3.0], ckpt_path=str(second / "last.ckpt"))
+    _, _, probe, _ = fit_scripted(second, [0.5, 3.0], ckpt_path=str(second / "last.ckpt"))
     assert probe.pairs == [(6, 6), (8, 8)]
     assert sorted(path.name for path in second.glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"], (
         "no versioned last-v1.ckpt, and the best of the first part (step 2) is replaced by the better one at step 6"

@@ -28,9 +28,8 @@ def test_a_claim_writes_host_and_pid_and_is_released(tmp_path):
 
 
 def test_a_folder_held_by_a_running_process_is_refused(tmp_path):
-    with RunFolderLock(tmp_path):
-        with pytest.raises(RunFolderInUse) as error:
-            RunFolderLock(tmp_path)
+    with RunFolderLock(tmp_path), pytest.raises(RunFolderInUse) as error:
+        RunFolderLock(tmp_path)
     message = str(error.value)
     assert f"{tmp_path} is in use by another mf fit (process {os.getpid()} on host {socket.gethostname()})" in message
     assert f"delete {tmp_path / LOCK_NAME}" in message
