@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_support import run, scalars, state_of, tiny_run_args, write_corpus
+import yaml
+
+from cli_support import REPO, run, scalars, state_of, tiny_run_args, write_corpus
 from mf_lightning.cli import main
 from mf_lightning.kernels import embedding_bag, reference
 from mf_lightning.lit import LanguageModel
@@ -388,12 +390,15 @@ def test_last_holds_every_validated_model_whatever_the_metric(tmp_path):
 DDP_STEPS = 8
 
 
-def ddp_fit(root: Path, corpus: Path, *extra: str) -> list[str]:
+def ddp_fit(root: Path, corpus: Path, *extra: str, strategy: str = "ddp") -> list[str]:
     """``python -m mf_lightning fit`` on 2 CPU processes (gloo), validating every 2 steps."""
     settings = {"validation.every_n_steps": 2, "data.batch_size": 2, "trainer.accelerator": "cpu",
-                "trainer.devices": 2, "trainer.strategy": "ddp"}
+                "trainer.devices": 2, "trainer.strategy": strategy}
     args = tiny_run_args(root, corpus, max_steps=DDP_STEPS, **LIGHT, **settings)
     return [sys.executable, "-m", "mf_lightning", "fit", *args, *extra]
+
+
+FSDP_STRATEGY = yaml.safe_load((REPO / "configs" / "fsdp_base.yaml").read_text())["trainer"]["strategy"]["class_path"]
 
 
 @pytest.fixture(scope="module")
@@ -481,3 +486,22 @@ def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_pa
     run("fit", args + ["--ckpt_path", "last"])
     assert sorted(path.name for path in (tmp_path / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
+    """The agreement is strategy-agnostic: the same under FSDP (configs/fsdp_base.yaml's strategy), SIGTERM to rank 1."""
+    corpus = write_corpus(tmp_path / "corpus")
+    uninterrupted = run_fit(ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    root = tmp_path / "preempted"
+    stopped = run_fit(ddp_fit(root, corpus, *signal_at(3, signal.SIGTERM, 1), strategy=FSDP_STRATEGY),
+                      timeout=SUBPROCESS_TIMEOUT)
+    assert stopped.returncode == 143, stopped.stderr[-4000:]
+    assert "SIGTERM received by rank 1 of 2: every rank stops after step 4 and saves" in stopped.stdout + stopped.stderr
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last", strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"),
+                        state_of(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"))
