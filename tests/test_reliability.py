@@ -398,7 +398,7 @@ def ddp_fit(root: Path, corpus: Path, *extra: str, strategy: str = "ddp") -> lis
     return [sys.executable, "-m", "mf_lightning", "fit", *args, *extra]
 
 
-FSDP_STRATEGY = yaml.safe_load((REPO / "configs" / "fsdp_base.yaml").read_text())["trainer"]["strategy"]["class_path"]
+FSDP_STRATEGY = json.dumps(yaml.safe_load((REPO / "configs" / "fsdp_base.yaml").read_text())["trainer"]["strategy"])
 
 
 @pytest.fixture(scope="module")

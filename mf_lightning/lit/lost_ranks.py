@@ -36,13 +36,15 @@ class RankLostError(RuntimeError):
 
 
 def lost_rank_error(trainer: pl.Trainer | None, error: BaseException) -> RankLostError | None:
-    """The ``RankLostError`` for ``error`` if it is this rank's failure to reach a lost rank, else None."""
+    """The ``RankLostError`` for ``error`` if it is this rank's failure to reach another rank, else None.
+
+    Only communication errors qualify, so a bug that stops every rank keeps its traceback.
+    """
     if trainer is None or trainer.world_size <= 1 or not isinstance(error, RuntimeError):
         return None
-    lost = ended_children(trainer) + ended_parent(trainer)
-    distributed_error = isinstance(error, torch.distributed.DistError) or COMMUNICATION_FAILURE.search(str(error))
-    if not lost and not distributed_error:
+    if not isinstance(error, torch.distributed.DistError) and not COMMUNICATION_FAILURE.search(str(error)):
         return None
+    lost = ended_children(trainer) + ended_parent(trainer)
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     culprit = "; ".join(lost) or f"the connection to another rank failed ({first_line})"
     return RankLostError(f"rank {trainer.global_rank} of {trainer.world_size} stopped: {culprit}")

@@ -39,6 +39,8 @@ def test_without_a_dead_process_in_sight_the_failed_connection_is_named():
 
 
 def test_other_errors_and_single_process_runs_are_left_alone():
-    assert lost_rank_error(trainer(), RuntimeError("CUDA out of memory")) is None
+    crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    crashed.wait()
+    assert lost_rank_error(trainer(children=[crashed]), RuntimeError("CUDA out of memory")) is None
     assert lost_rank_error(trainer(world_size=1), GLOO_RESET) is None
     assert lost_rank_error(None, GLOO_RESET) is None
