@@ -117,10 +117,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
         Relies on Lightning's ``_should_skip_saving_checkpoint`` (fit only, no sanity check or fast_dev_run,
         nothing saved at this global step yet) and ``_save_checkpoint``, pinned by tests/lit/test_checkpoints.py.
+        A run that does not own the folder's ``last.ckpt`` (``owns_last``) leaves it alone: Lightning's
+        ``_save_last_checkpoint`` then picks a versioned name.
         """
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):
             return
-        self.last_model_path = self.last_path()  # before saving: the saved callback state records it
+        if not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
         self._save_checkpoint(trainer, self.last_model_path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -328,3 +328,16 @@ def test_a_fit_from_another_folders_checkpoint_into_a_folder_with_checkpoints_is
         check_run_folder("fit", str(tmp_path / "other" / "last.ckpt"), str(tmp_path / "mine"))
     check_run_folder("fit", str(tmp_path / "mine" / "last.ckpt"), str(tmp_path / "mine"))
     check_run_folder("fit", str(tmp_path / "other" / "last.ckpt"), str(tmp_path / "empty"))
+
+
+def test_a_last_checkpoint_of_another_run_is_left_alone(tmp_path):
+    """Outside mf (whose check_run_folder refuses this case), a fresh run beside another run's last.ckpt does not
+    overwrite it: Lightning's versioned name takes the new state."""
+    fit_scripted(tmp_path / "other", [1.0, 2.0], max_steps=4)
+    (tmp_path / "mine").mkdir()
+    shutil.copy(tmp_path / "other" / "last.ckpt", tmp_path / "mine" / "last.ckpt")
+    foreign = (tmp_path / "mine" / "last.ckpt").read_bytes()
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        fit_scripted(tmp_path / "mine", [1.0, 2.0, 0.5, 3.0])
+    assert (tmp_path / "mine" / "last.ckpt").read_bytes() == foreign
+    assert torch.load(tmp_path / "mine" / "last-v1.ckpt", weights_only=True)["global_step"] == 8
