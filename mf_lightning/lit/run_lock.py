@@ -6,7 +6,9 @@ checkpoints" check and then mix their checkpoints, configs and event files. The 
 unique name and hard-linked into place, which fails if the lock exists), so exactly one of two
 simultaneous claimers gets it. A lock whose process no longer runs on this host (a run killed
 outright) is stale and taken over, as staging folders are (``mf_lightning.data.staging``); a lock of
-another host cannot be checked from here and is respected.
+another host cannot be checked from here and is respected. Of several claimers taking over one stale
+lock, only the one holding a short-lived guard file (``.mf-fit.lock.takeover``, created the same way)
+removes it, after checking it still names the dead process, so a fresh lock is never removed.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import Self
 
 from mf_lightning.data.staging import is_running
 
 LOCK_NAME = ".mf-fit.lock"
+CLAIM_ATTEMPTS = 500
+"""How often a claimer retries while another one takes over a stale lock (10 ms apart)."""
+ABANDONED_GUARD_SECONDS = 10.0
+"""Age after which a takeover guard counts as left by a claimer killed while holding it."""
 
 
 class RunFolderInUse(ValueError):
@@ -43,28 +50,16 @@ class RunFolderLock:
     def claim(self) -> None:
         """Creates the lock file, taking over a stale one; raises ``RunFolderInUse`` if a live run holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock is taken over at most twice before giving up (claimers racing for it)
-            if self.create():
+        holder = None
+        for _ in range(CLAIM_ATTEMPTS):
+            if create_holding(self.path, self.holder):
                 return
             holder = self.read_holder()
-            if holder is None:
-                continue  # released in between
-            if not self.is_stale(holder):
+            if holder is not None and not self.is_stale(holder):
                 raise self.in_use(holder)
-            self.remove_stale(holder)
-        raise self.in_use(self.read_holder())
-
-    def create(self) -> bool:
-        """Atomically creates the lock holding ``self.holder``; False if a lock exists."""
-        staged = self.path.with_name(f"{LOCK_NAME}.{secrets.token_hex(6)}.partial")
-        staged.write_text(self.holder + "\n")
-        try:
-            os.link(staged, self.path)
-        except FileExistsError:
-            return False
-        finally:
-            staged.unlink()
-        return True
+            if holder is not None and not self.remove_stale(holder):
+                time.sleep(0.01)  # another claimer is taking the stale lock over
+        raise self.in_use(holder)
 
     def read_holder(self) -> str | None:
         """``"host pid"`` of the lock's holder, or None when there is no lock."""
@@ -79,20 +74,23 @@ class RunFolderLock:
         host, _, pid = holder.rpartition(" ")
         return host == socket.gethostname() and pid.isdigit() and not is_running(int(pid))
 
-    def remove_stale(self, holder: str) -> None:
-        """Removes the lock if it still names ``holder``: it is renamed aside first, so of several claimers
-        taking over one stale lock only one removes it, and a fresh lock renamed by mistake is put back."""
-        aside = self.path.with_name(f"{LOCK_NAME}.{secrets.token_hex(6)}.stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        if aside.read_text().strip() != holder:
+    def remove_stale(self, holder: str) -> bool:
+        """Removes the lock if it still names ``holder``, under the takeover guard; False if another claimer
+        holds the guard."""
+        guard = self.path.with_name(f"{LOCK_NAME}.takeover")
+        if not create_holding(guard, self.holder):
             try:
-                os.link(aside, self.path)
-            except FileExistsError:
+                if time.time() - guard.stat().st_mtime > ABANDONED_GUARD_SECONDS:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
                 pass
-        aside.unlink()
+            return False
+        try:
+            if self.read_holder() == holder:
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+        return True
 
     def in_use(self, holder: str | None) -> RunFolderInUse:
         host, _, pid = (holder or "").rpartition(" ")
@@ -107,3 +105,17 @@ class RunFolderLock:
         """Removes the lock if this process still holds it."""
         if self.read_holder() == self.holder:
             self.path.unlink(missing_ok=True)
+
+
+def create_holding(path: Path, holder: str) -> bool:
+    """Atomically creates ``path`` holding the line ``holder`` (written under a unique name, then hard-linked
+    into place); False if ``path`` exists."""
+    staged = path.with_name(f"{path.name}.{secrets.token_hex(6)}.partial")
+    staged.write_text(holder + "\n")
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        return False
+    finally:
+        staged.unlink()
+    return True

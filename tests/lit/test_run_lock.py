@@ -75,3 +75,13 @@ def test_of_many_claimers_of_one_stale_lock_exactly_one_wins(tmp_path):
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["claimed"] + ["refused"] * 7
+
+
+def test_a_takeover_guard_left_by_a_killed_claimer_expires(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(f"{socket.gethostname()} {dead_pid()}\n")
+    guard = tmp_path / f"{LOCK_NAME}.takeover"
+    guard.write_text(f"{socket.gethostname()} {dead_pid()}\n")
+    os.utime(guard, (0, 0))
+    with RunFolderLock(tmp_path) as lock:
+        assert lock.path.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    assert os.listdir(tmp_path) == []
