@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -441,16 +442,24 @@ def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(ddp_uninterrupted, tmp_path):
+@pytest.mark.parametrize(
+    ("killed", "survivor", "culprit", "status"),
+    [(1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", 1),
+     (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", -signal.SIGKILL)],
+    ids=["rank1-killed", "rank0-killed"],
+)
+def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(
+    ddp_uninterrupted, tmp_path, killed, survivor, culprit, status
+):
     _, corpus, _ = ddp_uninterrupted
-    command = ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGKILL, rank=1))
-    killed = run_fit(command, timeout=SUBPROCESS_TIMEOUT)
-    assert killed.returncode == 1, killed.stderr[-4000:]
-    (line,) = [line for line in killed.stderr.splitlines() if line.startswith("mf: error:")]
-    assert line.startswith("mf: error: rank 0 of 2 stopped: rank 1 (process ")
-    assert ") was killed by SIGKILL; resume every rank from the last checkpoint with: mf fit --config " in line
-    assert line.endswith(" --ckpt_path last")
-    assert "Traceback" not in killed.stderr
+    result = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGKILL, rank=killed)), timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == status, result.stderr[-4000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mf: error:")]
+    assert re.match(
+        rf"mf: error: rank {survivor} of 2 stopped: {culprit}; resume every rank from the last checkpoint with: "
+        r"mf fit --config .* --ckpt_path last$", line
+    ), line
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ COMMUNICATION_FAILURE = re.compile(
     r"Connection (reset|closed) by peer|Broken pipe|Connection refused|NCCL communicator was aborted"
     r"|collective operation timeout"
 )
-EXIT_GRACE_SECONDS = 3.0
-"""How long rank 0 waits for a failing rank's process to end, so its exit status can be named."""
+EXIT_GRACE_SECONDS = 5.0
+"""How long a rank waits for the process of a lost rank to finish ending (its sockets close before it is
+reaped or its children are handed on), so it can be named."""
 
 
 class RankLostError(RuntimeError):
@@ -67,8 +68,13 @@ def ended_children(trainer: pl.Trainer) -> list[str]:
 
 def ended_parent(trainer: pl.Trainer) -> list[str]:
     """Rank 0 of this node, when it started this rank and is gone (this process was handed to another parent)."""
-    if trainer.local_rank == 0 or os.getppid() == PARENT_AT_START:
+    if trainer.local_rank == 0:
         return []
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    while os.getppid() == PARENT_AT_START:
+        if time.monotonic() > deadline:
+            return []
+        time.sleep(0.05)
     rank = trainer.node_rank * trainer.num_devices
     return [f"rank {rank} (process {PARENT_AT_START}, which started this one) is gone"]
 
