@@ -15,7 +15,9 @@ class SignalAt(pl.Callback):
     ``rank`` limits the signal to the process of that global rank (all ranks when ``None``).
     """
 
-    def __init__(self, batch: int, signum: int = int(signal.SIGTERM), stage: str = "train", rank: int | None = None) -> None:
+    def __init__(
+        self, batch: int, signum: int = int(signal.SIGTERM), stage: str = "train", rank: int | None = None
+    ) -> None:
         self.batch, self.signum, self.stage, self.rank, self.started = batch, signum, stage, rank, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

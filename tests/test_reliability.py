@@ -118,7 +118,8 @@ def run_fit(command: list[str], timeout: float = 4 * SUBPROCESS_TIMEOUT) -> subp
     """Runs ``command`` with ``tests/`` importable (for ``signal_support``), one thread per process; returns the
     finished process."""
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -366,7 +367,8 @@ def checkpoint_probes(root: Path, scores: list[float]) -> list[str]:
     validation in ``root/last_after_validation.json`` (tests/checkpoint_probes.py)."""
     score = {"class_path": "checkpoint_probes.ScriptedScore", "init_args": {"scores": scores}}
     last = {"class_path": "checkpoint_probes.LastAfterValidation",
-            "init_args": {"last": str(root / "checkpoints" / "last.ckpt"), "out": str(root / "last_after_validation.json")}}
+            "init_args": {"last": str(root / "checkpoints" / "last.ckpt"),
+                          "out": str(root / "last_after_validation.json")}}
     return ["--trainer.callbacks+", json.dumps(score), "--trainer.callbacks+", json.dumps(last),
             "--checkpoint.monitor", "probe/score"]
 
@@ -502,7 +504,8 @@ def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_pa
 def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
     """The agreement is strategy-agnostic: the same under FSDP (configs/fsdp_base.yaml's strategy), SIGTERM to rank 1."""
     corpus = write_corpus(tmp_path / "corpus")
-    uninterrupted = run_fit(ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
+    uninterrupted = run_fit(ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY),
+                            timeout=SUBPROCESS_TIMEOUT)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
     root = tmp_path / "preempted"
     stopped = run_fit(ddp_fit(root, corpus, *signal_at(3, signal.SIGTERM, 1), strategy=FSDP_STRATEGY),

@@ -134,7 +134,7 @@ class PreemptionCheckpoint(pl.Callback):
 
 
 def last_path(checkpoint: ModelCheckpoint) -> str:
-    """Where ``checkpoint`` keeps its last checkpoint (``AtomicModelCheckpoint.last_path``, else ``dirpath/last.ckpt``)."""
+    """Where ``checkpoint`` keeps its last checkpoint: ``AtomicModelCheckpoint.last_path``, else ``dirpath/last.ckpt``."""
     if isinstance(checkpoint, AtomicModelCheckpoint):
         return checkpoint.last_path()
     return os.path.join(str(checkpoint.dirpath), checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)

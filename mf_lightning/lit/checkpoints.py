@@ -67,7 +67,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest validated or final model and is continued on resume.
+    """``ModelCheckpoint`` whose ``last.ckpt`` holds the latest validated or final model and is continued on resume.
 
     - **Current.** Lightning 2.6 writes ``last`` only beside a new top-k file (or an
       ``every_n_train_steps`` save), so a validation that is not a new best would leave ``last.ckpt``, and
@@ -351,7 +351,8 @@ def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> No
             "resume it with --ckpt_path last, or start the new run in another --trainer.default_root_dir "
             "(or delete those files)"
         )
-    if others and ckpt_path is not None and os.path.isfile(ckpt_path) and not same_folder(Path(ckpt_path).parent, folder):
+    elsewhere = ckpt_path is not None and os.path.isfile(ckpt_path) and not same_folder(Path(ckpt_path).parent, folder)
+    if others and elsewhere:
         raise ValueError(
             f"--ckpt_path {ckpt_path} is a checkpoint of another folder, but {folder} holds checkpoints of a run "
             f"({', '.join(others)}); continuing it there would mix two runs: resume in the checkpoint's own "

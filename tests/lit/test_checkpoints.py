@@ -259,7 +259,7 @@ class LastAfterValidation(pl.Callback):
 
 
 def fit_scripted(folder: Path, scores: list[float], save_last=True, max_steps=8, ckpt_path=None, callbacks=()):
-    """Fits ``ScriptedScore`` validating every 2 steps into ``folder``; returns (trainer, module, probe, saved paths)."""
+    """Fits ``ScriptedScore`` validating every 2 steps into ``folder``; returns (trainer, module, probe, saved names)."""
     probe = LastAfterValidation(folder / "last.ckpt")
     checkpoint = AtomicModelCheckpoint(dirpath=folder, monitor="score", save_last=save_last, filename="best-{step}")
     trainer = pl.Trainer(
@@ -267,9 +267,13 @@ def fit_scripted(folder: Path, scores: list[float], save_last=True, max_steps=8,
         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[checkpoint, probe, *callbacks],
     )
-    saved = []
-    real_save = trainer.save_checkpoint
-    trainer.save_checkpoint = lambda path, *args, **kwargs: (saved.append(Path(path).name), real_save(path, *args, **kwargs))
+    saved, real_save = [], trainer.save_checkpoint
+
+    def recording_save(path, *args, **kwargs):
+        saved.append(Path(path).name)
+        real_save(path, *args, **kwargs)
+
+    trainer.save_checkpoint = recording_save
     module = ScriptedScore(scores)
     data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
