@@ -49,6 +49,9 @@ class PreemptionCheckpoint(pl.Callback):
         self.at_step_boundary = True
         self.step_at_batch_start = 0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received = False  # a signal that stopped an earlier fit of this callback is not this fit's
+
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.intercept()
 

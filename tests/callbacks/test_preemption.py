@@ -151,3 +151,18 @@ def test_a_sigterm_while_a_fit_runs_never_reaches_lightnings_handler(tmp_path, m
     with pytest.raises(SIGTERMException):
         fit(tmp_path, RaiseAt(batch=2))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_callback_that_stopped_one_fit_lets_the_next_fit_run(tmp_path):
+    callback = PreemptionCheckpoint()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    for interrupts, folder in (([RaiseAt(batch=2)], "first"), ([], "second")):
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / folder, save_last=True), callback, *interrupts],
+        )
+        try:
+            trainer.fit(Regression(), DataLoader(data, batch_size=4))
+        except SIGTERMException:
+            assert folder == "first"
+    assert trainer.global_step == 8
