@@ -445,17 +445,19 @@ def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("killed", "survivor", "culprit", "status"),
-    [(1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", 1),
-     (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", -signal.SIGKILL)],
+    ("killed", "survivor", "culprit", "statuses"),
+    [(1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1, -signal.SIGKILL)),
+     (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", (-signal.SIGKILL,))],
     ids=["rank1-killed", "rank0-killed"],
 )
 def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(
-    ddp_uninterrupted, tmp_path, killed, survivor, culprit, status
+    ddp_uninterrupted, tmp_path, killed, survivor, culprit, statuses
 ):
+    """The status seen is rank 0's: 1 from mf, or SIGKILL when Lightning's launcher, which polls its child
+    processes every 5 s, kills rank 0 first after seeing rank 1 die (after the line is printed)."""
     _, corpus, _ = ddp_uninterrupted
     result = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGKILL, rank=killed)), timeout=SUBPROCESS_TIMEOUT)
-    assert result.returncode == status, result.stderr[-4000:]
+    assert result.returncode in statuses, result.stderr[-4000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mf: error:")]
     assert re.match(
         rf"mf: error: rank {survivor} of 2 stopped: {culprit}; resume every rank from the last checkpoint with: "
