@@ -10,7 +10,9 @@ checkpoints it writes, come every ``validation.every_n_steps`` optimizer steps a
 (``ValidationSchedule``); the progress bar counts optimizer steps and tokens (``StepProgressBar``).
 
 Checkpoints are written atomically and read without unpickling code (``mf_lightning.lit.checkpoints``);
-SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``); steps with a non-finite loss or
+``mf fit`` claims its run folder with a lock file, so one run writes there at a time (``mf_lightning.lit.run_lock``);
+SIGTERM to any rank stops every rank at one optimizer step, saves ``last.ckpt`` and exits with status 143
+(``PreemptionCheckpoint``); steps with a non-finite loss or
 gradients are skipped and a diverged run stops (``NonFiniteGuard``, options under ``non_finite``).
 The model is always built from the config, never from ``--ckpt_path``'s hyper-parameters: a checkpoint
 of another model or tokenizer is refused with an error naming both.
@@ -21,14 +23,18 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -49,8 +55,10 @@ from mf_lightning.callbacks import (
 )
 from mf_lightning.data import TextDataModule
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
+from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
+from mf_lightning.lit.run_lock import RunFolderLock
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
 # Lightning 2.6 itself calls jsonargparse APIs that newer jsonargparse releases deprecate; those warnings
@@ -75,8 +83,10 @@ USER_ERRORS = (
     PermissionError,
     ConnectionError,
     NonFiniteTrainingError,
+    MisconfigurationException,
 )
-"""Errors our own checks raise for bad configs and inputs, an unreachable dataset or a diverged run: one line
+"""Errors our own checks raise for bad configs and inputs, an unreachable dataset or a diverged run, and
+Lightning's configuration errors (``--trainer.devices 0``, ``--checkpoint.save_top_k -2``): one line
 unless MF_TRACEBACK=1. Other ``OSError``s are one line too when their errno is in ``ENVIRONMENT_ERRNOS``
 (read-only file system, full disk, quota); any other error is a bug and shows its traceback."""
 
@@ -96,8 +106,31 @@ def batch_tokens(batch: Any) -> int:
     return batch_inputs(batch).numel()
 
 
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+"""Exit status of a command stopped by SIGTERM (143, as a shell reports a process killed by it), so
+``mf fit && mf export`` stops and a requeue script tells "preempted" from "finished" (0)."""
+LOST_RANK_EXIT_STATUS = 1
+"""Exit status of a rank whose fit stopped because another rank was lost (``RankLostError``): resumable."""
+TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
+"""Trainer settings whose value 0 would make ``fit`` train nothing and still exit 0."""
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+"""Environment variables launchers (torchrun, SLURM, LSF, Lightning's own) set to each process's rank."""
+
+
 class MFCLI(LightningCLI):
     """LightningCLI with the data vocabulary linked into the model and our callbacks forced on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
+        however it ends, and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
+        with ExitStack() as self.claims:
+            try:
+                super().__init__(*args, **kwargs)
+            except RuntimeError as error:
+                lost = lost_rank_error(getattr(self, "trainer", None), error)
+                if lost is None:
+                    raise
+                raise lost from error
 
     def _parse_ckpt_path(self) -> None:
         """Keeps the config as given: LightningCLI would overwrite the model's arguments with the
@@ -130,11 +163,24 @@ class MFCLI(LightningCLI):
                     f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
                     "remove it and set validation.every_n_steps (optimizer steps) instead"
                 )
+        root = str(config.trainer.default_root_dir or ".")
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "fit":
+            check_trains_something(config.trainer)
+            if is_first_process():
+                self.claim_run_folders(root, str(config.checkpoint.dirpath))
             check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
         check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
+
+    def claim_run_folders(self, root: str, checkpoints: str) -> None:
+        """Locks the run folder, and the checkpoint folder when it lies outside it, until this CLI ends."""
+        folders = [root]
+        if not Path(os.path.abspath(checkpoints)).is_relative_to(os.path.abspath(root)):
+            folders.append(checkpoints)
+        for folder in folders:
+            if "://" not in folder:  # remote folders cannot be locked with a file; they are not claimed
+                self.claims.enter_context(RunFolderLock(Path(folder)))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -154,6 +200,37 @@ class MFCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def check_trains_something(trainer_config: Any) -> None:
+    """Refuses trainer settings with which ``fit`` would train nothing and still exit 0 (``TRAINS_NOTHING``)."""
+    for name in TRAINS_NOTHING:
+        if trainer_config.get(name) == 0:
+            raise ValueError(
+                f"trainer.{name}={trainer_config[name]!r} would train nothing; give a positive value "
+                "(or run mf validate to only evaluate)"
+            )
+
+
+def is_first_process() -> bool:
+    """Whether this process is global rank 0 of its job (or the only one), read from the launchers' variables.
+
+    Decided before the Trainer exists: ranks that Lightning's launcher starts later inherit ``LOCAL_RANK``.
+    """
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """``mf <argv>`` with ``--ckpt_path last`` in place of any ``--ckpt_path`` given."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return shlex.join(["mf", *kept, "--ckpt_path", "last"])
 
 
 def check_writable(folder: str, option: str) -> None:
@@ -196,11 +273,12 @@ def is_user_error(error: BaseException) -> bool:
 def main(args: Sequence[str] | None = None) -> MFCLI | None:
     """Entry point of ``mf`` and ``python -m mf_lightning``; ``args`` replaces ``sys.argv[1:]``.
 
-    A configuration or input error (bad value, missing file, corrupt checkpoint) or a file-system
-    failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...`` line
-    and exit status 2; ``MF_TRACEBACK=1`` shows the traceback.
-    SIGTERM stops ``fit`` with a saved checkpoint and exit status 0 (``PreemptionCheckpoint``); it stops
-    ``validate``/``test`` before their results with one ``mf: error:`` line and exit status 143 (128 + 15).
+    A configuration or input error (bad value, missing file, corrupt checkpoint, a run folder in use) or a
+    file-system failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...``
+    line and exit status 2; ``MF_TRACEBACK=1`` shows the traceback. A rank lost in a multi-rank fit is one
+    line on the surviving ranks naming it and the command that resumes, exit status 1.
+    SIGTERM stops ``fit`` with a saved checkpoint and exit status 143 (128 + 15, ``PreemptionCheckpoint``);
+    it stops ``validate``/``test`` before their results with one ``mf: error:`` line and the same status.
     Called from Python with ``args`` (a notebook, a script), it returns the CLI object with its
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
@@ -211,6 +289,12 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return None
         return run_cli(None if args is None else argv)
+    except RankLostError as error:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        print(f"mf: error: {error}; resume every rank from the last checkpoint with: {resume_command(argv)}",
+              file=sys.stderr)
+        raise SystemExit(LOST_RANK_EXIT_STATUS) from None
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
@@ -218,10 +302,9 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
-        if argv and argv[0] == "fit":
-            raise
-        print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        if not (argv and argv[0] == "fit"):
+            print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
 
 
 def run_cli(args: list[str] | None) -> MFCLI | None:

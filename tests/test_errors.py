@@ -38,6 +38,43 @@ def one_line_error(capsys: pytest.CaptureFixture, exit_info: pytest.ExceptionInf
 
 
 @pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("trainer.devices", "0", r"mf: error: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator"),
+        ("checkpoint.save_top_k", "-2", r"mf: error: Invalid value for save_top_k=-2. Must be >= -1$"),
+        ("checkpoint.every_n_train_steps", "-3", r"mf: error: Invalid value for every_n_train_steps=-3. Must be >= 0$"),
+        ("checkpoint.mode", "lowest", r"mf: error: `mode` can be min, max but got lowest$"),
+    ],
+)
+def test_lightnings_configuration_errors_are_one_line(setting, value, message, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", tiny_run_args(tmp_path, corpus, **{setting: value}))
+    assert re.search(message, one_line_error(capsys, exit_info))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("trainer.limit_train_batches", "0"), ("trainer.limit_train_batches", "0.0"), ("trainer.max_steps", "0"),
+     ("trainer.max_epochs", "0")],
+)
+def test_settings_that_would_train_nothing_are_refused(setting, value, tmp_path, capsys, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    monkeypatch.setattr(LanguageModel, "training_step", lambda *args: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", tiny_run_args(tmp_path, corpus, **{setting: value}))
+    line = one_line_error(capsys, exit_info)
+    assert line == f"mf: error: {setting}={float(value) if '.' in value else int(value)!r} would train nothing; " \
+        "give a positive value (or run mf validate to only evaluate)"
+
+
+def test_the_resume_command_replaces_any_checkpoint_path():
+    argv = ["fit", "--config", "my config.yaml", "--ckpt_path", "runs/x/best.ckpt", "--trainer.devices", "2"]
+    assert cli.resume_command(argv) == "mf fit --config 'my config.yaml' --trainer.devices 2 --ckpt_path last"
+    assert cli.resume_command(["fit", "--ckpt_path=runs/x/best.ckpt"]) == "mf fit --ckpt_path last"
+
+
+@pytest.mark.parametrize(
     ("subcommand", "setting", "value", "message"),
     [
         ("fit", "trainer.accumulate_grad_batches", "0", "trainer.accumulate_grad_batches must be .*, got 0$"),

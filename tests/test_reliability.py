@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_support import run, scalars, state_of, tiny_run_args, write_corpus
+import yaml
+
+from cli_support import REPO, run, scalars, state_of, tiny_run_args, write_corpus
 from mf_lightning.cli import main
 from mf_lightning.kernels import embedding_bag, reference
 from mf_lightning.lit import LanguageModel
@@ -80,12 +84,12 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(uni
 
 
 @pytest.mark.slow
-def test_sigterm_saves_last_exits_cleanly_and_resume_matches(uninterrupted, tmp_path):
+def test_sigterm_saves_last_exits_143_and_resume_matches(uninterrupted, tmp_path):
     corpus, expected = uninterrupted
     process = start_and_wait_for_last(tmp_path, corpus)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT)
-    assert process.returncode == 0, output
+    assert process.returncode == 143, output
     stopped_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert stopped_at < STEPS
     assert f"saved {tmp_path / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in output
@@ -103,17 +107,20 @@ def accumulated_fit(root: Path, corpus: Path, accumulate: int, *extra: str) -> l
     return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
 
 
-def signal_at(batch: int, signum: int) -> list[str]:
-    """CLI arguments adding a ``SignalAt`` callback (tests/signal_support.py) to a subprocess fit."""
-    callback = f'{{"class_path": "signal_support.SignalAt", "init_args": {{"batch": {batch}, "signum": {signum}}}}}'
-    return ["--trainer.callbacks+", callback]
+def signal_at(batch: int, signum: int, rank: int | None = None) -> list[str]:
+    """CLI arguments adding a ``SignalAt`` callback (tests/signal_support.py) to a subprocess fit, signalling the
+    process of global rank ``rank`` (every process when None)."""
+    init_args = {"batch": batch, "signum": int(signum), "rank": rank}
+    return ["--trainer.callbacks+", json.dumps({"class_path": "signal_support.SignalAt", "init_args": init_args})]
 
 
-def run_fit(command: list[str]) -> subprocess.CompletedProcess:
-    """Runs ``command`` with ``tests/`` importable (for ``signal_support``); returns the finished process."""
+def run_fit(command: list[str], timeout: float = 4 * SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    """Runs ``command`` with ``tests/`` importable (for ``signal_support``), one thread per process; returns the
+    finished process."""
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(command, capture_output=True, text=True, timeout=4 * SUBPROCESS_TIMEOUT, env=env)
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +151,7 @@ def test_a_signal_inside_an_accumulation_window_then_resume_matches(uninterrupte
     interrupted = run_fit(accumulated_fit(tmp_path, corpus, accumulate, *signal_at(batch, signum)))
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     if signum == signal.SIGTERM:
-        assert interrupted.returncode == 0, interrupted.stdout + interrupted.stderr
+        assert interrupted.returncode == 143, interrupted.stdout + interrupted.stderr
         assert saved == batch // accumulate + 1, "the save waits for the window's optimizer step"
     else:
         assert interrupted.returncode == -signal.SIGKILL and saved <= batch // accumulate
@@ -353,3 +360,162 @@ def test_memory_layer_scores_and_table_gradients_stay_fp32_under_bf16_autocast(b
     y.float().sum().backward()
     assert layer.tables.dtype == layer.tables.grad.dtype == torch.float32
     assert torch.isfinite(layer.tables.grad).all() and layer.tables.grad.abs().sum() > 0
+
+
+def checkpoint_probes(root: Path, scores: list[float]) -> list[str]:
+    """CLI arguments that monitor a scripted validation score and record what last.ckpt holds after each
+    validation in ``root/last_after_validation.json`` (tests/checkpoint_probes.py)."""
+    score = {"class_path": "checkpoint_probes.ScriptedScore", "init_args": {"scores": scores}}
+    last = {"class_path": "checkpoint_probes.LastAfterValidation",
+            "init_args": {"last": str(root / "checkpoints" / "last.ckpt"),
+                          "out": str(root / "last_after_validation.json")}}
+    return ["--trainer.callbacks+", json.dumps(score), "--trainer.callbacks+", json.dumps(last),
+            "--checkpoint.monitor", "probe/score"]
+
+
+WORSE_IN_THE_MIDDLE_AND_AT_THE_END = [1.0, 2.0, 0.5, 3.0]
+"""Scores of the validations at steps 2, 4, 6, 8: the best is at step 6; steps 4 and 8 get worse."""
+
+
+def assert_last_followed_every_validation(root: Path) -> None:
+    assert json.loads((root / "last_after_validation.json").read_text()) == [[2, 2], [4, 4], [6, 6], [8, 8]]
+    assert sorted(path.name for path in (root / "checkpoints").glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"]
+
+
+def test_last_holds_every_validated_model_whatever_the_metric(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = tiny_run_args(tmp_path, corpus, max_steps=8, **LIGHT, **{"validation.every_n_steps": 2})
+    cli = run("fit", args + checkpoint_probes(tmp_path, WORSE_IN_THE_MIDDLE_AND_AT_THE_END))
+    assert_last_followed_every_validation(tmp_path)
+    assert_same_weights(state_of(tmp_path / "checkpoints" / "last.ckpt"), cli.model.state_dict())
+
+
+DDP_STEPS = 8
+
+
+def ddp_fit(root: Path, corpus: Path, *extra: str, strategy: str = "ddp") -> list[str]:
+    """``python -m mf_lightning fit`` on 2 CPU processes (gloo), validating every 2 steps."""
+    settings = {"validation.every_n_steps": 2, "data.batch_size": 2, "trainer.accelerator": "cpu",
+                "trainer.devices": 2, "trainer.strategy": strategy}
+    args = tiny_run_args(root, corpus, max_steps=DDP_STEPS, **LIGHT, **settings)
+    return [sys.executable, "-m", "mf_lightning", "fit", *args, *extra]
+
+
+FSDP_STRATEGY = json.dumps(yaml.safe_load((REPO / "configs" / "fsdp_base.yaml").read_text())["trainer"]["strategy"])
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """(run root, corpus, final weights) of a 2-rank DDP run never interrupted, monitoring a scripted score."""
+    root = tmp_path_factory.mktemp("ddp_uninterrupted")
+    corpus = write_corpus(root / "corpus")
+    finished = run_fit(ddp_fit(root, corpus, *checkpoint_probes(root, WORSE_IN_THE_MIDDLE_AND_AT_THE_END)),
+                       timeout=SUBPROCESS_TIMEOUT)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return root, corpus, state_of(root / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_last_holds_every_validated_model_whatever_the_metric(ddp_uninterrupted):
+    root, _, _ = ddp_uninterrupted
+    assert_last_followed_every_validation(root)
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == DDP_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("rank", [0, 1, None], ids=["rank0", "rank1", "all-ranks"])
+def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches(ddp_uninterrupted, tmp_path, rank):
+    """SIGTERM at the start of micro-batch 3 on one or every rank: all stop after step 4, exit 143, save once."""
+    _, corpus, expected = ddp_uninterrupted
+    stopped = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGTERM, rank)), timeout=SUBPROCESS_TIMEOUT)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143, output[-4000:]
+    received = "0, 1" if rank is None else str(rank)
+    assert f"SIGTERM received by rank {received} of 2: every rank stops after step 4 and saves" in output
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert "Traceback" not in output
+    resumed = run_fit(ddp_fit(tmp_path, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert_same_weights(state_of(tmp_path / "checkpoints" / "last.ckpt"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("killed", "survivor", "culprit", "statuses"),
+    [(1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1, -signal.SIGKILL)),
+     (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", (-signal.SIGKILL,))],
+    ids=["rank1-killed", "rank0-killed"],
+)
+def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(
+    ddp_uninterrupted, tmp_path, killed, survivor, culprit, statuses
+):
+    """The status seen is rank 0's: 1 from mf, or SIGKILL when Lightning's launcher, which polls its child
+    processes every 5 s, kills rank 0 first after seeing rank 1 die (after the line is printed)."""
+    _, corpus, _ = ddp_uninterrupted
+    result = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGKILL, rank=killed)), timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode in statuses, result.stderr[-4000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mf: error:")]
+    assert re.match(
+        rf"mf: error: rank {survivor} of 2 stopped: {culprit}; resume every rank from the last checkpoint with: "
+        r"mf fit --config .* --ckpt_path last$", line
+    ), line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_of_two_runs_started_at_once_in_one_folder_one_is_refused_before_writing(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    root = tmp_path / "run"
+    command = [sys.executable, "-m", "mf_lightning", "fit", *tiny_run_args(root, corpus, max_steps=6, **LIGHT)]
+    logs = [tmp_path / f"run{index}.log" for index in range(2)]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    for process in processes:
+        process.wait(timeout=SUBPROCESS_TIMEOUT)
+    codes = [process.returncode for process in processes]
+    assert sorted(codes) == [0, 2], [log.read_text()[-2000:] for log in logs]
+    winner, loser = (processes[0], logs[1]) if codes[0] == 0 else (processes[1], logs[0])
+    (line,) = [line for line in loser.read_text().splitlines() if line.startswith("mf: error:")]
+    assert line.startswith(f"mf: error: {root} is in use by another mf fit (process {winner.pid} on host ")
+    assert "Traceback" not in loser.read_text()
+    assert len(list((root / "tensorboard").glob("events.out.tfevents.*"))) == 1, "the refused run wrote no logs"
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not (root / ".mf-fit.lock").exists(), "the winner released the folder"
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_path, accumulate):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = tiny_run_args(tmp_path, corpus, max_steps=6, **LIGHT, **{"trainer.accumulate_grad_batches": accumulate})
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", args + signal_at(0, signal.SIGTERM))
+    assert exit_info.value.code == 143
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    run("fit", args + ["--ckpt_path", "last"])
+    assert sorted(path.name for path in (tmp_path / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
+    """The agreement is strategy-agnostic: the same under FSDP (configs/fsdp_base.yaml's strategy), SIGTERM to rank 1."""
+    corpus = write_corpus(tmp_path / "corpus")
+    uninterrupted = run_fit(ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY),
+                            timeout=SUBPROCESS_TIMEOUT)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    root = tmp_path / "preempted"
+    stopped = run_fit(ddp_fit(root, corpus, *signal_at(3, signal.SIGTERM, 1), strategy=FSDP_STRATEGY),
+                      timeout=SUBPROCESS_TIMEOUT)
+    assert stopped.returncode == 143, stopped.stderr[-4000:]
+    assert "SIGTERM received by rank 1 of 2: every rank stops after step 4 and saves" in stopped.stdout + stopped.stderr
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last", strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"),
+                        state_of(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"))

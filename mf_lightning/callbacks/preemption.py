@@ -1,4 +1,5 @@
-"""``PreemptionCheckpoint``: on SIGTERM (SLURM, Kubernetes, a spot preemption) save ``last.ckpt`` before exiting."""
+"""``PreemptionCheckpoint``: on SIGTERM (SLURM, Kubernetes, a spot preemption) every rank stops at one optimizer
+step and ``last.ckpt`` is saved before exiting."""
 
 from __future__ import annotations
 
@@ -8,25 +9,33 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mf_lightning.lit.checkpoints import AtomicModelCheckpoint
+
 
 class PreemptionCheckpoint(pl.Callback):
-    """Saves the checkpoint callback's ``last.ckpt`` when Lightning stops a fit because of SIGTERM.
+    """Stops a fit at an optimizer-step boundary that every rank agrees on when any rank gets SIGTERM, and saves.
 
-    Lightning's SIGTERM handler only sets a flag; its loops raise ``SIGTERMException`` (a
-    ``SystemExit``) at the next safe point, after a complete training batch (or mid-validation), on
-    every DDP rank at once. This callback saves then, from ``on_exception``, so ``--ckpt_path last``
-    continues exactly where the run stopped; the process then exits normally.
+    Lightning 2.6's own SIGTERM handler is unsafe with several ranks: it runs a ``broadcast`` inside the
+    signal handler of whichever rank got the signal, which no other rank matches, so a SIGTERM to one
+    worker (one node of a job preempted) hangs the job. While a fit runs (from the sanity check to the
+    end of training) this callback's handler takes its place and only notes the signal. After every
+    optimizer step all ranks reduce their notes (``strategy.reduce_boolean_decision``, any strategy:
+    single device, DDP, FSDP); if any rank got SIGTERM, every rank marks the trainer as having received
+    it at that same step, and Lightning stops them all after the batch (after the first batch of a
+    validation that was due), raising ``SIGTERMException``. Then each rank saves the checkpoint callback's
+    ``last.ckpt`` together, from ``on_exception``, so ``--ckpt_path last`` continues exactly where the
+    run stopped, and ``mf fit`` exits with status 143 (128 + SIGTERM).
 
-    Under gradient accumulation a batch can end inside an accumulation window, whose gradients no
-    checkpoint holds (under DDP they are not even synchronised yet), so a save there could not resume
-    exactly. While training, this callback therefore holds a SIGTERM back until the next optimizer step
-    and hands it to Lightning's handler then: the run stops at most ``accumulate_grad_batches`` batches
-    later (plus a validation that was running), at a point a resumed run reproduces bit for bit.
+    The stop is always at an optimizer step: under gradient accumulation a batch can end inside an
+    accumulation window, whose gradients no checkpoint holds, so a SIGTERM waits for the window's step
+    (at most ``accumulate_grad_batches`` batches, plus a validation that was running). A SIGTERM after
+    the final step lets the run finish normally.
 
     The save never replaces another run's checkpoint: if ``last.ckpt`` exists but this run neither
     wrote nor resumed from it, the state goes to ``preempted-step=N-pid=P.ckpt`` beside it instead.
@@ -36,24 +45,29 @@ class PreemptionCheckpoint(pl.Callback):
 
     def __init__(self) -> None:
         self.lightning_handler: Any = None
-        self.held_back: tuple[int, FrameType | None] | None = None
+        self.received = False
         self.at_step_boundary = True
         self.step_at_batch_start = 0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received = False  # a signal that stopped an earlier fit of this callback is not this fit's
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.intercept()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Puts ``hold_back`` in front of the SIGTERM handler Lightning registered before training started."""
+        self.intercept()
+
+    def intercept(self) -> None:
+        """Puts ``note`` in place of the SIGTERM handler Lightning registered for this fit."""
         handler = signal.getsignal(signal.SIGTERM)
-        if callable(handler):
+        if callable(handler) and handler != self.note:
             self.lightning_handler = handler
-            signal.signal(signal.SIGTERM, self.hold_back)
+            signal.signal(signal.SIGTERM, self.note)
 
-    def hold_back(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM handler during training: keeps the signal until the next optimizer step has been taken.
-
-        Lightning checks its flag after each training batch, so a signal passed on at once could stop
-        the run after the first batch of a window even when it arrived between two windows.
-        """
-        self.held_back = (signum, frame)
+    def note(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM handler during a fit: only records the signal; the ranks act on it together at a step boundary."""
+        self.received = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.step_at_batch_start = trainer.global_step
@@ -62,25 +76,33 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step != self.step_at_batch_start:
-            self.at_step_boundary = True
-            self.pass_on()
+        if trainer.global_step == self.step_at_batch_start:
+            return
+        self.at_step_boundary = True
+        if trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            self.stop_every_rank(trainer)
+
+    def stop_every_rank(self, trainer: pl.Trainer) -> None:
+        """Marks the trainer as having received SIGTERM (on every rank, at this same step) and says which ranks got it.
+
+        Lightning raises ``SIGTERMException`` once the batch is complete when ``trainer.received_sigterm``
+        is set; its signal connector holds that flag (pinned by tests/callbacks/test_preemption.py).
+        """
+        flags = trainer.strategy.all_gather(torch.tensor([self.received], device=trainer.strategy.root_device))
+        ranks = [str(rank) for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+        rank_zero_info(
+            f"SIGTERM received by rank {', '.join(ranks)} of {trainer.world_size}: "
+            f"every rank stops after step {trainer.global_step} and saves"
+        )
+        trainer._signal_connector.received_sigterm = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_handler()
 
-    def pass_on(self) -> None:
-        """Hands a held-back SIGTERM to Lightning's handler, which makes the loop stop after this batch."""
-        if self.held_back is not None:
-            signum, frame = self.held_back
-            self.held_back = None
-            self.lightning_handler(signum, frame)
-
     def restore_handler(self) -> None:
-        """Gives the SIGTERM handler (and any signal held back) to Lightning, which restores the original at teardown."""
-        if self.lightning_handler is not None and signal.getsignal(signal.SIGTERM) == self.hold_back:
+        """Gives the SIGTERM handler back to Lightning, which restores the original one at teardown."""
+        if self.lightning_handler is not None and signal.getsignal(signal.SIGTERM) == self.note:
             signal.signal(signal.SIGTERM, self.lightning_handler)
-            self.pass_on()
         self.lightning_handler = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -97,11 +119,13 @@ class PreemptionCheckpoint(pl.Callback):
                 "not saved: resume from the last periodic checkpoint with --ckpt_path last"
             )
             return
-        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        path = last_path(checkpoint)
         resume = "the same command plus --ckpt_path last"
         if os.path.lexists(path) and not self.owns(trainer, checkpoint, path):
             path = os.path.join(checkpoint.dirpath, f"preempted-step={trainer.global_step}-pid={os.getpid()}.ckpt")
             resume = f"--ckpt_path {path} (last.ckpt belongs to another run and was left alone)"
+        else:
+            checkpoint.last_model_path = path  # the saved callback state records it, so the resumed run continues it
         trainer.save_checkpoint(path, weights_only=False)  # the full state; saying so keeps Lightning from logging its default
         rank_zero_info(f"SIGTERM received: saved {path} at step {trainer.global_step}; resume with {resume}")
 
@@ -110,3 +134,10 @@ class PreemptionCheckpoint(pl.Callback):
         """Whether this run wrote ``path`` (through ``checkpoint``) or resumed from it."""
         mine = {checkpoint.last_model_path, trainer.ckpt_path}
         return any(candidate and os.path.abspath(candidate) == os.path.abspath(path) for candidate in mine)
+
+
+def last_path(checkpoint: ModelCheckpoint) -> str:
+    """Where ``checkpoint`` keeps its last checkpoint: ``AtomicModelCheckpoint.last_path``, else ``dirpath/last.ckpt``."""
+    if isinstance(checkpoint, AtomicModelCheckpoint):
+        return checkpoint.last_path()
+    return os.path.join(str(checkpoint.dirpath), checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)

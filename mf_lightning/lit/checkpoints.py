@@ -69,13 +69,94 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``save_last="link"`` swaps the ``last.ckpt`` link atomically.
+    """``ModelCheckpoint`` whose ``last.ckpt`` holds the latest validated or final model and is continued on resume.
 
-    Lightning deletes the old link and then creates the new one; a kill between the two would leave no
-    ``last.ckpt`` and ``--ckpt_path last`` would silently start over. Here the new link is made under a
-    temporary name and renamed over the old one. ``save_last=True`` writes a full file, made atomic by
-    ``AtomicCheckpointIO``.
+    - **Current.** Lightning 2.6 writes ``last`` only beside a new top-k file (or an
+      ``every_n_train_steps`` save), so a validation that is not a new best would leave ``last.ckpt``, and
+      ``--ckpt_path last``, at an older step. Here every validation during fit, and the end of training,
+      saves ``last`` unless a save at that step already wrote it; under ``save_last="link"`` that save is
+      a full file (the newest top-k file holds an older model), replaced by a link at the next top-k save.
+    - **Continued.** Lightning versions ``last`` (``last-v1.ckpt`` ...) whenever a ``last.ckpt`` it did not
+      write this run exists, which happens on every resume whose checkpoint did not record it (a SIGTERM
+      save before any periodic one, an older checkpoint) and after the run folder was moved or copied. A
+      run owns ``last.ckpt`` when the folder held none or the run resumed from a checkpoint in this folder
+      (``mf fit`` refuses any other case before starting, see ``check_run_folder``), and then continues it.
+      The paths a checkpoint's callback state records (best, top-k, last) are moved along with the folder
+      when it was moved or copied, so the best model keeps being tracked instead of being saved twice.
+    - **Atomic link.** Lightning deletes the old ``save_last="link"`` link and then creates the new one; a
+      kill between the two would leave no ``last.ckpt``. Here the link is made under a temporary name and
+      renamed over the old one. Full files are made atomic by ``AtomicCheckpointIO``.
+
+    ``last_path`` is the one place that names the last checkpoint; ``PreemptionCheckpoint`` saves there too.
     """
+
+    def last_path(self) -> str:
+        """Where this callback's last checkpoint lives (``dirpath/last.ckpt``); ``dirpath`` is set at ``setup``."""
+        return os.path.join(str(self.dirpath), self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def owns_last(self, trainer: pl.Trainer) -> bool:
+        """Whether this run continues ``last_path()``: none exists yet, or the run resumed from this folder."""
+        if not os.path.lexists(self.last_path()):
+            return True
+        resumed_from = trainer.ckpt_path
+        return bool(resumed_from) and same_folder(Path(resumed_from).parent, Path(str(self.dirpath)))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.save_last and "://" not in str(self.dirpath) and self.owns_last(trainer):
+            self.last_model_path = self.last_path()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.save_last_if_behind(trainer)
+
+    def save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        """Saves ``last`` with the current state during fit unless a save at this step (top-k, periodic) wrote it.
+
+        Relies on Lightning's ``_should_skip_saving_checkpoint`` (fit only, no sanity check or fast_dev_run,
+        nothing saved at this global step yet) and ``_save_checkpoint``, pinned by tests/lit/test_checkpoints.py.
+        A run that does not own the folder's ``last.ckpt`` (``owns_last``) leaves it alone: Lightning's
+        ``_save_last_checkpoint`` then picks a versioned name.
+        """
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return
+        if not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        self._save_checkpoint(trainer, self.last_model_path)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self.moved_with_the_folder(state_dict))
+
+    def moved_with_the_folder(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with its checkpoint paths re-rooted here when its folder was moved or copied to ``dirpath``.
+
+        That is the case when every top-k file it records exists under the same name in ``dirpath``;
+        otherwise (a checkpoint of another folder) it is returned unchanged and Lightning keeps only
+        ``best_model_path``.
+        """
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if not old or not new or old == new or "://" in str(new):
+            return state_dict
+
+        def moved(path: str) -> str | None:
+            candidate = os.path.join(str(new), os.path.basename(path))
+            return candidate if os.path.dirname(path) == old and os.path.exists(candidate) else None
+
+        best_k = {moved(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+        if None in best_k:
+            return state_dict
+        paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+        return {
+            **state_dict,
+            "dirpath": new,
+            "best_k_models": best_k,
+            **{key: moved(state_dict[key]) or "" for key in paths if state_dict.get(key)},
+        }
 
     @staticmethod
     def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
@@ -247,13 +328,13 @@ def align_state_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, A
     return {by_plain_name.get(key.replace(COMPILE_PREFIX, ""), key): value for key, value in state.items()}
 
 
-
-
 def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> None:
-    """Refuses a fit that would overwrite another run's checkpoints, and an evaluation of ``last`` without one.
+    """Refuses a fit that would mix two runs' checkpoints in one folder, and an evaluation of ``last`` without one.
 
     A fresh ``fit`` (no ``ckpt_path``, or ``last`` with no last checkpoint) in a folder that holds
-    checkpoints would replace them, so it must resume (``--ckpt_path last``) or use another folder.
+    checkpoints would replace them, so it must resume (``--ckpt_path last``) or use another folder. A fit
+    resuming a checkpoint file of another folder into a folder that holds checkpoints would continue a
+    ``last.ckpt`` it did not write, so it is refused too: a folder's checkpoints are one run's.
     ``validate``/``test``/``predict`` with ``last`` and no last checkpoint would evaluate an untrained
     model (Lightning only warns), so that is an error. Remote folders (``s3://``...) are not checked.
     """
@@ -277,3 +358,15 @@ def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> No
             "resume it with --ckpt_path last, or start the new run in another --trainer.default_root_dir "
             "(or delete those files)"
         )
+    elsewhere = ckpt_path is not None and os.path.isfile(ckpt_path) and not same_folder(Path(ckpt_path).parent, folder)
+    if others and elsewhere:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a checkpoint of another folder, but {folder} holds checkpoints of a run "
+            f"({', '.join(others)}); continuing it there would mix two runs: resume in the checkpoint's own "
+            "--trainer.default_root_dir, or start from it in an empty one"
+        )
+
+
+def same_folder(first: Path, second: Path) -> bool:
+    """Whether two paths name one folder (after resolving links)."""
+    return os.path.realpath(first) == os.path.realpath(second)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import fractions
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.lit import LanguageModel
@@ -19,6 +22,7 @@ from mf_lightning.lit.checkpoints import (
     AtomicModelCheckpoint,
     align_state_keys,
     check_checkpoint,
+    check_run_folder,
     partial_path,
     read_checkpoint,
     stamp_checkpoint,
@@ -205,3 +209,139 @@ def test_language_model_checkpoints_carry_and_check_their_config(tmp_path):
     LanguageModel(overrides={"n_layer": 1, "dropout": 0.1}).on_load_checkpoint(dict(checkpoint))
     with pytest.raises(ValueError, match="n_layer=1 in the checkpoint, 2 in the config"):
         LanguageModel().on_load_checkpoint(dict(checkpoint))
+
+
+
+class ScriptedScore(pl.LightningModule):
+    """A regression whose validation logs ``score`` from a script, so a test decides which validations improve."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.scores = scores
+        self.validations = 0
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.linear(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.log("score", self.scores[self.validations])
+            self.validations += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class LastAfterValidation(pl.Callback):
+    """Records (step validated, step held by last.ckpt right after) for every validation, and the final pair."""
+
+    def __init__(self, last: Path) -> None:
+        self.last, self.pairs, self.validated = last, [], None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validated = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record()
+
+    def record(self) -> None:
+        if self.validated is not None:
+            self.pairs.append((self.validated, torch.load(self.last, weights_only=True)["global_step"]))
+            self.validated = None
+
+
+def fit_scripted(folder: Path, scores: list[float], save_last=True, max_steps=8, ckpt_path=None, callbacks=()):
+    """Fits ``ScriptedScore`` validating every 2 steps into ``folder``; returns (trainer, module, probe, saved names)."""
+    probe = LastAfterValidation(folder / "last.ckpt")
+    checkpoint = AtomicModelCheckpoint(dirpath=folder, monitor="score", save_last=save_last, filename="best-{step}")
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[checkpoint, probe, *callbacks],
+    )
+    saved, real_save = [], trainer.save_checkpoint
+
+    def recording_save(path, *args, **kwargs):
+        saved.append(Path(path).name)
+        real_save(path, *args, **kwargs)
+
+    trainer.save_checkpoint = recording_save
+    module = ScriptedScore(scores)
+    data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+    return trainer, module, probe, saved
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_last_holds_every_validated_model_whatever_the_metric(tmp_path, save_last):
+    """Validations at steps 2, 4, 6, 8 with scores 1, 2 (worse), 0.5 (best), 3 (worse, at the end)."""
+    trainer, module, probe, saved = fit_scripted(tmp_path, [1.0, 2.0, 0.5, 3.0], save_last=save_last)
+    assert probe.pairs == [(2, 2), (4, 4), (6, 6), (8, 8)]
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert all(torch.equal(last["state_dict"][key], value) for key, value in module.state_dict().items())
+    assert sorted(path.name for path in tmp_path.glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"]
+    # One save per validation beside Lightning's: it writes last beside a new best (a link under "link"),
+    # this callback writes it after a validation that is not one.
+    expected = {True: ["best-step=2.ckpt", "last.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt", "last.ckpt"],
+                "link": ["best-step=2.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt"]}[save_last]
+    assert saved == expected
+    assert trainer.checkpoint_callback.best_model_path == str(tmp_path / "best-step=6.ckpt")
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_resume_after_moving_the_run_folder_continues_its_last_and_best(tmp_path, how):
+    first = tmp_path / "first" / "checkpoints"
+    fit_scripted(first, [1.0, 2.0, 3.0, 4.0], max_steps=4)
+    second = tmp_path / "second" / "checkpoints"
+    second.parent.mkdir()
+    if how == "moved":
+        first.parent.rename(second.parent)
+    else:
+        shutil.copytree(first.parent, second.parent, dirs_exist_ok=True)
+    _, _, probe, _ = fit_scripted(second, [0.5, 3.0], ckpt_path=str(second / "last.ckpt"))
+    assert probe.pairs == [(6, 6), (8, 8)]
+    assert sorted(path.name for path in second.glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"], (
+        "no versioned last-v1.ckpt, and the best of the first part (step 2) is replaced by the better one at step 6"
+    )
+    assert torch.load(second / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_a_resume_into_another_folder_keeps_its_own_best(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fit_scripted(first, [1.0, 2.0, 3.0, 4.0], max_steps=4)
+    with pytest.warns(UserWarning, match="The dirpath has changed"):
+        fit_scripted(second, [0.5, 3.0], ckpt_path=str(first / "last.ckpt"))
+    assert sorted(path.name for path in second.glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"]
+    assert sorted(path.name for path in first.glob("*.ckpt")) == ["best-step=2.ckpt", "last.ckpt"]
+
+
+def test_a_fit_from_another_folders_checkpoint_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "last.ckpt").write_bytes(b"this run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "last.ckpt").write_bytes(b"another run")
+    with pytest.raises(ValueError, match="is a checkpoint of another folder, but .*mine holds checkpoints of a run"):
+        check_run_folder("fit", str(tmp_path / "other" / "last.ckpt"), str(tmp_path / "mine"))
+    check_run_folder("fit", str(tmp_path / "mine" / "last.ckpt"), str(tmp_path / "mine"))
+    check_run_folder("fit", str(tmp_path / "other" / "last.ckpt"), str(tmp_path / "empty"))
+
+
+def test_a_last_checkpoint_of_another_run_is_left_alone(tmp_path):
+    """Outside mf (whose check_run_folder refuses this case), a fresh run beside another run's last.ckpt does not
+    overwrite it: Lightning's versioned name takes the new state."""
+    fit_scripted(tmp_path / "other", [1.0, 2.0], max_steps=4)
+    (tmp_path / "mine").mkdir()
+    shutil.copy(tmp_path / "other" / "last.ckpt", tmp_path / "mine" / "last.ckpt")
+    foreign = (tmp_path / "mine" / "last.ckpt").read_bytes()
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        fit_scripted(tmp_path / "mine", [1.0, 2.0, 0.5, 3.0])
+    assert (tmp_path / "mine" / "last.ckpt").read_bytes() == foreign
+    assert torch.load(tmp_path / "mine" / "last-v1.ckpt", weights_only=True)["global_step"] == 8

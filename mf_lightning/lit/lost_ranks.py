@@ -1,0 +1,86 @@
+"""Naming the lost rank when a process of a multi-rank fit dies (SIGKILL, the OOM killer, a crash).
+
+The surviving ranks then fail in their next collective with a raw gloo or NCCL error ("Connection
+reset by peer") that names neither the rank nor what to do. ``lost_rank_error`` turns such a failure
+into a ``RankLostError`` naming the lost rank where this process can tell: rank 0 of a node started the
+node's other ranks (Lightning's launcher) and sees how they ended; another rank sees whether the
+process that started it is gone. Elsewhere (torchrun, SLURM) the error says the connection to another
+rank failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+PARENT_AT_START = os.getppid()
+"""The process that started this one: rank 0 of the node for ranks that Lightning's launcher started."""
+
+COMMUNICATION_FAILURE = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Connection refused|NCCL communicator was aborted"
+    r"|collective operation timeout"
+)
+EXIT_GRACE_SECONDS = 5.0
+"""How long a rank waits for the process of a lost rank to finish ending (its sockets close before it is
+reaped or its children are handed on), so it can be named."""
+
+
+class RankLostError(RuntimeError):
+    """A rank of a multi-rank fit stopped, and this one could not go on; the message names the lost rank."""
+
+
+def lost_rank_error(trainer: pl.Trainer | None, error: BaseException) -> RankLostError | None:
+    """The ``RankLostError`` for ``error`` if it is this rank's failure to reach another rank, else None.
+
+    Only communication errors qualify, so a bug that stops every rank keeps its traceback.
+    """
+    if trainer is None or trainer.world_size <= 1 or not isinstance(error, RuntimeError):
+        return None
+    if not isinstance(error, torch.distributed.DistError) and not COMMUNICATION_FAILURE.search(str(error)):
+        return None
+    lost = ended_children(trainer) + ended_parent(trainer)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    culprit = "; ".join(lost) or f"the connection to another rank failed ({first_line})"
+    return RankLostError(f"rank {trainer.global_rank} of {trainer.world_size} stopped: {culprit}")
+
+
+def ended_children(trainer: pl.Trainer) -> list[str]:
+    """How the ranks this process started (Lightning's subprocess launcher on each node's rank 0) ended, if they did."""
+    processes: list[subprocess.Popen[Any]] = getattr(trainer.strategy.launcher, "procs", None) or []
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    ended = []
+    for local_rank, process in enumerate(processes, start=1):
+        try:
+            status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            continue
+        rank = trainer.node_rank * trainer.num_devices + local_rank
+        ended.append(f"rank {rank} (process {process.pid}) {how_it_ended(status)}")
+    return ended
+
+
+def ended_parent(trainer: pl.Trainer) -> list[str]:
+    """Rank 0 of this node, when it started this rank and is gone (this process was handed to another parent)."""
+    if trainer.local_rank == 0:
+        return []
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    while os.getppid() == PARENT_AT_START:
+        if time.monotonic() > deadline:
+            return []
+        time.sleep(0.05)
+    rank = trainer.node_rank * trainer.num_devices
+    return [f"rank {rank} (process {PARENT_AT_START}, which started this one) is gone"]
+
+
+def how_it_ended(status: int) -> str:
+    """``killed by SIGKILL`` for a negative ``Popen`` status, ``exited with status N`` otherwise."""
+    if status < 0:
+        return f"was killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
