@@ -70,12 +70,13 @@ def generate_text(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
-    compile: bool = True,
+    compile: bool = False,
 ) -> int:
     """Write the continuation of ``prompt`` to ``out`` as it is generated; return the number of tokens made.
 
     An empty prompt starts a new document (from the end-of-text token). The end-of-text token ends
-    generation and decodes to nothing.
+    generation and decodes to nothing. ``compile`` decodes through the compiled step (see
+    :mod:`mf_lightning.models.decode_step`); one run in a fresh process pays its compile time.
     """
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
@@ -108,9 +109,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=True,
-        help="decode through the compiled step (default; compiled once per process, seconds); --no-compile "
-        "decodes eagerly, which is quicker for a short run of a small model",
+        "--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="decode through the compiled fixed-shape step: faster per token, but compiling costs seconds at the "
+        "start of every process, more than a short run of a small model decodes in (default: eager)",
     )
     args = parser.parse_args(argv)
     try:

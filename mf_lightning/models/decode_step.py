@@ -11,8 +11,10 @@ hashing, scores, gather and sum, the norms, the rotary embedding and the cache u
   marked dynamic, so prompts and generation lengths of any size share one graph.
 - One graph per block *type*, not per model: every block of a model is the same code with different
   weights (passed as inputs), so the block is compiled once and all blocks, every later step and every
-  later call in the process reuse it; compile time does not grow with depth. A new width, dtype, device
-  or architecture compiles once more. Inductor's on-disk cache makes the next process's compile cheaper.
+  later call in the process reuse it; compile time does not grow with depth. A new width, dtype,
+  device, architecture, batch size or torch thread count compiles once more (dynamo keeps up to
+  ``torch._dynamo.config.recompile_limit`` variants, 8 by default, then runs further ones eagerly).
+  Inductor's on-disk cache makes the next process's compile cheaper.
 - The embedding, final norm and LM head (one large matrix-vector product each) run eagerly.
 
 The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
@@ -53,9 +55,9 @@ def run_compiled_block(
     if compile_failure is None:
         try:
             return compiled_block_step(block, x, cos, sin, cache)
-        except Exception as error:  # noqa: BLE001 - whatever stops the compiler (no C++ compiler, an unsupported
-            # platform or operator), eager decoding computes the same tokens
-            compile_failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        except Exception as error:  # whatever stops the compiler (no C++ compiler, a platform or operator it
+            # does not support), the eager step computes the same tokens
+            compile_failure = f"{type(error).__name__}: {first_line(error)}"
             warnings.warn(
                 f"compiling the decoding step failed ({compile_failure}); decoding eagerly, which is slower "
                 "(generate(..., compile=False) skips the attempt)",
@@ -63,6 +65,11 @@ def run_compiled_block(
                 stacklevel=2,
             )
     return block(x, cos, sin, cache)
+
+
+def first_line(error: Exception) -> str:
+    """The first non-empty line of an exception's message (compiler errors run to pages)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
 class StaticDecoder:
