@@ -167,8 +167,9 @@ def measure_pair(
     """Both models of ``preset`` in ``dtype_name``, measured interleaved (or why a model was skipped), and profiles."""
     dtype = DTYPES[dtype_name]
     torch.compiler.reset()  # a fresh compile budget per pair: dynamo stops compiling a function after 8 variants
+    max_len = max(PROMPT_LEN + args.new_tokens, args.prefill_len + 1)
     configs = {
-        arch: ModelConfig.from_preset(preset, arch=arch, max_seq_len=max(PROMPT_LEN + args.new_tokens, args.prefill_len + 1))
+        arch: ModelConfig.from_preset(preset, arch=arch, max_seq_len=max_len)
         for arch in ARCHS
     }
     needed = {arch: weight_bytes(config, dtype) for arch, config in configs.items()}
@@ -182,7 +183,9 @@ def measure_pair(
         models[arch] = build_in_dtype(configs[arch], device, dtype).eval()
         results[arch] = Measured(bytes_per_token=bytes_per_token(models[arch], PROMPT_LEN + (args.new_tokens - 1) / 2))
     prompts = {arch: torch.randint(0, configs[arch].vocab_size, (1, PROMPT_LEN), device=device) for arch in models}
-    long_prompts = {arch: torch.randint(0, configs[arch].vocab_size, (1, args.prefill_len), device=device) for arch in models}
+    long_prompts = {
+        arch: torch.randint(0, configs[arch].vocab_size, (1, args.prefill_len), device=device) for arch in models
+    }
     torch.set_num_threads(args.threads[0])
     for arch, model in models.items():
         if "compiled" in args.modes:
@@ -234,7 +237,8 @@ def speed_rows(
             cells.append(f"{bytes_ratio:.2f}" if bytes_ratio else "-")
             for clock in CLOCKS:
                 speeds = [
-                    args.new_tokens / r.decode[count, mode, clock] if isinstance(r, Measured) else None for r in (mf, tf)
+                    args.new_tokens / r.decode[count, mode, clock] if isinstance(r, Measured) else None
+                    for r in (mf, tf)
                 ]
                 cells += [f"{speed:.1f}" if speed else str(r) for speed, r in zip(speeds, (mf, tf))]
                 if None in speeds or not bytes_ratio:
@@ -298,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="decoding step(s) to measure (default: compiled and eager)")
-    parser.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill timing (default 512)")
+    parser.add_argument(
+        "--prefill-len", type=int, default=512, help="prompt length of the prefill timing (default 512)"
+    )
     parser.add_argument("--profile", action="store_true", help="also list the most expensive operators")
     parser.add_argument("--note", default="", help="free text for the report")
     args = parser.parse_args(argv)

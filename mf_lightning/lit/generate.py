@@ -82,7 +82,9 @@ def generate_text(
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     text = TextStream(tokenizer)
     count = 0
-    steps = stream(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator=generator, compile=compile)
+    steps = stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator=generator, compile=compile
+    )
     for token in steps:
         count += 1
         out.write(text.push(int(token)))

@@ -24,7 +24,9 @@ from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.rotary import rotary_cos_sin
 
 IGNORE_INDEX = -100
-BlockRunner = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "KVCache | StaticKVCache | None"], torch.Tensor]
+BlockRunner = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "KVCache | StaticKVCache | None"], torch.Tensor
+]
 """How :meth:`DecoderLM.hidden_states` runs a block: ``run_block(block, x, cos, sin, cache) -> x``."""
 EMBEDDING_STD = 0.02
 
@@ -78,13 +80,19 @@ class DecoderLM(nn.Module, ABC):
         return self.embed.weight if self.head is None else self.head.weight
 
     def compute_logits(
-        self, idx: torch.Tensor, kv_caches: Sequence[KVCache | StaticKVCache] | None = None, run_block: BlockRunner | None = None
+        self,
+        idx: torch.Tensor,
+        kv_caches: Sequence[KVCache | StaticKVCache] | None = None,
+        run_block: BlockRunner | None = None,
     ) -> torch.Tensor:
         """Logits of ``idx [B, T]``, placed after the positions already in ``kv_caches`` (one per block)."""
         return F.linear(self.hidden_states(idx, kv_caches, run_block), self.head_weight)
 
     def hidden_states(
-        self, idx: torch.Tensor, kv_caches: Sequence[KVCache | StaticKVCache] | None = None, run_block: BlockRunner | None = None
+        self,
+        idx: torch.Tensor,
+        kv_caches: Sequence[KVCache | StaticKVCache] | None = None,
+        run_block: BlockRunner | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states ``[B, T, n_embd]`` of ``idx``, the LM head's input.
 

@@ -46,7 +46,7 @@ class KVCache:
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
     def attention_mask(self, queries: int, device: torch.device) -> torch.Tensor | None:
-        """Mask of the ``queries`` tokens just appended over the keys :meth:`append` returned (see :func:`causal_mask`)."""
+        """Mask of the ``queries`` tokens just appended over the keys :meth:`append` returned (:func:`causal_mask`)."""
         return causal_mask(queries, self.length, device)
 
     def next_positions(self, count: int, device: torch.device) -> torch.Tensor:
@@ -79,7 +79,7 @@ class StaticKVCache:
         self.position = position
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``keys``/``values`` of ``T`` tokens at ``position, ..., position + T - 1``; return the whole storage."""
+        """Write ``keys``/``values`` of ``T`` tokens at ``position .. position + T - 1``; return the whole storage."""
         positions = self.next_positions(keys.shape[2], keys.device)
         self.keys.index_copy_(2, positions, keys)
         self.values.index_copy_(2, positions, values)

@@ -170,7 +170,8 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch) ->
     monkeypatch.setattr(decode_step, "compiled_block_step", no_compiler)
     monkeypatch.setattr(decode_step, "compile_failure", None)
     model, prompt = debug_model(), torch.randint(0, 257, (1, 4))
-    with pytest.warns(RuntimeWarning, match="compiling the decoding step failed .*no working C\\+\\+ compiler found") as caught:
+    message = "compiling the decoding step failed .*no working C\\+\\+ compiler found"
+    with pytest.warns(RuntimeWarning, match=message) as caught:
         tokens = model.generate(prompt, 5, temperature=0)
         again = model.generate(prompt, 5, temperature=0)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
