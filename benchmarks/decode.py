@@ -2,21 +2,38 @@
 beside the ratio of the bytes each model reads per token (the speed ratio a bandwidth-bound decoder reaches).
 
     python benchmarks/decode.py [--presets debug tiny small base] [--dtypes float32 bfloat16]
-                                [--threads 1 2] [--new-tokens 64] [--repeats 3] [--profile] [--note TEXT]
+                                [--threads 1 2] [--new-tokens 64] [--repeats 3] [--modes compiled eager]
+                                [--prefill-len 512] [--profile] [--note TEXT]
 
-Each model generates ``--new-tokens`` tokens after an 8-token prompt with the KV cache, in eval mode;
-tokens/s is from the fastest of ``--repeats`` runs (the least disturbed by other work on the machine)
-after one warm-up run, at each ``--threads`` setting (default: 1 and all cores). Models are built on
-the meta device and materialised directly in the measured dtype (random weights: speed does not
-depend on them), one at a time, the largest last; a model whose weights would not fit in the memory
-available right now is skipped with a note (MemoryFormer-base is 13.3 GB in bfloat16, 26.6 GB in float32).
+Each model generates ``--new-tokens`` tokens after an 8-token prompt with the KV cache, in eval mode,
+through the compiled fixed-shape step (``compiled``, the default of ``generate``) and eagerly
+(``eager``, ``compile=False``). Both models of a preset and dtype are in memory together and are
+measured interleaved (for each of ``--repeats`` rounds: each thread count, mode and model in turn), so
+both see the same load of a shared machine and their ratio is what counts; tokens/s is from the fastest
+round. Compile time is the first call's time minus a warm call's, with dynamo's in-process caches
+emptied before each pair (inductor's on-disk cache stays as the machine has it); the step is then
+cached for the process. Prefill is the CPU time of the prompt's forward pass (``--prefill-len``
+tokens, logits of the last position only, as decoding now does) against the forward pass that also
+computes the LM head on every prompt position (what decoding did before), at the first ``--threads``
+count, the two in alternating order. The machine's load average (``os.getloadavg``) is printed before
+and after each preset and dtype.
+
+Speeds are given twice: by the wall clock, and per second of the process's CPU time (``tok/CPU-s``).
+On a machine shared with other work, a single-threaded run's CPU time leaves out the time it waited
+for a core, so at 1 thread it is the better estimate of the unloaded speed (both models still share
+the memory bandwidth with the other work); with several threads it sums them and measures work, not speed.
+
+Models are built on the meta device and materialised directly in the measured dtype (random weights:
+speed does not depend on them), the smaller first; a model whose weights would not fit beside it in
+the memory available right now is skipped with a note (MemoryFormer-base is 13.3 GB in bfloat16,
+26.6 GB in float32).
 
 Bytes per token are what one decoding step must read: the rows a Memory Layer gathers (``K`` of
 each table) and all weights of a linear layer, the LM head, one embedding row, norms and biases, and
 the KV cache at the mean position of the run. Decoding at batch 1 is bandwidth-bound, so the
 Transformer/MemoryFormer byte ratio is the speed ratio a perfect implementation of both reaches;
 "of bytes" is how much of it was measured. ``--profile`` adds, per model, the operators with the most
-CPU time over one run. Prints markdown and writes it to ``benchmarks/results/decode_<device>.md``.
+CPU time over one compiled run. Prints markdown and writes it to ``benchmarks/results/decode_<device>.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,8 +62,25 @@ PROMPT_LEN = 8
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHS = ("memoryformer", "transformer")
+MODES = {"compiled": True, "eager": False}
+CLOCKS = ("wall", "cpu")
+PREFILL_CLOCK = "cpu"
+"""Prefill is timed at the first ``--threads`` count (1 by default) by CPU time, in alternating order."""
 MEMORY_HEADROOM = 0.85
-"""Fraction of the currently available memory a model's weights may take."""
+"""Fraction of the currently available memory the weights may take."""
+
+
+@dataclass
+class Measured:
+    """What was measured of one model: best seconds per (threads, mode, clock), compile and prefill seconds."""
+
+    decode: dict[tuple[int, str], float] = field(default_factory=dict)
+    compile_seconds: float | None = None
+    prefill: dict[str, float] = field(default_factory=dict)
+    bytes_per_token: float = 0.0
+
+    def keep_best(self, table: dict, key: object, seconds: float) -> None:
+        table[key] = min(table.get(key, float("inf")), seconds)
 
 
 def bytes_per_token(model: DecoderLM, cached_positions: float) -> float:
@@ -84,27 +119,27 @@ def available_memory() -> int:
     return sys.maxsize
 
 
-def tokens_per_second(model: DecoderLM, new_tokens: int, repeats: int) -> float:
-    """Generated tokens per second of batch-1 greedy decoding, best of ``repeats`` timed runs."""
-    device = next(model.parameters()).device
-    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), device=device)
-    model.generate(prompt, new_tokens, temperature=0)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+def timed(function, device: torch.device) -> dict[str, float]:
+    """Seconds one call of ``function`` takes: ``wall`` clock and ``cpu`` time of this process (all its threads)."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    synchronize(device)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
-def top_operators(model: DecoderLM, new_tokens: int, rows: int = 10) -> str:
-    """The ``rows`` operators with the most self CPU time in one decoding run, as a text table."""
-    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), device=next(model.parameters()).device)
-    with torch.profiler.profile() as profile:
-        model.generate(prompt, new_tokens, temperature=0)
-    return profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+def decode_run(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, compile: bool) -> None:
+    model.generate(prompt, new_tokens, temperature=0, compile=compile)
+
+
+@torch.no_grad()
+def prefill_run(model: DecoderLM, prompt: torch.Tensor, all_positions: bool) -> None:
+    """The prompt's forward pass with a KV cache: the LM head on the last position (now) or on all (before)."""
+    caches = model.new_kv_caches(prompt.shape[1] + 1)
+    if all_positions:
+        model.compute_logits(prompt, caches)[:, -1]
+    else:
+        torch.nn.functional.linear(model.hidden_states(prompt, caches)[:, -1], model.head_weight)
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,69 +161,132 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def measure(
-    preset: str, dtype_name: str, arch: str, device: torch.device, threads: Sequence[int], args: argparse.Namespace
-) -> tuple[dict[int, float] | str, float | None, list[str]]:
-    """Tokens/s per thread count (or why the model was skipped), bytes per token, profile lines."""
+def measure_pair(
+    preset: str, dtype_name: str, device: torch.device, args: argparse.Namespace
+) -> tuple[dict[str, Measured | str], list[str]]:
+    """Both models of ``preset`` in ``dtype_name``, measured interleaved (or why a model was skipped), and profiles."""
     dtype = DTYPES[dtype_name]
-    config = ModelConfig.from_preset(preset, arch=arch, max_seq_len=PROMPT_LEN + args.new_tokens)
-    needed, free = weight_bytes(config, dtype), available_memory()
-    if needed > MEMORY_HEADROOM * free:
-        return f"skipped: {needed / 1e9:.1f} GB of weights, {free / 1e9:.1f} GB available", None, []
-    model = build_in_dtype(config, device, dtype).eval()
-    speeds, profile = {}, []
-    for count in threads:
-        torch.set_num_threads(count)
-        speeds[count] = tokens_per_second(model, args.new_tokens, args.repeats)
-        print(f"{preset} {dtype_name} {arch} {count} threads: {speeds[count]:.1f} tok/s", file=sys.stderr, flush=True)
+    torch.compiler.reset()  # a fresh compile budget per pair: dynamo stops compiling a function after 8 variants
+    max_len = max(PROMPT_LEN + args.new_tokens, args.prefill_len + 1)
+    configs = {
+        arch: ModelConfig.from_preset(preset, arch=arch, max_seq_len=max_len)
+        for arch in ARCHS
+    }
+    needed = {arch: weight_bytes(config, dtype) for arch, config in configs.items()}
+    free = available_memory()
+    results: dict[str, Measured | str] = {}
+    models: dict[str, DecoderLM] = {}
+    for arch in sorted(ARCHS, key=needed.get):
+        if needed[arch] + sum(needed[other] for other in models) > MEMORY_HEADROOM * free:
+            results[arch] = f"skipped: {needed[arch] / 1e9:.1f} GB of weights, {free / 1e9:.1f} GB available"
+            continue
+        models[arch] = build_in_dtype(configs[arch], device, dtype).eval()
+        results[arch] = Measured(bytes_per_token=bytes_per_token(models[arch], PROMPT_LEN + (args.new_tokens - 1) / 2))
+    prompts = {arch: torch.randint(0, configs[arch].vocab_size, (1, PROMPT_LEN), device=device) for arch in models}
+    long_prompts = {
+        arch: torch.randint(0, configs[arch].vocab_size, (1, args.prefill_len), device=device) for arch in models
+    }
+    torch.set_num_threads(args.threads[0])
+    for arch, model in models.items():
+        if "compiled" in args.modes:
+            first = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, True), device)["wall"]
+            warm = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, True), device)["wall"]
+            results[arch].compile_seconds = first - warm
+        if "eager" in args.modes:
+            decode_run(model, prompts[arch], args.new_tokens, False)
+    for round_ in range(args.repeats):
+        for count in args.threads:
+            torch.set_num_threads(count)
+            for mode in args.modes:
+                for arch, model in models.items():
+                    seconds = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, MODES[mode]), device)
+                    for clock, value in seconds.items():
+                        results[arch].keep_best(results[arch].decode, (count, mode, clock), value)
+            if count == args.threads[0]:
+                order = (("now", False), ("before", True))
+                for arch, model in models.items():
+                    for label, all_positions in order[:: 1 if round_ % 2 else -1]:
+                        seconds = timed(lambda: prefill_run(model, long_prompts[arch], all_positions), device)
+                        results[arch].keep_best(results[arch].prefill, label, seconds[PREFILL_CLOCK])
+        print(f"{preset} {dtype_name}: round {round_ + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}",
+              file=sys.stderr, flush=True)
+    profiles = []
     if args.profile:
-        torch.set_num_threads(threads[0])
-        profile = [f"## {preset} {dtype_name} {arch}, {threads[0]} threads", "", "```",
-                   top_operators(model, args.new_tokens), "```", ""]
-    used = bytes_per_token(model, PROMPT_LEN + (args.new_tokens - 1) / 2)
-    del model
+        torch.set_num_threads(args.threads[0])
+        for arch, model in models.items():
+            profiles += [f"## {preset} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
+                         top_operators(model, args.new_tokens), "```", ""]
+    models.clear()
     gc.collect()
-    return speeds, used, profile
+    return results, profiles
 
 
-def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
-    """Markdown rows (per preset, dtype and thread count) and profiles."""
-    rows = [
-        "| preset | dtype | threads | MF MB/token | TF MB/token | bytes TF/MF | MF tok/s | TF tok/s "
-        "| speed MF/TF | speed / bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+def speed_rows(
+    preset: str, dtype_name: str, args: argparse.Namespace, results: dict[str, Measured | str], load: str
+) -> list[str]:
+    """One markdown row per thread count and mode; a skipped model shows why."""
+    mf, tf = results["memoryformer"], results["transformer"]
+    mf_bytes = mf.bytes_per_token if isinstance(mf, Measured) else None
+    tf_bytes = tf.bytes_per_token if isinstance(tf, Measured) else None
+    bytes_ratio = tf_bytes / mf_bytes if mf_bytes and tf_bytes else None
+    rows = []
+    for count in args.threads:
+        for mode in args.modes:
+            cells = [preset, dtype_name, str(count), mode]
+            cells += [f"{b / 1e6:.2f}" if b else "-" for b in (mf_bytes, tf_bytes)]
+            cells.append(f"{bytes_ratio:.2f}" if bytes_ratio else "-")
+            for clock in CLOCKS:
+                speeds = [
+                    args.new_tokens / r.decode[count, mode, clock] if isinstance(r, Measured) else None
+                    for r in (mf, tf)
+                ]
+                cells += [f"{speed:.1f}" if speed else str(r) for speed, r in zip(speeds, (mf, tf))]
+                if None in speeds or not bytes_ratio:
+                    cells += ["-", "-"]
+                else:
+                    ratio = speeds[0] / speeds[1]
+                    cells += [f"{ratio:.2f}", f"**{100 * ratio / bytes_ratio:.0f}%**"]
+            cells.append(load)
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def cost_row(preset: str, dtype_name: str, args: argparse.Namespace, results: dict[str, Measured | str]) -> str:
+    """Compile seconds and 512-token prefill seconds (now / before) of both models."""
+    cells = [preset, dtype_name]
+    for result in (results[arch] for arch in ARCHS):
+        if not isinstance(result, Measured):
+            cells += ["-", "-", "-"]
+            continue
+        cells.append(f"{result.compile_seconds:.1f}" if result.compile_seconds is not None else "-")
+        cells += [f"{result.prefill[label]:.3f}" for label in ("now", "before")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str], list[str]]:
+    """Markdown rows of decoding speed, of compile and prefill cost, and profiles."""
+    speed = [
+        "| preset | dtype | threads | step | MF MB/token | TF MB/token | bytes TF/MF | MF tok/s | TF tok/s "
+        "| speed MF/TF | speed / bytes | MF tok/CPU-s | TF tok/CPU-s | MF/TF (CPU) | speed / bytes (CPU) "
+        "| load before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cost = [
+        f"| preset | dtype | MF compile s | MF prefill s now | MF prefill s before | TF compile s "
+        f"| TF prefill s now | TF prefill s before |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     profiles = []
     for preset in args.presets:
         for dtype_name in args.dtypes:
-            results = {}
-            for arch in ARCHS:
-                results[arch] = measure(preset, dtype_name, arch, device, args.threads, args)
-                profiles += results[arch][2]
-            rows += table_rows(preset, dtype_name, args.threads, results)
-    return rows, profiles
-
-
-def table_rows(
-    preset: str, dtype_name: str, threads: Sequence[int], results: dict[str, tuple[dict[int, float] | str, float | None, list[str]]]
-) -> list[str]:
-    """One markdown row per thread count; a skipped model shows why."""
-    (mf_speeds, mf_bytes, _), (tf_speeds, tf_bytes, _) = results["memoryformer"], results["transformer"]
-    rows = []
-    for count in threads:
-        cells = [preset, dtype_name, str(count)]
-        cells += [f"{b / 1e6:.2f}" if b is not None else "-" for b in (mf_bytes, tf_bytes)]
-        bytes_ratio = tf_bytes / mf_bytes if mf_bytes and tf_bytes else None
-        cells.append(f"{bytes_ratio:.2f}" if bytes_ratio else "-")
-        speeds = [s[count] if isinstance(s, dict) else None for s in (mf_speeds, tf_speeds)]
-        cells += [f"{s:.1f}" if s is not None else str(r) for s, r in zip(speeds, (mf_speeds, tf_speeds))]
-        if None in speeds or not bytes_ratio:
-            cells += ["-", "-"]
-        else:
-            speed_ratio = speeds[0] / speeds[1]
-            cells += [f"{speed_ratio:.2f}", f"{100 * speed_ratio / bytes_ratio:.0f}%"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+            before = os.getloadavg()[0]
+            results, profile = measure_pair(preset, dtype_name, device, args)
+            load = f"{before:.1f} → {os.getloadavg()[0]:.1f}"
+            speed += speed_rows(preset, dtype_name, args, results, load)
+            cost.append(cost_row(preset, dtype_name, args, results))
+            profiles += profile
+            print("\n".join(speed[-len(args.threads) * len(args.modes):] + [cost[-1]]), file=sys.stderr, flush=True)
+    return speed, cost, profiles
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -197,32 +295,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
         "--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
         help="torch intra-op thread counts to measure (default: 1 and all cores)",
     )
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="decoding step(s) to measure (default: compiled and eager)")
+    parser.add_argument(
+        "--prefill-len", type=int, default=512, help="prompt length of the prefill timing (default 512)"
+    )
     parser.add_argument("--profile", action="store_true", help="also list the most expensive operators")
-    parser.add_argument("--note", default="", help="free text for the report, e.g. the machine's load")
+    parser.add_argument("--note", default="", help="free text for the report")
     args = parser.parse_args(argv)
-    if min(args.new_tokens, args.repeats, *args.threads) < 1:
+    if min(args.new_tokens, args.repeats, args.prefill_len, *args.threads) < 1:
         parser.error(
-            f"--new-tokens, --repeats and --threads must be positive, got {args.new_tokens}, {args.repeats}, "
-            f"{args.threads}"
+            f"--new-tokens, --repeats, --prefill-len and --threads must be positive, got {args.new_tokens}, "
+            f"{args.repeats}, {args.prefill_len}, {args.threads}"
         )
     device = torch.device(args.device)
     header = [
         f"# Batch-1 greedy decoding, {args.new_tokens} new tokens after {PROMPT_LEN}, KV cache",
         "",
         f"device: {device_name(device)}; torch {torch.__version__}; date: {datetime.date.today().isoformat()}; "
-        f"best of {args.repeats} runs; load average before the run: {os.getloadavg()[0]:.1f}",
+        f"best of {args.repeats} interleaved rounds; load average (1 min) at the start: {os.getloadavg()[0]:.1f}",
         "",
         f"command: `python benchmarks/decode.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         *([args.note, ""] if args.note else []),
     ]
-    rows, profiles = benchmark(args, device)
-    report = "\n".join([*header, *rows, "", *profiles])
+    speed, cost, profiles = benchmark(args, device)
+    cost_header = [
+        f"Compile time in wall seconds (first call minus a warm call, {args.threads[0]} thread(s); then cached for "
+        f"the process) and the prefill of a {args.prefill_len}-token prompt in CPU seconds: now (LM head on the "
+        "last position) and before (LM head on every position), best of the rounds, in alternating order:",
+        "",
+    ]
+    report = "\n".join([*header, *speed, "", *cost_header, *cost, "", *profiles])
     print(report)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"decode_{device.type}.md").write_text(report)

@@ -99,7 +99,8 @@ class HarnessLM(LM):
 
         Greedy unless the request's ``do_sample`` is true (then ``temperature``, ``top_k``, ``top_p`` apply).
         Prompts are cut from the left so that prompt plus ``max_gen_toks`` fit in ``max_seq_len``; prompts of
-        equal length and options are decoded together.
+        equal length and options are decoded together, through the compiled decoding step (compiled with
+        the first batch, reused by all later ones; ``generate`` already runs without gradients).
         """
         jobs = [self.generation_job(*request.args) for request in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -109,8 +110,7 @@ class HarnessLM(LM):
         for (_, options), indices in groups.items():
             for batch in chunks(indices, self.batch_size):
                 prompts = torch.tensor([jobs[i][0] for i in batch], device=self.device)
-                with torch.inference_mode():
-                    out = self.model.generate(prompts, eos_id=self.tokenizer.eos_id, **dict(options))
+                out = self.model.generate(prompts, eos_id=self.tokenizer.eos_id, **dict(options))
                 for row, index in enumerate(batch):
                     text = self.tokenizer.decode(out[row, prompts.shape[1] :].tolist())
                     results[index] = cut_at_stops(text, jobs[index][2])

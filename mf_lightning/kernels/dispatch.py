@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from mf_lightning.kernels.hashing import check_score
+from mf_lightning.kernels.reference import reference_memory_layer
 
 BACKENDS = ("torch", "embedding_bag", "triton")
 ENV_VAR = "MF_KERNEL_BACKEND"
@@ -130,6 +131,10 @@ def memory_layer_and_buckets(
     """
     concrete = resolve_backend(backend, x.device)
     code_bits = check_inputs(x, tables, bias, concrete)
+    if concrete != "triton" and torch.compiler.is_compiling():
+        # Under torch.compile the readable gather-and-sum becomes one fused loop (hash, score, gather);
+        # embedding_bag would stay an opaque call, and the lazy import below cannot be traced.
+        return reference_memory_layer(x, tables, bias, code_bits, score, temperature)
     return backend_function(concrete)(x, tables, bias, code_bits, score, temperature)
 
 

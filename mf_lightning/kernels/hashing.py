@@ -32,7 +32,9 @@ def bit_weights(code_bits: int, device: torch.device) -> torch.Tensor:
 def bucket_indices(chunks: torch.Tensor) -> torch.Tensor:
     """Bucket index in ``[0, 2**tau)`` of each chunk ``[..., K, tau]``, as int64 ``[..., K]``."""
     bits = (chunks >= 0).to(torch.float32)
-    weights = bit_weights(chunks.shape[-1], chunks.device)
+    # torch.compile traces through the cache (and warns that it does); in a graph the weights are a constant.
+    place_values = bit_weights.__wrapped__ if torch.compiler.is_compiling() else bit_weights
+    weights = place_values(chunks.shape[-1], chunks.device)
     device = chunks.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         with torch.autocast(device, enabled=False):

@@ -70,17 +70,22 @@ def generate_text(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
+    compile: bool = False,
 ) -> int:
     """Write the continuation of ``prompt`` to ``out`` as it is generated; return the number of tokens made.
 
     An empty prompt starts a new document (from the end-of-text token). The end-of-text token ends
-    generation and decodes to nothing.
+    generation and decodes to nothing. ``compile`` decodes through the compiled step (see
+    :mod:`mf_lightning.models.decode_step`); one run in a fresh process pays its compile time.
     """
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     text = TextStream(tokenizer)
     count = 0
-    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator=generator):
+    steps = stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator=generator, compile=compile
+    )
+    for token in steps:
         count += 1
         out.write(text.push(int(token)))
         out.flush()
@@ -105,6 +110,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling, for repeatable output")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="decode through the compiled fixed-shape step: faster per token, but compiling costs seconds at the "
+        "start of every process, more than a short run of a small model decodes in (default: eager)",
+    )
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -142,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     count = generate_text(
-        model, tokenizer, prompt, sys.stdout, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator
+        model, tokenizer, prompt, sys.stdout, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+        args.compile,
     )
     seconds = time.perf_counter() - start
     print(f"\n{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s", file=sys.stderr)

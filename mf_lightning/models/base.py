@@ -11,6 +11,7 @@ exactly as an eager build is.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,12 +22,16 @@ from torch import nn
 from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
 from mf_lightning.models import generation
-from mf_lightning.nn.attention import KVCache
+from mf_lightning.nn.attention import KVCache, StaticKVCache
 from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.layers import NormalEmbedding, NormalLinear
 from mf_lightning.nn.rotary import rotary_cos_sin
 
 IGNORE_INDEX = -100
+BlockRunner = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "KVCache | StaticKVCache | None"], torch.Tensor
+]
+"""How :meth:`DecoderLM.hidden_states` runs a block: ``run_block(block, x, cos, sin, cache) -> x``."""
 EMBEDDING_STD = 0.02
 
 
@@ -77,18 +82,34 @@ class DecoderLM(nn.Module, ABC):
         """The LM head's ``[vocab, n_embd]`` weight: the token embedding's when tied."""
         return self.embed.weight if self.head is None else self.head.weight
 
-    def compute_logits(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+    def compute_logits(
+        self,
+        idx: torch.Tensor,
+        kv_caches: Sequence[KVCache | StaticKVCache] | None = None,
+        run_block: BlockRunner | None = None,
+    ) -> torch.Tensor:
         """Logits of ``idx [B, T]``, placed after the positions already in ``kv_caches`` (one per block)."""
-        return F.linear(self.hidden_states(idx, kv_caches), self.head_weight)
+        return F.linear(self.hidden_states(idx, kv_caches, run_block), self.head_weight)
 
-    def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """The final-norm hidden states ``[B, T, n_embd]`` of ``idx``, the LM head's input."""
-        start = 0 if kv_caches is None else kv_caches[0].length
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        kv_caches: Sequence[KVCache | StaticKVCache] | None = None,
+        run_block: BlockRunner | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states ``[B, T, n_embd]`` of ``idx``, the LM head's input.
+
+        ``run_block(block, x, cos, sin, cache)`` runs each block (default: calls it), so decoding can run
+        the blocks through a compiled step (:mod:`mf_lightning.models.decode_step`).
+        """
+        if kv_caches is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)
+        else:
+            positions = kv_caches[0].next_positions(idx.shape[1], idx.device)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base)
         x = self.embed(idx)
         for block, cache in zip(self.blocks, kv_caches or [None] * len(self.blocks)):
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache) if run_block is None else run_block(block, x, cos, sin, cache)
         return self.norm(x)
 
     def new_kv_caches(self, max_len: int) -> list[KVCache]:
@@ -117,10 +138,11 @@ class DecoderLM(nn.Module, ABC):
         eos_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        compile: bool = True,
     ) -> torch.Tensor:
         """Continue each prompt row of ``idx [B, T]``; see :func:`mf_lightning.models.generation.generate`."""
         return generation.generate(
-            self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+            self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile
         )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -1,8 +1,9 @@
 """Autoregressive decoding for any ``DecoderLM``: greedy, temperature, top-k and top-p sampling.
 
-With ``use_cache`` the prompt is run once and every new token attends to cached keys and values;
-without it the whole sequence is recomputed at each step (slower, and the reference the cache is
-tested against).
+With ``use_cache`` the prompt is run once and every new token attends to cached keys and values,
+through the fixed-shape step of :mod:`mf_lightning.models.decode_step` (compiled unless
+``compile=False``); without it the whole sequence is recomputed at each step (slower, and the
+reference the cache is tested against).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from mf_lightning.models.decode_step import StaticDecoder
 
 if TYPE_CHECKING:
     from mf_lightning.models.base import DecoderLM
@@ -27,6 +30,7 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = True,
 ) -> torch.Tensor:
     """Prompts ``idx [B, T]`` followed by up to ``max_new_tokens`` generated tokens, ``[B, T + n]``.
 
@@ -34,9 +38,10 @@ def generate(
     ``top_k`` most likely tokens and then to the smallest set whose probability reaches ``top_p``, and
     sampled with ``generator``. A row that produced ``eos_id`` is padded with ``eos_id`` afterwards;
     decoding stops early once every row has. The model runs in eval mode (no dropout) and is put back
-    in its previous mode afterwards.
+    in its previous mode afterwards. ``compile`` runs the cached decoding step through ``torch.compile``
+    (compiled once per model shape, dtype and device in a process, then reused; eager if that fails).
     """
-    steps = stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    steps = stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile)
     tokens = idx.new_empty(idx.shape[0], idx.shape[1] + max_new_tokens)
     tokens[:, : idx.shape[1]] = idx
     length = idx.shape[1]
@@ -56,6 +61,7 @@ def stream(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = True,
 ) -> Iterator[torch.Tensor]:
     """The tokens :func:`generate` appends to ``idx [B, T]``, one ``[B]`` tensor per step as soon as it exists.
 
@@ -63,7 +69,8 @@ def stream(
     runs and back in its previous mode once it is exhausted or closed.
     """
     check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id)
-    return in_eval_mode(model, decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
+    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile)
+    return in_eval_mode(model, steps)
 
 
 @torch.no_grad()
@@ -87,17 +94,22 @@ def decode(
     eos_id: int | None,
     use_cache: bool,
     generator: torch.Generator | None,
+    compile: bool,
 ) -> Iterator[torch.Tensor]:
     """The decoding loop of :func:`stream`, on checked arguments.
 
-    With the cache, each step runs the model on the one new token; the caches are allocated once for
-    the whole prompt + ``max_new_tokens``, and the loop itself allocates nothing but the token.
+    With the cache, the prompt runs once and each step runs the model on the one new token
+    (:class:`~mf_lightning.models.decode_step.StaticDecoder`: caches allocated once for the whole prompt
+    + ``max_new_tokens``); without it, each step runs the whole sequence so far.
     """
-    caches = model.new_kv_caches(idx.shape[1] + max_new_tokens) if use_cache else None
+    decoder = StaticDecoder(model, idx.shape[1] + max_new_tokens, compile) if use_cache else None
     tokens = idx
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if eos_id is not None else None
-    for _ in range(max_new_tokens):
-        logits = model.compute_logits(tokens, caches)[:, -1]
+    for step in range(max_new_tokens):
+        if decoder is None:
+            logits = model.compute_logits(tokens)[:, -1]
+        else:
+            logits = decoder.prefill(idx) if step == 0 else decoder.step(token)
         token = sample(logits, temperature, top_k, top_p, generator).to(idx.dtype)
         if finished is not None:
             token = token.masked_fill(finished, eos_id)
@@ -105,7 +117,8 @@ def decode(
         yield token
         if finished is not None and bool(finished.all()):
             return
-        tokens = token[:, None] if use_cache else torch.cat([tokens, token[:, None]], dim=1)
+        if decoder is None:
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
 
 
 def sample(

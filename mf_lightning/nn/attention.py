@@ -16,10 +16,13 @@ from mf_lightning.nn.rotary import apply_rotary
 
 
 class KVCache:
-    """Keys and values ``[B, heads, positions, head_size]`` of the tokens seen so far, for decoding.
+    """Keys and values ``[B, heads, max_len, head_size]`` of the tokens seen so far, for decoding.
 
-    Storage for ``max_len`` positions is allocated on the first :meth:`append`, with the dtype and
-    device of the keys it receives (so autocast and device moves need no extra arguments).
+    Storage for ``max_len`` positions is allocated (zeroed) on the first :meth:`append`, with the batch,
+    dtype and device of the keys it receives (so autocast and device moves need no extra arguments),
+    and never grows. ``length`` positions are filled; each ``append`` stores its tokens after them and
+    attention reads the filled prefix. :meth:`static` hands the same storage to the fixed-shape decoding
+    step (:class:`StaticKVCache`).
     """
 
     def __init__(self, max_len: int) -> None:
@@ -35,12 +38,61 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested")
         if self.keys is None or self.values is None:
             batch, heads, _, head_size = keys.shape
-            self.keys = keys.new_empty(batch, heads, self.max_len, head_size)
-            self.values = values.new_empty(batch, heads, self.max_len, head_size)
+            self.keys = keys.new_zeros(batch, heads, self.max_len, head_size)
+            self.values = values.new_zeros(batch, heads, self.max_len, head_size)
         self.keys.narrow(2, self.length, keys.shape[2]).copy_(keys)
         self.values.narrow(2, self.length, keys.shape[2]).copy_(values)
         self.length = end
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+
+    def attention_mask(self, queries: int, device: torch.device) -> torch.Tensor | None:
+        """Mask of the ``queries`` tokens just appended over the keys :meth:`append` returned (:func:`causal_mask`)."""
+        return causal_mask(queries, self.length, device)
+
+    def next_positions(self, count: int, device: torch.device) -> torch.Tensor:
+        """Positions ``[count]`` of the next ``count`` tokens."""
+        return torch.arange(self.length, self.length + count, device=device)
+
+    def static(self, position: torch.Tensor) -> StaticKVCache:
+        """This cache's storage, written from now on at ``position`` (a ``[1]`` int64 tensor the caller advances).
+
+        ``position`` must hold ``length``; the storage must exist (after the prompt was appended).
+        """
+        if self.keys is None or self.values is None:
+            raise ValueError("the KV cache is empty: append the prompt before switching to the static step")
+        return StaticKVCache(self.keys, self.values, position)
+
+
+class StaticKVCache:
+    """A KV cache's full storage ``[B, heads, max_len, head_size]`` and the position of the next token as a tensor.
+
+    Every decoding step has the same shapes: one token's keys and values are written at ``position``
+    (``index_copy_``, no growing tensor) and the query attends to all ``max_len`` slots, those after
+    ``position`` masked out (they hold zeros, never garbage, so masked slots contribute exactly 0). The
+    position is a ``[1]`` int64 tensor shared by all layers and advanced by the caller, so one compiled
+    graph serves every position (:mod:`mf_lightning.models.decode_step`).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.position = position
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``keys``/``values`` of ``T`` tokens at ``position .. position + T - 1``; return the whole storage."""
+        positions = self.next_positions(keys.shape[2], keys.device)
+        self.keys.index_copy_(2, positions, keys)
+        self.values.index_copy_(2, positions, values)
+        return self.keys, self.values
+
+    def attention_mask(self, queries: int, device: torch.device) -> torch.Tensor:
+        """``[queries, max_len]``: query ``i`` (at ``position + i``) sees slots ``0 .. position + i``."""
+        slots = torch.arange(self.keys.shape[2], device=device)
+        return slots <= self.next_positions(queries, device)[:, None]
+
+    def next_positions(self, count: int, device: torch.device) -> torch.Tensor:
+        """Positions ``[count]`` of the next ``count`` tokens."""
+        return self.position + torch.arange(count, device=device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,20 +108,22 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | StaticKVCache | None = None
     ) -> torch.Tensor:
         batch, length, _ = qkv.shape
         qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(qkv[:2], cos, sin)
         v = qkv[2]
+        mask = None
         if cache is not None:
             k, v = cache.append(k, v)
+            mask = cache.attention_mask(length, q.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=causal_mask(length, k.shape[2], q.device),
-            is_causal=length == k.shape[2] and length > 1,
+            attn_mask=mask,
+            is_causal=mask is None and length == k.shape[2] and length > 1,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return y.transpose(1, 2).reshape(batch, length, -1)

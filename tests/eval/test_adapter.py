@@ -9,6 +9,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from mf_lightning.eval.adapter import HarnessLM, cut_at_stops
+from mf_lightning.models import decode_step
 from mf_lightning.eval.windows import scoring_windows
 
 from eval_support import direct_logprob
@@ -106,6 +107,18 @@ def test_generate_until_is_greedy_kv_cache_generation_cut_at_the_stop(model, tok
     )
     assert uncut == full
     assert cut == full[: full.index(stop)] and len(cut) <= 5
+
+
+def test_generate_until_decodes_through_the_compiled_step(model, tokenizer, monkeypatch) -> None:
+    calls = []
+    compiled = decode_step.compiled_block_step
+    monkeypatch.setattr(decode_step, "compiled_block_step", lambda *args: calls.append(1) or compiled(*args))
+    lm = HarnessLM(model, tokenizer, batch_size=2)
+    texts = lm.generate_until(requests("generate_until", [(text, {"until": [], "max_gen_toks": 6}) for text in ["abc", "xyz"]]))
+    assert len(calls) == 5 * model.config.n_layer, "one batch of two prompts: five steps after the prompt"
+    prompts = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)] for text in ["abc", "xyz"]])
+    eager = model.generate(prompts, 6, temperature=0, eos_id=tokenizer.eos_id, compile=False)
+    assert texts == [tokenizer.decode(row[prompts.shape[1] :].tolist()) for row in eager]
 
 
 def test_generate_until_cuts_long_prompts_from_the_left(model, tokenizer) -> None:

@@ -13,7 +13,7 @@ from mf_lightning.cli import main as mf
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
 from mf_lightning.lit.generate import TextStream
-from mf_lightning.models import build_model, load_pretrained
+from mf_lightning.models import build_model, decode_step, load_pretrained
 
 TEXT = "Le café crème coûte 3 €, the memory layer hashes tokens into buckets. " * 8
 PROMPT = "Le café"
@@ -77,6 +77,17 @@ def test_bfloat16_weights_stay_close_to_float32(trained_dir, capsys) -> None:
     assert abs(half_loss.item() - loss.item()) < 0.05 * loss.item()
     args = ["--model_dir", str(trained_dir), "--max_new_tokens", "12", "--temperature", "0", PROMPT]
     assert generate(capsys, *args, "--dtype", "bfloat16")[0] == generate(capsys, *args)[0]
+
+
+def test_compile_decodes_the_same_text_through_the_compiled_step(trained_dir, capsys, monkeypatch) -> None:
+    calls = []
+    compiled = decode_step.compiled_block_step
+    monkeypatch.setattr(decode_step, "compiled_block_step", lambda *args: calls.append(1) or compiled(*args))
+    args = ["--model_dir", str(trained_dir), "--max_new_tokens", "20", "--temperature", "0", PROMPT]
+    text = generate(capsys, *args)[0]
+    assert not calls, "a one-off run decodes eagerly by default: compiling would take longer than decoding"
+    assert generate(capsys, *args, "--compile")[0] == text
+    assert len(calls) == 19 * 2, "every step after the prompt runs both blocks through the compiled step"
 
 
 def test_a_character_split_across_tokens_is_printed_whole() -> None:

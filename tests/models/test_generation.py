@@ -1,12 +1,15 @@
-"""Generation: KV cache against recomputation, sampling filters, EOS handling, argument checks."""
+"""Generation: KV cache against recomputation, the compiled step against the eager one, sampling filters, EOS
+handling, argument checks."""
 
 import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from mf_lightning.config import ModelConfig
-from mf_lightning.models import build_model
+from mf_lightning.models import build_model, decode_step
+from mf_lightning.models.decode_step import StaticDecoder
 from mf_lightning.models.generation import sample, stream, top_p_filter
 
 ARCHS = ["memoryformer", "transformer"]
@@ -125,3 +128,64 @@ def test_stream_yields_the_tokens_generate_appends(arch: str) -> None:
 def test_stream_checks_its_arguments_before_the_first_token() -> None:
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
         stream(debug_model(), torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+def decode_logits(model: torch.nn.Module, prompt: torch.Tensor, tokens: torch.Tensor, compile: bool) -> torch.Tensor:
+    """Logits ``[B, steps + 1, vocab]``: after the prompt, then after each of ``tokens [B, steps]`` fed in turn."""
+    decoder = StaticDecoder(model, prompt.shape[1] + tokens.shape[1] + 1, compile)
+    with torch.no_grad():
+        logits = [decoder.prefill(prompt)] + [decoder.step(token) for token in tokens.unbind(1)]
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_step_equals_the_eager_step_and_the_full_forward(arch: str) -> None:
+    model, prompt = debug_model(arch).eval(), torch.randint(0, 257, (2, 5))
+    tokens = torch.randint(0, 257, (2, 9))
+    compiled = decode_logits(model, prompt, tokens, compile=True)
+    eager = decode_logits(model, prompt, tokens, compile=False)
+    full = model(torch.cat([prompt, tokens], dim=1))[0][:, 4:]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled, full, rtol=1e-4, atol=1e-4)
+    greedy = model.generate(prompt, 12, temperature=0)
+    torch.testing.assert_close(greedy, model.generate(prompt, 12, temperature=0, compile=False), rtol=0, atol=0)
+
+
+def test_the_step_is_compiled_once_per_block_type_and_reused_across_calls_and_lengths() -> None:
+    torch.compiler.reset()
+    counters.clear()
+    model = build_model(ModelConfig.from_preset("debug", n_layer=3, n_embd=48))
+    model.generate(torch.randint(0, 257, (1, 5)), 6, temperature=0)
+    assert counters["frames"]["ok"] == 1, "one compiled graph serves all three blocks"
+    model.generate(torch.randint(0, 257, (1, 9)), 20, temperature=0.8, top_k=5)
+    stream_ = stream(model, torch.randint(0, 257, (1, 2)), 3)
+    assert len(list(stream_)) == 3
+    assert counters["frames"]["ok"] == 1, "other prompt and cache lengths reuse the graph"
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch) -> None:
+    def no_compiler(*args: object) -> torch.Tensor:
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(decode_step, "compiled_block_step", no_compiler)
+    monkeypatch.setattr(decode_step, "compile_failure", None)
+    model, prompt = debug_model(), torch.randint(0, 257, (1, 4))
+    message = "compiling the decoding step failed .*no working C\\+\\+ compiler found"
+    with pytest.warns(RuntimeWarning, match=message) as caught:
+        tokens = model.generate(prompt, 5, temperature=0)
+        again = model.generate(prompt, 5, temperature=0)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    eager = model.generate(prompt, 5, temperature=0, compile=False)
+    torch.testing.assert_close(tokens, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+
+
+def test_static_decoder_refuses_steps_beyond_its_cache() -> None:
+    decoder = StaticDecoder(debug_model().eval(), 4, compile=False)
+    with pytest.raises(RuntimeError, match="call prefill with the prompt before the first step"):
+        decoder.step(torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        decoder.prefill(torch.zeros(1, 3, dtype=torch.long))
+        decoder.step(torch.zeros(1, dtype=torch.long))
+        with pytest.raises(ValueError, match="the KV cache holds 4 positions, all filled"):
+            decoder.step(torch.zeros(1, dtype=torch.long))

@@ -1,0 +1,122 @@
+"""Decoding with the KV cache: the prompt once, then every new token through one fixed-shape, compiled step.
+
+Batch-1 decoding reads little memory per token, so on a CPU the cost of each operator call (a few µs)
+sets the speed as much as the bytes do, and a Memory Layer is about twenty calls where ``nn.Linear``
+is one. The step runs each block through ``torch.compile`` (inductor), which fuses a Memory Layer's
+hashing, scores, gather and sum, the norms, the rotary embedding and the cache update into a few loops:
+
+- The shapes of a step never change: the KV cache is allocated once for prompt + new tokens
+  (:class:`~mf_lightning.nn.attention.StaticKVCache`), the token is written at a position held in a
+  tensor and attention reads the whole cache with the later slots masked out. The cache's length is
+  marked dynamic, so prompts and generation lengths of any size share one graph.
+- One graph per block *type*, not per model: every block of a model is the same code with different
+  weights (passed as inputs), so the block is compiled once and all blocks, every later step and every
+  later call in the process reuse it; compile time does not grow with depth. A new width, dtype,
+  device, architecture, batch size or torch thread count compiles once more (dynamo keeps up to
+  ``torch._dynamo.config.recompile_limit`` variants, 8 by default, then runs further ones eagerly).
+  Inductor's on-disk cache makes the next process's compile cheaper.
+- The embedding, final norm and LM head (one large matrix-vector product each) run eagerly.
+
+The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
+last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly after one
+warning for the process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mf_lightning.nn.attention import KVCache, StaticKVCache
+
+if TYPE_CHECKING:
+    from mf_lightning.models.base import DecoderLM
+
+
+def block_step(
+    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """One block on the new tokens ``x [B, 1, d]``: the function that is compiled."""
+    return block(x, cos, sin, cache)
+
+
+compiled_block_step = torch.compile(block_step)
+compile_failure: str | None = None
+"""Why compiling the step failed in this process (then every step runs eagerly), None while it works."""
+
+
+def run_compiled_block(
+    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """``block(x, cos, sin, cache)`` through the compiled step; eagerly, after one warning, once compiling failed."""
+    global compile_failure
+    if compile_failure is None:
+        try:
+            return compiled_block_step(block, x, cos, sin, cache)
+        except Exception as error:  # whatever stops the compiler (no C++ compiler, a platform or operator it
+            # does not support), the eager step computes the same tokens
+            compile_failure = f"{type(error).__name__}: {first_line(error)}"
+            warnings.warn(
+                f"compiling the decoding step failed ({compile_failure}); decoding eagerly, which is slower "
+                "(generate(..., compile=False) skips the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return block(x, cos, sin, cache)
+
+
+def first_line(error: Exception) -> str:
+    """The first non-empty line of an exception's message (compiler errors run to pages)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+
+class StaticDecoder:
+    """One generation's KV caches: :meth:`prefill` runs the prompt, :meth:`step` each new token.
+
+    Args:
+        model: the language model (in eval mode, without gradients: the caller's business).
+        max_len: positions to allocate, prompt plus new tokens; the cache never grows.
+        compile: run the blocks of each step through the compiled step (else eagerly, the reference).
+    """
+
+    def __init__(self, model: DecoderLM, max_len: int, compile: bool = True) -> None:
+        self.model = model
+        self.max_len = max_len
+        self.run_block = run_compiled_block if compile else None
+        self.caches = model.new_kv_caches(max_len)
+        self.static_caches: list[StaticKVCache] = []
+        self.position: torch.Tensor | None = None
+        self.length = 0
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the token after the prompts ``idx [B, T]``, whose keys and values are cached."""
+        if self.static_caches:
+            raise RuntimeError("prefill runs once per StaticDecoder, before the first step")
+        hidden = self.model.hidden_states(idx, self.caches)[:, -1]
+        self.length = idx.shape[1]
+        self.position = torch.tensor([self.length], device=idx.device)
+        self.static_caches = [static_cache(cache, self.position) for cache in self.caches]
+        return F.linear(hidden, self.model.head_weight)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the token after ``token [B]``, which is appended to the cache."""
+        if not self.static_caches or self.position is None:
+            raise RuntimeError("call prefill with the prompt before the first step")
+        if self.length >= self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, all filled; allocate a longer one")
+        logits = self.model.compute_logits(token[:, None], self.static_caches, self.run_block)[:, -1]
+        self.position += 1
+        self.length += 1
+        return logits
+
+
+def static_cache(cache: KVCache, position: torch.Tensor) -> StaticKVCache:
+    """``cache``'s storage for the fixed-shape step, its length marked dynamic so that every length shares a graph."""
+    static = cache.static(position)
+    for storage in (static.keys, static.values):
+        torch._dynamo.maybe_mark_dynamic(storage, 2)
+    return static
