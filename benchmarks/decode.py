@@ -39,10 +39,8 @@ CPU time over one compiled run. Prints markdown and writes it to ``benchmarks/re
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import shlex
 import sys
 import time
@@ -51,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from harness import device_slug, environment, synchronize, write_result
 from torch import nn
 
 from mf_lightning.config import PRESETS, ModelConfig
@@ -59,7 +58,6 @@ from mf_lightning.models.pretrained import build_in_dtype
 from mf_lightning.nn import MemoryLayer
 
 PROMPT_LEN = 8
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHS = ("memoryformer", "transformer")
 MODES = {"compiled": True, "eager": False}
@@ -128,6 +126,14 @@ def timed(function, device: torch.device) -> dict[str, float]:
     return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
+def top_operators(model: DecoderLM, new_tokens: int, rows: int = 10) -> str:
+    """The ``rows`` operators with the most self CPU time in one compiled decoding run, as a text table."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), device=next(model.parameters()).device)
+    with torch.profiler.profile() as profile:
+        decode_run(model, prompt, new_tokens, compile=True)
+    return profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def decode_run(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, compile: bool) -> None:
     model.generate(prompt, new_tokens, temperature=0, compile=compile)
 
@@ -140,25 +146,6 @@ def prefill_run(model: DecoderLM, prompt: torch.Tensor, all_positions: bool) -> 
         model.compute_logits(prompt, caches)[:, -1]
     else:
         torch.nn.functional.linear(model.hidden_states(prompt, caches)[:, -1], model.head_weight)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def measure_pair(
@@ -272,8 +259,8 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cost = [
-        f"| preset | dtype | MF compile s | MF prefill s now | MF prefill s before | TF compile s "
-        f"| TF prefill s now | TF prefill s before |",
+        "| preset | dtype | MF compile s | MF prefill s now | MF prefill s before | TF compile s "
+        "| TF prefill s now | TF prefill s before |",
         "|---|---|---|---|---|---|---|---|",
     ]
     profiles = []
@@ -317,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     header = [
         f"# Batch-1 greedy decoding, {args.new_tokens} new tokens after {PROMPT_LEN}, KV cache",
         "",
-        f"device: {device_name(device)}; torch {torch.__version__}; date: {datetime.date.today().isoformat()}; "
-        f"best of {args.repeats} interleaved rounds; load average (1 min) at the start: {os.getloadavg()[0]:.1f}",
+        f"{environment(device)} (at the start); CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"best of {args.repeats} interleaved rounds",
         "",
         f"command: `python benchmarks/decode.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         "",
@@ -332,9 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
     ]
     report = "\n".join([*header, *speed, "", *cost_header, *cost, "", *profiles])
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"decode_{device.type}.md").write_text(report)
+    write_result(f"decode_{device_slug(device)}.md", report)
 
 
 if __name__ == "__main__":
