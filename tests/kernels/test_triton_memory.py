@@ -15,6 +15,7 @@ from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.kernels.triton_memory import triton_memory_layer
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
+from mf_lightning.callbacks.usage_metrics import gini
 from mf_lightning.nn import MemoryLayer
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
@@ -270,13 +271,6 @@ MEASURED_GINI = 0.93
 """Gini coefficient of Q/K/V bucket usage measured in training (the ablation study)."""
 
 
-def gini(counts: torch.Tensor) -> float:
-    """Gini coefficient of usage counts (0: every row equally used; near 1: one row takes everything)."""
-    ordered = counts.double().sort().values
-    ranks = torch.arange(1, len(ordered) + 1, dtype=torch.float64)
-    return float(2 * (ranks * ordered).sum() / (len(ordered) * ordered.sum()) - (len(ordered) + 1) / len(ordered))
-
-
 def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tensor:
     """Hits per row, summing to ``num_hits``, from geometric row probabilities tuned to the ``target`` Gini."""
     low, high = 1.0, 100.0
@@ -285,7 +279,7 @@ def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tenso
         weights = torch.exp(-torch.arange(num_rows, dtype=torch.float64) * decay / num_rows)
         counts = torch.floor(num_hits * weights / weights.sum()).long()
         counts[0] += num_hits - counts.sum()
-        low, high = (low, decay) if gini(counts) > target else (decay, high)
+        low, high = (low, decay) if float(gini(counts)) > target else (decay, high)
     return counts
 
 
@@ -341,7 +335,7 @@ def test_measured_gini_distribution_matches_reference_in_both_modes(backward_mod
     monkeypatch.setattr(triton_memory, "PIECE_HITS", 16)
     buckets = measured_gini_buckets(300, 3, code_bits=5)
     usage = torch.stack([torch.bincount(column, minlength=32) for column in buckets.T])
-    assert all(abs(gini(row_counts) - MEASURED_GINI) < 0.01 for row_counts in usage)
+    assert (gini(usage) - MEASURED_GINI).abs().max() < 0.01
     assert usage.max() > 4 * 16, "the busiest rows must span several pieces"
     x, tables, bias = inputs_hashing_to(buckets, code_bits=5, out_features=12)
     assert torch.equal(triton_memory_layer(x, tables, bias, 5, "paper", 1.0)[1].cpu().long(), buckets)
