@@ -40,10 +40,12 @@ BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
 BACKWARD_MODES = ("deterministic", "atomic")
 HASH_BLOCK_ELEMENTS = 1024
 """Chunk lanes (hits x padded code bits) per program of the hash and chunk-gradient kernels."""
-ROW_TILE_ELEMENTS = 4096
-"""Elements of ``dy`` (hits x padded width) a row-gradient program loads per step (8192 spills on sm_80
-with triton 3.6 at width 1024)."""
+ROW_TILE_ELEMENTS = 8192
+"""Elements of ``dy`` (hits x padded width) a row-gradient program loads per step."""
 ROW_GRADIENT_WARPS = 8
+"""The row gradient's one configuration: at widths 1024 and 4096 it uses no stack on sm_80 or sm_90 with
+triton 3.6 or 3.9, where 4 warps spill on sm_80 with triton 3.6 and a 4096-element tile at 8 warps takes
+8 bytes of stack for fp16 on sm_80 with triton 3.9 (``gpu_compile``)."""
 COMBINE_BLOCK_D = 512
 COMBINE_WARPS = 4
 PIECE_HITS = 2048

@@ -219,12 +219,12 @@ def test_every_gather_candidate_gives_the_same_bits() -> None:
     in turn (6 tables, so BLOCK_K 4 and 16 leave masked tables; 21 tokens, so every BLOCK_N a partial tile)."""
     x, tables, bias = make_inputs((21,), 6 * 4, 150, code_bits=4)
     _, buckets, scores = triton_memory.memory_layer_forward(x.detach(), tables.detach(), None, 4, "scaled", 1.0)
-    candidates = [triton_memory.INTERPRETED_GATHER] + [blocks for blocks, _ in triton_memory.GATHER_TUNING]
+    candidates = [(triton_memory.INTERPRETED_GATHER, 1), *triton_memory.GATHER_TUNING]
     outputs = []
-    for blocks in candidates:
+    for blocks, warps in candidates:
         y = torch.full((21, 150), float("nan"), device=DEVICE)
         triton_memory.gather(tables.detach(), bias.detach(), buckets, scores, y, kernel=triton_memory.gather_kernel,
-                             **blocks)  # fmt: skip
+                             num_warps=warps, **blocks)  # fmt: skip
         outputs.append(y)
     assert not outputs[0].isnan().any(), "every element must be written"
     for blocks, y in zip(candidates[1:], outputs[1:]):
