@@ -23,7 +23,7 @@ def test_dry_run_lists_the_four_steps_without_running_them(tmp_path):
     commands = re.findall(r"^  \$ (.+)$", done.stdout, flags=re.M)
     assert "pip install -q --no-index --no-deps --no-build-isolation -e ." in commands[0]
     assert "--target /tmp/mf_site .whl/*.whl" in commands[0], "carried wheels install beside, not over, torch"
-    assert "pytest tests/kernels" in commands[1] and "--device cuda" in commands[2] and "--steps 60" in commands[3]
+    assert "pytest tests/kernels" in commands[1] and "--device cuda" in commands[2] and "--steps 40" in commands[3]
     assert all(command.startswith("timeout ") for command in commands[1:]), "every step after the install has a limit"
     assert all(command.split()[2] == str(tmp_path / "no-python-here") for command in commands[1:])
     for script in re.findall(r"(benchmarks/\S+\.py)", done.stdout):

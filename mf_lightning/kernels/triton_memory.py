@@ -51,7 +51,9 @@ COMBINE_WARPS = 4
 PIECE_HITS = 2048
 """Most hits one row-gradient program sums: a longer row is cut into pieces whose float32 partial sums are
 added by ``combine_partials_kernel``. Four times the mean hits per row of a 131,072-token micro-batch
-over 256-row tables, so balanced rows stay whole; a row holding every token becomes 64 pieces."""
+over 256-row tables, so balanced rows stay whole; a row holding every token becomes 64 pieces. The
+partial sums need at most ``2 * hits / PIECE_HITS`` float32 rows of the output width, allocated for the
+backward of one layer (64 MiB for 131,072 tokens through 128 tables of width 1024)."""
 INTERPRETED = triton_interpreted()
 
 

@@ -2,8 +2,9 @@
 
 With ``MF_COUNT_COMPILATIONS=<file>`` (set by ``benchmarks/gpu_suite.sh --rehearse``), every distinct
 specialization of a triton kernel that the interpreted tests launch is recorded, as triton would key its
-compilation cache: the kernel, the dtype of each tensor argument, for each integer whether it is 1 or a
-multiple of 16, and the compile-time constants. An autotuned launch compiles every candidate on a GPU,
+compilation cache: the kernel, the dtype of each tensor argument, for each runtime integer whether it is
+1 or a multiple of 16, and the values of the keyword arguments (compile-time constants and warps; the
+package passes every constant by keyword). An autotuned launch compiles every candidate on a GPU,
 so it counts once per candidate of its list. At the end the count is written to ``<file>`` as JSON; the
 GPU suite derives the time limit of its kernel-test step from it. Tests that only run on a GPU
 (``requires_cuda``) are not counted here: the suite's fixed allowance covers them.
@@ -23,7 +24,7 @@ TUNING_KEYS = {"BLOCK_N", "BLOCK_K", "BLOCK_D", "num_warps", "num_stages", "num_
 
 
 def specialization(value: object) -> object:
-    """What of an argument value triton's compilation cache keys on."""
+    """What of a runtime argument triton's compilation cache keys on."""
     if hasattr(value, "data_ptr"):
         return str(value.dtype)
     if isinstance(value, bool) or value is None:
@@ -55,9 +56,8 @@ def count_compilations():
     def run(self, *args, grid, warmup, **kwargs):
         name = self.fn.__name__
         constants = tuple(
-            sorted((key, specialization(value)) for key, value in kwargs.items()
-                   if name not in candidates or key not in TUNING_KEYS)
-        )  # fmt: skip
+            sorted((key, repr(value)) for key, value in kwargs.items() if name not in candidates or key not in TUNING_KEYS)
+        )
         seen.add((name, tuple(map(specialization, args)), constants))
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
