@@ -8,7 +8,11 @@ medians over the ThroughputMonitor's logging windows, the first (warm-up, compil
 memory is ``torch.cuda.max_memory_allocated`` over the run.
 
     python benchmarks/gpu_train.py                      # writes results/gpu_train_<gpu>.md
-    python benchmarks/gpu_train.py --steps 20 --configs configs/memoryformer_tiny.yaml
+    python benchmarks/gpu_train.py --steps 40 --configs configs/memoryformer_tiny.yaml
+
+``--accelerator cpu`` with ``--set`` overrides (e.g. ``model.preset=debug data.seq_len=32``) runs the same
+path on a CPU: the GPU suite's rehearsal uses it to catch a missing import or a wrong path before the
+device does. It imports only ``mf_lightning`` and what the GPU image has (torch, tensorboard).
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ import statistics
 import sys
 
 import torch
-from train_compare import read_scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mf_lightning.cli import main as mf_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
-LOG_EVERY = 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,31 +40,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tiny = [REPO / "configs/memoryformer_tiny.yaml", REPO / "configs/transformer_tiny.yaml"]
     parser.add_argument("--configs", nargs="+", type=pathlib.Path, default=tiny)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10, help="optimizer steps per logging window")
     parser.add_argument("--compile", nargs="+", choices=["false", "true"], default=["false", "true"])
+    parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="further mf fit settings, e.g. model.preset=debug (the rehearsal's tiny shapes)")  # fmt: skip
     parser.add_argument("--runs-dir", type=pathlib.Path, default=REPO / "runs" / "gpu_train")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="default: results/gpu_train_<gpu>.md")
     args = parser.parse_args(argv)
-    if args.steps <= 2 * LOG_EVERY:
-        parser.error(f"--steps={args.steps} must exceed {2 * LOG_EVERY}: the first logging window is warm-up")
+    if args.log_every < 1 or args.steps < 3 * args.log_every:
+        parser.error(f"--steps={args.steps} must be at least 3 x --log-every={args.log_every}: the first logging "
+                     "window is warm-up, and a median needs two more")  # fmt: skip
+    for setting in args.set:
+        if "=" not in setting:
+            parser.error(f"--set {setting!r} is not KEY=VALUE (e.g. model.preset=debug)")
     return args
 
 
-def fit_args(config: pathlib.Path, compile_model: str, steps: int, root: pathlib.Path) -> list[str]:
+def fit_args(config: pathlib.Path, compile_model: str, args: argparse.Namespace, root: pathlib.Path) -> list[str]:
     settings = {
         "trainer.default_root_dir": root,
-        "trainer.max_steps": steps,
+        "trainer.accelerator": args.accelerator,
+        "trainer.max_steps": args.steps,
         "trainer.precision": "bf16-mixed",
         "trainer.accumulate_grad_batches": 1,
         "trainer.limit_val_batches": 0,
         "trainer.num_sanity_val_steps": 0,
-        "trainer.log_every_n_steps": LOG_EVERY,
+        "trainer.log_every_n_steps": args.log_every,
         "trainer.enable_progress_bar": False,
         "checkpoint.save_top_k": 0,
         "checkpoint.save_last": False,
         "data.source": "demo",
         "model.compile": compile_model,
+        **dict(setting.split("=", 1) for setting in args.set),
     }
     return ["fit", "--config", str(config), *(f"--{key}={value}" for key, value in settings.items())]
+
+
+def read_scalars(log_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the TensorBoard events in ``log_dir`` as ``[(step, value), ...]``."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def window_medians(scalars: dict[str, list[tuple[int, float]]]) -> tuple[float, float]:
@@ -78,9 +98,11 @@ def run(args: argparse.Namespace, config: pathlib.Path, compile_model: str) -> d
     """Fit one configuration and return its measurements."""
     root = args.runs_dir / f"{config.stem}_compile_{compile_model}"
     shutil.rmtree(root, ignore_errors=True)
-    command = fit_args(config, compile_model, args.steps, root)
+    command = fit_args(config, compile_model, args, root)
     print(f"== mf {shlex.join(command)}", flush=True)
-    torch.cuda.reset_peak_memory_stats()
+    on_gpu = args.accelerator == "gpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     cli = mf_main(command)
     tokens_per_second, step_seconds = window_medians(read_scalars(root / "tensorboard"))
     data = cli.datamodule
@@ -90,15 +112,19 @@ def run(args: argparse.Namespace, config: pathlib.Path, compile_model: str) -> d
         "batch": f"{data.batch_size} x {data.seq_len}",
         "tokens_per_second": tokens_per_second,
         "step_ms": step_seconds * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
     }
 
 
 def table_line(result: dict[str, object]) -> str:
     return (
         f"| {result['config']} | {result['compile']} | {result['batch']} | {result['tokens_per_second']:,.0f} | "
-        f"{result['step_ms']:.0f} | {result['peak_gib']:.1f} |"
+        f"{result['step_ms']:.0f} | {gib(result['peak_gib'])} |"
     )
+
+
+def gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def goals(results: list[dict[str, object]]) -> list[str]:
@@ -113,7 +139,7 @@ def goals(results: list[dict[str, object]]) -> list[str]:
             verdict = "met" if ratio >= 1 else "MISSED"
             lines.append(f"- compile {compile_model}: MemoryFormer-tiny tokens/s >= Transformer-tiny's: {verdict} "
                          f"({ratio:.2f}x)")  # fmt: skip
-        if memoryformer:
+        if memoryformer and memoryformer["peak_gib"] is not None:
             verdict = "met" if memoryformer["peak_gib"] * 2**30 <= 80e9 else "MISSED"
             lines.append(f"- compile {compile_model}: MemoryFormer-tiny micro-batch within 80 GB: {verdict} "
                          f"({memoryformer['peak_gib']:.1f} GiB peak)")  # fmt: skip
@@ -122,16 +148,17 @@ def goals(results: list[dict[str, object]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_train.py needs a CUDA GPU")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("gpu_train.py: no CUDA GPU here (--accelerator cpu rehearses the same path on the CPU)")
     results = [run(args, config, compile_model) for config in args.configs for compile_model in args.compile]
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu"
     command = shlex.join(["python", "benchmarks/gpu_train.py", *(sys.argv[1:] if argv is None else argv)])
     text = "\n".join([
         f"# Training throughput: {gpu}",
         "",
         f"- torch {torch.__version__}, date {datetime.date.today().isoformat()}, command: `{command}`",
-        f"- {args.steps} optimizer steps, bf16-mixed, no accumulation, demo corpus, bucket monitoring on",
+        f"- {args.steps} optimizer steps, bf16-mixed, no accumulation, demo corpus, bucket monitoring on"
+        + (f"; settings {' '.join(args.set)}" if args.set else ""),
         "- tokens/s and step time: medians of the logging windows after the first (warm-up, compilation)",
         "",
         "| config | compile | micro-batch | train tokens/s | step ms | peak GPU GiB |",

@@ -11,11 +11,18 @@ read + written) and of its datasheet peak (``SPEC_PEAKS``, matched on the device
 ``--max-reference-gib``, and not run by default on CUDA), ``embedding_bag``, ``triton`` (CUDA only) and,
 with ``--compile``, ``torch.compile`` of embedding_bag.
 
-The markdown table is printed and written to ``benchmarks/results/memory_layer_<device>.md``.
+Skewed bucket usage (``--skews``): at ``--skew-tokens`` tokens (default: the most measured) it also times
+every Memory Layer implementation, both triton backward modes included, on inputs whose chunks hash
+``uniform`` ly (random signs), with the per-table row usage measured in training (``gini``: Gini 0.93,
+as the ablation study saw Q/K/V collapse), and with every token on one row of each table (``hot``); the
+Gini of the hashed input is measured and printed beside each case.
+
+The markdown tables are printed and written to ``benchmarks/results/memory_layer_<device>.md``.
 
     python benchmarks/memory_layer.py --quick
     python benchmarks/memory_layer.py --tokens 1 16 256 4096 --widths 512 1024 2048 --note "shared CPU"
     python benchmarks/memory_layer.py --device cuda     # widths 1024 2048, float32 and bfloat16
+    python benchmarks/memory_layer.py --skews uniform hot --skew-tokens 4096 --widths 1024
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from mf_lightning.kernels.dispatch import triton_importable
+from mf_lightning.callbacks.usage_metrics import gini
+from mf_lightning.kernels import bucket_indices
+from mf_lightning.kernels.dispatch import triton_usable
 from mf_lightning.nn import MemoryLayer
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -57,6 +66,12 @@ SPEC_PEAKS = [
 by its datasheet, ~4.3 TB/s seen as a device copy; H100 SXM 3.35 TB/s)."""
 
 
+SKEWS = ("uniform", "gini", "hot")
+MEASURED_GINI = 0.93
+"""Gini coefficient of Q/K/V bucket usage measured in training (the ablation study)."""
+HOT_ROW = 5
+
+
 @dataclass
 class Row:
     """One measured implementation at one shape; times in seconds, ``None`` where not measured."""
@@ -68,6 +83,8 @@ class Row:
     forward_s: float | None
     forward_bytes: int
     train_step_s: float | None = None
+    inputs: str = "uniform"
+    gini: float | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: every backend usable on the device (CUDA: embedding_bag, triton)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the embedding_bag path")
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
+    parser.add_argument("--skews", nargs="*", choices=SKEWS, default=list(SKEWS),
+                        help="bucket usages of the skew table (none: no skew table)")  # fmt: skip
+    parser.add_argument("--skew-tokens", type=int, default=None, help="tokens of the skew table (default: most)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--max-reference-gib", type=float, default=1.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtypes = args.dtypes or (["float32", "bfloat16"] if on_cuda else ["float32"])
     if args.quick:
         args.tokens, args.widths = [1, 64, 1024], [DECODE_WIDTH]
+    args.skew_tokens = args.skew_tokens or max(args.tokens)
     for width in args.widths:
         if width % args.code_bits:
             parser.error(f"--widths {width} is not divisible by --code-bits {args.code_bits}")
@@ -138,8 +159,10 @@ def time_module(module: nn.Module, x: torch.Tensor, min_run_time: float, forward
 
 
 def available_backends(device: torch.device, requested: list[str] | None) -> list[str]:
+    """The requested backends (default: every one usable on ``device``; triton on CPU only interpreted,
+    ``TRITON_INTERPRET=1``, which checks the path but says nothing of its speed)."""
     on_cuda = device.type == "cuda"
-    usable = ["torch", "embedding_bag"] + (["triton"] if on_cuda and triton_importable() else [])
+    usable = ["torch", "embedding_bag"] + (["triton"] if triton_usable(device) else [])
     if requested is None:
         return usable[1:] if on_cuda else usable
     missing = [name for name in requested if name not in usable]
@@ -166,14 +189,8 @@ def spec_bandwidth(device: torch.device) -> float | None:
     return next((peak for fragment, peak in SPEC_PEAKS if fragment in name), None)
 
 
-def measure_width(
-    args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str], peaks: tuple
-) -> list[Row]:
-    """Rows for ``nn.Linear`` and every Memory Layer implementation at each token count, printed as measured."""
-    dtype = DTYPES[dtype_name]
-    element = torch.finfo(dtype).bits // 8
-    num_tables = width // args.code_bits
-    factory = {"device": device, "dtype": dtype}
+def memory_layers(args: argparse.Namespace, width: int, backends: list[str], factory: dict) -> dict[str, nn.Module]:
+    """Every Memory Layer implementation measured, by its name in the tables."""
     layers: dict[str, nn.Module] = {
         name: MemoryLayer(width, width, args.code_bits, backend=name, **factory) for name in backends
     }
@@ -182,6 +199,24 @@ def measure_width(
     if args.compile:
         eager = MemoryLayer(width, width, args.code_bits, backend="embedding_bag", **factory)
         layers["embedding_bag+compile"] = torch.compile(eager)
+    return layers
+
+
+def time_layer(name: str, layer: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[float, float | None]:
+    """``time_module`` with the triton backward mode the implementation's name asks for."""
+    with triton_backward(ATOMIC if name == "triton atomic bwd" else DETERMINISTIC):
+        return time_module(layer, x, args.min_run_time, args.forward_only)
+
+
+def measure_width(
+    args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str], peaks: tuple
+) -> list[Row]:
+    """Rows for ``nn.Linear`` and every Memory Layer implementation at each token count, printed as measured."""
+    dtype = DTYPES[dtype_name]
+    element = torch.finfo(dtype).bits // 8
+    num_tables = width // args.code_bits
+    factory = {"device": device, "dtype": dtype}
+    layers = memory_layers(args, width, backends, factory)
     linear = nn.Linear(width, width, **factory)
     rows = []
     for tokens in args.tokens:
@@ -195,10 +230,63 @@ def measure_width(
         for name, layer in layers.items():
             row = Row(dtype_name, width, tokens, name, None, gathered + io_bytes)
             if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
-                with triton_backward(ATOMIC if name == "triton atomic bwd" else DETERMINISTIC):
-                    row.forward_s, row.train_step_s = time_module(layer, x, args.min_run_time, args.forward_only)
+                row.forward_s, row.train_step_s = time_layer(name, layer, x, args)
             rows.append(row)
             print(format_row(row, baseline, peaks), flush=True)
+    return rows
+
+
+def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tensor:
+    """Hits per row, summing to ``num_hits``, from geometric row probabilities tuned to the ``target`` Gini."""
+    low, high = 1.0, 100.0
+    for _ in range(60):
+        decay = (low + high) / 2
+        weights = torch.exp(-torch.arange(num_rows, dtype=torch.float64) * decay / num_rows)
+        counts = torch.floor(num_hits * weights / weights.sum()).long()
+        counts[0] += num_hits - counts.sum()
+        low, high = (low, decay) if float(gini(counts)) > target else (decay, high)
+    return counts
+
+
+def skewed_input(skew: str, tokens: int, width: int, code_bits: int, factory: dict) -> torch.Tensor:
+    """``[tokens, width]`` input whose chunks hash with the ``skew`` usage of each table's rows (see the
+    module docstring): signs set bit by bit (``z >= 0`` is bit 1, most significant first), random magnitudes."""
+    if skew == "uniform":
+        return torch.randn(tokens, width, **factory)
+    num_tables, num_rows = width // code_bits, 2**code_bits
+    if skew == "hot":
+        buckets = torch.full((tokens, num_tables), HOT_ROW)
+    else:
+        counts = [counts_with_gini(tokens, num_rows, MEASURED_GINI) for _ in range(num_tables)]
+        columns = [torch.randperm(num_rows).repeat_interleave(c)[torch.randperm(tokens)] for c in counts]
+        buckets = torch.stack(columns, dim=1)
+    bits = (buckets.unsqueeze(-1) >> torch.arange(code_bits - 1, -1, -1)) & 1
+    magnitudes = 0.1 + torch.rand(bits.shape)
+    return torch.where(bits == 1, magnitudes, -magnitudes).flatten(1).to(**factory)
+
+
+def measured_gini(x: torch.Tensor, code_bits: int) -> float:
+    """Mean over tables of the Gini coefficient of row usage, from hashing ``x`` as the layer does."""
+    buckets = bucket_indices(x.float().reshape(x.shape[0], -1, code_bits)).cpu()
+    counts = torch.stack([torch.bincount(column, minlength=2**code_bits) for column in buckets.T])
+    return float(gini(counts).mean())
+
+
+def measure_skews(args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str]) -> list[Row]:
+    """Rows of every Memory Layer implementation on each skewed input at ``--skew-tokens``, printed as measured."""
+    factory = {"device": device, "dtype": DTYPES[dtype_name]}
+    layers = memory_layers(args, width, backends, factory)
+    rows = []
+    for skew in args.skews:
+        x = skewed_input(skew, args.skew_tokens, width, args.code_bits, factory)
+        usage = measured_gini(x, args.code_bits)
+        gathered = args.skew_tokens * (width // args.code_bits) * width * x.element_size()
+        for name, layer in layers.items():
+            row = Row(dtype_name, width, args.skew_tokens, name, None, gathered, inputs=skew, gini=usage)
+            if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
+                row.forward_s, row.train_step_s = time_layer(name, layer, x, args)
+            rows.append(row)
+            print(format_skew_row(row, rows), flush=True)
     return rows
 
 
@@ -247,6 +335,22 @@ def format_row(row: Row, baseline: Row, peaks: tuple[float | None, float | None]
         f"{'' if bandwidth is None else f'{bandwidth / 1e9:.1f}'} | {percent(bandwidth, peaks[0])} | "
         f"{percent(bandwidth, peaks[1])} | {ratio(row.forward_s, baseline.forward_s)} | "
         f"{milliseconds(row.train_step_s)} | {ratio(row.train_step_s, baseline.train_step_s)} |"
+    )
+
+
+SKEW_HEADER = (
+    "| dtype | width | tokens | inputs | Gini | implementation | fwd ms | fwd+bwd ms | fwd+bwd / uniform |\n"
+    "|---|---:|---:|---|---:|---|---:|---:|---:|"
+)
+
+
+def format_skew_row(row: Row, rows: list[Row]) -> str:
+    """One line of the skew table; the last column against the same implementation on uniform input."""
+    uniform = next((r for r in rows if (r.dtype, r.width, r.impl, r.inputs) == (row.dtype, row.width, row.impl, "uniform")), None)
+    return (
+        f"| {row.dtype} | {row.width} | {row.tokens} | {row.inputs} | {row.gini:.2f} | {row.impl} | "
+        f"{milliseconds(row.forward_s)} | {milliseconds(row.train_step_s)} | "
+        f"{ratio(row.train_step_s, uniform.train_step_s if uniform else None)} |"
     )
 
 
@@ -299,6 +403,7 @@ def report(
     args: argparse.Namespace,
     device: torch.device,
     rows: list[Row],
+    skew_rows: list[Row],
     command: str,
     peaks: tuple[float | None, float | None],
 ) -> str:
@@ -319,7 +424,13 @@ def report(
         header.append("- triton: deterministic table gradient (default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
     if args.note:
         header.append(f"- note: {args.note}")
-    return "\n".join([*header, "", TABLE_HEADER, *table, "", "## Targets", "", *target_checks(rows, peaks), ""])
+    skews = []
+    if skew_rows:
+        skews = ["", "## Skewed bucket usage", "",
+                 "Gini: measured on the hashed input, mean over tables; fwd+bwd / uniform: against the same "
+                 "implementation on uniform input.", "", SKEW_HEADER,
+                 *(format_skew_row(row, skew_rows) for row in skew_rows)]  # fmt: skip
+    return "\n".join([*header, "", TABLE_HEADER, *table, *skews, "", "## Targets", "", *target_checks(rows, peaks), ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,8 +446,17 @@ def main(argv: list[str] | None = None) -> None:
         for width in args.widths
         for row in measure_width(args, device, dtype, width, backends, peaks)
     ]
+    skew_rows = []
+    if args.skews:
+        print(f"\n{SKEW_HEADER}")
+        skew_rows = [
+            row
+            for dtype in args.dtypes
+            for width in args.widths
+            for row in measure_skews(args, device, dtype, width, backends)
+        ]
     command = shlex.join(["python", "benchmarks/memory_layer.py", *(sys.argv[1:] if argv is None else argv)])
-    text = report(args, device, rows, command, peaks)
+    text = report(args, device, rows, skew_rows, command, peaks)
     output = args.output or RESULTS_DIR / f"memory_layer_{device_slug(device)}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)

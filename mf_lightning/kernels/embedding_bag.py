@@ -45,10 +45,16 @@ def embedding_bag_memory_layer(
 @functools.cache
 def table_offsets(num_tables: int, num_rows: int, device: torch.device) -> torch.Tensor:
     """Row of the first bucket of each table in the flattened ``[K * 2**tau, out]`` tables."""
-    return torch.arange(0, num_tables * num_rows, num_rows, device=device, dtype=torch.int64)
+    with torch.inference_mode(False):  # kept for later calls, which may need gradients
+        return torch.arange(0, num_tables * num_rows, num_rows, device=device, dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=16)
 def bag_starts(num_tokens: int, num_tables: int, device: torch.device) -> torch.Tensor:
-    """Where each token's bag of ``num_tables`` rows starts in the flattened rows (kept, not rebuilt per call)."""
-    return torch.arange(0, num_tokens * num_tables, num_tables, device=device, dtype=torch.int64)
+    """Where each token's bag of ``num_tables`` rows starts in the flattened rows (kept, not rebuilt per call).
+
+    Made outside inference mode even when the first call is in it (decoding, validation): ``embedding_bag``
+    saves it for the backward of a later training call, and an inference tensor cannot be saved.
+    """
+    with torch.inference_mode(False):
+        return torch.arange(0, num_tokens * num_tables, num_tables, device=device, dtype=torch.int64)

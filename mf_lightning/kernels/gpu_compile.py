@@ -7,8 +7,10 @@ kernel that would not compile for the GPU, or that spills, is caught on any mach
 
 Variants are every combination the launches in :mod:`triton_memory` can produce: each kernel, with each
 autotuning configuration, for each dtype its pointers can carry, each code-length family (``tau = 8``,
-a power of two, and ``tau = 10``, padded to 16), each score, and both backward modes (the row-gradient
-and chunk-gradient kernels are the deterministic mode, the atomic kernel the other).
+a power of two, and ``tau = 10``, padded to 16), each score, and both backward modes (the row-gradient,
+combine and chunk-gradient kernels are the deterministic mode, the atomic kernel the other). The
+deterministic kernels have one configuration per shape; the gather and atomic kernels one per
+autotuning candidate.
 
     TRITON_INTERPRET=0 python -m mf_lightning.kernels.gpu_compile --arch 90 80
 
@@ -43,6 +45,8 @@ CODE_BITS = (8, 10)
 SCORES = ("scaled", "paper")
 OUT_FEATURES = (1024, 4096)
 """Output widths of the row-gradient variants: the model widths and fused QKV (``3 * 1024``, padded)."""
+NUM_TABLES = 128
+"""Tables of the gather variants (a 1024-wide input in 8-bit chunks); it bounds a loop, not a register tile."""
 MIXED = [("bfloat16", "float32"), ("float16", "float32")]
 """(input, tables) dtypes of autocast training: half-precision activations, float32 tables."""
 
@@ -117,16 +121,19 @@ def variants() -> list[Variant]:
     for table_dtype, (blocks, warps) in itertools.product(TYPES, triton_memory.GATHER_TUNING):
         t = f"*{TYPES[table_dtype]}"
         pointers = {"tables_ptr": t, "bias_ptr": t, "buckets_ptr": "*i32", "scores_ptr": "*fp32", "y_ptr": t}
-        found.append(variant("gather_kernel", pointers, {"HAS_BIAS": True, **blocks}, warps))
-    for table_dtype, out_features, (_, warps) in itertools.product(
-        TYPES, OUT_FEATURES, triton_memory.ROW_GRADIENT_TUNING
-    ):
+        constants = {"NUM_TABLES": NUM_TABLES, "HAS_BIAS": True, **blocks}
+        found.append(variant("gather_kernel", pointers, constants, warps))
+    for table_dtype, out_features in itertools.product(TYPES, OUT_FEATURES):
         t = f"*{TYPES[table_dtype]}"
         pointers = {"grad_y_ptr": t, "tables_ptr": t, "scores_ptr": "*fp32", "sorted_hits_ptr": "*i64",
-                    "segment_starts_ptr": "*i64", "row_order_ptr": "*i64", "grad_tables_ptr": t,
+                    "pieces_ptr": "*i64", "grad_tables_ptr": t, "partials_ptr": "*fp32",
                     "grad_scores_ptr": "*fp32"}  # fmt: skip
         constants = {"D_PAD": out_features, "BLOCK_HITS": triton_memory.row_tile_hits(out_features)}
-        found.append(variant("row_gradient_kernel", pointers, constants, warps))
+        found.append(variant("row_gradient_kernel", pointers, constants, triton_memory.ROW_GRADIENT_WARPS))
+    for table_dtype in TYPES:
+        pointers = {"partials_ptr": "*fp32", "combines_ptr": "*i64", "grad_tables_ptr": f"*{TYPES[table_dtype]}"}
+        constants = {"BLOCK_D": triton_memory.COMBINE_BLOCK_D}
+        found.append(variant("combine_partials_kernel", pointers, constants, triton_memory.COMBINE_WARPS))
     for (x_dtype, table_dtype), code_bits, score, (blocks, warps) in itertools.product(
         same + MIXED, CODE_BITS, SCORES, triton_memory.ATOMIC_TUNING
     ):

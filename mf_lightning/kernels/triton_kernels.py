@@ -12,10 +12,15 @@ them hashes every hit once, whatever the number of column tiles: the gather re-r
 
 Backward, two modes:
 
-- deterministic (default): the caller sorts the hits by table row; :func:`row_gradient_kernel` gives
-  each row one program that sums its hits' ``s_c * dy[n]`` in sorted order and writes the row (zeros
-  where no hit), and also writes ``g_c = <T_k[h_c], dy[n]>`` for each of its hits, reading the table
-  row once instead of once per hit. :func:`chunk_gradient_kernel` then turns ``g_c`` into ``dx``.
+- deterministic (default): the caller sorts the hits by table row and cuts each row's run of hits into
+  pieces of at most a fixed number of hits; :func:`row_gradient_kernel` gives each piece one program
+  that sums its hits' ``s_c * dy[n]`` in sorted order, writing the row itself when one piece holds it
+  (zeros where no hit) and a float32 partial sum otherwise, and writes ``g_c = <T_k[h_c], dy[n]>`` for
+  each of its hits, reading the table row once per piece instead of once per hit.
+  :func:`combine_partials_kernel` adds the partial sums of each long row in piece order, and
+  :func:`chunk_gradient_kernel` turns ``g_c`` into ``dx``. Work per program is bounded whatever the
+  bucket distribution (a row holding every token no longer serialises the backward), and nothing
+  depends on scheduling.
 - atomic: :func:`atomic_backward_kernel` gathers rows per (token tile, table), reduces ``g_c`` and
   ``atomic_add`` s ``s_c * dy[n]`` into a float32 table gradient; fast when hits are spread, but
   atomics serialise on popular rows and the sum order depends on scheduling.
@@ -109,10 +114,10 @@ def gather_kernel(
     scores_ptr,
     y_ptr,
     num_tokens,
-    num_tables,
     num_rows,
     out_features,
     token_bucket,
+    NUM_TABLES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,28 +125,31 @@ def gather_kernel(
 ):
     """``y[n, cols] = sum_k s_nk * T_k[h_nk, cols] + bias[cols]`` for one tile of tokens x columns.
 
-    ``BLOCK_K`` tables are gathered per step, so ``BLOCK_N * BLOCK_K`` independent row loads are in
-    flight. ``token_bucket`` (a power of two >= ``num_tokens``) is unused here: it is the autotuning key,
-    so nearby token counts share one tuned configuration.
+    ``BLOCK_K`` tables are gathered per step (``BLOCK_N * BLOCK_K`` independent row loads in flight),
+    but added to the accumulator one table at a time, in table order: every element is the same
+    sequence of float32 operations whatever the block sizes and warps, so every autotuning candidate
+    gives the same bits. ``NUM_TABLES`` is a compile-time constant so that the loop bounds are plain
+    integers (triton 3.6's interpreter cannot iterate over a runtime scalar with numpy >= 2.4).
+    ``token_bucket`` (a power of two >= ``num_tokens``) is unused here: it is the autotuning key, so
+    nearby token counts share one tuned configuration.
     """
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
     col_ok = cols < out_features
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for first_table in range(0, num_tables, BLOCK_K):
-        tables = first_table + tl.arange(0, BLOCK_K)
-        hit_ok = token_ok[:, None] & (tables < num_tables)[None, :]
-        hits = tokens[:, None] * num_tables + tables[None, :]
-        bucket = tl.load(buckets_ptr + hits, mask=hit_ok, other=0)
-        score = tl.load(scores_ptr + hits, mask=hit_ok, other=0.0)
-        row_start = (tables[None, :] * num_rows + bucket).to(tl.int64) * out_features
-        rows = tl.load(
-            tables_ptr + row_start[:, :, None] + cols[None, None, :],
-            mask=hit_ok[:, :, None] & col_ok[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(score[:, :, None] * rows.to(tl.float32), axis=1)
+    for first_table in range(0, NUM_TABLES, BLOCK_K):
+        for offset in tl.static_range(BLOCK_K):
+            table = tl.full((BLOCK_N,), first_table + offset, tl.int32)
+            hit_ok = token_ok & (table < NUM_TABLES)
+            hits = tokens * NUM_TABLES + table
+            bucket = tl.load(buckets_ptr + hits, mask=hit_ok, other=0)
+            score = tl.load(scores_ptr + hits, mask=hit_ok, other=0.0)
+            row_start = (table * num_rows + bucket).to(tl.int64) * out_features
+            rows = tl.load(
+                tables_ptr + row_start[:, None] + cols[None, :], mask=hit_ok[:, None] & col_ok[None, :], other=0.0
+            )
+            acc = tl.where(hit_ok[:, None], acc + score[:, None] * rows.to(tl.float32), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_offsets = tokens[:, None] * out_features + cols[None, :]
@@ -154,30 +162,40 @@ def row_gradient_kernel(
     tables_ptr,
     scores_ptr,
     sorted_hits_ptr,
-    segment_starts_ptr,
-    row_order_ptr,
+    pieces_ptr,
     grad_tables_ptr,
+    partials_ptr,
     grad_scores_ptr,
     num_tables,
     out_features,
     D_PAD: tl.constexpr,
     BLOCK_HITS: tl.constexpr,
 ):
-    """Gradient of one table row, and ``g_c`` of every hit on it, without atomics.
+    """The table-gradient sum over one *piece* of a row's hits, and ``g_c`` of each of its hits, without atomics.
 
-    ``sorted_hits`` lists the hits ordered by row (stable), row ``r``'s hits at
-    ``segment_starts[r] : segment_starts[r + 1]``; ``row_order`` lists rows by descending hit count, so
-    the longest segments start first. The sum runs in that fixed order, ``BLOCK_HITS`` hits per step:
-    the result does not depend on scheduling.
+    ``sorted_hits`` lists the hits ordered by table row (stable). ``pieces [P, 4]`` (int64) cuts each
+    row's run of hits into pieces of at most a fixed number of hits: (row, begin, end, slot), positions
+    ``begin:end`` of ``sorted_hits``; row ``-1`` marks padding (no work). A row held by one piece is
+    written to the table gradient directly (slot ``-1``; a row without hits gets zeros); the pieces of a
+    longer row write float32 partial sums to ``partials[slot]``, which :func:`combine_partials_kernel`
+    adds in slot order. So no program sums more than one piece, however the hits are spread over rows,
+    and the sum runs in a fixed order, ``BLOCK_HITS`` hits per step: the result does not depend on
+    scheduling. ``g_c = <T_k[h_c], dy[n]>`` reads the table row once per piece instead of once per hit.
+    The loop is a ``while`` over loaded bounds (a ``range`` over runtime scalars fails in triton 3.6's
+    interpreter with numpy >= 2.4).
     """
-    row = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
-    begin = tl.load(segment_starts_ptr + row)
-    end = tl.load(segment_starts_ptr + row + 1)
+    piece = pieces_ptr + tl.program_id(0).to(tl.int64) * 4
+    row = tl.load(piece)
+    first = tl.load(piece + 1)
+    end = tl.load(piece + 2)
+    slot = tl.load(piece + 3)
     cols = tl.arange(0, D_PAD)
     col_ok = cols < out_features
-    table_row = tl.load(tables_ptr + row * out_features + cols, mask=col_ok, other=0.0).to(tl.float32)
+    row_cols = col_ok & (tl.full((D_PAD,), row, tl.int64) >= 0)  # the scalar broadcast first: the interpreter
+    slot_cols = col_ok & (tl.full((D_PAD,), slot, tl.int64) >= 0)  # mis-types ``block & scalar`` masks
+    table_row = tl.load(tables_ptr + row * out_features + cols, mask=row_cols, other=0.0).to(tl.float32)
     acc = tl.zeros((D_PAD,), dtype=tl.float32)
-    for first in range(begin, end, BLOCK_HITS):
+    while first < end:
         positions = first + tl.arange(0, BLOCK_HITS)
         hit_ok = positions < end
         hits = tl.load(sorted_hits_ptr + positions, mask=hit_ok, other=0)
@@ -187,7 +205,38 @@ def row_gradient_kernel(
         grad_y = grad_y.to(tl.float32)
         acc += tl.sum(score[:, None] * grad_y, axis=0)
         tl.store(grad_scores_ptr + hits, tl.sum(grad_y * table_row[None, :], axis=1), mask=hit_ok)
-    tl.store(grad_tables_ptr + row * out_features + cols, acc.to(grad_tables_ptr.dtype.element_ty), mask=col_ok)
+        first += BLOCK_HITS
+    grad_row = acc.to(grad_tables_ptr.dtype.element_ty)
+    tl.store(grad_tables_ptr + row * out_features + cols, grad_row, mask=row_cols & ~slot_cols)
+    tl.store(partials_ptr + slot * out_features + cols, acc, mask=slot_cols)
+
+
+@triton.jit
+def combine_partials_kernel(
+    partials_ptr,
+    combines_ptr,
+    grad_tables_ptr,
+    out_features,
+    BLOCK_D: tl.constexpr,
+):
+    """Table-gradient columns of one row held by several pieces: its float32 partial sums added in slot order.
+
+    ``combines [M, 3]`` (int64) holds (row, first slot, number of slots) per such row; row ``-1`` marks
+    padding. The order is fixed, so the sum is deterministic; a program reads at most (hits of a row /
+    hits per piece) partial rows of ``BLOCK_D`` columns.
+    """
+    combine = combines_ptr + tl.program_id(0).to(tl.int64) * 3
+    row = tl.load(combine)
+    slot = tl.load(combine + 1)
+    last = slot + tl.load(combine + 2)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < out_features
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    while slot < last:
+        acc += tl.load(partials_ptr + slot * out_features + cols, mask=col_ok, other=0.0)
+        slot += 1
+    row_cols = col_ok & (tl.full((BLOCK_D,), row, tl.int64) >= 0)
+    tl.store(grad_tables_ptr + row * out_features + cols, acc.to(grad_tables_ptr.dtype.element_ty), mask=row_cols)
 
 
 @triton.jit
@@ -251,13 +300,15 @@ def atomic_backward_kernel(
     row_start = (k * num_rows + bucket).to(tl.int64) * out_features
     grad_y_start = tokens * out_features
     grad_score = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for col_start in range(0, out_features, BLOCK_D):
+    col_start = tl.zeros((), dtype=tl.int32)
+    while col_start < out_features:
         cols = col_start + tl.arange(0, BLOCK_D)
         tile_ok = token_ok[:, None] & (cols < out_features)[None, :]
         grad_y = tl.load(grad_y_ptr + grad_y_start[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         rows = tl.load(tables_ptr + row_start[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         grad_score += tl.sum(rows * grad_y, axis=1)
         tl.atomic_add(grad_tables_ptr + row_start[:, None] + cols[None, :], score[:, None] * grad_y, mask=tile_ok)
+        col_start += BLOCK_D
     z, bit_ok = _load_chunks(x_ptr, hits, token_ok, num_tables, stride_xn, stride_xw, CODE_BITS, TAU_PAD)
     grad_x = _grad_of_chunks(z, bit_ok, grad_score, two_over_t, SCALED)
     _store_grad_x(grad_x_ptr, hits, token_ok, bit_ok, grad_x, CODE_BITS, TAU_PAD)

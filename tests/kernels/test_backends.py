@@ -62,3 +62,13 @@ def test_every_backend_returns_the_buckets_it_hashed(backend):
     y, buckets = memory_layer_and_buckets(x, tables, bias, "scaled", 1.0, backend)
     torch.testing.assert_close(y, memory_layer(x, tables, bias, backend="torch"))
     assert torch.equal(buckets.long(), bucket_indices(x.detach().reshape(2, 3, 6, 4)))
+
+
+def test_embedding_bag_trains_after_an_inference_mode_call_of_the_same_shape():
+    """Its cached bag starts, first made under ``inference_mode`` (validation, decoding), are saved for the
+    backward of a later training step of the same shape: they must be normal tensors."""
+    x, tables, bias = make_inputs((5, 16), 4, 6)
+    with torch.inference_mode():
+        memory_layer(x, tables, bias, backend="embedding_bag")
+    memory_layer(x, tables, bias, backend="embedding_bag").sum().backward()
+    assert tables.grad is not None and x.grad is not None

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from mf_lightning.kernels import memory_layer, triton_memory
 from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.kernels.triton_memory import triton_memory_layer
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
+from mf_lightning.callbacks.usage_metrics import gini
 from mf_lightning.nn import MemoryLayer
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
@@ -194,21 +196,57 @@ def test_unknown_backward_mode_is_a_clear_error(monkeypatch) -> None:
         y.sum().backward()
 
 
-@pytest.mark.parametrize("mode, kernel", [("", "tuned_row_gradient"), ("atomic", "tuned_atomic_backward")])
+@pytest.mark.parametrize("mode, kernel", [("", "row_gradient_kernel"), ("atomic", "tuned_atomic_backward")])
 def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -> None:
-    """Deterministic (row segments, no atomics) unless ``MF_TRITON_BACKWARD=atomic``."""
+    """Deterministic (row pieces, no atomics) unless ``MF_TRITON_BACKWARD=atomic``."""
     monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, mode)
     launched = []
-    for name in ("tuned_row_gradient", "tuned_atomic_backward"):
-        tuned = getattr(triton_memory, name)
-        def spy(*args, _run=tuned.run, _name=name, **kwargs):
+    for name in ("row_gradient_kernel", "tuned_atomic_backward"):
+        launcher = getattr(triton_memory, name)
+
+        def spy(*args, _run=launcher.run, _name=name, **kwargs):
             launched.append(_name)
             return _run(*args, **kwargs)
 
-        monkeypatch.setattr(tuned, "run", spy)
+        monkeypatch.setattr(launcher, "run", spy)
     x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
     triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)[0].sum().backward()
     assert launched == [kernel]
+
+
+def test_every_gather_candidate_gives_the_same_bits() -> None:
+    """Whatever configuration autotuning picks, the forward is bitwise the same: each candidate is forced
+    in turn (6 tables, so BLOCK_K 4 and 16 leave masked tables; 21 tokens, so every BLOCK_N a partial tile)."""
+    x, tables, bias = make_inputs((21,), 6 * 4, 150, code_bits=4)
+    _, buckets, scores = triton_memory.memory_layer_forward(x.detach(), tables.detach(), None, 4, "scaled", 1.0)
+    candidates = [(triton_memory.INTERPRETED_GATHER, 1), *triton_memory.GATHER_TUNING]
+    outputs = []
+    for blocks, warps in candidates:
+        y = torch.full((21, 150), float("nan"), device=DEVICE)
+        triton_memory.gather(tables.detach(), bias.detach(), buckets, scores, y, kernel=triton_memory.gather_kernel,
+                             num_warps=warps, **blocks)  # fmt: skip
+        outputs.append(y)
+    assert not outputs[0].isnan().any(), "every element must be written"
+    for blocks, y in zip(candidates[1:], outputs[1:]):
+        assert torch.equal(y.view(torch.int32), outputs[0].view(torch.int32)), f"{blocks} changed the bits"
+
+
+def test_deterministic_backward_is_not_autotuned(monkeypatch) -> None:
+    """The deterministic table gradient runs one configuration per shape: no autotuner runs in its backward,
+    so its bits cannot depend on which configuration a timing picked."""
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
+    y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
+    autotuned = []
+    original = triton.runtime.autotuner.Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        autotuned.append(self.base_fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", spy)
+    y.sum().backward()
+    assert autotuned == []
 
 
 def skewed_inputs(num_tokens: int, code_bits: int, dtype: torch.dtype = torch.float32):
@@ -227,6 +265,101 @@ def test_skewed_buckets_match_reference_in_both_modes(backward_mode: str) -> Non
     buckets = triton_memory_layer(x, tables, bias, 3, "scaled", 1.0)[1]
     assert (buckets == buckets[0]).all(-1).sum() >= 63, "most tokens must share one row in every table"
     assert_matches_reference(x, tables, bias, 3, "scaled", 1.0)
+
+
+MEASURED_GINI = 0.93
+"""Gini coefficient of Q/K/V bucket usage measured in training (the ablation study)."""
+
+
+def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tensor:
+    """Hits per row, summing to ``num_hits``, from geometric row probabilities tuned to the ``target`` Gini."""
+    low, high = 1.0, 100.0
+    for _ in range(60):
+        decay = (low + high) / 2
+        weights = torch.exp(-torch.arange(num_rows, dtype=torch.float64) * decay / num_rows)
+        counts = torch.floor(num_hits * weights / weights.sum()).long()
+        counts[0] += num_hits - counts.sum()
+        low, high = (low, decay) if float(gini(counts)) > target else (decay, high)
+    return counts
+
+
+def inputs_hashing_to(buckets: torch.Tensor, code_bits: int, out_features: int):
+    """Input, tables and bias whose chunk ``[n, k]`` hashes to ``buckets[n, k]`` (random magnitudes)."""
+    place_values = 2 ** torch.arange(code_bits - 1, -1, -1)
+    bits = (buckets.unsqueeze(-1) & place_values) > 0
+    magnitudes = 0.1 + torch.rand(*bits.shape)
+    x = torch.where(bits, magnitudes, -magnitudes).flatten(-2).to(DEVICE)
+    tables = 0.1 * torch.randn(buckets.shape[1], 2**code_bits, out_features, device=DEVICE)
+    bias = 0.1 * torch.randn(out_features, device=DEVICE)
+    return [t.requires_grad_() for t in (x, tables, bias)]
+
+
+def hot_row_buckets(num_tokens: int, num_tables: int) -> torch.Tensor:
+    """Every token in row 5 of every table: 100 % of the hits on one row per table."""
+    return torch.full((num_tokens, num_tables), 5)
+
+
+def measured_gini_buckets(num_tokens: int, num_tables: int, code_bits: int) -> torch.Tensor:
+    """Per table, rows used with the measured Gini coefficient, rows and tokens in random order."""
+    columns = []
+    for _ in range(num_tables):
+        counts = counts_with_gini(num_tokens, 2**code_bits, MEASURED_GINI)
+        rows = torch.randperm(2**code_bits).repeat_interleave(counts)
+        columns.append(rows[torch.randperm(num_tokens)])
+    return torch.stack(columns, dim=1)
+
+
+def assert_hot_row_matches_reference(num_tokens: int) -> None:
+    """Every token on row 5 of both tables, against the reference, up to the rounding of a float32 sum of
+    ``num_tokens`` terms taken in another order."""
+    x, tables, bias = inputs_hashing_to(hot_row_buckets(num_tokens, 2), code_bits=3, out_features=10)
+    assert (triton_memory_layer(x, tables, bias, 3, "scaled", 1.0)[1] == 5).all()
+    rounding = num_tokens * torch.finfo(torch.float32).eps
+    assert_matches_reference(x, tables, bias, 3, "scaled", 1.0, rtol=rounding, atol=rounding)
+
+
+def test_one_hot_row_matches_reference_in_both_modes(backward_mode: str, monkeypatch) -> None:
+    """100 % of the hits on one row per table: in the deterministic mode that row is cut into 4 pieces of
+    16 hits whose partial sums are combined."""
+    monkeypatch.setattr(triton_memory, "PIECE_HITS", 16)
+    assert_hot_row_matches_reference(3 * 16 + 5)
+
+
+def test_one_hot_row_longer_than_the_default_piece(monkeypatch) -> None:
+    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    assert_hot_row_matches_reference(triton_memory.PIECE_HITS + 5)
+
+
+def test_measured_gini_distribution_matches_reference_in_both_modes(backward_mode: str, monkeypatch) -> None:
+    """Bucket usage as collapsed in training (Gini 0.93): a few long rows cut into pieces, many short ones."""
+    monkeypatch.setattr(triton_memory, "PIECE_HITS", 16)
+    buckets = measured_gini_buckets(300, 3, code_bits=5)
+    usage = torch.stack([torch.bincount(column, minlength=32) for column in buckets.T])
+    assert (gini(usage) - MEASURED_GINI).abs().max() < 0.01
+    assert usage.max() > 4 * 16, "the busiest rows must span several pieces"
+    x, tables, bias = inputs_hashing_to(buckets, code_bits=5, out_features=12)
+    assert torch.equal(triton_memory_layer(x, tables, bias, 5, "paper", 1.0)[1].cpu().long(), buckets)
+    assert_matches_reference(x, tables, bias, 5, "paper", 1.0)
+
+
+def test_row_pieces_bound_the_hits_per_program() -> None:
+    """However the hits fall, no piece holds more than ``piece_hits`` of them, the pieces of each row tile its
+    run of sorted hits in order, and the rows held by several pieces are listed with their slots."""
+    buckets = torch.cat([hot_row_buckets(40, 2), measured_gini_buckets(40, 2, code_bits=3)]).int().to(DEVICE)
+    sorted_hits, pieces, combines, max_slots = triton_memory.row_pieces(buckets, 8, piece_hits=8)
+    rows = (buckets + torch.tensor([0, 8], device=DEVICE, dtype=torch.int32)).view(-1)
+    assert torch.equal(rows[sorted_hits], rows.sort(stable=True).values)
+    real = pieces[pieces[:, 0] >= 0].cpu()
+    assert (real[:, 2] - real[:, 1]).max() <= 8 and (real[:, 2] > real[:, 1]).all()
+    assert torch.equal(real[1:, 1], real[:-1, 2]), "pieces tile the sorted hits in order"
+    assert real[0, 1] == 0 and real[-1, 2] == rows.numel()
+    counts = torch.bincount(rows.cpu(), minlength=16)
+    assert torch.equal(torch.bincount(real[:, 0], minlength=16), (counts + 7) // 8)
+    split = combines[combines[:, 0] >= 0].cpu()
+    assert torch.equal(split[:, 0], torch.nonzero(counts > 8).squeeze(1))
+    assert torch.equal(split[:, 2], (counts[counts > 8] + 7) // 8)
+    slots = real[real[:, 3] >= 0, 3]
+    assert torch.equal(slots, torch.arange(len(slots))) and len(slots) <= max_slots
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
