@@ -151,7 +151,10 @@ class MFCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Keeps the config as given: LightningCLI would overwrite the model's arguments with the
         checkpoint's hyper-parameters (unpickling the whole file once more to read them), silently
-        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead."""
+        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead.
+        Overrides a private LightningCLI method (Lightning 2.6); pinned by
+        ``tests/test_reliability.py::test_checkpoint_of_another_model_is_refused``, which fails if Lightning
+        stops calling it and the checkpoint's hyper-parameters replace the config again."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -198,8 +201,12 @@ class MFCLI(LightningCLI):
             if "://" not in folder:  # remote folders cannot be locked with a file; they are not claimed
                 self.claims.enter_context(RunFolderLock(Path(folder)))
 
+    def section(self, config: Any, key: str) -> Any:
+        """``config``'s ``key`` for the subcommand being run (the whole config has one section per subcommand)."""
+        return (config[self.subcommand] if self.subcommand else config).get(key)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self.section(self.config_init, "trainer") or {}
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
             # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
@@ -209,7 +216,7 @@ class MFCLI(LightningCLI):
                 defaults = self.trainer_defaults["callbacks"]
                 self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, kind)]
         kwargs["enable_model_summary"] = False  # FlopsModelSummary, when kept, replaces Lightning's default one
-        schedule = self._get(self.config_init, "validation")
+        schedule = self.section(self.config_init, "validation")
         kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
