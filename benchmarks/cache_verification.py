@@ -18,29 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from harness import cpu_description, median_wall_seconds, write_result
 
 from mf_lightning.data.cache import CHUNK_BYTES, SAMPLED_CHUNKS, ChecksummedWriter, TokenCache, content_problem
 from mf_lightning.data.sources import FileSource
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS_PER_WRITE = 1 << 20
-
-
-def median_seconds(action: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def write_tokens(path: Path, gib: float, checksummed: bool) -> dict:
@@ -54,13 +41,6 @@ def write_tokens(path: Path, gib: float, checksummed: bool) -> dict:
     return recorded or {}
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{models[0] if models else platform.processor()} ({os.cpu_count()} logical CPUs)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=1.0)
@@ -69,10 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        plain_write = median_seconds(lambda: write_tokens(root / "plain.bin", args.gib, False), args.repeats)
+        plain_write = median_wall_seconds(lambda: write_tokens(root / "plain.bin", args.gib, False), args.repeats)
         (root / "plain.bin").unlink()
         checksums: dict = {}
-        checksum_write = median_seconds(
+        checksum_write = median_wall_seconds(
             lambda: checksums.update(write_tokens(root / "train.bin", args.gib, True)), args.repeats
         )
         size = (root / "train.bin").stat().st_size
@@ -82,16 +62,16 @@ def main() -> None:
             "checksums": {"chunk_bytes": CHUNK_BYTES, "train": checksums},
         }
         token_cache = TokenCache(root, manifest)
-        old_check = median_seconds(lambda: int(token_cache.open("train").max()), args.repeats)
-        sampled = median_seconds(lambda: content_problem(token_cache, "train", full=False), args.repeats)
-        full = median_seconds(lambda: content_problem(token_cache, "train", full=True), args.repeats)
+        old_check = median_wall_seconds(lambda: int(token_cache.open("train").max()), args.repeats)
+        sampled = median_wall_seconds(lambda: content_problem(token_cache, "train", full=False), args.repeats)
+        full = median_wall_seconds(lambda: content_problem(token_cache, "train", full=True), args.repeats)
         assert content_problem(token_cache, "train", full=True) is None
         small = root / "small"
         small.mkdir()
         for index in range(args.files):
             (small / f"{index:05d}.txt").write_bytes(os.urandom(4096))
-        big_identity = median_seconds(lambda: FileSource([root / "train.bin"]).identity, args.repeats)
-        small_identity = median_seconds(lambda: FileSource(sorted(small.iterdir())).identity, args.repeats)
+        big_identity = median_wall_seconds(lambda: FileSource([root / "train.bin"]).identity, args.repeats)
+        small_identity = median_wall_seconds(lambda: FileSource(sorted(small.iterdir())).identity, args.repeats)
     gib = size / (1 << 30)
     cache_size = f"{gib:.2f} GiB"
     rows = [
@@ -104,7 +84,7 @@ def main() -> None:
         (f"source identity of {args.files} files of 4 KiB", f"{args.files * 4 / 1024:.1f} MiB", small_identity, False),
     ]
     table = [
-        f"# Token cache verification ({cpu_name()}, {CHUNK_BYTES >> 20} MiB chunks)",
+        f"# Token cache verification ({cpu_description()}, {CHUNK_BYTES >> 20} MiB chunks)",
         "",
         f"`python benchmarks/cache_verification.py --gib {args.gib} --files {args.files} --repeats {args.repeats}`;"
         " median of the repeats, file in the page cache; the machine was shared with other processes"
@@ -123,9 +103,7 @@ def main() -> None:
         f" ~{600 / (gib / full) / 60:.0f} min.",
     ]
     text = "\n".join(table) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_verification_cpu.md").write_text(text)
+    write_result("cache_verification_cpu.md", text)
 
 
 if __name__ == "__main__":

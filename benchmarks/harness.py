@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -37,8 +38,15 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+    """The CPU's model and its logical CPUs, without importing torch (for scripts that measure memory)."""
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     """The GPU's name, or the CPU's model with its logical CPUs and torch's thread count."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -47,6 +55,8 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 def device_slug(device: torch.device | str = "cpu") -> str:
     """What result files are named after: ``cpu`` or the GPU's name in lowercase words joined by ``_``."""
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda":
         return device.type
@@ -55,6 +65,8 @@ def device_slug(device: torch.device | str = "cpu") -> str:
 
 def environment(device: torch.device | str = "cpu") -> str:
     """One line for a result file's header: device, torch, date and the machine's load (speed figures are noisy)."""
+    import torch
+
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
         f"device: {device_name(device)}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
@@ -64,6 +76,8 @@ def environment(device: torch.device | str = "cpu") -> str:
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it; nothing on CPU."""
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -74,6 +88,16 @@ def median_seconds(fn: Callable[[], object], min_run_time: float = 0.2) -> float
 
     fn()
     return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def median_wall_seconds(action: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``action``, for actions too long to autorange."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness import cpu_description, write_result
+
 DOCUMENT_CHARS = 3000
 ENCODE_BATCH_DOCUMENTS = 256
 
@@ -227,7 +228,7 @@ def measure_memory(args: argparse.Namespace) -> None:
         rows.append(f"| {mib} MiB, {documents} docs | {many['seconds']:.0f} | {many['tree_mib']:.0f} |")
         print(rows[-1], flush=True)
     table = [
-        f"# Corpus preparation: peak memory ({cpu_name()}, bpe:{args.vocab}, {args.workers} workers)",
+        f"# Corpus preparation: peak memory ({cpu_description()}, bpe:{args.vocab}, {args.workers} workers)",
         "",
         f"`python benchmarks/prepare.py --memory-only --mib {' '.join(map(str, args.mib))} --vocab {args.vocab} "
         f"--sample-mib {args.sample_mib} --workers {args.workers}`; the largest sum of resident memory (VmRSS) of "
@@ -239,16 +240,7 @@ def measure_memory(args: argparse.Namespace) -> None:
         *rows,
     ]
     text = "\n".join(table) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare_memory_cpu.md").write_text(text)
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{models[0] if models else 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
+    write_result("prepare_memory_cpu.md", text)
 
 
 def main() -> None:
@@ -292,7 +284,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     table = [
-        f"# Corpus preparation ({cpu_name()}, bpe:{args.vocab} trained on a {args.sample_mib} MiB sample)",
+        f"# Corpus preparation ({cpu_description()}, bpe:{args.vocab} trained on a {args.sample_mib} MiB sample)",
         "",
         f"`python benchmarks/prepare.py --mib {' '.join(map(str, args.mib))} --vocab {args.vocab} "
         f"--sample-mib {args.sample_mib} --workers {args.workers}`; one JSONL file of the Python standard library's "
@@ -307,9 +299,7 @@ def main() -> None:
         *rows,
     ]
     text = "\n".join(table) + "\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare_cpu.md").write_text(text)
+    write_result("prepare_cpu.md", text)
 
 
 if __name__ == "__main__":

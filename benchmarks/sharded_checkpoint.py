@@ -24,10 +24,8 @@ wall-clock from a barrier before to a barrier after. The markdown table is print
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import platform
 import tempfile
 import threading
 import time
@@ -37,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import environment, write_result
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 WORLD_SIZE = 2
 VOCAB_SIZE = 32768
 GIB = 2**30
@@ -205,12 +203,6 @@ def run_kind(kind: str, n_layer: int, folder: pathlib.Path) -> list[dict[str, An
     return [outcomes[rank] for rank in range(WORLD_SIZE)]
 
 
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as file:
-        names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = [
         "| checkpoint | files | size | save (s) | save: peak host memory above the shards, rank 0 / rank 1 / node "
@@ -242,8 +234,7 @@ def main() -> None:
     lines = [
         "# Gathered vs sharded FSDP checkpoints (2 CPU ranks, gloo)",
         "",
-        f"`python benchmarks/sharded_checkpoint.py --n_layer {args.n_layer}` on {cpu_name()} ({os.cpu_count()} "
-        f"logical CPUs), torch {torch.__version__}, {datetime.date.today()}.",
+        f"`python benchmarks/sharded_checkpoint.py --n_layer {args.n_layer}`; {environment()}.",
         "",
         f"Model: MemoryFormer `small` preset with {args.n_layer} of its 12 blocks, vocabulary {VOCAB_SIZE}: "
         f"{first['parameters'] / 1e6:,.1f} M parameters; checkpointed state (fp32 weights + AdamW's two moments) "
@@ -254,10 +245,7 @@ def main() -> None:
     ]
     if args.note:
         lines += ["", args.note]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "sharded_checkpoint_cpu.md").write_text(text)
+    write_result("sharded_checkpoint_cpu.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,38 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import cpu_description, median_wall_seconds, write_result
 from safetensors.torch import load_file, save_file
 
 from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests, hashing_threads, tensors_digests
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TENSOR_BYTES = 64 << 20
 BASE_BF16_GB = 13.0
 """MemoryFormer-base's weights in bfloat16 (6.6 billion table values), the largest folder ``mf export`` writes."""
-
-
-def median_seconds(action: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{models[0] if models else platform.processor()} ({os.cpu_count()} logical CPUs)"
 
 
 def main() -> None:
@@ -59,11 +39,11 @@ def main() -> None:
     gib = count * TENSOR_BYTES / (1 << 30)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.safetensors"
-        digest_seconds = median_seconds(lambda: tensors_digests(state), args.repeats)
+        digest_seconds = median_wall_seconds(lambda: tensors_digests(state), args.repeats)
         metadata = {"format": "pt", DIGEST_KEY: tensors_digests(state)}
-        save_seconds = median_seconds(lambda: save_file(state, path, metadata=metadata), args.repeats)
-        load_seconds = median_seconds(lambda: [tensor.clone() for tensor in load_file(path).values()], args.repeats)
-        check_seconds = median_seconds(lambda: check_file_digests(path), args.repeats)
+        save_seconds = median_wall_seconds(lambda: save_file(state, path, metadata=metadata), args.repeats)
+        load_seconds = median_wall_seconds(lambda: [tensor.clone() for tensor in load_file(path).values()], args.repeats)
+        check_seconds = median_wall_seconds(lambda: check_file_digests(path), args.repeats)
     rows = [
         ("digests of the tensors in memory (at save)", digest_seconds),
         ("save_file", save_seconds),
@@ -71,7 +51,7 @@ def main() -> None:
         ("check the file's digests (at load)", check_seconds),
     ]
     lines = [
-        f"# Weights digest (SHA-256) cost ({cpu_name()}, {hashing_threads()} hashing threads, torch {torch.__version__})",
+        f"# Weights digest (SHA-256) cost ({cpu_description()}, {hashing_threads()} hashing threads, torch {torch.__version__})",
         "",
         (
             f"`python benchmarks/weights_digest.py --gib {args.gib} --repeats {args.repeats}`; {count} float32 tensors"
@@ -92,8 +72,7 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "weights_digest_cpu.md").write_text(table + "\n")
+    write_result("weights_digest_cpu.md", table)
 
 
 if __name__ == "__main__":

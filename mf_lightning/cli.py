@@ -61,19 +61,35 @@ from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.lit.run_lock import RunFolderLock
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
-# Lightning 2.6 itself calls jsonargparse APIs that newer jsonargparse releases deprecate; those warnings
-# are not about the user's config (jsonargparse reads this variable when it warns).
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 """A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
+LIGHTNING_MODULES = r"lightning\."
+"""Deprecation warnings attributed to Lightning's own code (Lightning 2.6 calls jsonargparse APIs that newer
+jsonargparse releases deprecate): not about the user's config, so ignored while the CLI runs, nowhere else."""
+ARGS_AND_ARGV_WARNING = r"LightningCLI's args parameter is intended to run from within Python"
+"""LightningCLI's warning when ``args`` is given while the process has its own ``sys.argv`` (a notebook kernel,
+pytest): ``main(args)`` is exactly that use, so it is ignored while the CLI runs instead of hiding ``sys.argv``."""
 
 TOOLS = {
-    "efficiency": "mf_lightning.models.efficiency",
-    "export": "mf_lightning.lit.export",
-    "eval": "mf_lightning.eval.cli",
-    "generate": "mf_lightning.lit.generate",
     "prepare": "mf_lightning.data.prepare_cli",
+    "eval": "mf_lightning.eval.cli",
+    "export": "mf_lightning.lit.export",
+    "generate": "mf_lightning.lit.generate",
+    "efficiency": "mf_lightning.models.efficiency",
 }
+"""Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""
+SUBCOMMANDS = {
+    "fit": "train a model from a YAML config; rerun with --ckpt_path last to resume",
+    "validate": "validation loss, perplexity and bits per byte of a checkpoint",
+    "test": "the same on the held-out test documents",
+    "predict": "completions of data.prompts, written to the run's predictions.jsonl",
+    "prepare": "train the tokenizer and tokenize the corpus into the token cache, without training",
+    "eval": "lm-evaluation-harness tasks on a run or an exported model",
+    "export": "a checkpoint as a self-contained model folder (safetensors + tokenizer)",
+    "generate": "stream a continuation of a prompt from a run or an exported model",
+    "efficiency": "parameters, memory and FLOPs per token of every preset",
+}
+"""What ``mf --help`` lists: every subcommand with one line (LightningCLI's four, then ``TOOLS``)."""
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (
     ValueError,
@@ -135,7 +151,10 @@ class MFCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Keeps the config as given: LightningCLI would overwrite the model's arguments with the
         checkpoint's hyper-parameters (unpickling the whole file once more to read them), silently
-        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead."""
+        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead.
+        Overrides a private LightningCLI method (Lightning 2.6); pinned by
+        ``tests/test_reliability.py::test_checkpoint_of_another_model_is_refused``, which fails if Lightning
+        stops calling it and the checkpoint's hyper-parameters replace the config again."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -182,8 +201,12 @@ class MFCLI(LightningCLI):
             if "://" not in folder:  # remote folders cannot be locked with a file; they are not claimed
                 self.claims.enter_context(RunFolderLock(Path(folder)))
 
+    def section(self, config: Any, key: str) -> Any:
+        """``config``'s ``key`` for the subcommand being run (the whole config has one section per subcommand)."""
+        return (config[self.subcommand] if self.subcommand else config).get(key)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self.section(self.config_init, "trainer") or {}
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
             # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
@@ -193,7 +216,7 @@ class MFCLI(LightningCLI):
                 defaults = self.trainer_defaults["callbacks"]
                 self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, kind)]
         kwargs["enable_model_summary"] = False  # FlopsModelSummary, when kept, replaces Lightning's default one
-        schedule = self._get(self.config_init, "validation")
+        schedule = self.section(self.config_init, "validation")
         kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -283,12 +306,20 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return None
+    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        print(f"mf: error: unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)} (mf --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
     show_progress_logs()
     try:
         if argv and argv[0] in TOOLS:
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return None
-        return run_cli(None if args is None else argv)
+        cli = build_cli(None if args is None else argv)
+        return None if args is None else cli
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
@@ -307,26 +338,27 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
 
 
-def run_cli(args: list[str] | None) -> MFCLI | None:
-    """Runs the CLI with our trainer defaults on ``args``, or on ``sys.argv`` when ``None`` (returning None).
-
-    With explicit ``args`` the process's own ``sys.argv`` (a notebook kernel's or pytest's) is hidden
-    from LightningCLI, which would otherwise warn that both were given.
-    """
-    if args is None:
-        build_cli(None)
-        return None
-    process_argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return build_cli(args)
-    finally:
-        sys.argv = process_argv
+def overview() -> str:
+    """``mf --help``: every subcommand with one line, and where each one's options are listed."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
+    return "\n".join([
+        "usage: mf <subcommand> [options]",
+        "",
+        "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
+        "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",
+        "",
+        "subcommands:",
+        *lines,
+    ])
 
 
 def build_cli(args: list[str] | None) -> MFCLI:
-    """The ``MFCLI`` of ``args``; constructing it runs the subcommand."""
+    """The ``MFCLI`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIGHTNING_INTERNAL_WARNING)
+        warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=LIGHTNING_MODULES)
         return new_cli(args)
 
 

@@ -161,3 +161,44 @@ def test_mf_console_command_exits_with_status_zero(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MFCLI" not in result.stderr
+
+
+def test_help_lists_every_subcommand_with_one_line(capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    from mf_lightning.cli import SUBCOMMANDS, TOOLS
+
+    assert set(SUBCOMMANDS) == set(LightningCLI.subcommands()) | set(TOOLS)
+    for flag in ([], ["--help"], ["-h"]):
+        assert main(flag) is None
+        listed = capsys.readouterr().out.split("subcommands:\n", 1)[1].splitlines()
+        assert [line.split()[0] for line in listed] == list(SUBCOMMANDS)
+        assert all(len(line.split()) > 1 for line in listed)
+
+
+def test_an_unknown_subcommand_names_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt", "--config", "configs/quickstart.yaml"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mf: error: unknown subcommand 'fitt'; choose from fit, validate,") and "efficiency" in error
+
+
+def test_main_with_args_leaves_the_process_argv_alone(tmp_path, monkeypatch):
+    """A notebook or a script calls ``main(args)`` while its own ``sys.argv`` holds other words: they are
+    neither parsed nor replaced, and LightningCLI's warning about both being given is not shown."""
+    import warnings
+
+    process_argv = ["kernel.py", "--some-kernel-flag"]
+    monkeypatch.setattr(sys, "argv", process_argv)
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(list(sys.argv))
+
+    monkeypatch.setattr(LanguageModel, "on_fit_start", record)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", *tiny_run_args(tmp_path / "run", write_corpus(tmp_path / "corpus"), max_steps=1)])
+    assert seen == [process_argv] and sys.argv is process_argv
+    assert not [w for w in caught if "args parameter" in str(w.message)]

@@ -161,16 +161,16 @@ def test_export_over_an_existing_file_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
 def test_machine_errors_are_one_line_and_other_os_errors_keep_their_traceback(code, capsys, monkeypatch):
     def fail(error):
-        def run_cli(args):
+        def build_cli(args):
             raise error
 
-        return run_cli
+        return build_cli
 
-    monkeypatch.setattr(cli, "run_cli", fail(OSError(code, os.strerror(code), "/data/runs")))
+    monkeypatch.setattr(cli, "build_cli", fail(OSError(code, os.strerror(code), "/data/runs")))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit"])
     assert one_line_error(capsys, exit_info) == f"mf: error: /data/runs: {os.strerror(code)}"
-    monkeypatch.setattr(cli, "run_cli", fail(OSError(errno.EIO, os.strerror(errno.EIO), "/data/runs")))
+    monkeypatch.setattr(cli, "build_cli", fail(OSError(errno.EIO, os.strerror(errno.EIO), "/data/runs")))
     with pytest.raises(OSError, match="Input/output error"):
         cli.main(["fit"])
 

@@ -29,7 +29,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
@@ -53,7 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self, weights_only: bool = True) -> None:
         self.weights_only = weights_only
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:
@@ -61,7 +60,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(
         self,
-        path: _PATH,
+        path: str | os.PathLike,
         map_location: Callable | str | torch.device | None = None,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
@@ -220,7 +219,7 @@ def fsync_directory(directory: Path) -> None:
 
 
 def read_checkpoint(
-    path: _PATH,
+    path: str | os.PathLike,
     map_location: Callable | str | torch.device | None = "cpu",
     weights_only: bool = True,
     mmap: bool = False,
@@ -289,7 +288,7 @@ def check_checkpoint(
     model_config: dict[str, Any],
     tokenizer: str | None,
     expected_state: Mapping[str, torch.Tensor],
-    path: _PATH | None = None,
+    path: str | os.PathLike | None = None,
 ) -> None:
     """Raise a ``ValueError`` naming both sides if ``checkpoint`` was not saved from this model and tokenizer.
 

@@ -154,9 +154,18 @@ class LanguageModel(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        if self._trainer is None:  # used on its own: nothing called configure_model
+        if self.attached_trainer is None:  # used on its own: nothing called configure_model
             self.configure_model()
         return self.model(idx, targets)
+
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or None when it is used on its own (Lightning's public ``trainer``
+        raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     @property
     def network(self) -> torch.nn.Module:
@@ -174,7 +183,8 @@ class LanguageModel(L.LightningModule):
         """
         if not has_meta_parameters(self.network):
             return
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = self.attached_trainer
+        strategy = trainer.strategy if trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy):
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ValueError(
@@ -276,7 +286,7 @@ class LanguageModel(L.LightningModule):
     @property
     def tokenizer(self) -> Tokenizer | None:
         """The attached DataModule's tokenizer (``None`` without one)."""
-        return getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        return getattr(getattr(self.attached_trainer, "datamodule", None), "tokenizer", None)
 
     @property
     def tokenizer_fingerprint(self) -> str | None:
@@ -296,7 +306,7 @@ class LanguageModel(L.LightningModule):
         """
         expected = self.state_dict()
         checkpoint["state_dict"] = align_state_keys(checkpoint["state_dict"], expected)
-        path = getattr(self._trainer, "ckpt_path", None)
+        path = getattr(self.attached_trainer, "ckpt_path", None)
         check_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, expected, path)
         align_logging_step(checkpoint)
         self.resumed = True

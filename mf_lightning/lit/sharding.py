@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mf_lightning.lit.checkpoints import partial_path, read_checkpoint, remove_stale_partials
@@ -195,6 +194,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
     def setup_environment(self) -> None:
+        """Every process is a data-parallel rank: Lightning's private ``_data_parallel_size`` is set before its
+        mesh is built, since the public argument is fixed before the Trainer knows its devices; pinned by
+        ``tests/test_fsdp.py``, where each of 2 ranks must hold half of every parameter."""
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
@@ -220,7 +222,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         return get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer))
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None) -> None:
         """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0."""
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -247,7 +249,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise
         self.barrier()
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if weights_only is None:
             weights_only = getattr(self.checkpoint_io, "weights_only", True)
