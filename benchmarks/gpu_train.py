@@ -18,21 +18,17 @@ device does. It imports only ``mf_lightning`` and what the GPU image has (torch,
 from __future__ import annotations
 
 import argparse
-import datetime
 import pathlib
-import re
 import shlex
 import shutil
 import statistics
 import sys
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from harness import REPO, RESULTS, device_slug, environment, read_scalars
 
 from mf_lightning.cli import main as mf_main
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,13 +71,6 @@ def fit_args(config: pathlib.Path, compile_model: str, args: argparse.Namespace,
         **dict(setting.split("=", 1) for setting in args.set),
     }
     return ["fit", "--config", str(config), *(f"--{key}={value}" for key, value in settings.items())]
-
-
-def read_scalars(log_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of the TensorBoard events in ``log_dir`` as ``[(step, value), ...]``."""
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def window_medians(scalars: dict[str, list[tuple[int, float]]]) -> tuple[float, float]:
@@ -151,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("gpu_train.py: no CUDA GPU here (--accelerator cpu rehearses the same path on the CPU)")
     results = [run(args, config, compile_model) for config in args.configs for compile_model in args.compile]
-    gpu = torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu"
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     command = shlex.join(["python", "benchmarks/gpu_train.py", *(sys.argv[1:] if argv is None else argv)])
     text = "\n".join([
-        f"# Training throughput: {gpu}",
+        "# Training throughput",
         "",
-        f"- torch {torch.__version__}, date {datetime.date.today().isoformat()}, command: `{command}`",
+        f"- {environment(device)}",
+        f"- command: `{command}`",
         f"- {args.steps} optimizer steps, bf16-mixed, no accumulation, demo corpus, bucket monitoring on"
         + (f"; settings {' '.join(args.set)}" if args.set else ""),
         "- tokens/s and step time: medians of the logging windows after the first (warm-up, compilation)",
@@ -170,8 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         *goals(results),
         "",
     ])  # fmt: skip
-    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-    output = args.output or RESULTS_DIR / f"gpu_train_{slug}.md"
+    output = args.output or RESULTS / f"gpu_train_{device_slug(device)}.md"
     output.write_text(text)
     print(f"\n{text}\nwritten to {output}")
 

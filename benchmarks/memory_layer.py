@@ -29,25 +29,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import pathlib
-import re
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from harness import RESULTS, device_name, device_slug, environment, median_seconds
 from torch import nn
-from torch.utils import benchmark
 
 from mf_lightning.callbacks.usage_metrics import gini
 from mf_lightning.kernels import bucket_indices
 from mf_lightning.kernels.dispatch import triton_usable
 from mf_lightning.nn import MemoryLayer
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DECODE_WIDTH = 1024
 BACKWARD_ENV_VAR, DETERMINISTIC, ATOMIC = "MF_TRITON_BACKWARD", "deterministic", "atomic"
@@ -118,25 +115,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if width % args.code_bits:
             parser.error(f"--widths {width} is not divisible by --code-bits {args.code_bits}")
     return args
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    """``cpu`` or the GPU's name in lowercase words joined by ``_`` (e.g. ``nvidia_h100_80gb_hbm3``)."""
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
-
-
-def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median time of ``fn()`` after warm-up; ``torch.utils.benchmark`` synchronises CUDA around runs."""
-    fn()
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def time_module(module: nn.Module, x: torch.Tensor, min_run_time: float, forward_only: bool) -> tuple[float, float | None]:
@@ -412,8 +390,8 @@ def report(
     header = [
         f"# Memory Layer benchmark: {device_name(device)}",
         "",
-        f"- torch {torch.__version__}, {' and '.join(args.dtypes)}, code_bits {args.code_bits}, layers width -> width",
-        f"- date {datetime.date.today().isoformat()}",
+        f"- {environment(device)}",
+        f"- {' and '.join(args.dtypes)}, code_bits {args.code_bits}, layers width -> width",
         f"- command: `{command}`",
         "- fwd: forward under inference_mode; fwd+bwd: input, tables and bias all take gradients",
         "- fwd GB/s: (rows gathered + input + output) bytes / time; for nn.Linear (weight + input + output)",
@@ -457,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     command = shlex.join(["python", "benchmarks/memory_layer.py", *(sys.argv[1:] if argv is None else argv)])
     text = report(args, device, rows, skew_rows, command, peaks)
-    output = args.output or RESULTS_DIR / f"memory_layer_{device_slug(device)}.md"
+    output = args.output or RESULTS / f"memory_layer_{device_slug(device)}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(f"\n{text.split('## Targets')[1].strip()}\n\nwritten to {output}")
