@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mf_lightning.cli import main
+from mf_lightning.lit.checkpoints import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -65,5 +66,5 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def state_of(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model weights stored in a Lightning checkpoint."""
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    """The model weights stored in a Lightning checkpoint: a file, or a sharded folder (FSDP2Strategy)."""
+    return read_checkpoint(checkpoint)["state_dict"]

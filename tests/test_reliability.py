@@ -23,7 +23,7 @@ from cli_support import REPO, run, scalars, state_of, tiny_run_args, write_corpu
 from mf_lightning.cli import main
 from mf_lightning.kernels import embedding_bag, reference
 from mf_lightning.lit import LanguageModel
-from mf_lightning.lit.checkpoints import AtomicCheckpointIO
+from mf_lightning.lit.checkpoints import AtomicCheckpointIO, read_checkpoint
 from mf_lightning.models import load_pretrained
 from mf_lightning.nn import MemoryLayer
 
@@ -514,7 +514,7 @@ def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resume_matche
                       timeout=SUBPROCESS_TIMEOUT)
     assert stopped.returncode == 143, stopped.stderr[-4000:]
     assert "SIGTERM received by rank 1 of 2: every rank stops after step 4 and saves" in stopped.stdout + stopped.stderr
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == 4
     resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last", strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"),
