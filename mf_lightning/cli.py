@@ -71,7 +71,7 @@ TOOLS = {
     "efficiency": "mf_lightning.models.efficiency",
     "export": "mf_lightning.lit.export",
     "eval": "mf_lightning.eval.cli",
-    "generate": "mf_lightning.lit.generate",
+    "generate": "mf_lightning.lit.generate_cli",
     "prepare": "mf_lightning.data.prepare_cli",
 }
 TRACEBACK_VARIABLE = "MF_TRACEBACK"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.eval import missing_extra
-from mf_lightning.eval.windows import Window, scoring_windows
+from mf_lightning.eval.scoring_windows import Window, scoring_windows
 from mf_lightning.models.base import DecoderLM
 
 try:
