@@ -26,7 +26,7 @@ from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, load_
 from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_KEY, TOKENIZER_STATE_KEY, read_checkpoint
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
-from mf_lightning.models.registry import build_model
+from mf_lightning.models.architectures import build_model
 
 LAST = "last"
 

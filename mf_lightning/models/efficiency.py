@@ -31,7 +31,7 @@ import torch
 
 from mf_lightning.config import PRESETS, ModelConfig
 from mf_lightning.models.base import DecoderLM
-from mf_lightning.models.registry import build_model
+from mf_lightning.models.architectures import build_model
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 PAPER_SEQ_LEN = 2048
