@@ -29,9 +29,9 @@ from mf_lightning.checks import positive_int
 from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_cache
 from mf_lightning.data.sharded_evaluation import sharded_evaluation
 from mf_lightning.data.sources import open_source
+from mf_lightning.data.token_windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 from mf_lightning.data.tokenizers import DEFAULT_SAMPLE_BYTES, load_tokenizer
 from mf_lightning.data.verification import FullCheck
-from mf_lightning.data.token_windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 
 CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mf_lightning"
