@@ -74,7 +74,7 @@ TOOLS = {
     "prepare": "mf_lightning.data.prepare_cli",
     "eval": "mf_lightning.eval.cli",
     "export": "mf_lightning.lit.export",
-    "generate": "mf_lightning.lit.generate",
+    "generate": "mf_lightning.lit.generate_cli",
     "efficiency": "mf_lightning.models.efficiency",
 }
 """Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""

@@ -12,7 +12,7 @@ import pytest
 from cli_support import REPO
 from mf_lightning.cli import main
 from mf_lightning.eval.cli import build_parser as build_eval_parser
-from mf_lightning.lit.generate import parse_args
+from mf_lightning.lit.generate_cli import parse_args
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 COMMAND_LINES = [

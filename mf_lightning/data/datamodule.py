@@ -12,7 +12,7 @@ training loader (``ResumableLoader``) records how many samples the run consumed,
 that in the checkpoint, so a resumed run continues with exactly the samples an uninterrupted one would
 see. The training sampler shards across DDP ranks itself and Lightning keeps it as is (it is a
 ``DistributedSampler``); evaluation loaders shard the validation and test windows themselves so that
-each counts once whatever the number of ranks (``data.evaluation``).
+each counts once whatever the number of ranks (``data.sharded_evaluation``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 
 from mf_lightning.checks import positive_int
 from mf_lightning.data.cache import TokenCache, check_fractions, prepare_token_cache
-from mf_lightning.data.evaluation import sharded_evaluation
+from mf_lightning.data.sharded_evaluation import sharded_evaluation
 from mf_lightning.data.sources import open_source
+from mf_lightning.data.token_windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 from mf_lightning.data.tokenizers import DEFAULT_SAMPLE_BYTES, load_tokenizer
 from mf_lightning.data.verification import FullCheck
-from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableLoader, ResumableSampler
 
 CACHE_DIR_VARIABLE = "MF_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mf_lightning"
@@ -183,7 +183,7 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """The validation windows, each counted once over all ranks (``mf_lightning.data.evaluation``)."""
+        """The validation windows, each counted once over all ranks (``mf_lightning.data.sharded_evaluation``)."""
         return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:

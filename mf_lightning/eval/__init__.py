@@ -2,7 +2,7 @@
 
 ``lm-eval`` is an optional extra (``pip install 'mf_lightning[eval]'``): importing this package never
 imports it; the modules that need it (``adapter``, ``harness``) raise :class:`MissingExtra` with the
-install command when it is absent. ``windows`` (which tokens each forward pass scores) and ``report``
+install command when it is absent. ``scoring_windows`` (which tokens each forward pass scores) and ``report``
 (the Table 1 style table and TensorBoard logging) work without it.
 """
 

@@ -6,7 +6,7 @@ context is just EOS. A context and continuation are tokenized together and split
 own tokens end, with the context's trailing spaces moved into the continuation (as the harness does for
 Hugging Face models), so a tokenizer that merges across the boundary scores the text it would produce.
 
-Scoring is batched: the windows of all requests (see :mod:`.windows`) are sorted longest first, run
+Scoring is batched: the windows of all requests (see :mod:`.scoring_windows`) are sorted longest first, run
 ``batch_size`` at a time, right-padded (causal attention never looks at the padding), and the results
 are put back in request order.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.eval import missing_extra
-from mf_lightning.eval.windows import Window, scoring_windows
+from mf_lightning.eval.scoring_windows import Window, scoring_windows
 from mf_lightning.models.base import DecoderLM
 
 try:

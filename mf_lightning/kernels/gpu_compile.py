@@ -38,7 +38,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mf_lightning.kernels import triton_kernels, triton_memory
+import mf_lightning.kernels.triton_kernels as triton_kernels
+import mf_lightning.kernels.triton_memory as triton_memory
 
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 CODE_BITS = (8, 10)

@@ -24,9 +24,9 @@ import yaml
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, load_tokenizer, tokenizer_from_state
 from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_KEY, TOKENIZER_STATE_KEY, read_checkpoint
+from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
-from mf_lightning.models.registry import build_model
 
 LAST = "last"
 

@@ -231,7 +231,7 @@ class LanguageModel(L.LightningModule):
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, split: str) -> None:
         """Token-weighted mean loss over the targets that count (filler windows have none; see
-        ``mf_lightning.data.evaluation``); perplexity and bits per byte derive from it at epoch end."""
+        ``mf_lightning.data.sharded_evaluation``); perplexity and bits per byte derive from it at epoch end."""
         x, y = batch
         _, loss = self(x, y)
         tokens = (y != IGNORE_INDEX).sum()

@@ -21,11 +21,10 @@ from torch import nn
 
 from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
-from mf_lightning.models import generation
-from mf_lightning.nn.attention import KVCache, StaticKVCache
+from mf_lightning.models.generation import generate as generate_continuation
+from mf_lightning.nn.attention import KVCache, StaticKVCache, rotary_cos_sin
 from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.layers import NormalEmbedding, NormalLinear
-from mf_lightning.nn.rotary import rotary_cos_sin
 
 IGNORE_INDEX = -100
 BlockRunner = Callable[
@@ -141,7 +140,7 @@ class DecoderLM(nn.Module, ABC):
         compile: bool = True,
     ) -> torch.Tensor:
         """Continue each prompt row of ``idx [B, T]``; see :func:`mf_lightning.models.generation.generate`."""
-        return generation.generate(
+        return generate_continuation(
             self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile
         )
 
@@ -175,7 +174,7 @@ class DecoderLM(nn.Module, ABC):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``; see :mod:`.pretrained`."""
-        # Imported here: pretrained imports the model registry, which imports this module.
+        # Imported here: pretrained imports the architectures, which import this module.
         from mf_lightning.models.pretrained import save_pretrained
 
         return save_pretrained(self, directory)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from mf_lightning.config import PRESETS, ModelConfig
+from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
-from mf_lightning.models.registry import build_model
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 PAPER_SEQ_LEN = 2048

@@ -27,9 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mf_lightning.config import REMOVED_FIELDS, ModelConfig
+from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests, tensors_digests
-from mf_lightning.models.registry import build_model
 from mf_lightning.nn.init import initialise
 from mf_lightning.storage_errors import naming
 

@@ -9,8 +9,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from mf_lightning.eval.adapter import HarnessLM, cut_at_stops
+from mf_lightning.eval.scoring_windows import scoring_windows
 from mf_lightning.models import decode_step
-from mf_lightning.eval.windows import scoring_windows
 
 from eval_support import direct_logprob
 

@@ -12,7 +12,7 @@ import torch
 from mf_lightning.cli import main as mf
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
-from mf_lightning.lit.generate import TextStream
+from mf_lightning.lit.generate_cli import TextStream
 from mf_lightning.models import build_model, decode_step, load_pretrained
 
 TEXT = "Le café crème coûte 3 €, the memory layer hashes tokens into buckets. " * 8

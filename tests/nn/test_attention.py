@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mf_lightning.nn.attention import CausalSelfAttention, KVCache, causal_mask
-from mf_lightning.nn.rotary import apply_rotary, rotary_cos_sin
+from mf_lightning.nn.attention import CausalSelfAttention, KVCache, apply_rotary, causal_mask, rotary_cos_sin
 
 
 def test_rotary_scores_depend_only_on_relative_position() -> None:

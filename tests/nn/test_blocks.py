@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from mf_lightning.config import ModelConfig
-from mf_lightning.nn.attention import KVCache
+from mf_lightning.nn.attention import KVCache, rotary_cos_sin
 from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
 from mf_lightning.nn.memory_layer import MemoryLayer
-from mf_lightning.nn.rotary import rotary_cos_sin
 
 
 def rotary(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:

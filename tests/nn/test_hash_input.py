@@ -5,9 +5,9 @@ import torch
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.lit.module import LanguageModel
+from mf_lightning.nn.attention import rotary_cos_sin
 from mf_lightning.nn.blocks import MemoryBlock
 from mf_lightning.nn.hash_input import CENTERING_MOMENTUM, HashInput, balance_loss
-from mf_lightning.nn.rotary import rotary_cos_sin
 
 REMEDIES = {"hash_centering": True, "bucket_balance_weight": 0.5}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mf_lightning.data.windows import ConsecutiveWindows, RandomWindows, ResumableSampler
+from mf_lightning.data.token_windows import ConsecutiveWindows, RandomWindows, ResumableSampler
 
 NUM_TOKENS = 500
 SEQ_LEN = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from mf_lightning.data.evaluation import sharded_evaluation
+from mf_lightning.data.sharded_evaluation import sharded_evaluation
 from mf_lightning.models.base import IGNORE_INDEX
 
 
