@@ -42,12 +42,12 @@ from torch import nn
 
 from mf_lightning.callbacks.usage_metrics import gini
 from mf_lightning.kernels import bucket_indices
-from mf_lightning.kernels.dispatch import triton_usable
+from mf_lightning.kernels.dispatch import BACKWARD_ENV_VAR, kernel_settings, triton_usable
 from mf_lightning.nn import MemoryLayer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DECODE_WIDTH = 1024
-BACKWARD_ENV_VAR, DETERMINISTIC, ATOMIC = "MF_TRITON_BACKWARD", "deterministic", "atomic"
+DETERMINISTIC, ATOMIC = "deterministic", "atomic"
 """The triton backward modes (``mf_lightning.kernels.triton_memory``; not imported, as triton may be absent)."""
 GOAL_TOKENS, GOAL_WIDTH, GOAL_FRACTION = 16384, 1024, 0.70
 """GPU goal: the triton forward at 16384 tokens x 1024 moves at least 70% of the device's peak bandwidth."""
@@ -270,9 +270,11 @@ def measure_skews(args: argparse.Namespace, device: torch.device, dtype_name: st
 
 @contextlib.contextmanager
 def triton_backward(mode: str) -> Iterator[None]:
-    """Run the block with ``MF_TRITON_BACKWARD=mode``, restoring the variable after."""
+    """Run the block with ``MF_TRITON_BACKWARD=mode``, restoring the variable after; the kernels read it once
+    per process, so their settings are read again on entry and on exit."""
     previous = os.environ.get(BACKWARD_ENV_VAR)
     os.environ[BACKWARD_ENV_VAR] = mode
+    kernel_settings.cache_clear()
     try:
         yield
     finally:
@@ -280,6 +282,7 @@ def triton_backward(mode: str) -> Iterator[None]:
             del os.environ[BACKWARD_ENV_VAR]
         else:
             os.environ[BACKWARD_ENV_VAR] = previous
+        kernel_settings.cache_clear()
 
 
 def milliseconds(seconds: float | None) -> str:

@@ -54,6 +54,7 @@ from mf_lightning.callbacks import (
     ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
+from mf_lightning.kernels.dispatch import kernel_settings
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
@@ -315,6 +316,7 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         raise SystemExit(2)
     show_progress_logs()
     try:
+        kernel_settings()  # the kernels' environment overrides, read (and checked) once at startup
         if argv and argv[0] in TOOLS:
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return None

@@ -2,7 +2,9 @@
 
 Precedence: a backend named on the layer (anything but ``auto``) wins; otherwise the environment
 variable ``MF_KERNEL_BACKEND`` decides; otherwise ``auto`` picks ``triton`` for CUDA tensors when
-triton imports, else ``embedding_bag``.
+triton imports, else ``embedding_bag``. The kernels' environment overrides (``MF_KERNEL_BACKEND``,
+``MF_TRITON_BACKWARD``) are read once per process, at ``mf`` startup or the first Memory Layer call
+(:func:`kernel_settings`), never per call: eager and ``torch.compile``d code see the same values.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +23,30 @@ from mf_lightning.kernels.reference import reference_memory_layer
 
 BACKENDS = ("torch", "embedding_bag", "triton")
 ENV_VAR = "MF_KERNEL_BACKEND"
+BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
+BACKWARD_MODES = ("deterministic", "atomic")
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """The documented environment overrides of the kernels, as read at startup."""
+
+    backend: str
+    """``MF_KERNEL_BACKEND``: the backend of layers configured ``auto`` (``auto`` when unset)."""
+    triton_backward: str
+    """``MF_TRITON_BACKWARD``: the triton table gradient, ``deterministic`` (default) or ``atomic``."""
+
+
+@functools.cache
+def kernel_settings() -> KernelSettings:
+    """The overrides, read from the environment once per process; a clear error names a bad value."""
+    backend = os.environ.get(ENV_VAR, "").strip() or "auto"
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{ENV_VAR}={backend!r} is not a Memory Layer backend; valid: auto, {', '.join(BACKENDS)}")
+    mode = os.environ.get(BACKWARD_ENV_VAR, "").strip() or "deterministic"
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r} is not a backward mode; valid: {', '.join(BACKWARD_MODES)}")
+    return KernelSettings(backend, mode)
 
 
 @functools.cache
@@ -52,14 +79,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend that runs a layer configured with ``backend`` on ``device``."""
     check_backend_name(backend)
     source = "backend argument"
-    if backend == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env:
-            if env not in ("auto", *BACKENDS):
-                raise ValueError(
-                    f"{ENV_VAR}={env!r} is not a Memory Layer backend; valid: auto, {', '.join(BACKENDS)}"
-                )
-            backend, source = env, f"{ENV_VAR}"
+    if backend == "auto" and kernel_settings().backend != "auto":
+        backend, source = kernel_settings().backend, ENV_VAR
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_usable(device) else "embedding_bag"
     if backend == "triton" and not triton_usable(device):

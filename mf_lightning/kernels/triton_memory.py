@@ -21,12 +21,11 @@ still spans several tiles of the small test shapes.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 
-from mf_lightning.kernels.dispatch import triton_interpreted
+from mf_lightning.kernels.dispatch import kernel_settings, triton_interpreted
 from mf_lightning.kernels.triton_kernels import (
     atomic_backward_kernel,
     chunk_gradient_kernel,
@@ -36,8 +35,6 @@ from mf_lightning.kernels.triton_kernels import (
     row_gradient_kernel,
 )
 
-BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
-BACKWARD_MODES = ("deterministic", "atomic")
 HASH_BLOCK_ELEMENTS = 1024
 """Chunk lanes (hits x padded code bits) per program of the hash and chunk-gradient kernels."""
 ROW_TILE_ELEMENTS = 8192
@@ -89,14 +86,6 @@ tuned_atomic_backward = triton.autotune(
     configs(ATOMIC_TUNING, {"BLOCK_N": 16, "BLOCK_D": 32}), key=["token_bucket", "num_tables", "out_features"],
     reset_to_zero=["grad_tables_ptr"],
 )(atomic_backward_kernel)
-
-
-def backward_mode() -> str:
-    """``deterministic`` (default) or ``atomic``, from ``MF_TRITON_BACKWARD``; a clear error otherwise."""
-    mode = os.environ.get(BACKWARD_ENV_VAR, "").strip() or "deterministic"
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r} is not a backward mode; valid: {', '.join(BACKWARD_MODES)}")
-    return mode
 
 
 def hits_per_program(code_bits: int) -> int:
@@ -304,7 +293,7 @@ def setup_context(ctx, inputs: tuple, output: tuple) -> None:
 def backward(ctx, grad_y: torch.Tensor, _grad_buckets: None, _grad_scores: None) -> tuple:
     """Gradients of ``x``, ``tables`` and ``bias`` (the latter is ``grad_y`` summed over tokens)."""
     x, tables, buckets, scores = ctx.saved_tensors
-    deterministic = backward_mode() == "deterministic"
+    deterministic = kernel_settings().triton_backward == "deterministic"
     grad_x, grad_tables = memory_layer_backward(
         grad_y, x, tables, buckets, scores, ctx.code_bits, ctx.score, ctx.temperature, deterministic
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from mf_lightning.kernels import memory_layer, triton_memory
+from mf_lightning.kernels import dispatch, memory_layer, triton_memory
 from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.kernels.triton_memory import triton_memory_layer
@@ -46,10 +46,10 @@ def make_inputs(
     return leaves[0], leaves[1], leaves[2]
 
 
-@pytest.fixture(params=triton_memory.BACKWARD_MODES)
+@pytest.fixture(params=dispatch.BACKWARD_MODES)
 def backward_mode(request, monkeypatch) -> str:
     """Run the test under each table-gradient mode (``MF_TRITON_BACKWARD``)."""
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, request.param)
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, request.param)
     return request.param
 
 
@@ -188,7 +188,7 @@ def test_rejects_bad_input_with_clear_errors() -> None:
 
 
 def test_unknown_backward_mode_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "fast")
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "fast")
     x, tables, bias = make_inputs((3,), 8, 4, code_bits=4)
     y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
     message = "MF_TRITON_BACKWARD='fast' is not a backward mode; valid: deterministic, atomic"
@@ -199,7 +199,7 @@ def test_unknown_backward_mode_is_a_clear_error(monkeypatch) -> None:
 @pytest.mark.parametrize("mode, kernel", [("", "row_gradient_kernel"), ("atomic", "tuned_atomic_backward")])
 def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -> None:
     """Deterministic (row pieces, no atomics) unless ``MF_TRITON_BACKWARD=atomic``."""
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, mode)
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, mode)
     launched = []
     for name in ("row_gradient_kernel", "tuned_atomic_backward"):
         launcher = getattr(triton_memory, name)
@@ -234,7 +234,7 @@ def test_every_gather_candidate_gives_the_same_bits() -> None:
 def test_deterministic_backward_is_not_autotuned(monkeypatch) -> None:
     """The deterministic table gradient runs one configuration per shape: no autotuner runs in its backward,
     so its bits cannot depend on which configuration a timing picked."""
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
     x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
     y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
     autotuned = []
@@ -326,7 +326,7 @@ def test_one_hot_row_matches_reference_in_both_modes(backward_mode: str, monkeyp
 
 
 def test_one_hot_row_longer_than_the_default_piece(monkeypatch) -> None:
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
     assert_hot_row_matches_reference(triton_memory.PIECE_HITS + 5)
 
 
@@ -394,7 +394,7 @@ def test_large_shapes_on_gpu(score: str, code_bits: int, backward_mode: str) -> 
 @requires_cuda
 def test_deterministic_backward_is_bitwise_repeatable_on_skewed_buckets_on_gpu(monkeypatch) -> None:
     """Thousands of hits on one row per table: the sorted backward gives identical bits every run."""
-    monkeypatch.setenv(triton_memory.BACKWARD_ENV_VAR, "deterministic")
+    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
     x, tables, bias = (t.detach().cuda().requires_grad_() for t in skewed_inputs(8192, code_bits=8))
     grad_y = torch.randn(8192, 24, device="cuda")
     runs = [

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mf_lightning.kernels import resolve_backend
+from mf_lightning.kernels.dispatch import kernel_settings
 from mf_lightning.nn import MemoryLayer
 
 
@@ -62,9 +63,12 @@ def test_environment_variable_overrides_auto(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "embedding_bag"
     monkeypatch.setenv("MF_KERNEL_BACKEND", "torch")
+    assert resolve_backend("auto", cpu) == "embedding_bag", "read once per process, not per call"
+    kernel_settings.cache_clear()
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("embedding_bag", cpu) == "embedding_bag"
     monkeypatch.setenv("MF_KERNEL_BACKEND", "fast")
+    kernel_settings.cache_clear()
     with pytest.raises(ValueError, match="MF_KERNEL_BACKEND='fast' is not a Memory Layer backend"):
         resolve_backend("auto", cpu)
 
