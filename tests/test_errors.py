@@ -214,3 +214,11 @@ def test_the_sigterm_save_does_not_log_a_weights_only_default(tmp_path, caplog):
     assert (tmp_path / "last.ckpt").is_file()
     assert any("SIGTERM received: saved" in message for message in caplog.messages)
     assert not any("weights_only" in message for message in caplog.messages)
+
+
+@pytest.mark.parametrize("variable, value", [("MF_KERNEL_BACKEND", "fast"), ("MF_TRITON_BACKWARD", "fast")])
+def test_a_bad_kernel_override_is_one_line_at_startup(variable, value, capsys, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["efficiency"])
+    assert one_line_error(capsys, exit_info).startswith(f"mf: error: {variable}={value!r} is not a")
