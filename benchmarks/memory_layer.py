@@ -40,7 +40,7 @@ import torch
 from harness import RESULTS, device_name, device_slug, environment, median_seconds
 from torch import nn
 
-from mf_lightning.callbacks.usage_metrics import gini
+from mf_lightning.callbacks.usage_metrics import counts_with_gini, gini
 from mf_lightning.kernels import bucket_indices
 from mf_lightning.kernels.dispatch import BACKWARD_ENV_VAR, kernel_settings, triton_usable
 from mf_lightning.nn import MemoryLayer
@@ -212,18 +212,6 @@ def measure_width(
             rows.append(row)
             print(format_row(row, baseline, peaks), flush=True)
     return rows
-
-
-def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tensor:
-    """Hits per row, summing to ``num_hits``, from geometric row probabilities tuned to the ``target`` Gini."""
-    low, high = 1.0, 100.0
-    for _ in range(60):
-        decay = (low + high) / 2
-        weights = torch.exp(-torch.arange(num_rows, dtype=torch.float64) * decay / num_rows)
-        counts = torch.floor(num_hits * weights / weights.sum()).long()
-        counts[0] += num_hits - counts.sum()
-        low, high = (low, decay) if float(gini(counts)) > target else (decay, high)
-    return counts
 
 
 def skewed_input(skew: str, tokens: int, width: int, code_bits: int, factory: dict) -> torch.Tensor:

@@ -32,7 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
-from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 from mf_lightning.storage_errors import naming
 
@@ -203,19 +203,7 @@ def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes a rename inside ``directory`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(path.parent)
 
 
 def read_checkpoint(

@@ -124,7 +124,8 @@ def save_sharded(
 
 
 def fsync_path(path: Path) -> None:
-    """Makes ``path`` (a folder: its entries) durable; a no-op where folders cannot be opened."""
+    """Makes ``path`` durable (a folder: its entries, so a rename inside it survives a crash); a no-op where
+    folders cannot be opened (e.g. Windows)."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:

@@ -15,7 +15,7 @@ from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.kernels.triton_memory import triton_memory_layer
 from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
-from mf_lightning.callbacks.usage_metrics import gini
+from mf_lightning.callbacks.usage_metrics import counts_with_gini, gini
 from mf_lightning.nn import MemoryLayer
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
@@ -269,18 +269,6 @@ def test_skewed_buckets_match_reference_in_both_modes(backward_mode: str) -> Non
 
 MEASURED_GINI = 0.93
 """Gini coefficient of Q/K/V bucket usage measured in training (the ablation study)."""
-
-
-def counts_with_gini(num_hits: int, num_rows: int, target: float) -> torch.Tensor:
-    """Hits per row, summing to ``num_hits``, from geometric row probabilities tuned to the ``target`` Gini."""
-    low, high = 1.0, 100.0
-    for _ in range(60):
-        decay = (low + high) / 2
-        weights = torch.exp(-torch.arange(num_rows, dtype=torch.float64) * decay / num_rows)
-        counts = torch.floor(num_hits * weights / weights.sum()).long()
-        counts[0] += num_hits - counts.sum()
-        low, high = (low, decay) if float(gini(counts)) > target else (decay, high)
-    return counts
 
 
 def inputs_hashing_to(buckets: torch.Tensor, code_bits: int, out_features: int):
