@@ -215,15 +215,21 @@ def train_sample_bpe(corpus: Path, vocab: int, sample_mib: int, folder: Path) ->
     return tokenizer_file, seconds
 
 
+def corpus_and_bpe(root: Path, mib: int, args: argparse.Namespace) -> tuple[Path, int, Path, float]:
+    """A ``mib`` MiB JSONL corpus under ``root``, its document count, and a BPE trained on its sample (and seconds)."""
+    corpus = root / "corpus.jsonl"
+    documents = write_corpus(corpus, mib)
+    tokenizer_file, seconds = train_sample_bpe(corpus, args.vocab, args.sample_mib, root / "bpe")
+    return corpus, documents, tokenizer_file, seconds
+
+
 def measure_memory(args: argparse.Namespace) -> None:
     """Peak memory of the whole preparation (process and workers together) for each corpus size."""
     rows = []
     for mib in args.mib:
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
-            corpus = root / "corpus.jsonl"
-            documents = write_corpus(corpus, mib)
-            tokenizer_file, _ = train_sample_bpe(corpus, args.vocab, args.sample_mib, root / "bpe")
+            corpus, documents, tokenizer_file, _ = corpus_and_bpe(root, mib, args)
             many = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "many")
         rows.append(f"| {mib} MiB, {documents} docs | {many['seconds']:.0f} | {many['tree_mib']:.0f} |")
         print(rows[-1], flush=True)
@@ -262,9 +268,7 @@ def main() -> None:
     for mib in args.mib:
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
-            corpus = root / "corpus.jsonl"
-            documents = write_corpus(corpus, mib)
-            tokenizer_file, bpe_seconds = train_sample_bpe(corpus, args.vocab, args.sample_mib, root / "bpe")
+            corpus, documents, tokenizer_file, bpe_seconds = corpus_and_bpe(root, mib, args)
             limit = encode_limit(corpus, tokenizer_file)
             one = prepare_in_subprocess(corpus, tokenizer_file, 1, root / "one")
             many = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "many")
