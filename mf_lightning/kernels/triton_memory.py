@@ -52,6 +52,9 @@ over 256-row tables, so balanced rows stay whole; a row holding every token beco
 partial sums need at most ``2 * hits / PIECE_HITS`` float32 rows of the output width, allocated for the
 backward of one layer (64 MiB for 131,072 tokens through 128 tables of width 1024)."""
 INTERPRETED = triton_interpreted()
+"""Fixed when this module is imported, because triton fixes it then too: ``@triton.jit`` makes each kernel an
+interpreted or a compiled function as it decorates it (``TRITON_INTERPRET``), and the autotuning lists below
+follow that choice. This module is imported only on the first triton Memory Layer call, not with the package."""
 
 
 # Autotuning candidates on a GPU, as (block sizes, warps). None spills registers on sm_90 or sm_80 (see
