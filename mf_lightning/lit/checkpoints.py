@@ -229,22 +229,31 @@ def read_checkpoint(
             f"checkpoint {path} is a folder, expected a .ckpt file or a sharded checkpoint folder (with .metadata "
             "and meta.pt) written by mf fit (a save_pretrained folder loads with load_pretrained)"
         )
+    checkpoint = load_file(path, map_location, weights_only, mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by mf fit")
+    return checkpoint
+
+
+def load_file(
+    path: Path, map_location: Callable | str | torch.device | None = "cpu", weights_only: bool = True, mmap: bool = False
+) -> Any:
+    """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its failures
+    turned into one error naming the file: a refused Python object, or damaged bytes."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if unsafe is None:
             raise corrupt(path, error) from error
         raise ValueError(
-            f"checkpoint {path} holds a Python object ({unsafe.group(1)}) beyond tensors and plain data; mf does "
-            "not unpickle such objects because that can run code. If you trust the file, load it with "
+            f"checkpoint {path} holds a Python object beyond tensors and plain data ({unsafe.group(1)}); mf does "
+            "not unpickle such objects because that can run code. If you trust this Python object "
+            f"({unsafe.group(1)}), load it with "
             "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
         ) from error
     except Exception as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
         raise corrupt(path, error) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by mf fit")
-    return checkpoint
 
 
 def corrupt(path: Path, error: BaseException) -> ValueError:

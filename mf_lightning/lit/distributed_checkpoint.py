@@ -31,8 +31,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import pickle
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -182,24 +180,13 @@ def read_metadata(folder: Path, weights_only: bool = True) -> dict[str, Any]:
     With ``weights_only`` (the default) nothing but tensors and plain data is unpickled, so reading
     cannot run code from the file; ``False`` is for trusted checkpoints holding other Python objects.
     """
-    from mf_lightning.lit.checkpoints import corrupt
+    from mf_lightning.lit.checkpoints import load_file
 
-    path = folder / METADATA_NAME
-    try:
-        metadata = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe is None:
-            raise corrupt(path, error) from error
-        raise ValueError(
-            f"{path} holds a Python object beyond tensors and plain data ({unsafe.group(1)}); "
-            "mf does not unpickle such objects because that can run code. If you trust the checkpoint, load it with "
-            "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise corrupt(path, error) from error
+    metadata = load_file(folder / METADATA_NAME, weights_only=weights_only)
     if not isinstance(metadata, dict):
-        raise ValueError(f"{path} is not the metadata of a sharded checkpoint; give a checkpoint written by mf fit")
+        raise ValueError(
+            f"{folder / METADATA_NAME} is not the metadata of a sharded checkpoint; give a checkpoint written by mf fit"
+        )
     return metadata
 
 
