@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mf_lightning.kernels.embedding_bag import embedding_bag_memory_layer
 from mf_lightning.kernels.hashing import check_score
 from mf_lightning.kernels.reference import reference_memory_layer
 
@@ -75,8 +76,13 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs a layer configured with ``backend`` on ``device``."""
+    """The concrete backend that runs a layer configured with ``backend`` on ``device``.
+
+    A constant of a compiled graph (the settings are fixed for the process): dynamo calls it while
+    tracing instead of tracing into the cached :func:`kernel_settings`.
+    """
     check_backend_name(backend)
     source = "backend argument"
     if backend == "auto" and kernel_settings().backend != "auto":
@@ -153,9 +159,11 @@ def memory_layer_and_buckets(
     concrete = resolve_backend(backend, x.device)
     code_bits = check_inputs(x, tables, bias, concrete)
     if concrete != "triton" and torch.compiler.is_compiling():
-        # Under torch.compile the readable gather-and-sum becomes one fused loop (hash, score, gather);
-        # embedding_bag would stay an opaque call, and the lazy import below cannot be traced.
-        return reference_memory_layer(x, tables, bias, code_bits, score, temperature)
+        # Traced, not looked up: the lazy import of backend_function cannot be traced. Inductor fuses the
+        # hashing and scores into one loop and keeps embedding_bag's fbgemm kernel, which reads each row
+        # front to back (its own gather loop would read all rows a vector at a time, several times slower).
+        function = reference_memory_layer if concrete == "torch" else embedding_bag_memory_layer
+        return function(x, tables, bias, code_bits, score, temperature)
     return backend_function(concrete)(x, tables, bias, code_bits, score, temperature)
 
 

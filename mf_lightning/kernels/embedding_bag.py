@@ -28,12 +28,15 @@ def embedding_bag_memory_layer(
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
     buckets = bucket_indices(chunks)
-    rows = (buckets + table_offsets(num_tables, num_rows, x.device)).view(-1)
+    compiling = torch.compiler.is_compiling()  # in a graph the index constants are folded, not cached
+    offsets = (table_offsets.__wrapped__ if compiling else table_offsets)(num_tables, num_rows, x.device)
+    starts = (bag_starts.__wrapped__ if compiling else bag_starts)(chunks.shape[0], num_tables, x.device)
+    rows = (buckets + offsets).view(-1)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype).view(-1)
     y = F.embedding_bag(
         rows,
         tables.view(num_tables * num_rows, out_features),
-        bag_starts(chunks.shape[0], num_tables, x.device),
+        starts,
         per_sample_weights=scores,
         mode="sum",
     )

@@ -2,24 +2,26 @@
 
 Batch-1 decoding reads little memory per token, so on a CPU the cost of each operator call (a few µs)
 sets the speed as much as the bytes do, and a Memory Layer is about twenty calls where ``nn.Linear``
-is one. The step runs each block through ``torch.compile`` (inductor), which fuses a Memory Layer's
-hashing, scores, gather and sum, the norms, the rotary embedding and the cache update into a few loops:
+is one. :func:`decode_step` (embedding, every block, final norm and LM head for one new token) runs
+through ``torch.compile`` (inductor) as ONE call per token: the hashing and scores of each Memory Layer,
+the norms, the rotary embedding and the cache update fuse into a few loops, and the gather-and-sum
+of the table rows stays one ``embedding_bag`` (fbgemm's kernel, which reads each row front to back):
 
 - The shapes of a step never change: the KV cache is allocated once for prompt + new tokens
   (:class:`~mf_lightning.nn.attention.StaticKVCache`), the token is written at a position held in a
   tensor and attention reads the whole cache with the later slots masked out. The cache's length is
   marked dynamic, so prompts and generation lengths of any size share one graph.
-- One graph per block *type*, not per model: every block of a model is the same code with different
-  weights (passed as inputs), so the block is compiled once and all blocks, every later step and every
-  later call in the process reuse it; compile time does not grow with depth. A new width, dtype,
-  device, architecture, batch size or torch thread count compiles once more (dynamo keeps up to
-  ``torch._dynamo.config.recompile_limit`` variants, 8 by default, then runs further ones eagerly).
-  Inductor's on-disk cache makes the next process's compile cheaper.
-- The embedding, final norm and LM head (one large matrix-vector product each) run eagerly.
+- Every block is the same code with different weights, so the block is a nested compile region
+  (``torch.compiler.nested_compile_region``): compiled once and called once per block inside the
+  step's graph. Compile time does not grow with depth, and the step costs one guard check and one
+  call per token, not one per block. A new width, dtype, device, architecture, batch size or torch
+  thread count compiles once more (dynamo keeps up to ``torch._dynamo.config.recompile_limit``
+  variants, 8 by default, then runs further ones eagerly); inductor's on-disk cache makes the next
+  process's compile cheaper.
 
 The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
-last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly after one
-warning for the process.
+last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly, through the
+same :func:`decode_step`, after one warning for the process.
 """
 
 from __future__ import annotations
@@ -37,26 +39,35 @@ if TYPE_CHECKING:
     from mf_lightning.models.base import DecoderLM
 
 
-def block_step(
+def run_block(
     block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
 ) -> torch.Tensor:
-    """One block on the new tokens ``x [B, 1, d]``: the function that is compiled."""
+    """``block(x, cos, sin, cache)``: the region compiled once and reused by every block of the step."""
     return block(x, cos, sin, cache)
 
 
-compiled_block_step = torch.compile(block_step)
+block_region = torch.compiler.nested_compile_region(run_block)
+
+
+def decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
+    """Logits ``[B, vocab]`` of the token after ``token [B]``, whose keys and values are written into ``caches``.
+
+    Called eagerly, the nested compile region is a plain call: the eager step is the same code.
+    """
+    return model.compute_logits(token[:, None], caches, block_region)[:, -1]
+
+
+compiled_decode_step = torch.compile(decode_step)
 compile_failure: str | None = None
 """Why compiling the step failed in this process (then every step runs eagerly), None while it works."""
 
 
-def run_compiled_block(
-    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
-) -> torch.Tensor:
-    """``block(x, cos, sin, cache)`` through the compiled step; eagerly, after one warning, once compiling failed."""
+def run_decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
+    """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed."""
     global compile_failure
     if compile_failure is None:
         try:
-            return compiled_block_step(block, x, cos, sin, cache)
+            return compiled_decode_step(model, token, caches)
         except Exception as error:  # whatever stops the compiler (no C++ compiler, a platform or operator it
             # does not support), the eager step computes the same tokens
             compile_failure = f"{type(error).__name__}: {first_line(error)}"
@@ -66,7 +77,7 @@ def run_compiled_block(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return block(x, cos, sin, cache)
+    return decode_step(model, token, caches)
 
 
 def first_line(error: Exception) -> str:
@@ -80,13 +91,13 @@ class StaticDecoder:
     Args:
         model: the language model (in eval mode, without gradients: the caller's business).
         max_len: positions to allocate, prompt plus new tokens; the cache never grows.
-        compile: run the blocks of each step through the compiled step (else eagerly, the reference).
+        compile: run each step through the compiled step (else eagerly, the reference).
     """
 
     def __init__(self, model: DecoderLM, max_len: int, compile: bool = True) -> None:
         self.model = model
         self.max_len = max_len
-        self.run_block = run_compiled_block if compile else None
+        self.compile = compile
         self.caches = model.new_kv_caches(max_len)
         self.static_caches: list[StaticKVCache] = []
         self.position: torch.Tensor | None = None
@@ -108,7 +119,8 @@ class StaticDecoder:
             raise RuntimeError("call prefill with the prompt before the first step")
         if self.length >= self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, all filled; allocate a longer one")
-        logits = self.model.compute_logits(token[:, None], self.static_caches, self.run_block)[:, -1]
+        step = run_decode_step if self.compile else decode_step
+        logits = step(self.model, token, self.static_caches)
         self.position += 1
         self.length += 1
         return logits

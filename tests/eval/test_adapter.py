@@ -111,11 +111,11 @@ def test_generate_until_is_greedy_kv_cache_generation_cut_at_the_stop(model, tok
 
 def test_generate_until_decodes_through_the_compiled_step(model, tokenizer, monkeypatch) -> None:
     calls = []
-    compiled = decode_step.compiled_block_step
-    monkeypatch.setattr(decode_step, "compiled_block_step", lambda *args: calls.append(1) or compiled(*args))
+    compiled = decode_step.compiled_decode_step
+    monkeypatch.setattr(decode_step, "compiled_decode_step", lambda *args: calls.append(1) or compiled(*args))
     lm = HarnessLM(model, tokenizer, batch_size=2)
     texts = lm.generate_until(requests("generate_until", [(text, {"until": [], "max_gen_toks": 6}) for text in ["abc", "xyz"]]))
-    assert len(calls) == 5 * model.config.n_layer, "one batch of two prompts: five steps after the prompt"
+    assert len(calls) == 5, "one batch of two prompts: five steps after the prompt"
     prompts = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)] for text in ["abc", "xyz"]])
     eager = model.generate(prompts, 6, temperature=0, eos_id=tokenizer.eos_id, compile=False)
     assert texts == [tokenizer.decode(row[prompts.shape[1] :].tolist()) for row in eager]

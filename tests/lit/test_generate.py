@@ -81,13 +81,13 @@ def test_bfloat16_weights_stay_close_to_float32(trained_dir, capsys) -> None:
 
 def test_compile_decodes_the_same_text_through_the_compiled_step(trained_dir, capsys, monkeypatch) -> None:
     calls = []
-    compiled = decode_step.compiled_block_step
-    monkeypatch.setattr(decode_step, "compiled_block_step", lambda *args: calls.append(1) or compiled(*args))
+    compiled = decode_step.compiled_decode_step
+    monkeypatch.setattr(decode_step, "compiled_decode_step", lambda *args: calls.append(1) or compiled(*args))
     args = ["--model_dir", str(trained_dir), "--max_new_tokens", "20", "--temperature", "0", PROMPT]
     text = generate(capsys, *args)[0]
     assert not calls, "a one-off run decodes eagerly by default: compiling would take longer than decoding"
     assert generate(capsys, *args, "--compile")[0] == text
-    assert len(calls) == 19 * 2, "every step after the prompt runs both blocks through the compiled step"
+    assert len(calls) == 19, "every step after the prompt is one call of the compiled step"
 
 
 def test_a_character_split_across_tokens_is_printed_whole() -> None:

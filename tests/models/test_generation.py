@@ -167,7 +167,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch) ->
     def no_compiler(*args: object) -> torch.Tensor:
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(decode_step, "compiled_block_step", no_compiler)
+    monkeypatch.setattr(decode_step, "compiled_decode_step", no_compiler)
     monkeypatch.setattr(decode_step, "compile_failure", None)
     model, prompt = debug_model(), torch.randint(0, 257, (1, 4))
     message = "compiling the decoding step failed .*no working C\\+\\+ compiler found"
