@@ -24,9 +24,10 @@ for a core, so at 1 thread it is the better estimate of the unloaded speed (both
 the memory bandwidth with the other work); with several threads it sums them and measures work, not speed.
 
 Models are built on the meta device and materialised directly in the measured dtype (random weights:
-speed does not depend on them), the smaller first; a model whose weights would not fit beside it in
-the memory available right now is skipped with a note (MemoryFormer-base is 13.3 GB in bfloat16,
-26.6 GB in float32).
+speed does not depend on them); where the weights of both would not fit in
+the memory available right now, they are measured at the greatest depth at which both fit (the same for both,
+and the row says so: MemoryFormer-base is 13.3 GB in bfloat16, 26.6 GB in float32), or skipped with a
+note where not even one block fits.
 
 Bytes per token are what one decoding step must read: the rows a Memory Layer gathers (``K`` of
 each table) and all weights of a linear layer, the LM head, one embedding row, norms and biases, and
@@ -106,6 +107,26 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def fitting_configs(preset: str, dtype: torch.dtype, max_len: int, budget: float) -> dict[str, ModelConfig | None]:
+    """Both models of ``preset`` at its depth, or at the greatest depth whose weights both fit in ``budget``
+    bytes together (the same depth for both, so their ratio compares like with like); None where even one
+    block does not fit beside the other model."""
+    full = ModelConfig.from_preset(preset).n_layer
+    for layers in range(full, 0, -1):
+        configs = {
+            arch: ModelConfig.from_preset(preset, arch=arch, max_seq_len=max_len, n_layer=layers) for arch in ARCHS
+        }
+        if sum(weight_bytes(config, dtype) for config in configs.values()) <= budget:
+            return configs
+    return {arch: None for arch in ARCHS}
+
+
+def preset_label(preset: str, configs: dict[str, ModelConfig | None]) -> str:
+    """``preset``, with the depth measured where it is not the preset's own (the models were cut to fit)."""
+    depth, full = configs["memoryformer"], ModelConfig.from_preset(preset).n_layer
+    return preset if depth is None or depth.n_layer == full else f"{preset} ({depth.n_layer} of {full} layers)"
+
+
 def available_memory() -> int:
     """Bytes of memory available to a new allocation now (``MemAvailable``), or unlimited where unknown."""
     try:
@@ -150,24 +171,22 @@ def prefill_run(model: DecoderLM, prompt: torch.Tensor, all_positions: bool) -> 
 
 def measure_pair(
     preset: str, dtype_name: str, device: torch.device, args: argparse.Namespace
-) -> tuple[dict[str, Measured | str], list[str]]:
-    """Both models of ``preset`` in ``dtype_name``, measured interleaved (or why a model was skipped), and profiles."""
+) -> tuple[str, dict[str, Measured | str], list[str]]:
+    """Both models of ``preset`` in ``dtype_name``, measured interleaved (or why a model was skipped), and profiles;
+    first the preset's label, which names the depth where the models were cut to fit in memory."""
     dtype = DTYPES[dtype_name]
     torch.compiler.reset()  # a fresh compile budget per pair: dynamo stops compiling a function after 8 variants
     max_len = max(PROMPT_LEN + args.new_tokens, args.prefill_len + 1)
-    configs = {
-        arch: ModelConfig.from_preset(preset, arch=arch, max_seq_len=max_len)
-        for arch in ARCHS
-    }
-    needed = {arch: weight_bytes(config, dtype) for arch, config in configs.items()}
     free = available_memory()
+    configs = fitting_configs(preset, dtype, max_len, MEMORY_HEADROOM * free)
     results: dict[str, Measured | str] = {}
     models: dict[str, DecoderLM] = {}
-    for arch in sorted(ARCHS, key=needed.get):
-        if needed[arch] + sum(needed[other] for other in models) > MEMORY_HEADROOM * free:
-            results[arch] = f"skipped: {needed[arch] / 1e9:.1f} GB of weights, {free / 1e9:.1f} GB available"
+    for arch, config in configs.items():
+        if config is None:
+            needed = weight_bytes(ModelConfig.from_preset(preset, arch=arch), dtype)
+            results[arch] = f"skipped: {needed / 1e9:.1f} GB of weights, {free / 1e9:.1f} GB available"
             continue
-        models[arch] = build_in_dtype(configs[arch], device, dtype).eval()
+        models[arch] = build_in_dtype(config, device, dtype).eval()
         results[arch] = Measured(bytes_per_token=bytes_per_token(models[arch], PROMPT_LEN + (args.new_tokens - 1) / 2))
     prompts = {arch: torch.randint(0, configs[arch].vocab_size, (1, PROMPT_LEN), device=device) for arch in models}
     long_prompts = {
@@ -201,11 +220,11 @@ def measure_pair(
     if args.profile:
         torch.set_num_threads(args.threads[0])
         for arch, model in models.items():
-            profiles += [f"## {preset} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
+            profiles += [f"## {preset_label(preset, configs)} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
                          top_operators(model, args.new_tokens), "```", ""]
     models.clear()
     gc.collect()
-    return results, profiles
+    return preset_label(preset, configs), results, profiles
 
 
 def speed_rows(
@@ -267,10 +286,10 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str]
     for preset in args.presets:
         for dtype_name in args.dtypes:
             before = os.getloadavg()[0]
-            results, profile = measure_pair(preset, dtype_name, device, args)
+            label, results, profile = measure_pair(preset, dtype_name, device, args)
             load = f"{before:.1f} → {os.getloadavg()[0]:.1f}"
-            speed += speed_rows(preset, dtype_name, args, results, load)
-            cost.append(cost_row(preset, dtype_name, args, results))
+            speed += speed_rows(label, dtype_name, args, results, load)
+            cost.append(cost_row(label, dtype_name, args, results))
             profiles += profile
             print("\n".join(speed[-len(args.threads) * len(args.modes):] + [cost[-1]]), file=sys.stderr, flush=True)
     return speed, cost, profiles

@@ -108,6 +108,8 @@ BACKEND_FUNCTIONS = {
     "triton": ("triton_memory", "triton_memory_layer"),
 }
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EMBEDDING_BAG_MIN_VALUES = 16384
+"""Values a token gathers (tables x output width) from which compiled CPU code calls ``embedding_bag``."""
 
 
 @functools.cache
@@ -159,12 +161,23 @@ def memory_layer_and_buckets(
     concrete = resolve_backend(backend, x.device)
     code_bits = check_inputs(x, tables, bias, concrete)
     if concrete != "triton" and torch.compiler.is_compiling():
-        # Traced, not looked up: the lazy import of backend_function cannot be traced. Inductor fuses the
-        # hashing and scores into one loop and keeps embedding_bag's fbgemm kernel, which reads each row
-        # front to back (its own gather loop would read all rows a vector at a time, several times slower).
-        function = reference_memory_layer if concrete == "torch" else embedding_bag_memory_layer
-        return function(x, tables, bias, code_bits, score, temperature)
+        return compiled_function(concrete, tables)(x, tables, bias, code_bits, score, temperature)
     return backend_function(concrete)(x, tables, bias, code_bits, score, temperature)
+
+
+def compiled_function(backend: str, tables: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """What ``torch.compile`` traces for a CPU backend (``backend_function``'s lazy import cannot be traced).
+
+    Inductor fuses the hashing and scores into one loop either way. For the gather-and-sum it keeps
+    ``embedding_bag`` (fbgemm's kernel reads each selected row front to back) where a token gathers at
+    least :data:`EMBEDDING_BAG_MIN_VALUES` values; inductor's own loop over the reference's gather reads
+    all rows a vector at a time, several times slower on wide layers, but it costs no call, which wins
+    on narrow ones (``debug``: 1.5 K values, against ``embedding_bag``'s ~15 µs call).
+    """
+    num_tables, _, out_features = tables.shape
+    if backend == "torch" or num_tables * out_features < EMBEDDING_BAG_MIN_VALUES:
+        return reference_memory_layer
+    return embedding_bag_memory_layer
 
 
 def memory_layer(

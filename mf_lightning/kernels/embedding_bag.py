@@ -28,9 +28,12 @@ def embedding_bag_memory_layer(
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
     buckets = bucket_indices(chunks)
-    compiling = torch.compiler.is_compiling()  # in a graph the index constants are folded, not cached
-    offsets = (table_offsets.__wrapped__ if compiling else table_offsets)(num_tables, num_rows, x.device)
-    starts = (bag_starts.__wrapped__ if compiling else bag_starts)(chunks.shape[0], num_tables, x.device)
+    if torch.compiler.is_compiling():  # constants of the graph, folded by the compiler
+        offsets = torch.arange(0, num_tables * num_rows, num_rows, device=x.device)
+        starts = torch.arange(0, chunks.shape[0] * num_tables, num_tables, device=x.device)
+    else:
+        offsets = table_offsets(num_tables, num_rows, x.device)
+        starts = bag_starts(chunks.shape[0], num_tables, x.device)
     rows = (buckets + offsets).view(-1)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype).view(-1)
     y = F.embedding_bag(

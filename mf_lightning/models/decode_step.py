@@ -40,13 +40,30 @@ if TYPE_CHECKING:
 
 
 def run_block(
-    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
+    block: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
 ) -> torch.Tensor:
-    """``block(x, cos, sin, cache)``: the region compiled once and reused by every block of the step."""
-    return block(x, cos, sin, cache)
+    """One block on the new tokens ``x [B, 1, d]`` with its cache's tensors: the region every block reuses.
+
+    The cache comes as its tensors, not as a :class:`StaticKVCache`: a region's inputs must be tensors and
+    modules (dynamo inlines a region called with other objects, and compiles every block anew).
+    """
+    return block(x, cos, sin, StaticKVCache(keys, values, position))
 
 
 block_region = torch.compiler.nested_compile_region(run_block)
+
+
+def run_block_region(
+    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """``block(x, cos, sin, cache)`` as a call of :data:`block_region` (a ``BlockRunner`` of ``hidden_states``)."""
+    return block_region(block, x, cos, sin, cache.keys, cache.values, cache.position)
 
 
 def decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
@@ -54,7 +71,7 @@ def decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCach
 
     Called eagerly, the nested compile region is a plain call: the eager step is the same code.
     """
-    return model.compute_logits(token[:, None], caches, block_region)[:, -1]
+    return model.compute_logits(token[:, None], caches, run_block_region)[:, -1]
 
 
 compiled_decode_step = torch.compile(decode_step)
@@ -62,12 +79,20 @@ compile_failure: str | None = None
 """Why compiling the step failed in this process (then every step runs eagerly), None while it works."""
 
 
-def run_decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
-    """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed."""
+def run_decode_step(
+    model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache], checked: bool = False
+) -> torch.Tensor:
+    """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed.
+
+    ``checked``: an earlier step of the same generation ran with these very caches and a token of the
+    same shape, so dynamo's guards (a check of every weight's and cache's metadata, ~1 ms per token
+    at ``base``) would pass again and are skipped; only guards that tell cached graphs apart run.
+    """
     global compile_failure
     if compile_failure is None:
         try:
-            return compiled_decode_step(model, token, caches)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
+                return compiled_decode_step(model, token, caches)
         except Exception as error:  # whatever stops the compiler (no C++ compiler, a platform or operator it
             # does not support), the eager step computes the same tokens
             compile_failure = f"{type(error).__name__}: {first_line(error)}"
@@ -101,14 +126,14 @@ class StaticDecoder:
         self.caches = model.new_kv_caches(max_len)
         self.static_caches: list[StaticKVCache] = []
         self.position: torch.Tensor | None = None
-        self.length = 0
+        self.length = self.prompt_length = 0
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the token after the prompts ``idx [B, T]``, whose keys and values are cached."""
         if self.static_caches:
             raise RuntimeError("prefill runs once per StaticDecoder, before the first step")
         hidden = self.model.hidden_states(idx, self.caches)[:, -1]
-        self.length = idx.shape[1]
+        self.length = self.prompt_length = idx.shape[1]
         self.position = torch.tensor([self.length], device=idx.device)
         self.static_caches = [static_cache(cache, self.position) for cache in self.caches]
         return F.linear(hidden, self.model.head_weight)
@@ -119,8 +144,10 @@ class StaticDecoder:
             raise RuntimeError("call prefill with the prompt before the first step")
         if self.length >= self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, all filled; allocate a longer one")
-        step = run_decode_step if self.compile else decode_step
-        logits = step(self.model, token, self.static_caches)
+        if self.compile:
+            logits = run_decode_step(self.model, token, self.static_caches, checked=self.length > self.prompt_length)
+        else:
+            logits = decode_step(self.model, token, self.static_caches)
         self.position += 1
         self.length += 1
         return logits

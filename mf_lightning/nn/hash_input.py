@@ -50,9 +50,10 @@ class HashInput(nn.Module):
             if self.training:
                 self.running_mean.lerp_(global_batch_mean(x.detach()).to(self.running_mean.dtype), CENTERING_MOMENTUM)
             x = x - centre.to(x.dtype)
-        self.balance_term = None
         if self.training and self.balance_weight > 0:
             self.balance_term = self.balance_weight * torch.tanh(x.float()).flatten(0, -2).mean(0).square().mean()
+        elif self.balance_term is not None:  # written only when it changes: a forward without side effects
+            self.balance_term = None  # can be a compiled region shared by every block (decode_step)
         return x
 
     def extra_repr(self) -> str:

@@ -72,3 +72,24 @@ def test_embedding_bag_trains_after_an_inference_mode_call_of_the_same_shape():
         memory_layer(x, tables, bias, backend="embedding_bag")
     memory_layer(x, tables, bias, backend="embedding_bag").sum().backward()
     assert tables.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("backend", "in_features", "out_features", "gathers_with_embedding_bag"),
+    [("embedding_bag", 64, 256, False), ("embedding_bag", 128, 2048, True), ("torch", 128, 2048, False)],
+)
+def test_compiled_cpu_layer_keeps_embedding_bag_where_a_token_gathers_many_values(
+    backend, in_features, out_features, gathers_with_embedding_bag
+):
+    graphs = []
+
+    def keep_graph(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    x, tables, bias = make_inputs((2, 3, in_features), 8, out_features)
+    layer = torch.compile(lambda *a: memory_layer(*a, backend=backend), backend=keep_graph, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, tables, bias), memory_layer(x, tables, bias, backend="torch"))
+    calls = {getattr(node.target, "__name__", "") for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert ("embedding_bag" in calls) == gathers_with_embedding_bag

@@ -163,6 +163,25 @@ def test_the_step_is_compiled_once_per_block_type_and_reused_across_calls_and_le
     assert counters["frames"]["ok"] == 1, "other prompt and cache lengths reuse the graph"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_call_per_token_runs_every_block_through_one_compiled_region(arch: str, monkeypatch) -> None:
+    graphs = []
+
+    def keep_graph(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    torch.compiler.reset()
+    monkeypatch.setattr(decode_step, "compiled_decode_step", torch.compile(decode_step.decode_step, backend=keep_graph))
+    model = build_model(ModelConfig.from_preset("debug", arch=arch, n_layer=3))
+    model.generate(torch.randint(0, 257, (1, 4)), 5, temperature=0)
+    [graph] = graphs
+    regions = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(regions) == 3, "the step's graph calls the block region once per block"
+    assert len({node.args[0].target for node in regions}) == 1, "all blocks share one compiled region"
+    assert sum(isinstance(module, torch.fx.GraphModule) for module in graph.children()) == 1
+
+
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch) -> None:
     def no_compiler(*args: object) -> torch.Tensor:
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
