@@ -84,9 +84,9 @@ def run_decode_step(
 ) -> torch.Tensor:
     """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed.
 
-    ``checked``: an earlier step of the same generation ran with these very caches and a token of the
-    same shape, so dynamo's guards (a check of every weight's and cache's metadata, ~1 ms per token
-    at ``base``) would pass again and are skipped; only guards that tell cached graphs apart run.
+    ``checked``: an earlier step of the same generation ran the compiled graph with these very caches and
+    a token of the same shape, so dynamo's guards (a check of every weight's and cache's metadata, ~1 ms
+    per token at ``base``) would pass again and are skipped; only guards that tell cached graphs apart run.
     """
     global compile_failure
     if compile_failure is None:
@@ -103,6 +103,14 @@ def run_decode_step(
                 stacklevel=2,
             )
     return decode_step(model, token, caches)
+
+
+def step_is_compiled() -> bool:
+    """Whether the step that just ran was compiled: True unless compiling failed, or dynamo holds
+    ``recompile_limit`` variants of the step (it then runs a shape it has no graph for eagerly, and a step
+    without guards would try to compile it and fail)."""
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(decode_step)
+    return compile_failure is None and len(entries) < torch._dynamo.config.recompile_limit
 
 
 def first_line(error: Exception) -> str:
@@ -126,14 +134,15 @@ class StaticDecoder:
         self.caches = model.new_kv_caches(max_len)
         self.static_caches: list[StaticKVCache] = []
         self.position: torch.Tensor | None = None
-        self.length = self.prompt_length = 0
+        self.length = 0
+        self.checked = False
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the token after the prompts ``idx [B, T]``, whose keys and values are cached."""
         if self.static_caches:
             raise RuntimeError("prefill runs once per StaticDecoder, before the first step")
         hidden = self.model.hidden_states(idx, self.caches)[:, -1]
-        self.length = self.prompt_length = idx.shape[1]
+        self.length = idx.shape[1]
         self.position = torch.tensor([self.length], device=idx.device)
         self.static_caches = [static_cache(cache, self.position) for cache in self.caches]
         return F.linear(hidden, self.model.head_weight)
@@ -145,7 +154,8 @@ class StaticDecoder:
         if self.length >= self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, all filled; allocate a longer one")
         if self.compile:
-            logits = run_decode_step(self.model, token, self.static_caches, checked=self.length > self.prompt_length)
+            logits = run_decode_step(self.model, token, self.static_caches, self.checked)
+            self.checked = self.checked or step_is_compiled()
         else:
             logits = decode_step(self.model, token, self.static_caches)
         self.position += 1
