@@ -5,7 +5,8 @@ sets the speed as much as the bytes do, and a Memory Layer is about twenty calls
 is one. :func:`decode_step` (embedding, every block, final norm and LM head for one new token) runs
 through ``torch.compile`` (inductor) as ONE call per token: the hashing and scores of each Memory Layer,
 the norms, the rotary embedding and the cache update fuse into a few loops, and the gather-and-sum
-of the table rows stays one ``embedding_bag`` (fbgemm's kernel, which reads each row front to back):
+of a wide layer's table rows stays one ``embedding_bag`` call (fbgemm's kernel, which reads each row
+front to back; :func:`mf_lightning.kernels.dispatch.compiled_function`):
 
 - The shapes of a step never change: the KV cache is allocated once for prompt + new tokens
   (:class:`~mf_lightning.nn.attention.StaticKVCache`), the token is written at a position held in a
@@ -13,11 +14,12 @@ of the table rows stays one ``embedding_bag`` (fbgemm's kernel, which reads each
   marked dynamic, so prompts and generation lengths of any size share one graph.
 - Every block is the same code with different weights, so the block is a nested compile region
   (``torch.compiler.nested_compile_region``): compiled once and called once per block inside the
-  step's graph. Compile time does not grow with depth, and the step costs one guard check and one
-  call per token, not one per block. A new width, dtype, device, architecture, batch size or torch
-  thread count compiles once more (dynamo keeps up to ``torch._dynamo.config.recompile_limit``
-  variants, 8 by default, then runs further ones eagerly); inductor's on-disk cache makes the next
-  process's compile cheaper.
+  step's graph. Compile time does not grow with depth, and the step costs one call per token, not
+  one per block. Its guards (a metadata check of every weight) run on a generation's first step;
+  later steps with the same caches run only those that tell compiled variants apart. A new width,
+  dtype, device, architecture, batch size or torch thread count compiles once more (dynamo keeps up
+  to ``torch._dynamo.config.recompile_limit`` variants, 8 by default, then runs further ones
+  eagerly); inductor's on-disk cache makes the next process's compile cheaper.
 
 The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
 last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly, through the
