@@ -14,12 +14,11 @@ front to back; :func:`mf_lightning.kernels.dispatch.compiled_function`):
   marked dynamic, so prompts and generation lengths of any size share one graph.
 - Every block is the same code with different weights, so the block is a nested compile region
   (``torch.compiler.nested_compile_region``): compiled once and called once per block inside the
-  step's graph. Compile time does not grow with depth, and the step costs one call per token, not
-  one per block. Its guards (a metadata check of every weight) run on a generation's first step;
-  later steps with the same caches run only those that tell compiled variants apart. A new width,
-  dtype, device, architecture, batch size or torch thread count compiles once more (dynamo keeps up
-  to ``torch._dynamo.config.recompile_limit`` variants, 8 by default, then runs further ones
-  eagerly); inductor's on-disk cache makes the next process's compile cheaper.
+  step's graph. Compile time does not grow with depth, and the step costs one call (and one check of
+  dynamo's guards) per token, not one per block. A new width, dtype, device, architecture, batch size
+  or torch thread count compiles once more (dynamo keeps up to ``torch._dynamo.config.recompile_limit``
+  variants, 8 by default, then runs further ones eagerly); inductor's on-disk cache makes the next
+  process's compile cheaper.
 
 The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
 last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly, through the
@@ -81,20 +80,12 @@ compile_failure: str | None = None
 """Why compiling the step failed in this process (then every step runs eagerly), None while it works."""
 
 
-def run_decode_step(
-    model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache], checked: bool = False
-) -> torch.Tensor:
-    """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed.
-
-    ``checked``: an earlier step of the same generation ran the compiled graph with these very caches and
-    a token of the same shape, so dynamo's guards (a check of every weight's and cache's metadata, ~1 ms
-    per token at ``base``) would pass again and are skipped; only guards that tell cached graphs apart run.
-    """
+def run_decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
+    """:func:`decode_step` through the compiled step; eagerly, after one warning, once compiling failed."""
     global compile_failure
     if compile_failure is None:
         try:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
-                return compiled_decode_step(model, token, caches)
+            return compiled_decode_step(model, token, caches)
         except Exception as error:  # whatever stops the compiler (no C++ compiler, a platform or operator it
             # does not support), the eager step computes the same tokens
             compile_failure = f"{type(error).__name__}: {first_line(error)}"
@@ -105,14 +96,6 @@ def run_decode_step(
                 stacklevel=2,
             )
     return decode_step(model, token, caches)
-
-
-def step_is_compiled() -> bool:
-    """Whether the step that just ran was compiled: True unless compiling failed, or dynamo holds
-    ``recompile_limit`` variants of the step (it then runs a shape it has no graph for eagerly, and a step
-    without guards would try to compile it and fail)."""
-    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(decode_step)
-    return compile_failure is None and len(entries) < torch._dynamo.config.recompile_limit
 
 
 def first_line(error: Exception) -> str:
@@ -137,7 +120,6 @@ class StaticDecoder:
         self.static_caches: list[StaticKVCache] = []
         self.position: torch.Tensor | None = None
         self.length = 0
-        self.checked = False
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the token after the prompts ``idx [B, T]``, whose keys and values are cached."""
@@ -155,11 +137,8 @@ class StaticDecoder:
             raise RuntimeError("call prefill with the prompt before the first step")
         if self.length >= self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, all filled; allocate a longer one")
-        if self.compile:
-            logits = run_decode_step(self.model, token, self.static_caches, self.checked)
-            self.checked = self.checked or step_is_compiled()
-        else:
-            logits = decode_step(self.model, token, self.static_caches)
+        step = run_decode_step if self.compile else decode_step
+        logits = step(self.model, token, self.static_caches)
         self.position += 1
         self.length += 1
         return logits

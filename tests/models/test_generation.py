@@ -183,26 +183,14 @@ def test_one_call_per_token_runs_every_block_through_one_compiled_region(arch: s
     assert sum(isinstance(module, torch.fx.GraphModule) for module in graph.children()) == 1
 
 
-def test_guards_are_skipped_after_the_first_compiled_step_only(monkeypatch) -> None:
-    stances = []
-    set_stance = torch.compiler.set_stance
-    monkeypatch.setattr(torch.compiler, "set_stance", lambda **kw: stances.append(kw) or set_stance(**kw))
+def test_a_shape_beyond_the_recompile_limit_decodes_eagerly_without_a_warning(monkeypatch) -> None:
     torch.compiler.reset()
-    model, prompt = debug_model(), torch.randint(0, 257, (1, 4))
-    model.generate(prompt, 4, temperature=0)
-    assert [stance["skip_guard_eval_unsafe"] for stance in stances] == [False, True, True]
-
-
-def test_a_shape_beyond_the_recompile_limit_decodes_eagerly_with_every_guard(monkeypatch) -> None:
-    torch.compiler.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     monkeypatch.setattr(decode_step, "compile_failure", None)
-    prompt = torch.randint(0, 257, (1, 4))
-    debug_model().generate(prompt, 4, temperature=0)
+    prompt, steps = torch.randint(0, 257, (1, 4)), torch.randint(0, 257, (1, 6))
     other = build_model(ModelConfig.from_preset("debug", arch="transformer", n_embd=32)).eval()
-    steps = torch.randint(0, 257, (1, 6))
-    with warnings.catch_warnings():
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
+        debug_model().generate(prompt, 4, temperature=0)
         compiled = decode_logits(other, prompt, steps, compile=True)
     assert decode_step.compile_failure is None
     torch.testing.assert_close(compiled, decode_logits(other, prompt, steps, compile=False), rtol=0, atol=0)
