@@ -217,14 +217,15 @@ def measure_pair(
         print(f"{preset} {dtype_name}: round {round_ + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}",
               file=sys.stderr, flush=True)
     profiles = []
+    label = preset_label(preset, configs)
     if args.profile:
         torch.set_num_threads(args.threads[0])
         for arch, model in models.items():
-            profiles += [f"## {preset_label(preset, configs)} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
+            profiles += [f"## {label} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
                          top_operators(model, args.new_tokens), "```", ""]
     models.clear()
     gc.collect()
-    return preset_label(preset, configs), results, profiles
+    return label, results, profiles
 
 
 def speed_rows(

@@ -28,12 +28,11 @@ def embedding_bag_memory_layer(
     num_tables, num_rows, out_features = tables.shape
     chunks = x.reshape(-1, num_tables, code_bits)
     buckets = bucket_indices(chunks)
-    if torch.compiler.is_compiling():  # constants of the graph, folded by the compiler
-        offsets = torch.arange(0, num_tables * num_rows, num_rows, device=x.device)
-        starts = torch.arange(0, chunks.shape[0] * num_tables, num_tables, device=x.device)
+    num_tokens = chunks.shape[0]
+    if torch.compiler.is_compiling():  # constants of the graph, folded by the compiler, not cached
+        offsets, starts = multiples(num_tables, num_rows, x.device), multiples(num_tokens, num_tables, x.device)
     else:
-        offsets = table_offsets(num_tables, num_rows, x.device)
-        starts = bag_starts(chunks.shape[0], num_tables, x.device)
+        offsets, starts = table_offsets(num_tables, num_rows, x.device), bag_starts(num_tokens, num_tables, x.device)
     rows = (buckets + offsets).view(-1)
     scores = chunk_scores(chunks, score, temperature).to(tables.dtype).view(-1)
     y = F.embedding_bag(
@@ -48,11 +47,16 @@ def embedding_bag_memory_layer(
     return y.view(*x.shape[:-1], out_features), buckets.view(*x.shape[:-1], num_tables)
 
 
+def multiples(count: int, step: int, device: torch.device) -> torch.Tensor:
+    """``0, step, ..., (count - 1) * step`` as int64."""
+    return torch.arange(0, count * step, step, device=device, dtype=torch.int64)
+
+
 @functools.cache
 def table_offsets(num_tables: int, num_rows: int, device: torch.device) -> torch.Tensor:
     """Row of the first bucket of each table in the flattened ``[K * 2**tau, out]`` tables."""
     with torch.inference_mode(False):  # kept for later calls, which may need gradients
-        return torch.arange(0, num_tables * num_rows, num_rows, device=device, dtype=torch.int64)
+        return multiples(num_tables, num_rows, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,4 +67,4 @@ def bag_starts(num_tokens: int, num_tables: int, device: torch.device) -> torch.
     saves it for the backward of a later training call, and an inference tensor cannot be saved.
     """
     with torch.inference_mode(False):
-        return torch.arange(0, num_tokens * num_tables, num_tables, device=device, dtype=torch.int64)
+        return multiples(num_tokens, num_tables, device)

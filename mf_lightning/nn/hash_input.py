@@ -52,8 +52,8 @@ class HashInput(nn.Module):
             x = x - centre.to(x.dtype)
         if self.training and self.balance_weight > 0:
             self.balance_term = self.balance_weight * torch.tanh(x.float()).flatten(0, -2).mean(0).square().mean()
-        elif self.balance_term is not None:  # written only when it changes: a forward without side effects
-            self.balance_term = None  # can be a compiled region shared by every block (decode_step)
+        elif self.balance_term is not None:  # set only when it changes, so that an eval forward has no side
+            self.balance_term = None  # effect and can be the compiled region every block shares (decode_step)
         return x
 
     def extra_repr(self) -> str:
