@@ -9,8 +9,12 @@ Each model generates ``--new-tokens`` tokens after an 8-token prompt with the KV
 through the compiled fixed-shape step (``compiled``, the default of ``generate``) and eagerly
 (``eager``, ``compile=False``). Both models of a preset and dtype are in memory together and are
 measured interleaved (for each of ``--repeats`` rounds: each thread count, mode and model in turn), so
-both see the same load of a shared machine and their ratio is what counts; tokens/s is from the fastest
-round. Compile time is the first call's time minus a warm call's, with dynamo's in-process caches
+both see the same load of a shared machine and their ratio is what counts. Tokens/s is the decoding speed
+(the inverse of the time per output token): the ``--new-tokens - 1`` tokens after the first, over the time
+from the first new token to the last, in the fastest round; the first token waits for the prompt's
+prefill, which reads a Memory Layer's rows once per prompt token, and is reported on its own (first-token
+milliseconds). The byte ratio is that of one decoding step. Compile time is the first call's time minus a
+warm call's, with dynamo's in-process caches
 emptied before each pair (inductor's on-disk cache stays as the machine has it); the step is then
 cached for the process. Prefill is the CPU time of the prompt's forward pass (``--prefill-len``
 tokens, logits of the last position only, as decoding now does) against the forward pass that also
@@ -55,6 +59,7 @@ from torch import nn
 
 from mf_lightning.config import PRESETS, ModelConfig
 from mf_lightning.models import DecoderLM
+from mf_lightning.models.generation import stream
 from mf_lightning.models.pretrained import build_in_dtype
 from mf_lightning.nn import MemoryLayer
 
@@ -71,9 +76,11 @@ MEMORY_HEADROOM = 0.85
 
 @dataclass
 class Measured:
-    """What was measured of one model: best seconds per (threads, mode, clock), compile and prefill seconds."""
+    """What was measured of one model: best seconds of the decoding steps and of the first token per (threads,
+    mode, clock), compile and prefill seconds."""
 
-    decode: dict[tuple[int, str], float] = field(default_factory=dict)
+    decode: dict[tuple[int, str, str], float] = field(default_factory=dict)
+    first_token: dict[tuple[int, str, str], float] = field(default_factory=dict)
     compile_seconds: float | None = None
     prefill: dict[str, float] = field(default_factory=dict)
     bytes_per_token: float = 0.0
@@ -155,8 +162,26 @@ def top_operators(model: DecoderLM, new_tokens: int, rows: int = 10) -> str:
     return profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def decode_run(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, compile: bool) -> None:
-    model.generate(prompt, new_tokens, temperature=0, compile=compile)
+def clocks() -> dict[str, float]:
+    """Now, by the wall clock and by this process's CPU time (all its threads)."""
+    return {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+
+def decode_run(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, compile: bool) -> dict[str, dict[str, float]]:
+    """Greedy decoding of ``new_tokens`` after ``prompt`` through ``stream`` (what ``generate`` runs), timed per
+    clock: ``first``, seconds to the first new token (the prompt's prefill), and ``steps``, seconds from it to
+    the last (the ``new_tokens - 1`` decoding steps, each one token through the KV cache)."""
+    device = prompt.device
+    synchronize(device)
+    marks = [clocks()]
+    for _ in stream(model, prompt, new_tokens, temperature=0, compile=compile):
+        synchronize(device)
+        marks.append(clocks())
+    first, last = marks[1], marks[-1]
+    return {
+        "first": {clock: first[clock] - marks[0][clock] for clock in CLOCKS},
+        "steps": {clock: last[clock] - first[clock] for clock in CLOCKS},
+    }
 
 
 @torch.no_grad()
@@ -195,9 +220,9 @@ def measure_pair(
     torch.set_num_threads(args.threads[0])
     for arch, model in models.items():
         if "compiled" in args.modes:
-            first = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, True), device)["wall"]
-            warm = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, True), device)["wall"]
-            results[arch].compile_seconds = first - warm
+            first = decode_run(model, prompts[arch], args.new_tokens, True)
+            warm = decode_run(model, prompts[arch], args.new_tokens, True)
+            results[arch].compile_seconds = sum(first[part]["wall"] - warm[part]["wall"] for part in first)
         if "eager" in args.modes:
             decode_run(model, prompts[arch], args.new_tokens, False)
     for round_ in range(args.repeats):
@@ -205,9 +230,10 @@ def measure_pair(
             torch.set_num_threads(count)
             for mode in args.modes:
                 for arch, model in models.items():
-                    seconds = timed(lambda: decode_run(model, prompts[arch], args.new_tokens, MODES[mode]), device)
-                    for clock, value in seconds.items():
-                        results[arch].keep_best(results[arch].decode, (count, mode, clock), value)
+                    seconds = decode_run(model, prompts[arch], args.new_tokens, MODES[mode])
+                    for clock in CLOCKS:
+                        results[arch].keep_best(results[arch].decode, (count, mode, clock), seconds["steps"][clock])
+                        results[arch].keep_best(results[arch].first_token, (count, mode, clock), seconds["first"][clock])
             if count == args.threads[0]:
                 order = (("now", False), ("before", True))
                 for arch, model in models.items():
@@ -244,7 +270,7 @@ def speed_rows(
             cells.append(f"{bytes_ratio:.2f}" if bytes_ratio else "-")
             for clock in CLOCKS:
                 speeds = [
-                    args.new_tokens / r.decode[count, mode, clock] if isinstance(r, Measured) else None
+                    (args.new_tokens - 1) / r.decode[count, mode, clock] if isinstance(r, Measured) else None
                     for r in (mf, tf)
                 ]
                 cells += [f"{speed:.1f}" if speed else str(r) for speed, r in zip(speeds, (mf, tf))]
@@ -259,13 +285,14 @@ def speed_rows(
 
 
 def cost_row(preset: str, dtype_name: str, args: argparse.Namespace, results: dict[str, Measured | str]) -> str:
-    """Compile seconds and 512-token prefill seconds (now / before) of both models."""
+    """Compile seconds, first-token milliseconds and 512-token prefill seconds (now / before) of both models."""
     cells = [preset, dtype_name]
     for result in (results[arch] for arch in ARCHS):
         if not isinstance(result, Measured):
-            cells += ["-", "-", "-"]
+            cells += ["-", "-", "-", "-"]
             continue
         cells.append(f"{result.compile_seconds:.1f}" if result.compile_seconds is not None else "-")
+        cells.append(f"{1e3 * result.first_token[args.threads[0], args.modes[0], 'wall']:.0f}")
         cells += [f"{result.prefill[label]:.3f}" for label in ("now", "before")]
     return "| " + " | ".join(cells) + " |"
 
@@ -279,9 +306,9 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cost = [
-        "| preset | dtype | MF compile s | MF prefill s now | MF prefill s before | TF compile s "
-        "| TF prefill s now | TF prefill s before |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | dtype | MF compile s | MF first token ms | MF prefill s now | MF prefill s before | TF compile s "
+        "| TF first token ms | TF prefill s now | TF prefill s before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     profiles = []
     for preset in args.presets:
@@ -315,10 +342,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="also list the most expensive operators")
     parser.add_argument("--note", default="", help="free text for the report")
     args = parser.parse_args(argv)
-    if min(args.new_tokens, args.repeats, args.prefill_len, *args.threads) < 1:
+    if min(args.repeats, args.prefill_len, *args.threads) < 1 or args.new_tokens < 2:
         parser.error(
-            f"--new-tokens, --repeats, --prefill-len and --threads must be positive, got {args.new_tokens}, "
-            f"{args.repeats}, {args.prefill_len}, {args.threads}"
+            f"--new-tokens must be at least 2 (speed is timed from the first new token to the last), --repeats, "
+            f"--prefill-len and --threads positive; got {args.new_tokens}, {args.repeats}, {args.prefill_len}, "
+            f"{args.threads}"
         )
     device = torch.device(args.device)
     header = [
@@ -334,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     speed, cost, profiles = benchmark(args, device)
     cost_header = [
         f"Compile time in wall seconds (first call minus a warm call, {args.threads[0]} thread(s); then cached for "
-        f"the process) and the prefill of a {args.prefill_len}-token prompt in CPU seconds: now (LM head on the "
+        f"the process), the first new token after the {PROMPT_LEN}-token prompt in wall milliseconds "
+        f"({args.threads[0]} thread(s), {args.modes[0]} step, best of the rounds) and the prefill of a {args.prefill_len}-token prompt in CPU seconds: now (LM head on the "
         "last position) and before (LM head on every position), best of the rounds, in alternating order:",
         "",
     ]

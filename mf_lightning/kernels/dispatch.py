@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mf_lightning.kernels.embedding_bag import embedding_bag_memory_layer
+from mf_lightning.kernels.fused_cpu import fused_cpu_applies, fused_cpu_memory_layer
 from mf_lightning.kernels.hashing import check_score
 from mf_lightning.kernels.reference import reference_memory_layer
 
@@ -160,23 +161,29 @@ def memory_layer_and_buckets(
     """
     concrete = resolve_backend(backend, x.device)
     code_bits = check_inputs(x, tables, bias, concrete)
-    if concrete != "triton" and torch.compiler.is_compiling():
-        return compiled_function(concrete, tables)(x, tables, bias, code_bits, score, temperature)
-    return backend_function(concrete)(x, tables, bias, code_bits, score, temperature)
+    return call_function(concrete, x, tables, bias)(x, tables, bias, code_bits, score, temperature)
 
 
-def compiled_function(backend: str, tables: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """What ``torch.compile`` traces for a CPU backend (``backend_function``'s lazy import cannot be traced).
+def call_function(
+    backend: str, x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The implementation of ``backend`` that runs this call (contract: ``reference_memory_layer``).
 
-    Inductor fuses the hashing and scores into one loop either way. For the gather-and-sum it keeps
-    ``embedding_bag`` (fbgemm's kernel reads each selected row front to back) where a token gathers at
-    least :data:`EMBEDDING_BAG_MIN_VALUES` values; inductor's own loop over the reference's gather reads
-    all rows a vector at a time, several times slower on wide layers, but it costs no call, which wins
-    on narrow ones (``debug``: 1.5 K values, against ``embedding_bag``'s ~15 µs call).
+    ``embedding_bag`` is a family on CPU. Without gradients, a call of a few tokens (a decoding step)
+    runs the fused C++ operator (:mod:`mf_lightning.kernels.fused_cpu`), one call for the whole layer.
+    Under ``torch.compile``, a layer where a token gathers fewer than :data:`EMBEDDING_BAG_MIN_VALUES`
+    values runs the reference instead, whose hashing, gather and sum inductor fuses into a loop that
+    costs no call (``debug``: 1.5 K values); the traced functions are imported here, not lazily.
     """
-    num_tables, _, out_features = tables.shape
-    if backend == "torch" or num_tables * out_features < EMBEDDING_BAG_MIN_VALUES:
+    if backend == "torch":
         return reference_memory_layer
+    if backend == "triton":
+        return backend_function(backend)
+    num_tables, _, out_features = tables.shape
+    if torch.compiler.is_compiling() and num_tables * out_features < EMBEDDING_BAG_MIN_VALUES:
+        return reference_memory_layer
+    if fused_cpu_applies(x, tables, bias):
+        return fused_cpu_memory_layer
     return embedding_bag_memory_layer
 
 

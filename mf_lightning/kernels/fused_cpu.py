@@ -1,0 +1,126 @@
+"""The fused CPU Memory Layer of decoding: hash, score, gather and sum of a few tokens in one C++ call.
+
+Decoding reads one token's rows per layer, a few hundred KB, in tens of µs; the operator chain of
+:func:`~mf_lightning.kernels.embedding_bag.embedding_bag_memory_layer` (hash, scores, offsets,
+``embedding_bag``) costs about as much again in calls, and ``embedding_bag`` reads scattered rows at
+half the memory bandwidth. ``fused_cpu.cpp`` does the whole layer in one loop per token and reaches the
+bandwidth (``benchmarks/decode.py``). It has no backward: it serves the ``embedding_bag`` backend on
+CPU where no gradient is recorded and a call holds at most :data:`MAX_TOKENS` tokens (decoding steps),
+eagerly and inside the compiled decoding step.
+
+The operator is built by torch's C++ extension builder the first time a process needs it (about 10 s
+on 2 cores, then loaded from the build cache, ``TORCH_EXTENSIONS_DIR``, in well under a second). It is
+built for this machine's vector instructions, which name the build, so a cache shared by machines of
+different CPUs keeps one build per kind. Where it cannot be built (no C++ compiler), the layer keeps
+the operator chain after one warning, with the same results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+MAX_TOKENS = 16
+"""Most tokens of a call the fused operator takes (it runs on one thread; larger calls are not decoding)."""
+DTYPES = (torch.float32, torch.bfloat16)
+VECTOR_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
+"""Compiler flags per ``torch.backends.cpu.get_cpu_capability()`` on x86; others build for the baseline."""
+
+log = logging.getLogger(__name__)
+
+
+def fused_cpu_applies(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether this call of an ``embedding_bag`` layer runs through the fused operator."""
+    return (
+        x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and tables.dtype in DTYPES
+        and x.dtype == tables.dtype
+        and (bias is None or bias.dtype == tables.dtype)
+        and fused_cpu_available()
+    )
+
+
+def fused_cpu_memory_layer(
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    code_bits: int,
+    score: str,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`mf_lightning.kernels.reference.reference_memory_layer`, without a gradient."""
+    y, buckets = torch.ops.mf_lightning.memory_layer_inference(
+        x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), bias, score == "scaled", temperature
+    )
+    return y.view(*x.shape[:-1], tables.shape[2]), buckets.view(*x.shape[:-1], tables.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def fused_cpu_available() -> bool:
+    """Whether the operator is registered, after building it if need be. A constant of compiled graphs: it runs,
+    and may build, while dynamo traces."""
+    return load_fused_cpu()
+
+
+@functools.cache
+def load_fused_cpu() -> bool:
+    """Build (or load from the cache) and register the operator once per process; False, after one warning,
+    where that fails."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = VECTOR_FLAGS.get(capability, []) if platform.machine() in ("x86_64", "AMD64") else []
+    name = f"mf_lightning_fused_cpu_{capability.lower()}"
+    log.info("loading the fused CPU Memory Layer %s (built once per machine, about 10 s)", name)
+    try:
+        from torch.utils.cpp_extension import load
+
+        with ninja_on_path():
+            load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *flags], is_python_module=False)
+    except Exception as error:  # whatever stops the build (no compiler, no ninja, a failed compile)
+        message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        warnings.warn(
+            f"the fused CPU Memory Layer could not be built ({message}); decoding on CPU uses the slower "
+            "embedding_bag operator chain",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    torch.library.register_fake("mf_lightning::memory_layer_inference")(memory_layer_inference_shapes)
+    return True
+
+
+@contextlib.contextmanager
+def ninja_on_path() -> Iterator[None]:
+    """torch's builder runs ``ninja`` from PATH: add the ninja wheel's binary while it builds, where PATH lacks
+    one (a virtual environment's python run without activating the environment)."""
+    if shutil.which("ninja") is not None or importlib.util.find_spec("ninja") is None:
+        yield
+        return
+    import ninja
+
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def memory_layer_inference_shapes(
+    x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, scaled: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the operator without computing them (for ``torch.compile``'s tracing)."""
+    tokens, (num_tables, _, out_features) = x.shape[0], tables.shape
+    return x.new_empty(tokens, out_features, dtype=tables.dtype), x.new_empty(tokens, num_tables, dtype=torch.int64)
