@@ -1,12 +1,13 @@
 """Decoding with the KV cache: the prompt once, then every new token through one fixed-shape, compiled step.
 
 Batch-1 decoding reads little memory per token, so on a CPU the cost of each operator call (a few µs)
-sets the speed as much as the bytes do, and a Memory Layer is about twenty calls where ``nn.Linear``
-is one. :func:`decode_step` (embedding, every block, final norm and LM head for one new token) runs
-through ``torch.compile`` (inductor) as ONE call per token: the hashing and scores of each Memory Layer,
-the norms, the rotary embedding and the cache update fuse into a few loops, and the gather-and-sum
-of a wide layer's table rows stays one ``embedding_bag`` call (fbgemm's kernel, which reads each row
-front to back; :func:`mf_lightning.kernels.dispatch.compiled_function`):
+sets the speed as much as the bytes do. Every Memory Layer of a step (no gradients, a few tokens) is one
+call of the fused CPU operator, which hashes, scores, gathers and sums in one loop
+(:mod:`mf_lightning.kernels.fused_cpu`), eagerly and compiled alike. :func:`decode_step` (embedding,
+every block, final norm and LM head for one new token) runs through ``torch.compile`` (inductor) as ONE
+call per token: the norms, the rotary embedding and the cache update fuse into a few loops around those
+calls, and a narrow layer's hashing, gather and sum become inductor's own loop, which costs no call
+(:func:`mf_lightning.kernels.dispatch.call_function`):
 
 - The shapes of a step never change: the KV cache is allocated once for prompt + new tokens
   (:class:`~mf_lightning.nn.attention.StaticKVCache`), the token is written at a position held in a
