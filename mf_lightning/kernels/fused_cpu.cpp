@@ -2,8 +2,8 @@
 //
 // Decoding one token reads K rows of a layer's tables; a chain of framework operators for it (hash,
 // scores, offsets, embedding_bag) costs more in calls than the bytes take to read. This operator does
-// the whole layer in one call: per token it hashes every chunk, computes its score, then adds each
-// selected row, read front to back, scaled by its score, into a float32 accumulator. Same contract
+// the whole layer in one call: per token it hashes every chunk, computes its score, then adds the
+// selected rows, each read front to back and scaled by its score, into a float32 accumulator. Same contract
 // and rounding as the Python backends (mf_lightning/kernels/reference.py): the score is rounded to
 // the tables' dtype before it scales the row, the sum is kept in float32 and rounded once.
 #include <ATen/core/Tensor.h>
@@ -44,12 +44,26 @@ inline float exp_nonpositive(float u) {
   return p * scale;
 }
 
-// Adds score * row into acc: the loop that reads the bytes, which the compiler vectorises. The rows
-// are read front to back, one after another; software prefetching of the next row measured slower.
-template <typename T>
-inline void add_scaled_row(float* __restrict acc, const T* __restrict row, float score, int64_t width) {
+// Adds the score-weighted sum of G rows into acc: the loop that reads the bytes, which the compiler
+// vectorises. Rows are scattered across the tables, so the hardware prefetcher cannot run ahead from one
+// to the next; streaming G of them at once keeps more reads in flight (and acc is loaded and stored once
+// per G rows). G = 8 measured fastest; software prefetching of the next rows measured slower.
+constexpr int kRowsAtOnce = 8;
+
+template <typename T, int G>
+inline void add_scaled_rows(float* __restrict acc, const T* const* rows, const float* scores, int64_t width) {
+  const T* r[G];
+  float s[G];
+  for (int i = 0; i < G; ++i) {
+    r[i] = rows[i];
+    s[i] = scores[i];
+  }
   for (int64_t j = 0; j < width; ++j) {
-    acc[j] += score * to_float(row[j]);
+    float sum = acc[j];
+    for (int i = 0; i < G; ++i) {
+      sum += s[i] * to_float(r[i][j]);
+    }
+    acc[j] = sum;
   }
 }
 
@@ -87,8 +101,12 @@ void memory_layer_tokens(
       rows[k] = tables + (k * rows_per_table + bucket) * width;
     }
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t k = 0; k < num_tables; ++k) {
-      add_scaled_row(acc.data(), rows[k], scores[k], width);
+    int64_t k = 0;
+    for (; k + kRowsAtOnce <= num_tables; k += kRowsAtOnce) {
+      add_scaled_rows<T, kRowsAtOnce>(acc.data(), rows.data() + k, scores.data() + k, width);
+    }
+    for (; k < num_tables; ++k) {
+      add_scaled_rows<T, 1>(acc.data(), rows.data() + k, scores.data() + k, width);
     }
     T* out = y + n * width;
     for (int64_t j = 0; j < width; ++j) {

@@ -35,7 +35,7 @@ def layer_inputs(tokens, num_tables, code_bits, width, dtype, bias=True, scale=1
         (1, 16, 8, 96, True, "scaled", 1.0, 1.0),
         (3, 5, 3, 37, False, "paper", 0.3, 1.0),
         (MAX_TOKENS, 4, 10, 33, True, "scaled", 2.5, 1.0),
-        (2, 7, 1, 8, True, "paper", 1.0, 1.0),
+        (2, 13, 1, 8, True, "paper", 1.0, 1.0),
         (2, 6, 4, 16, True, "scaled", 0.05, 100.0),
     ],
 )
