@@ -3,13 +3,13 @@
 Decoding reads one token's rows per layer, a few hundred KB, in tens of µs; the operator chain of
 :func:`~mf_lightning.kernels.embedding_bag.embedding_bag_memory_layer` (hash, scores, offsets,
 ``embedding_bag``) costs about as much again in calls, and ``embedding_bag`` reads scattered rows at
-half the memory bandwidth. ``fused_cpu.cpp`` does the whole layer in one loop per token and reaches the
-bandwidth (``benchmarks/decode.py``). It has no backward: it serves the ``embedding_bag`` backend on
+a fraction of the memory bandwidth. ``fused_cpu.cpp`` does the whole layer in one loop per token, streaming
+eight rows at once, at several times that bandwidth (``benchmarks/decode.py``). It has no backward: it serves the ``embedding_bag`` backend on
 CPU where no gradient is recorded and a call holds at most :data:`MAX_TOKENS` tokens (decoding steps),
 eagerly and inside the compiled decoding step.
 
 The operator is built by torch's C++ extension builder the first time a process needs it (about 10 s
-on 2 cores, then loaded from the build cache, ``TORCH_EXTENSIONS_DIR``, in well under a second). It is
+on 2 cores, then loaded from the build cache, ``TORCH_EXTENSIONS_DIR``, in about 10 ms). It is
 built for this machine's vector instructions, which name the build, so a cache shared by machines of
 different CPUs keeps one build per kind. Where it cannot be built (no C++ compiler), the layer keeps
 the operator chain after one warning, with the same results.
