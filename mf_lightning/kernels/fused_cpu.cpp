@@ -143,12 +143,95 @@ std::tuple<at::Tensor, at::Tensor> memory_layer_inference(
   return {y, buckets};
 }
 
+// Attention of one query per head over the first `visible` slots of a KV cache, in float32: scores,
+// softmax (the exponentials in one vectorised loop) and the weighted sum of values, four slots at a time.
+template <typename T>
+void attend_one_query(
+    const T* q, const T* keys, const T* values, T* out, int64_t heads, int64_t slots, int64_t head_size,
+    int64_t visible) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_size));
+  std::vector<float> query(head_size);
+  std::vector<float> weights(visible);
+  std::vector<float> acc(head_size);
+  const T* slot_rows[kRowsAtOnce];
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* k = keys + h * slots * head_size;
+    const T* v = values + h * slots * head_size;
+    for (int64_t j = 0; j < head_size; ++j) {
+      query[j] = to_float(q[h * head_size + j]) * scale;
+    }
+    float largest = -INFINITY;
+    for (int64_t t = 0; t < visible; ++t) {
+      const T* key = k + t * head_size;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < head_size; ++j) {
+        dot += query[j] * to_float(key[j]);
+      }
+      weights[t] = dot;
+      largest = std::max(largest, dot);
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < visible; ++t) {
+      weights[t] = exp_nonpositive(weights[t] - largest);
+      total += weights[t];
+    }
+    const float inverse_total = 1.0f / total;
+    for (int64_t t = 0; t < visible; ++t) {
+      weights[t] *= inverse_total;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    int64_t t = 0;
+    for (; t + kRowsAtOnce <= visible; t += kRowsAtOnce) {
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        slot_rows[i] = v + (t + i) * head_size;
+      }
+      add_scaled_rows<T, kRowsAtOnce>(acc.data(), slot_rows, weights.data() + t, head_size);
+    }
+    for (; t < visible; ++t) {
+      slot_rows[0] = v + t * head_size;
+      add_scaled_rows<T, 1>(acc.data(), slot_rows, weights.data() + t, head_size);
+    }
+    for (int64_t j = 0; j < head_size; ++j) {
+      out[h * head_size + j] = static_cast<T>(acc[j]);
+    }
+  }
+}
+
+// q [B, H, 1, S], keys and values [B, H, L, S] (a static KV cache's storage), contiguous, one dtype (float32
+// or bfloat16), position int64 [1]: the query of the token at slot `position` attends to slots
+// 0..position -> softmax(q k / sqrt(S)) v, [B, H, 1, S].
+at::Tensor attention_inference(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& position) {
+  const int64_t batch = q.size(0), heads = q.size(1), head_size = q.size(3), slots = keys.size(2);
+  const int64_t visible = std::min(position.item<int64_t>() + 1, slots);
+  at::Tensor out = at::empty({batch, heads, 1, head_size}, q.options());
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t query = b * heads * head_size, cached = b * heads * slots * head_size;
+    if (q.scalar_type() == at::kBFloat16) {
+      using T = c10::BFloat16;
+      attend_one_query<T>(
+          q.const_data_ptr<T>() + query, keys.const_data_ptr<T>() + cached, values.const_data_ptr<T>() + cached,
+          out.mutable_data_ptr<T>() + query, heads, slots, head_size, visible);
+    } else {
+      attend_one_query<float>(
+          q.const_data_ptr<float>() + query, keys.const_data_ptr<float>() + cached,
+          values.const_data_ptr<float>() + cached, out.mutable_data_ptr<float>() + query, heads, slots, head_size,
+          visible);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mf_lightning, m) {
   m.def("memory_layer_inference(Tensor x, Tensor tables, Tensor? bias, bool scaled, float temperature) -> (Tensor, Tensor)");
+  m.def("attention_inference(Tensor q, Tensor keys, Tensor values, Tensor position) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mf_lightning, CPU, m) {
   m.impl("memory_layer_inference", &memory_layer_inference);
+  m.impl("attention_inference", &attention_inference);
 }

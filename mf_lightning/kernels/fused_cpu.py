@@ -1,4 +1,5 @@
-"""The fused CPU Memory Layer of decoding: hash, score, gather and sum of a few tokens in one C++ call.
+"""The fused CPU operators of decoding: a Memory Layer (hash, score, gather and sum of a few tokens) and the
+attention of one query over a static KV cache, each one C++ call.
 
 Decoding reads one token's rows per layer, a few hundred KB, in tens of µs; the operator chain of
 :func:`~mf_lightning.kernels.embedding_bag.embedding_bag_memory_layer` (hash, scores, offsets,
@@ -6,7 +7,9 @@ Decoding reads one token's rows per layer, a few hundred KB, in tens of µs; the
 a fraction of the memory bandwidth. ``fused_cpu.cpp`` does the whole layer in one loop per token, streaming
 eight rows at once, at several times that bandwidth (``benchmarks/decode.py``). It has no backward: it serves the ``embedding_bag`` backend on
 CPU where no gradient is recorded and a call holds at most :data:`MAX_TOKENS` tokens (decoding steps),
-eagerly and inside the compiled decoding step.
+eagerly and inside the compiled decoding step. The attention of a decoding step's one query over the
+static KV cache (:func:`fused_cpu_attention`) is the same kind of loop: SDPA costs 20-100 µs a call
+over a short cache, more than the bytes it reads, and reads every slot of the cache, masked or not.
 
 The operator is built by torch's C++ extension builder the first time a process needs it (about 10 s
 on 2 cores, then loaded from the build cache, ``TORCH_EXTENSIONS_DIR``, in about 10 ms). It is
@@ -68,6 +71,29 @@ def fused_cpu_memory_layer(
     return y.view(*x.shape[:-1], tables.shape[2]), buckets.view(*x.shape[:-1], tables.shape[0])
 
 
+def fused_attention_applies(q: torch.Tensor, keys: torch.Tensor, dropout: float) -> bool:
+    """Whether the attention of queries ``q [B, H, T, S]`` over a static cache's ``keys`` runs through the fused
+    operator: one query per sequence (a decoding step) on CPU, no gradient, no dropout, a supported dtype."""
+    return (
+        q.device.type == "cpu"
+        and q.shape[2] == 1
+        and dropout == 0.0
+        and not torch.is_grad_enabled()
+        and q.dtype in DTYPES
+        and keys.dtype == q.dtype
+        and fused_cpu_available()
+    )
+
+
+def fused_cpu_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(q k / sqrt(S)) v`` of one query per head ``q [B, H, 1, S]`` over slots ``0 .. position`` of a
+    static KV cache ``keys``/``values [B, H, max_len, S]``: SDPA's result with the cache's mask, reading only
+    the filled slots (SDPA reads them all, masked)."""
+    return torch.ops.mf_lightning.attention_inference(q.contiguous(), keys, values, position)
+
+
 @torch.compiler.assume_constant_result
 def fused_cpu_available() -> bool:
     """Whether the operator is registered, after building it if need be. A constant of compiled graphs: it runs,
@@ -87,7 +113,7 @@ def load_fused_cpu() -> bool:
         from torch.utils.cpp_extension import load
 
         with ninja_on_path():
-            load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *flags], is_python_module=False)
+            load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", *flags], is_python_module=False)
     except Exception as error:  # whatever stops the build (no compiler, no ninja, a failed compile)
         message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         warnings.warn(
@@ -98,6 +124,7 @@ def load_fused_cpu() -> bool:
         )
         return False
     torch.library.register_fake("mf_lightning::memory_layer_inference")(memory_layer_inference_shapes)
+    torch.library.register_fake("mf_lightning::attention_inference")(attention_inference_shape)
     return True
 
 
@@ -116,6 +143,13 @@ def ninja_on_path() -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = path
+
+
+def attention_inference_shape(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    """Output of the attention operator without computing it (for ``torch.compile``'s tracing)."""
+    return q.new_empty(q.shape)
 
 
 def memory_layer_inference_shapes(

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mf_lightning.kernels.fused_cpu import fused_attention_applies, fused_cpu_attention
+
 
 class KVCache:
     """Keys and values ``[B, heads, max_len, head_size]`` of the tokens seen so far, for decoding.
@@ -118,8 +120,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(qkv[:2], cos, sin)
         v = qkv[2]
         mask = None
+        dropout = self.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.append(k, v)
+            if isinstance(cache, StaticKVCache) and fused_attention_applies(q, k, dropout):
+                return fused_cpu_attention(q, k, v, cache.position).transpose(1, 2).reshape(batch, length, -1)
             mask = cache.attention_mask(length, q.device)
         y = F.scaled_dot_product_attention(
             q,
@@ -127,7 +132,7 @@ class CausalSelfAttention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=mask is None and length == k.shape[2] and length > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout,
         )
         return y.transpose(1, 2).reshape(batch, length, -1)
 

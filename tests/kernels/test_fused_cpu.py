@@ -1,14 +1,17 @@
-"""The fused CPU operator of decoding computes what the reference does, runs where it should, and is optional."""
+"""The fused CPU operators of decoding compute what the reference and SDPA do, run where they should, and are
+optional."""
 
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mf_lightning.kernels import fused_cpu, memory_layer, memory_layer_and_buckets
 from mf_lightning.kernels.fused_cpu import MAX_TOKENS, fused_cpu_applies, fused_cpu_memory_layer
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.nn import MemoryLayer
+from mf_lightning.nn.attention import CausalSelfAttention, KVCache, rotary_cos_sin
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +145,61 @@ def test_without_a_compiler_the_layer_warns_once_and_computes_the_same(monkeypat
         assert fused_cpu_applies(x, tables, b)  # built again for the tests that follow
     torch.testing.assert_close(chain, fused)
     torch.testing.assert_close(again, fused[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("slots", "head_size", "position"), [(13, 8, 0), (13, 8, 6), (13, 8, 12), (40, 64, 21)])
+def test_attention_matches_sdpa_over_the_filled_slots_of_a_static_cache(dtype, slots, head_size, position):
+    """Slots after ``position`` hold garbage here (a cache keeps zeros there): they must not count."""
+    q, keys, values = (torch.randn(2, 3, length, head_size) for length in (1, slots, slots))
+    mask = (torch.arange(slots) <= position)[None]
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    q, keys, values = (t.to(dtype) for t in (q, keys, values))
+    y = fused_cpu.fused_cpu_attention(q.transpose(1, 2).contiguous().transpose(1, 2), keys, values, torch.tensor([position]))
+    assert y.dtype == dtype and y.shape == (2, 3, 1, head_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(y.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("case", "applies"),
+    [
+        ("decoding step", True),
+        ("gradients recorded", False),
+        ("two queries", False),
+        ("dropout", False),
+        ("float64", False),
+        ("cache dtype differs", False),
+    ],
+)
+def test_attention_applies_only_to_one_gradient_free_query_without_dropout(case, applies):
+    q, keys = torch.randn(1, 2, 2 if case == "two queries" else 1, 8), torch.randn(1, 2, 5, 8)
+    if case == "float64":
+        q, keys = q.double(), keys.double()
+    if case == "cache dtype differs":
+        keys = keys.bfloat16()
+    with torch.set_grad_enabled(case == "gradients recorded"):
+        assert fused_cpu.fused_attention_applies(q, keys, 0.1 if case == "dropout" else 0.0) is applies
+
+
+def test_a_decoding_step_attends_through_the_fused_operator_as_sdpa_would_and_the_prompt_through_sdpa():
+    attention = CausalSelfAttention(n_head=2)
+    prompt_qkv, step_qkv = torch.randn(1, 4, 3 * 16), torch.randn(1, 1, 3 * 16)
+    cos, sin = rotary_cos_sin(torch.arange(5), 8, 10000.0)
+
+    def step(grad: bool) -> tuple[torch.Tensor, set[str], set[str]]:
+        cache = KVCache(6)
+        with torch.no_grad():
+            prompt = operators_of(lambda: attention(prompt_qkv, cos[:4], sin[:4], cache))
+        static = cache.static(torch.tensor([4]))
+        with torch.set_grad_enabled(grad):
+            outputs = []
+            calls = operators_of(lambda: outputs.append(attention(step_qkv, cos[4:], sin[4:], static)))
+        return outputs[0].detach(), prompt, calls
+
+    fused, prompt, calls = step(grad=False)
+    through_sdpa, _, sdpa_calls = step(grad=True)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in prompt
+    assert "mf_lightning::attention_inference" in calls and not any("scaled_dot_product" in name for name in calls)
+    assert "mf_lightning::attention_inference" not in sdpa_calls
+    torch.testing.assert_close(fused, through_sdpa)
