@@ -3,7 +3,8 @@
 Batch-1 decoding reads little memory per token, so on a CPU the cost of each operator call (a few µs)
 sets the speed as much as the bytes do. Every Memory Layer of a step (no gradients, a few tokens) is one
 call of the fused CPU operator, which hashes, scores, gathers and sums in one loop
-(:mod:`mf_lightning.kernels.fused_cpu`), eagerly and compiled alike. :func:`decode_step` (embedding,
+(:mod:`mf_lightning.kernels.fused_cpu`), eagerly and compiled alike, and so is the attention of the
+step's one query over the filled slots of the cache. :func:`decode_step` (embedding,
 every block, final norm and LM head for one new token) runs through ``torch.compile`` (inductor) as ONE
 call per token: the norms, the rotary embedding and the cache update fuse into a few loops around those
 calls, and a narrow layer's hashing, gather and sum become inductor's own loop, which costs no call
