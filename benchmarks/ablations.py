@@ -35,9 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from harness import (
     REPO,
     RunResult,
@@ -52,6 +49,8 @@ from harness import (
     tokens_per_step,
     train,
 )
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from mf_lightning.callbacks.monitoring import memory_layers
 
@@ -192,8 +191,11 @@ def run_study(args: argparse.Namespace, command: str) -> tuple[Results, str]:
         corpus, seed, spec = job
         result, device = outcome
         results[(str(corpus), seed, spec)] = result
-        print(f"-- done {len(results)}/{len(jobs)}: {display_path(corpus)} seed {seed} {spec.label}: "
-              f"val loss {result.last('val/loss'):.4f}", flush=True)
+        print(
+            f"-- done {len(results)}/{len(jobs)}: {display_path(corpus)} seed {seed} {spec.label}: "
+            f"val loss {result.last('val/loss'):.4f}",
+            flush=True,
+        )
         write_report(results, args, device, command, plot_curves=False)
 
     if args.report_only:
@@ -208,8 +210,10 @@ def run_study(args: argparse.Namespace, command: str) -> tuple[Results, str]:
         return results, device
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_one, corpus_args(args, corpus, seed), spec): (corpus, seed, spec)
-                   for corpus, seed, spec in jobs}
+        futures = {
+            pool.submit(run_one, corpus_args(args, corpus, seed), spec): (corpus, seed, spec)
+            for corpus, seed, spec in jobs
+        }
         for future in concurrent.futures.as_completed(futures):
             try:
                 outcome = future.result()
@@ -372,8 +376,9 @@ def plot(results: Results, args: argparse.Namespace, path: Path) -> None:
                 tokens = [(step + 1) * tokens_per_step(args) for step, _ in curves[0]]
                 values = list(zip(*[[loss for _, loss in curve] for curve in curves]))
                 axes.plot(tokens, [statistics.mean(point) for point in values], color=f"C{index}", label=value)
-                axes.fill_between(tokens, [min(p) for p in values], [max(p) for p in values],
-                                  color=f"C{index}", alpha=0.2)
+                axes.fill_between(
+                    tokens, [min(p) for p in values], [max(p) for p in values], color=f"C{index}", alpha=0.2
+                )
             axes.set_title(f"{ablation.name}\n{display_path(corpus)}", fontsize=9)
             axes.set_xlabel("training tokens", fontsize=8)
             axes.set_ylabel("val loss", fontsize=8)
@@ -392,9 +397,11 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
         f"- {environment(device)}; {args.jobs} runs in parallel; the machine was shared with other engineers' jobs, so "
         "every speed figure is noisy",
         f"- command: `{command}`",
-        f"- runs: {len(results)} of {total} finished" + (
-            "" if len(results) == total else
-            " (PARTIAL RESULTS: `--report-only` rebuilt this report from the runs finished so far)"
+        f"- runs: {len(results)} of {total} finished"
+        + (
+            ""
+            if len(results) == total
+            else " (PARTIAL RESULTS: `--report-only` rebuilt this report from the runs finished so far)"
         ),
         f"- every run: `configs/quickstart.yaml`, preset `{args.preset}`, overrides `{args.overrides}`, tokenizer "
         f"`{args.tokenizer}`, {args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens = "
@@ -419,14 +426,27 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = fit_parser(__doc__.split("\n\n")[0], REPO / "runs" / "ablations")
-    parser.set_defaults(overrides="{n_layer: 2, n_embd: 80, n_head: 2, max_seq_len: 64}", steps=150, seq_len=64,
-                        val_every=25, val_batches=8, bucket_every=50)
-    parser.add_argument("--corpora", nargs="+", default=[str(REPO.parent / "shared" / "corpora" / "fortunes.txt"), "demo"],
-                        help="'demo' (the embedded corpus) or fortune-style text files, documents split at '%%' lines")
+    parser.set_defaults(
+        overrides="{n_layer: 2, n_embd: 80, n_head: 2, max_seq_len: 64}",
+        steps=150,
+        seq_len=64,
+        val_every=25,
+        val_batches=8,
+        bucket_every=50,
+    )
+    parser.add_argument(
+        "--corpora",
+        nargs="+",
+        default=[str(REPO.parent / "shared" / "corpora" / "fortunes.txt"), "demo"],
+        help="'demo' (the embedded corpus) or fortune-style text files, documents split at '%%' lines",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of every variant")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the report and plot from the runs cached so far (partial results)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report and plot from the runs cached so far (partial results)",
+    )
     args = parser.parse_args(argv)
     check_fit_args(parser, args)
     if args.bucket_every < 1:

@@ -78,15 +78,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             model.save_pretrained(folder)
             half = load_pretrained(folder, dtype=torch.bfloat16).eval()
         loss, half_loss, largest, mean, agreement = compare(model, half, validation)
-        rows.append([arch, f"{loss:.4f}", f"{half_loss:.4f}", f"{largest:.3f}", f"{mean:.4f}", f"{100 * agreement:.1f}%"])
-    report = "\n".join([
-        f"# bfloat16 against float32 weights, debug preset trained {args.steps} steps (seed {args.seed})",
-        "",
-        f"{environment()}; command: `python benchmarks/bf16_quality.py --steps {args.steps} --seed {args.seed}`",
-        "",
-        *markdown_table(HEADER, rows),
-        "",
-    ])
+        rows.append(
+            [arch, f"{loss:.4f}", f"{half_loss:.4f}", f"{largest:.3f}", f"{mean:.4f}", f"{100 * agreement:.1f}%"]
+        )
+    report = "\n".join(
+        [
+            f"# bfloat16 against float32 weights, debug preset trained {args.steps} steps (seed {args.seed})",
+            "",
+            f"{environment()}; command: `python benchmarks/bf16_quality.py --steps {args.steps} --seed {args.seed}`",
+            "",
+            *markdown_table(HEADER, rows),
+            "",
+        ]
+    )
     write_result("bf16_quality.md", report)
 
 

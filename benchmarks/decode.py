@@ -125,7 +125,7 @@ def fitting_configs(preset: str, dtype: torch.dtype, max_len: int, budget: float
         }
         if sum(weight_bytes(config, dtype) for config in configs.values()) <= budget:
             return configs
-    return {arch: None for arch in ARCHS}
+    return dict.fromkeys(ARCHS)
 
 
 def preset_label(preset: str, configs: dict[str, ModelConfig | None]) -> str:
@@ -233,22 +233,33 @@ def measure_pair(
                     seconds = decode_run(model, prompts[arch], args.new_tokens, MODES[mode])
                     for clock in CLOCKS:
                         results[arch].keep_best(results[arch].decode, (count, mode, clock), seconds["steps"][clock])
-                        results[arch].keep_best(results[arch].first_token, (count, mode, clock), seconds["first"][clock])
+                        results[arch].keep_best(
+                            results[arch].first_token, (count, mode, clock), seconds["first"][clock]
+                        )
             if count == args.threads[0]:
                 order = (("now", False), ("before", True))
                 for arch, model in models.items():
                     for label, all_positions in order[:: 1 if round_ % 2 else -1]:
-                        seconds = timed(lambda: prefill_run(model, long_prompts[arch], all_positions), device)
+                        seconds = timed(lambda: prefill_run(model, long_prompts[arch], all_positions), device)  # noqa: B023
                         results[arch].keep_best(results[arch].prefill, label, seconds[PREFILL_CLOCK])
-        print(f"{preset} {dtype_name}: round {round_ + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{preset} {dtype_name}: round {round_ + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
     profiles = []
     label = preset_label(preset, configs)
     if args.profile:
         torch.set_num_threads(args.threads[0])
         for arch, model in models.items():
-            profiles += [f"## {label} {dtype_name} {arch}, {args.threads[0]} threads, compiled", "", "```",
-                         top_operators(model, args.new_tokens), "```", ""]
+            profiles += [
+                f"## {label} {dtype_name} {arch}, {args.threads[0]} threads, compiled",
+                "",
+                "```",
+                top_operators(model, args.new_tokens),
+                "```",
+                "",
+            ]
     models.clear()
     gc.collect()
     return label, results, profiles
@@ -319,7 +330,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[str]
             speed += speed_rows(label, dtype_name, args, results, load)
             cost.append(cost_row(label, dtype_name, args, results))
             profiles += profile
-            print("\n".join(speed[-len(args.threads) * len(args.modes):] + [cost[-1]]), file=sys.stderr, flush=True)
+            print("\n".join(speed[-len(args.threads) * len(args.modes) :] + [cost[-1]]), file=sys.stderr, flush=True)
     return speed, cost, profiles
 
 
@@ -331,11 +342,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
-        "--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
         help="torch intra-op thread counts to measure (default: 1 and all cores)",
     )
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                        help="decoding step(s) to measure (default: compiled and eager)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="decoding step(s) to measure (default: compiled and eager)",
+    )
     parser.add_argument(
         "--prefill-len", type=int, default=512, help="prompt length of the prefill timing (default 512)"
     )

@@ -18,6 +18,7 @@ device does. It imports only ``mf_lightning`` and what the GPU image has (torch,
 from __future__ import annotations
 
 import argparse
+import itertools
 import pathlib
 import shlex
 import shutil
@@ -28,7 +29,6 @@ import torch
 from harness import REPO, RESULTS, device_slug, environment, read_scalars
 
 from mf_lightning.cli import main as mf_main
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def window_medians(scalars: dict[str, list[tuple[int, float]]]) -> tuple[float, 
     """(tokens/s, seconds per step): medians over logging windows after the first."""
     lengths = dict(scalars["train/lengths"])
     times = scalars["train/time"][1:]
-    pairs = list(zip(times, times[1:]))
+    pairs = list(itertools.pairwise(times))
     tokens_per_second = statistics.median((lengths[b] - lengths[a]) / (tb - ta) for (a, ta), (b, tb) in pairs)
     step_seconds = statistics.median((tb - ta) / (b - a) for (a, ta), (b, tb) in pairs)
     return tokens_per_second, step_seconds

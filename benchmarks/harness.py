@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -194,7 +195,7 @@ class RunResult:
         times = self.scalars["train/time"]
         return statistics.median(
             (lengths[step] - lengths[previous]) / (seconds - previous_seconds)
-            for (previous, previous_seconds), (step, seconds) in zip(times, times[1:])
+            for (previous, previous_seconds), (step, seconds) in itertools.pairwise(times)
         )
 
 
@@ -214,8 +215,9 @@ def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
     overrides = {**yaml.safe_load(args.overrides), **dict(spec.overrides)}
     monitor = {"bucket_usage.enabled": args.bucket_every > 0}
     if args.bucket_every:
-        monitor.update({"bucket_usage.log_every_n_steps": args.bucket_every,
-                        "bucket_usage.image_every_n_steps": args.steps})
+        monitor.update(
+            {"bucket_usage.log_every_n_steps": args.bucket_every, "bucket_usage.image_every_n_steps": args.steps}
+        )
     settings = {
         "seed_everything": args.seed,
         "trainer.default_root_dir": root,
@@ -309,23 +311,39 @@ def fit_parser(description: str, runs_dir: Path) -> argparse.ArgumentParser:
     """The options every comparison of ``mf fit`` runs shares: sizes, steps, logging, where runs and results go."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="debug", help="model preset shared by every run")
-    parser.add_argument("--overrides", default="{n_layer: 4, n_embd: 128, max_seq_len: 256}",
-                        help="model.overrides (YAML dict of ModelConfig fields) shared by every run")
+    parser.add_argument(
+        "--overrides",
+        default="{n_layer: 4, n_embd: 128, max_seq_len: 256}",
+        help="model.overrides (YAML dict of ModelConfig fields) shared by every run",
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     parser.add_argument("--tokenizer", default="byte", help="data.tokenizer (byte, bpe:<vocab>, or a path)")
     parser.add_argument("--val-every", type=int, default=50, help="validate every this many steps")
     parser.add_argument("--val-batches", type=int, default=20, help="validation batches (the same windows each time)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: least disturbed by other jobs on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: least disturbed by other jobs on a shared CPU)",
+    )
     parser.add_argument("--log-every", type=int, default=10, help="log training scalars every this many steps")
-    parser.add_argument("--bucket-every", type=int, default=0,
-                        help="log the bucket-usage monitor every this many steps (0: monitor off)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse a run's cached result.json when its mf fit arguments are unchanged")
-    parser.add_argument("--runs-dir", type=Path, default=runs_dir,
-                        help="TensorBoard logs, one folder per run (replaced when the run is repeated)")
+    parser.add_argument(
+        "--bucket-every",
+        type=int,
+        default=0,
+        help="log the bucket-usage monitor every this many steps (0: monitor off)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse a run's cached result.json when its mf fit arguments are unchanged"
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=runs_dir,
+        help="TensorBoard logs, one folder per run (replaced when the run is repeated)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the markdown table and the plot")
     return parser
 
@@ -364,4 +382,3 @@ def corpus_path(parser: argparse.ArgumentParser, text: str) -> Path | str:
     if not path.is_file():
         parser.error(f"corpus {text} is not a file; give 'demo' or a text file of documents separated by '%' lines")
     return path.resolve()
-

@@ -83,7 +83,9 @@ def label(chunk_size: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[512, 1024], help="chunk sizes (0, the plain path, is always run)")
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", default=[512, 1024], help="chunk sizes (0, the plain path, is always run)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per process after the measured one")
     parser.add_argument("--worker", type=int, nargs=2, metavar=("CHUNK", "VOCAB"), help=argparse.SUPPRESS)

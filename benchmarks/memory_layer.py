@@ -117,7 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def time_module(module: nn.Module, x: torch.Tensor, min_run_time: float, forward_only: bool) -> tuple[float, float | None]:
+def time_module(
+    module: nn.Module, x: torch.Tensor, min_run_time: float, forward_only: bool
+) -> tuple[float, float | None]:
     """Forward time (inference mode) and forward+backward time (fresh gradients each step)."""
 
     def forward() -> torch.Tensor:
@@ -238,7 +240,9 @@ def measured_gini(x: torch.Tensor, code_bits: int) -> float:
     return float(gini(counts).mean())
 
 
-def measure_skews(args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str]) -> list[Row]:
+def measure_skews(
+    args: argparse.Namespace, device: torch.device, dtype_name: str, width: int, backends: list[str]
+) -> list[Row]:
     """Rows of every Memory Layer implementation on each skewed input at ``--skew-tokens``, printed as measured."""
     factory = {"device": device, "dtype": DTYPES[dtype_name]}
     layers = memory_layers(args, width, backends, factory)
@@ -315,7 +319,9 @@ SKEW_HEADER = (
 
 def format_skew_row(row: Row, rows: list[Row]) -> str:
     """One line of the skew table; the last column against the same implementation on uniform input."""
-    uniform = next((r for r in rows if (r.dtype, r.width, r.impl, r.inputs) == (row.dtype, row.width, row.impl, "uniform")), None)
+    uniform = next(
+        (r for r in rows if (r.dtype, r.width, r.impl, r.inputs) == (row.dtype, row.width, row.impl, "uniform")), None
+    )
     return (
         f"| {row.dtype} | {row.width} | {row.tokens} | {row.inputs} | {row.gini:.2f} | {row.impl} | "
         f"{milliseconds(row.forward_s)} | {milliseconds(row.train_step_s)} | "

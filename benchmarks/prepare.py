@@ -146,13 +146,17 @@ def run_one(corpus: str, tokenizer_file: str, workers: int, cache_root: str) -> 
     cache = prepare_token_cache(open_source(corpus), tokenizer, cache_root, 0.05, 0.05, workers=workers)
     seconds = time.perf_counter() - started
     tokens = sum(cache.num_tokens(split) for split in ("train", "val", "test"))
-    print(json.dumps({
-        "seconds": seconds,
-        "tokens": tokens,
-        "tree_mib": memory.finish(),
-        "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "tokens": tokens,
+                "tree_mib": memory.finish(),
+                "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def tokenize_part_for_litdata(job: tuple[str, str, int, int]) -> Any:
@@ -184,14 +188,22 @@ def run_litdata(corpus: str, tokenizer_file: str, workers: int, output: str) -> 
     jobs = [(corpus, tokenizer_file, part.index, PART_BYTES) for part in open_source(corpus).parts(PART_BYTES)]
     started = time.perf_counter()
     optimize(
-        fn=tokenize_part_for_litdata, inputs=jobs, output_dir=output, chunk_bytes="64MB",
-        item_loader=TokensLoader(), num_workers=workers,
+        fn=tokenize_part_for_litdata,
+        inputs=jobs,
+        output_dir=output,
+        chunk_bytes="64MB",
+        item_loader=TokensLoader(),
+        num_workers=workers,
     )
-    print(json.dumps({
-        "seconds": time.perf_counter() - started,
-        "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - started,
+                "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def prepare_in_subprocess(
@@ -257,7 +269,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--litdata", action="store_true", help="also measure LitData's optimize (needs litdata)")
     parser.add_argument(
-        "--memory-only", action="store_true",
+        "--memory-only",
+        action="store_true",
         help="only our preparation with every worker: peak memory of the whole process tree (prepare_memory_cpu.md)",
     )
     args = parser.parse_args()
@@ -275,15 +288,16 @@ def main() -> None:
             litdata = None
             if args.litdata:
                 litdata = prepare_in_subprocess(corpus, tokenizer_file, args.workers, root / "litdata", "--run-litdata")
-        rate = lambda seconds: limit["characters"] / seconds / 1e6  # noqa: E731
-        share = lambda seconds: f"{rate(seconds):.2f} ({100 * limit['encode_batch'] / seconds:.0f} %)"  # noqa: E731
+        rate = lambda seconds: limit["characters"] / seconds / 1e6  # noqa: B023, E731
+        share = lambda seconds: f"{rate(seconds):.2f} ({100 * limit['encode_batch'] / seconds:.0f} %)"  # noqa: B023, E731
         rows.append(
             f"| {mib} MiB, {documents} docs | {bpe_seconds:.0f} | {rate(limit['encode_batch']):.2f} | "
             f"{share(limit['encode_batch_fast'])} | {share(one['seconds'])} | {share(many['seconds'])} | "
             f"{one['parent_mib']:.0f} | {many['parent_mib']:.0f} + {args.workers} x {many['worker_mib']:.0f} |"
             + (
                 f" {share(litdata['seconds'])} | {litdata['parent_mib']:.0f} + {args.workers} x {litdata['worker_mib']:.0f} |"
-                if litdata else ""
+                if litdata
+                else ""
             )
         )
         print(rows[-1], flush=True)

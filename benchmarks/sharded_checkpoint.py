@@ -174,8 +174,13 @@ def sharded(network: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: 
 def timed(save: Callable[[], None], load: Callable[[], None], size: Callable[[], int]) -> dict[str, Any]:
     save_seconds, save_bytes = measure(save)
     load_seconds, load_bytes = measure(load)
-    return {"save_s": save_seconds, "save_rss": save_bytes, "load_s": load_seconds, "load_rss": load_bytes,
-            "size": size()}
+    return {
+        "save_s": save_seconds,
+        "save_rss": save_bytes,
+        "load_s": load_seconds,
+        "load_rss": load_bytes,
+        "size": size(),
+    }
 
 
 def worker(rank: int, kind: str, n_layer: int, folder: str, init_file: str, results: Any) -> None:
@@ -183,7 +188,9 @@ def worker(rank: int, kind: str, n_layer: int, folder: str, init_file: str, resu
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         network, optimizer = build(n_layer)
-        state_bytes = sum(p.to_local().numel() * p.element_size() for p in network.parameters()) * 3  # weights + 2 moments
+        state_bytes = (
+            sum(p.to_local().numel() * p.element_size() for p in network.parameters()) * 3
+        )  # weights + 2 moments
         outcome = {"gathered": gathered, "sharded": sharded}[kind](network, optimizer, pathlib.Path(folder))
         outcome["shard_bytes"] = state_bytes
         outcome["parameters"] = sum(p.numel() for p in network.parameters())
@@ -197,8 +204,9 @@ def run_kind(kind: str, n_layer: int, folder: pathlib.Path) -> list[dict[str, An
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     init_file = folder / f"init-{kind}"
-    mp.start_processes(worker, args=(kind, n_layer, str(folder), str(init_file), results), nprocs=WORLD_SIZE,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(kind, n_layer, str(folder), str(init_file), results), nprocs=WORLD_SIZE, start_method="spawn"
+    )
     outcomes = dict(results.get() for _ in range(WORLD_SIZE))
     return [outcomes[rank] for rank in range(WORLD_SIZE)]
 
@@ -209,7 +217,10 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
         "| load (s) | load: peak host memory above the shards, rank 0 / rank 1 / node |",
         "|---|---|---|---|---|---|---|",
     ]
-    files = {"gathered": "one `.ckpt` written by rank 0", "sharded": "a folder: one `.distcp` per rank + index + `meta.pt`"}
+    files = {
+        "gathered": "one `.ckpt` written by rank 0",
+        "sharded": "a folder: one `.distcp` per rank + index + `meta.pt`",
+    }
     for kind, ranks in rows.items():
         save = " / ".join(f"{rank['save_rss'] / GIB:.2f}" for rank in ranks)
         load = " / ".join(f"{rank['load_rss'] / GIB:.2f}" for rank in ranks)
@@ -224,7 +235,9 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n_layer", type=int, default=2, help="blocks of the small preset (default 2 of its 12)")
-    parser.add_argument("--folder", default=None, help="where the checkpoints are written (default: a temporary folder)")
+    parser.add_argument(
+        "--folder", default=None, help="where the checkpoints are written (default: a temporary folder)"
+    )
     parser.add_argument("--note", default="", help="a remark on the machine, printed under the table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:

@@ -42,8 +42,8 @@ from harness import (
     RunSpec,
     check_fit_args,
     corpus_path,
-    display_path,
     device_slug,
+    display_path,
     environment,
     fit_parser,
     tokens_per_step,
@@ -66,9 +66,7 @@ def parse_run(text: str) -> RunSpec:
     """``ARCH:LR[:TABLE_LR_MULTIPLIER]``, e.g. ``memoryformer:3e-3`` or ``memoryformer:3e-3:2``."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ARCHS:
-        raise ValueError(
-            f"--runs {text!r} must be ARCH:LR[:TABLE_LR_MULTIPLIER] with ARCH one of {', '.join(ARCHS)}"
-        )
+        raise ValueError(f"--runs {text!r} must be ARCH:LR[:TABLE_LR_MULTIPLIER] with ARCH one of {', '.join(ARCHS)}")
     try:
         numbers = [float(part) for part in parts[1:]]
     except ValueError:
@@ -198,11 +196,19 @@ def report(results: list[RunResult], args: argparse.Namespace, device: str, comm
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = fit_parser(__doc__.split("\n\n")[0], REPO / "runs" / "train_compare")
-    parser.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpora" / "fortunes.txt"),
-                        help="'demo' or a fortune-style text file, documents separated by '%%' lines")
-    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="ARCH:LR[:TABLE_LR_X]",
-                        help="the runs to compare: architecture, peak learning rate, tables' lr multiplier "
-                        "(the defaults follow the paper: MemoryFormer at 3x the baseline's learning rate)")
+    parser.add_argument(
+        "--corpus",
+        default=str(REPO.parent / "shared" / "corpora" / "fortunes.txt"),
+        help="'demo' or a fortune-style text file, documents separated by '%%' lines",
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(DEFAULT_RUNS),
+        metavar="ARCH:LR[:TABLE_LR_X]",
+        help="the runs to compare: architecture, peak learning rate, tables' lr multiplier "
+        "(the defaults follow the paper: MemoryFormer at 3x the baseline's learning rate)",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of initialisation and training windows")
     args = parser.parse_args(argv)
     try:

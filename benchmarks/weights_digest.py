@@ -42,7 +42,9 @@ def main() -> None:
         digest_seconds = median_wall_seconds(lambda: tensors_digests(state), args.repeats)
         metadata = {"format": "pt", DIGEST_KEY: tensors_digests(state)}
         save_seconds = median_wall_seconds(lambda: save_file(state, path, metadata=metadata), args.repeats)
-        load_seconds = median_wall_seconds(lambda: [tensor.clone() for tensor in load_file(path).values()], args.repeats)
+        load_seconds = median_wall_seconds(
+            lambda: [tensor.clone() for tensor in load_file(path).values()], args.repeats
+        )
         check_seconds = median_wall_seconds(lambda: check_file_digests(path), args.repeats)
     rows = [
         ("digests of the tensors in memory (at save)", digest_seconds),

@@ -75,8 +75,15 @@ def photograph(browser: str, url: str, size: tuple[int, int], path: Path) -> Non
     """A headless Chromium screenshot of ``url`` after its charts loaded, reduced to 256 colours."""
     subprocess.run(
         [
-            browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=20000", f"--screenshot={path}", url,
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={size[0]},{size[1]}",
+            "--virtual-time-budget=20000",
+            f"--screenshot={path}",
+            url,
         ],
         check=True,
         stdout=subprocess.DEVNULL,

@@ -35,8 +35,8 @@ from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -311,8 +311,10 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         print(overview())
         return None
     if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        print(f"mf: error: unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)} (mf --help)",
-              file=sys.stderr)
+        print(
+            f"mf: error: unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)} (mf --help)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     show_progress_logs()
     try:
@@ -325,8 +327,10 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
-        print(f"mf: error: {error}; resume every rank from the last checkpoint with: {resume_command(argv)}",
-              file=sys.stderr)
+        print(
+            f"mf: error: {error}; resume every rank from the last checkpoint with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
         raise SystemExit(LOST_RANK_EXIT_STATUS) from None
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
@@ -344,15 +348,17 @@ def overview() -> str:
     """``mf --help``: every subcommand with one line, and where each one's options are listed."""
     width = max(map(len, SUBCOMMANDS))
     lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
-    return "\n".join([
-        "usage: mf <subcommand> [options]",
-        "",
-        "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
-        "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",
-        "",
-        "subcommands:",
-        *lines,
-    ])
+    return "\n".join(
+        [
+            "usage: mf <subcommand> [options]",
+            "",
+            "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
+            "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",
+            "",
+            "subcommands:",
+            *lines,
+        ]
+    )
 
 
 def build_cli(args: list[str] | None) -> MFCLI:

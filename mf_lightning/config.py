@@ -105,7 +105,11 @@ class ModelConfig:
             positive_int(name, getattr(self, name))
         if isinstance(self.ffn_extra_bits, bool) or not isinstance(self.ffn_extra_bits, int) or self.ffn_extra_bits < 0:
             raise ValueError(f"ffn_extra_bits must be a non-negative integer, got {self.ffn_extra_bits!r}")
-        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+        if (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 0
+        ):
             raise ValueError(
                 f"loss_chunk_size must be a non-negative integer (0: no chunking), got {self.loss_chunk_size!r}"
             )

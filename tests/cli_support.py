@@ -13,7 +13,22 @@ from mf_lightning.lit.checkpoints import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-WORDS = "the memory layer hashes tokens into buckets of learned tables while attention mixes them".split()
+WORDS = [
+    "the",
+    "memory",
+    "layer",
+    "hashes",
+    "tokens",
+    "into",
+    "buckets",
+    "of",
+    "learned",
+    "tables",
+    "while",
+    "attention",
+    "mixes",
+    "them",
+]
 
 
 def write_corpus(folder: Path, documents: int = 24, words: int = 80) -> Path:

@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("MF_TEST_CUDA") == "1" else "1")
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 CORPORA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 

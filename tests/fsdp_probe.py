@@ -53,7 +53,9 @@ class ShardReport(L.Callback):
                 module.reshard()
         parameters = list(pl_module.parameters())
         states = [
-            value for state in trainer.optimizers[0].state.values() for value in state.values()
+            value
+            for state in trainer.optimizers[0].state.values()
+            for value in state.values()
             if isinstance(value, torch.Tensor) and value.dim() > 0
         ]
         report = {

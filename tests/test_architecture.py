@@ -206,7 +206,11 @@ def test_modules_loaded_together_import_no_circle() -> None:
         ("mf_lightning.callbacks.heatmap", "import mf_lightning.eval.harness", "may not import floor 7 (eval)"),
         ("mf_lightning.models.base", "def f():\n    from mf_lightning.data.cache import TokenCache", "floor 5 (data)"),
         ("mf_lightning.kernels.dispatch", "MODULE = 'mf_lightning.config'", "may not import floor 2 (config)"),
-        ("mf_lightning.models.base", "from mf_lightning.models import generation", "whose __init__ imports the package's modules"),
+        (
+            "mf_lightning.models.base",
+            "from mf_lightning.models import generation",
+            "whose __init__ imports the package's modules",
+        ),
         ("mf_lightning.models.base", "from . import generation", "whose __init__ imports the package's modules"),
         ("mf_lightning.models.base", "from .. import cli", "may not import floor 8 (cli)"),
     ],

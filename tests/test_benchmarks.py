@@ -22,9 +22,7 @@ def imported_modules(script: Path) -> set[str]:
 
 def test_no_benchmark_script_imports_another() -> None:
     scripts = {path.stem: path for path in BENCHMARKS.glob("*.py") if path.stem != SHARED}
-    offenders = {
-        name: sorted(imported_modules(path) & set(scripts)) for name, path in scripts.items()
-    }
+    offenders = {name: sorted(imported_modules(path) & set(scripts)) for name, path in scripts.items()}
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
@@ -49,5 +47,8 @@ def test_markdown_table_lines() -> None:
     import harness
 
     assert harness.markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]]) == [
-        "| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"
+        "| a | b |",
+        "|---|---|",
+        "| 1 | x |",
+        "| 2.5 | y |",
     ]

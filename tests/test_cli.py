@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from cli_support import REPO, run, scalars, state_of, tiny_run_args, write_corpus
+
 from mf_lightning.cli import main
 from mf_lightning.lit import LanguageModel
 
@@ -29,8 +29,14 @@ def test_fit_writes_tensorboard_logs_config_and_checkpoints(trained):
     root, _ = trained
     logged = scalars(root / "tensorboard")
     assert [step for step, _ in logged["train/loss"]][-1] >= 5
-    for tag in ("val/loss", "val/ppl", "val/bpb", "lr-AdamW/tables", "bucket_usage/used_fraction",
-                "grad_summary/table_row_coverage"):
+    for tag in (
+        "val/loss",
+        "val/ppl",
+        "val/bpb",
+        "lr-AdamW/tables",
+        "bucket_usage/used_fraction",
+        "grad_summary/table_row_coverage",
+    ):
         assert tag in logged, f"{tag} missing from {sorted(logged)}"
     val_loss, ppl = logged["val/loss"][-1][1], logged["val/ppl"][-1][1]
     assert ppl == pytest.approx(float(torch.exp(torch.tensor(val_loss))), rel=1e-4)
@@ -59,11 +65,23 @@ def test_validate_test_and_predict_from_checkpoint(trained, tmp_path):
     assert {"val/loss", "val/ppl", "val/bpb"} <= set(validated)
     tested = run("test", args).trainer.callback_metrics
     assert {"test/loss", "test/ppl", "test/bpb"} <= set(tested)
-    assert float(tested["test/loss"]) != pytest.approx(float(validated["val/loss"]), rel=1e-3)  # held-out documents of its own
+    assert float(tested["test/loss"]) != pytest.approx(
+        float(validated["val/loss"]), rel=1e-3
+    )  # held-out documents of its own
     output = tmp_path / "completions.jsonl"
-    run("predict", args + ["--model.max_new_tokens", "8", "--data.prompts", "[the memory, attention]",
-                           "--trainer.callbacks+=mf_lightning.lit.predictions.CompletionWriter",
-                           "--trainer.callbacks.output_path", str(output)])
+    run(
+        "predict",
+        args
+        + [
+            "--model.max_new_tokens",
+            "8",
+            "--data.prompts",
+            "[the memory, attention]",
+            "--trainer.callbacks+=mf_lightning.lit.predictions.CompletionWriter",
+            "--trainer.callbacks.output_path",
+            str(output),
+        ],
+    )
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert [line["prompt"] for line in lines] == ["the memory", "attention"]
     assert all(isinstance(line["completion"], str) for line in lines)
@@ -71,10 +89,20 @@ def test_validate_test_and_predict_from_checkpoint(trained, tmp_path):
 
 def test_optimizer_and_scheduler_are_injected_from_the_command_line(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    cli = run("fit", tiny_run_args(tmp_path, corpus, max_steps=2) + [
-        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
-        "--model.scheduler", "torch.optim.lr_scheduler.ConstantLR", "--model.scheduler.factor", "0.5",
-    ])
+    cli = run(
+        "fit",
+        tiny_run_args(tmp_path, corpus, max_steps=2)
+        + [
+            "--model.optimizer",
+            "torch.optim.SGD",
+            "--model.optimizer.lr",
+            "0.05",
+            "--model.scheduler",
+            "torch.optim.lr_scheduler.ConstantLR",
+            "--model.scheduler.factor",
+            "0.5",
+        ],
+    )
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD)
     assert [g["name"] for g in optimizer.param_groups] == ["tables", "decay", "no_decay"]
@@ -85,13 +113,25 @@ def test_optimizer_and_scheduler_are_injected_from_the_command_line(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     """A run restarted from its step-4 checkpoint ends with the same weights and losses as one that never stopped."""
     corpus = write_corpus(tmp_path / "corpus")
-    keep_all = ["--checkpoint.every_n_train_steps", "4", "--checkpoint.save_top_k", "-1",
-                "--checkpoint.monitor", "null", "--checkpoint.filename", "step-{step}"]
+    keep_all = [
+        "--checkpoint.every_n_train_steps",
+        "4",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.filename",
+        "step-{step}",
+    ]
     whole = tmp_path / "whole"
     run("fit", tiny_run_args(whole, corpus, max_steps=8) + keep_all)
     resumed = tmp_path / "resumed"
-    run("fit", tiny_run_args(resumed, corpus, max_steps=8) + keep_all
-        + ["--ckpt_path", str(whole / "checkpoints" / "step-step=4.ckpt")])
+    run(
+        "fit",
+        tiny_run_args(resumed, corpus, max_steps=8)
+        + keep_all
+        + ["--ckpt_path", str(whole / "checkpoints" / "step-step=4.ckpt")],
+    )
     first, second = state_of(whole / "checkpoints" / "last.ckpt"), state_of(resumed / "checkpoints" / "last.ckpt")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -123,7 +163,10 @@ def test_efficiency_tool_is_an_mf_subcommand(capsys):
         ({"model.overrides": "{code_bits: 6, max_seq_len: 64}"}, "n_embd=64 is not divisible by code_bits=6"),
         ({"data.source": "/nonexistent/corpus"}, "source '/nonexistent/corpus' does not exist"),
         ({"data.tokenizer": "bpe:100"}, "bpe:100"),
-        ({"model.overrides": "{vocab_size: 50000, max_seq_len: 64}"}, "disagrees with the tokenizer's vocabulary of 257"),
+        (
+            {"model.overrides": "{vocab_size: 50000, max_seq_len: 64}"},
+            "disagrees with the tokenizer's vocabulary of 257",
+        ),
         ({"data.seq_len": 128}, "data.seq_len=128 exceeds the model's max_seq_len=64"),
     ],
 )
@@ -181,7 +224,9 @@ def test_an_unknown_subcommand_names_the_valid_ones(capsys):
         main(["fitt", "--config", "configs/quickstart.yaml"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("mf: error: unknown subcommand 'fitt'; choose from fit, validate,") and "efficiency" in error
+    assert (
+        error.startswith("mf: error: unknown subcommand 'fitt'; choose from fit, validate,") and "efficiency" in error
+    )
 
 
 def test_main_with_args_leaves_the_process_argv_alone(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import REPO, scalars, tiny_run_args, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -32,16 +31,30 @@ rows) must stay a small part of the model, or the comparison says nothing."""
 def fit(root: Path, corpus: Path, devices: int, batch_size: int) -> subprocess.CompletedProcess:
     """``python -m mf_lightning fit`` on ``devices`` CPU processes, each rank saving its final weights."""
     args = tiny_run_args(
-        root, corpus, max_steps=STEPS,
-        **{"data.batch_size": batch_size, "data.val_windows": 8, "trainer.accelerator": "cpu",
-           "trainer.devices": devices, "trainer.strategy": "ddp" if devices > 1 else "auto"},
+        root,
+        corpus,
+        max_steps=STEPS,
+        **{
+            "data.batch_size": batch_size,
+            "data.val_windows": 8,
+            "trainer.accelerator": "cpu",
+            "trainer.devices": devices,
+            "trainer.strategy": "ddp" if devices > 1 else "auto",
+        },
     )
     probe = ["--trainer.callbacks+=ddp_probe.SaveRankWeights", "--trainer.callbacks.folder", str(root / "weights")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "mf_lightning", "fit", *args, *probe],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -78,7 +91,10 @@ def test_first_step_gradients_of_two_processes_are_those_of_one(runs):
 
 
 def test_two_processes_validate_like_one(runs):
-    val_one, val_two = scalars(runs["one"] / "tensorboard")["val/loss"], scalars(runs["two"] / "tensorboard")["val/loss"]
+    val_one, val_two = (
+        scalars(runs["one"] / "tensorboard")["val/loss"],
+        scalars(runs["two"] / "tensorboard")["val/loss"],
+    )
     assert [s for s, _ in val_one] == [s for s, _ in val_two]
     for (_, a), (_, b) in zip(val_one, val_two):
         assert b == pytest.approx(a, rel=VAL_LOSS_RTOL)

@@ -15,10 +15,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from cli_support import run, tiny_run_args, write_corpus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from cli_support import run, tiny_run_args, write_corpus
 from mf_lightning import cli
 from mf_lightning.callbacks import PreemptionCheckpoint
 from mf_lightning.config import ModelConfig
@@ -40,7 +40,11 @@ def one_line_error(capsys: pytest.CaptureFixture, exit_info: pytest.ExceptionInf
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("trainer.devices", "0", r"mf: error: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator"),
+        (
+            "trainer.devices",
+            "0",
+            r"mf: error: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator",
+        ),
         ("checkpoint.save_top_k", "-2", r"mf: error: Invalid value for save_top_k=-2. Must be >= -1$"),
         ("checkpoint.every_n_train_steps", "-3", r"mf: error: Invalid value for every_n_train_steps=-3. Must be >= 0$"),
         ("checkpoint.mode", "lowest", r"mf: error: `mode` can be min, max but got lowest$"),
@@ -55,8 +59,12 @@ def test_lightnings_configuration_errors_are_one_line(setting, value, message, t
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("trainer.limit_train_batches", "0"), ("trainer.limit_train_batches", "0.0"), ("trainer.max_steps", "0"),
-     ("trainer.max_epochs", "0")],
+    [
+        ("trainer.limit_train_batches", "0"),
+        ("trainer.limit_train_batches", "0.0"),
+        ("trainer.max_steps", "0"),
+        ("trainer.max_epochs", "0"),
+    ],
 )
 def test_settings_that_would_train_nothing_are_refused(setting, value, tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
@@ -64,8 +72,10 @@ def test_settings_that_would_train_nothing_are_refused(setting, value, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         run("fit", tiny_run_args(tmp_path, corpus, **{setting: value}))
     line = one_line_error(capsys, exit_info)
-    assert line == f"mf: error: {setting}={float(value) if '.' in value else int(value)!r} would train nothing; " \
+    assert (
+        line == f"mf: error: {setting}={float(value) if '.' in value else int(value)!r} would train nothing; "
         "give a positive value (or run mf validate to only evaluate)"
+    )
 
 
 def test_the_resume_command_replaces_any_checkpoint_path():
@@ -182,7 +192,10 @@ def test_hub_dataset_without_network_is_one_line(tmp_path):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
         [sys.executable, "-m", "mf_lightning", "fit", *args],
-        capture_output=True, text=True, env=environment, timeout=300,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -205,7 +218,11 @@ class Regression(pl.LightningModule):
 
 def test_the_sigterm_save_does_not_log_a_weights_only_default(tmp_path, caplog):
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[AtomicModelCheckpoint(dirpath=tmp_path, save_last=True), PreemptionCheckpoint()],
     )
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import re
 
-from lightning.pytorch.utilities.model_summary import get_human_readable_count
-
 from cli_support import run, tiny_run_args, write_corpus
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 STEPS, ACCUMULATE, BATCH, SEQ_LEN = 4, 2, 4, 32
 
 
 def test_fit_shows_steps_tokens_and_flops_per_step(tmp_path, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus")
-    cli = run("fit", tiny_run_args(tmp_path, corpus, max_steps=STEPS, **{
-        "trainer.enable_progress_bar": True,
-        "trainer.accumulate_grad_batches": ACCUMULATE,
-        "validation.every_n_steps": STEPS,
-    }))
+    cli = run(
+        "fit",
+        tiny_run_args(
+            tmp_path,
+            corpus,
+            max_steps=STEPS,
+            **{
+                "trainer.enable_progress_bar": True,
+                "trainer.accumulate_grad_batches": ACCUMULATE,
+                "validation.every_n_steps": STEPS,
+            },
+        ),
+    )
     screen = capsys.readouterr().out
     tokens = STEPS * ACCUMULATE * BATCH * SEQ_LEN
     assert f"Step {STEPS}/{STEPS} · {get_human_readable_count(tokens)} tokens" in screen, screen

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import REPO, scalars
+
 from mf_lightning.cli import main
 from mf_lightning.lit import LanguageModel
 from mf_lightning.lit.checkpoints import read_checkpoint
@@ -33,14 +33,25 @@ STEPS = 4
 LR = 9.0e-4  # configs/fsdp_base.yaml's model.lr
 ADAM_EPS = 1e-8
 SCALED_DOWN = {  # the overrides the config's header names, plus a tiny batch and step count
-    "model.preset": "debug", "trainer.accelerator": "cpu", "trainer.precision": "32-true",
-    "data.source": "demo", "data.tokenizer": "byte", "data.seq_len": 32, "data.num_workers": 0,
+    "model.preset": "debug",
+    "trainer.accelerator": "cpu",
+    "trainer.precision": "32-true",
+    "data.source": "demo",
+    "data.tokenizer": "byte",
+    "data.seq_len": 32,
+    "data.num_workers": 0,
     "data.val_windows": 5,  # odd: 2 ranks get 3 windows each, one of them filler
-    "trainer.max_steps": STEPS, "trainer.accumulate_grad_batches": 1, "validation.every_n_steps": 2,
-    "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False,
-    "bucket_usage.log_every_n_steps": 2, "bucket_usage.image_every_n_steps": 2,
+    "trainer.max_steps": STEPS,
+    "trainer.accumulate_grad_batches": 1,
+    "validation.every_n_steps": 2,
+    "trainer.log_every_n_steps": 1,
+    "trainer.enable_progress_bar": False,
+    "bucket_usage.log_every_n_steps": 2,
+    "bucket_usage.image_every_n_steps": 2,
     "gradient_coverage.log_every_n_steps": 2,
-    "checkpoint.every_n_train_steps": 2, "checkpoint.save_top_k": -1, "checkpoint.monitor": "null",
+    "checkpoint.every_n_train_steps": 2,
+    "checkpoint.save_top_k": -1,
+    "checkpoint.monitor": "null",
     "checkpoint.filename": "step-{step}",
 }
 LOSS_RTOL = 1e-5
@@ -51,15 +62,22 @@ GRADIENT_ATOL = 1e-5
 
 
 def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def mf(subcommand: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m mf_lightning <subcommand> <args>`` in a subprocess; fails the test on a non-zero exit."""
     result = subprocess.run(
         [sys.executable, "-m", "mf_lightning", subcommand, *args],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -68,15 +86,26 @@ def mf(subcommand: str, *args: str) -> subprocess.CompletedProcess:
 def fit(root: Path, cache: Path, devices: int, *extra: str, sharded: bool = True) -> None:
     """``mf fit`` of the scaled-down config on ``devices`` CPU processes, global batch 4; without
     ``sharded`` one process with Lightning's default strategy (no FSDP)."""
-    settings = {**SCALED_DOWN, "trainer.default_root_dir": root, "data.cache_dir": cache,
-                "trainer.devices": devices, "data.batch_size": 4 // devices}
+    settings = {
+        **SCALED_DOWN,
+        "trainer.default_root_dir": root,
+        "data.cache_dir": cache,
+        "trainer.devices": devices,
+        "data.batch_size": 4 // devices,
+    }
     if not sharded:
         settings["trainer.strategy"] = "auto"
     args = ["--config", str(CONFIG)]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
-    mf("fit", *args, "--trainer.callbacks+=fsdp_probe.ShardReport", "--trainer.callbacks.folder", str(root / "shards"),
-       *extra)
+    mf(
+        "fit",
+        *args,
+        "--trainer.callbacks+=fsdp_probe.ShardReport",
+        "--trainer.callbacks.folder",
+        str(root / "shards"),
+        *extra,
+    )
 
 
 def step2(run: Path) -> Path:
@@ -92,8 +121,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     fit(paths["two"], cache, 2)
     fit(paths["resumed"], cache, 2, "--ckpt_path", str(step2(paths["two"])))
     fit(paths["two_to_one"], cache, 1, "--ckpt_path", str(step2(paths["two"])), sharded=False)
-    fit(paths["one_to_two"], cache, 2, "--ckpt_path", str(step2(paths["one"])),
-        "--trainer.strategy.init_args.save_distributed_checkpoint", "false")  # the single-file option
+    fit(
+        paths["one_to_two"],
+        cache,
+        2,
+        "--ckpt_path",
+        str(step2(paths["one"])),
+        "--trainer.strategy.init_args.save_distributed_checkpoint",
+        "false",
+    )  # the single-file option
     return paths
 
 
@@ -133,7 +169,9 @@ def test_checkpoints_are_folders_of_one_shard_per_rank(runs):
         sizes = [(folder / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
         assert all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
     assert sorted(path.name for path in (runs["two"] / "checkpoints").iterdir()) == [
-        "last.ckpt", "step-step=2.ckpt", "step-step=4.ckpt"
+        "last.ckpt",
+        "step-step=2.ckpt",
+        "step-step=4.ckpt",
     ]
 
 
@@ -204,12 +242,22 @@ def test_the_single_file_option_gathers_a_checkpoint_that_resumes_sharded(runs):
 def test_a_sharded_checkpoint_of_another_model_is_refused_before_loading(runs, tmp_path):
     """FSDP on one process, resuming ``two``'s folder with another model config: one error naming both."""
     args = ["--config", str(CONFIG)]
-    for key, value in {**SCALED_DOWN, "trainer.devices": 1, "data.batch_size": 4, "trainer.default_root_dir": tmp_path,
-                       "data.cache_dir": runs["one"].parent / "cache", "model.overrides": "{code_bits: 4}"}.items():
+    for key, value in {
+        **SCALED_DOWN,
+        "trainer.devices": 1,
+        "data.batch_size": 4,
+        "trainer.default_root_dir": tmp_path,
+        "data.cache_dir": runs["one"].parent / "cache",
+        "model.overrides": "{code_bits: 4}",
+    }.items():
         args += [f"--{key}", str(value)]
     result = subprocess.run(
         [sys.executable, "-m", "mf_lightning", "fit", *args, "--ckpt_path", str(step2(runs["two"]))],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 2
     assert "holds another model: code_bits=" in result.stderr and "Traceback" not in result.stderr
@@ -236,8 +284,23 @@ def test_mf_eval_reads_a_sharded_checkpoint(runs, monkeypatch, capsys):
     pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'mf_lightning[eval]'")
     monkeypatch.chdir(REPO)
     config = runs["two"] / "tensorboard" / "config.yaml"
-    main(["eval", "--config", str(config), "--ckpt_path", "last", "--tasks", "mf_toy_perplexity", "--limit", "2",
-          "--include_path", str(REPO / "tests" / "eval" / "tasks"), "--device", "cpu"])
+    main(
+        [
+            "eval",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            "last",
+            "--tasks",
+            "mf_toy_perplexity",
+            "--limit",
+            "2",
+            "--include_path",
+            str(REPO / "tests" / "eval" / "tasks"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert "| mf_toy_perplexity | bits_per_byte |" in capsys.readouterr().out
     assert (runs["two"] / "eval" / f"last-step{STEPS}.json").is_file()
 
@@ -248,8 +311,21 @@ def test_predict_on_two_ranks_generates_every_prompt_once(runs, tmp_path):
     prompts = ["Once upon a time", "The memory layer", "A"]
     config = runs["two"] / "tensorboard" / "config.yaml"
     checkpoint = runs["two"] / "checkpoints" / "last.ckpt"
-    mf("predict", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path),
-       "--data.prompts", json.dumps(prompts), "--model.max_new_tokens", "8", "--model.temperature", "0")
+    mf(
+        "predict",
+        "--config",
+        str(config),
+        "--ckpt_path",
+        str(checkpoint),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.prompts",
+        json.dumps(prompts),
+        "--model.max_new_tokens",
+        "8",
+        "--model.temperature",
+        "0",
+    )
     written = [tmp_path / "tensorboard" / f"predictions.rank{rank}.jsonl" for rank in (0, 1)]
     lines = [json.loads(line) for path in written for line in path.read_text().splitlines()]
     assert sorted(line["prompt"] for line in lines) == sorted(prompts)
@@ -258,7 +334,7 @@ def test_predict_on_two_ranks_generates_every_prompt_once(runs, tmp_path):
     model, tokenizer = load_for_inference(config, "last")
     for line in lines:
         ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(line["prompt"])]])
-        completion = model.generate(ids, 8, temperature=0.0, eos_id=tokenizer.eos_id)[0, ids.shape[1]:].tolist()
+        completion = model.generate(ids, 8, temperature=0.0, eos_id=tokenizer.eos_id)[0, ids.shape[1] :].tolist()
         if tokenizer.eos_id in completion:
             completion = completion[: completion.index(tokenizer.eos_id)]
         assert line["completion"] == tokenizer.decode(completion), line
@@ -269,4 +345,6 @@ def test_validate_on_two_ranks_reads_a_sharded_checkpoint(runs, tmp_path):
     same order of summation)."""
     config, checkpoint = runs["two"] / "tensorboard" / "config.yaml", runs["two"] / "checkpoints" / "last.ckpt"
     mf("validate", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path))
-    assert scalars(tmp_path / "tensorboard")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
+    assert (
+        scalars(tmp_path / "tensorboard")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
+    )

@@ -43,7 +43,10 @@ def kernel_name() -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs(
-    path: Path, kernel_name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    path: Path,
+    kernel_name: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The kernel inherits the environment: its temporary runs land in tmp_path, token caches in a shared one,
@@ -57,7 +60,10 @@ def test_notebook_runs(
     )
     client.execute()
     figures = [
-        output for cell in notebook.cells if cell.cell_type == "code"
-        for output in cell.outputs if "image/png" in output.get("data", {})
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
     ]
     assert figures, f"{path.name} ran but drew no figure"

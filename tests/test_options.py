@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import run, scalars, state_of, tiny_run_args, write_corpus
+
 from mf_lightning.cli import main as mf
 from mf_lightning.config import ARCHS, ModelConfig, settable_fields
 from mf_lightning.kernels.dispatch import BACKENDS
@@ -30,21 +30,40 @@ pytestmark = pytest.mark.slow
 GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
     # name: (arch, model.overrides, other model.* options)
     "paper-score-centering-plain-loss": (
-        "memoryformer", {"score": "paper", "hash_centering": True, "backend": "torch", "loss_chunk_size": 0,
-                         "dropout": 0.1}, {},
+        "memoryformer",
+        {"score": "paper", "hash_centering": True, "backend": "torch", "loss_chunk_size": 0, "dropout": 0.1},
+        {},
     ),
     "balance-tied-rotary-chunked": (
-        "memoryformer", {"bucket_balance_weight": 0.1, "tie_embeddings": True, "rotary_fraction": 0.5,
-                         "rotary_base": 500.0, "backend": "embedding_bag", "loss_chunk_size": 7}, {},
+        "memoryformer",
+        {
+            "bucket_balance_weight": 0.1,
+            "tie_embeddings": True,
+            "rotary_fraction": 0.5,
+            "rotary_base": 500.0,
+            "backend": "embedding_bag",
+            "loss_chunk_size": 7,
+        },
+        {},
     ),
     "narrow-codes-no-extra-bits": (
-        "memoryformer", {"code_bits": 4, "ffn_extra_bits": 0, "n_layer": 1, "n_embd": 32, "n_head": 4,
-                         "norm_eps": 1e-6, "rotary_fraction": 0.0, "hash_centering": True},
+        "memoryformer",
+        {
+            "code_bits": 4,
+            "ffn_extra_bits": 0,
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 4,
+            "norm_eps": 1e-6,
+            "rotary_fraction": 0.0,
+            "hash_centering": True,
+        },
         {"table_lr_multiplier": 2.0, "table_weight_decay": 0.0},
     ),
     "transformer": (
-        "transformer", {"ffn_multiplier": 2, "tie_embeddings": True, "dropout": 0.1, "loss_chunk_size": 0,
-                        "rotary_fraction": 1.0}, {},
+        "transformer",
+        {"ffn_multiplier": 2, "tie_embeddings": True, "dropout": 0.1, "loss_chunk_size": 0, "rotary_fraction": 1.0},
+        {},
     ),
 }
 ON_GPU = os.environ.get("MF_TEST_CUDA") == "1" and torch.cuda.is_available()
@@ -81,13 +100,23 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "group",
-    [*GROUPS, *(pytest.param(name, marks=pytest.mark.skipif(not ON_GPU, reason="needs MF_TEST_CUDA=1 and a GPU"))
-                for name in GPU_GROUPS)],
+    [
+        *GROUPS,
+        *(
+            pytest.param(name, marks=pytest.mark.skipif(not ON_GPU, reason="needs MF_TEST_CUDA=1 and a GPU"))
+            for name in GPU_GROUPS
+        ),
+    ],
 )
 def test_option_group_trains_resumes_exports_and_loads(group: str, corpus: Path, tmp_path: Path, capsys) -> None:
     arch, overrides, options = {**GROUPS, **GPU_GROUPS}[group]
-    settings = {"model.arch": arch, "model.overrides": overrides_flag(overrides), "validation.every_n_steps": 2,
-                "data.cache_dir": corpus.parent / "cache", **{f"model.{key}": value for key, value in options.items()}}
+    settings = {
+        "model.arch": arch,
+        "model.overrides": overrides_flag(overrides),
+        "validation.every_n_steps": 2,
+        "data.cache_dir": corpus.parent / "cache",
+        **{f"model.{key}": value for key, value in options.items()},
+    }
     run("fit", tiny_run_args(tmp_path, corpus, max_steps=4, **settings))
     run("fit", tiny_run_args(tmp_path, corpus, max_steps=6, **settings) + ["--ckpt_path", "last"])
 
@@ -108,8 +137,20 @@ def test_option_group_trains_resumes_exports_and_loads(group: str, corpus: Path,
     with torch.no_grad():
         assert math.isfinite(model(tokens[:, :-1], tokens[:, 1:])[1].item())
     capsys.readouterr()
-    mf(["generate", "--model_dir", str(tmp_path / "exported"), "--device", device, "--max_new_tokens", "5",
-        "--temperature", "0", "the"])
+    mf(
+        [
+            "generate",
+            "--model_dir",
+            str(tmp_path / "exported"),
+            "--device",
+            device,
+            "--max_new_tokens",
+            "5",
+            "--temperature",
+            "0",
+            "the",
+        ]
+    )
     assert " tokens in " in capsys.readouterr().err
 
 

@@ -19,13 +19,9 @@ def test_the_wheel_ships_the_source_of_the_fused_cpu_operator(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "mf_lightning", source / "mf_lightning", ignore=shutil.ignore_patterns("__pycache__"))
-    build = (
-        f"import setuptools.build_meta as backend; print(backend.build_wheel({str(tmp_path / 'dist')!r}))"
-    )
+    build = f"import setuptools.build_meta as backend; print(backend.build_wheel({str(tmp_path / 'dist')!r}))"
     (tmp_path / "dist").mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     wheel = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
     names = zipfile.ZipFile(wheel).namelist()

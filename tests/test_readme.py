@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_support import REPO
+
 from mf_lightning.cli import main
 from mf_lightning.eval.cli import build_parser as build_eval_parser
 from mf_lightning.lit.generate_cli import parse_args
@@ -26,7 +26,7 @@ MF_COMMANDS = [line for line in COMMAND_LINES if line.startswith("mf ")]
 
 def test_readme_has_the_two_commands_and_ci_runs_its_test_command():
     setup, tests = COMMAND_LINES[0], COMMAND_LINES[1]
-    assert "pip install -e \".[dev]\"" in setup and setup.endswith("mf fit --config configs/quickstart.yaml")
+    assert 'pip install -e ".[dev]"' in setup and setup.endswith("mf fit --config configs/quickstart.yaml")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert tests in ci
     assert "python -m pip install -q torch==2.13.0" in ci

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import yaml
-
 from cli_support import REPO, run, scalars, state_of, tiny_run_args, write_corpus
+
 from mf_lightning.cli import main
 from mf_lightning.kernels import embedding_bag, reference
 from mf_lightning.lit import LanguageModel
@@ -51,8 +50,9 @@ def start_and_wait_for_last(root: Path, corpus: Path) -> subprocess.Popen:
 
 def resume(root: Path, corpus: Path) -> dict[str, torch.Tensor]:
     """Reruns the same command with ``--ckpt_path last``; returns the final weights."""
-    subprocess.run(fit_command(root, corpus, "--ckpt_path", "last"), check=True, capture_output=True,
-                   timeout=SUBPROCESS_TIMEOUT)
+    subprocess.run(
+        fit_command(root, corpus, "--ckpt_path", "last"), check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT
+    )
     return state_of(root / "checkpoints" / "last.ckpt")
 
 
@@ -102,8 +102,13 @@ ACCUMULATED_STEPS = 8
 
 def accumulated_fit(root: Path, corpus: Path, accumulate: int, *extra: str) -> list[str]:
     """``python -m mf_lightning fit`` under gradient accumulation, checkpointing every 2 optimizer steps."""
-    args = tiny_run_args(root, corpus, max_steps=ACCUMULATED_STEPS, **LIGHT,
-                         **{"validation.every_n_steps": 2, "trainer.accumulate_grad_batches": accumulate})
+    args = tiny_run_args(
+        root,
+        corpus,
+        max_steps=ACCUMULATED_STEPS,
+        **LIGHT,
+        **{"validation.every_n_steps": 2, "trainer.accumulate_grad_batches": accumulate},
+    )
     return [sys.executable, "-m", "mf_lightning", "fit", *args, "--checkpoint.every_n_train_steps", "2", *extra]
 
 
@@ -143,7 +148,9 @@ def uninterrupted_accumulated(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 @pytest.mark.parametrize("accumulate", [2, 4])
-def test_a_signal_inside_an_accumulation_window_then_resume_matches(uninterrupted_accumulated, tmp_path, accumulate, signum):
+def test_a_signal_inside_an_accumulation_window_then_resume_matches(
+    uninterrupted_accumulated, tmp_path, accumulate, signum
+):
     corpus, expected = uninterrupted_accumulated(accumulate)
     rng = random.Random(f"{accumulate}-{signum}")
     batch = rng.randrange(2 * accumulate + 1, 6 * accumulate)
@@ -284,7 +291,12 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, key, capsys):
 
 def test_a_diverging_run_stops_with_one_clear_line(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
-    args = tiny_run_args(tmp_path, corpus, max_steps=10, **LIGHT) + ["--model.lr", "1e30", "--non_finite.max_consecutive", "2"]
+    args = tiny_run_args(tmp_path, corpus, max_steps=10, **LIGHT) + [
+        "--model.lr",
+        "1e30",
+        "--non_finite.max_consecutive",
+        "2",
+    ]
     with pytest.warns(UserWarning, match="optimizer step skipped"):
         fails_with(["fit", *args], capsys, "2 optimizer steps in a row")
 
@@ -318,8 +330,14 @@ def test_a_fresh_fit_refuses_a_folder_holding_a_runs_checkpoints(trained, capsys
     root, corpus = trained
     before = {path: path.stat().st_mtime_ns for path in (root / "checkpoints").iterdir()}
     args = ["fit", *tiny_run_args(root, corpus, max_steps=4, **LIGHT)]
-    fails_with(args, capsys, f"{root / 'checkpoints'} already holds checkpoints of a run (", "last.ckpt",
-               "--ckpt_path last", "another --trainer.default_root_dir")
+    fails_with(
+        args,
+        capsys,
+        f"{root / 'checkpoints'} already holds checkpoints of a run (",
+        "last.ckpt",
+        "--ckpt_path last",
+        "another --trainer.default_root_dir",
+    )
     assert {path: path.stat().st_mtime_ns for path in (root / "checkpoints").iterdir()} == before
 
 
@@ -366,11 +384,18 @@ def checkpoint_probes(root: Path, scores: list[float]) -> list[str]:
     """CLI arguments that monitor a scripted validation score and record what last.ckpt holds after each
     validation in ``root/last_after_validation.json`` (tests/checkpoint_probes.py)."""
     score = {"class_path": "checkpoint_probes.ScriptedScore", "init_args": {"scores": scores}}
-    last = {"class_path": "checkpoint_probes.LastAfterValidation",
-            "init_args": {"last": str(root / "checkpoints" / "last.ckpt"),
-                          "out": str(root / "last_after_validation.json")}}
-    return ["--trainer.callbacks+", json.dumps(score), "--trainer.callbacks+", json.dumps(last),
-            "--checkpoint.monitor", "probe/score"]
+    last = {
+        "class_path": "checkpoint_probes.LastAfterValidation",
+        "init_args": {"last": str(root / "checkpoints" / "last.ckpt"), "out": str(root / "last_after_validation.json")},
+    }
+    return [
+        "--trainer.callbacks+",
+        json.dumps(score),
+        "--trainer.callbacks+",
+        json.dumps(last),
+        "--checkpoint.monitor",
+        "probe/score",
+    ]
 
 
 WORSE_IN_THE_MIDDLE_AND_AT_THE_END = [1.0, 2.0, 0.5, 3.0]
@@ -395,8 +420,13 @@ DDP_STEPS = 8
 
 def ddp_fit(root: Path, corpus: Path, *extra: str, strategy: str = "ddp") -> list[str]:
     """``python -m mf_lightning fit`` on 2 CPU processes (gloo), validating every 2 steps."""
-    settings = {"validation.every_n_steps": 2, "data.batch_size": 2, "trainer.accelerator": "cpu",
-                "trainer.devices": 2, "trainer.strategy": strategy}
+    settings = {
+        "validation.every_n_steps": 2,
+        "data.batch_size": 2,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 2,
+        "trainer.strategy": strategy,
+    }
     args = tiny_run_args(root, corpus, max_steps=DDP_STEPS, **LIGHT, **settings)
     return [sys.executable, "-m", "mf_lightning", "fit", *args, *extra]
 
@@ -409,8 +439,9 @@ def ddp_uninterrupted(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Ten
     """(run root, corpus, final weights) of a 2-rank DDP run never interrupted, monitoring a scripted score."""
     root = tmp_path_factory.mktemp("ddp_uninterrupted")
     corpus = write_corpus(root / "corpus")
-    finished = run_fit(ddp_fit(root, corpus, *checkpoint_probes(root, WORSE_IN_THE_MIDDLE_AND_AT_THE_END)),
-                       timeout=SUBPROCESS_TIMEOUT)
+    finished = run_fit(
+        ddp_fit(root, corpus, *checkpoint_probes(root, WORSE_IN_THE_MIDDLE_AND_AT_THE_END)), timeout=SUBPROCESS_TIMEOUT
+    )
     assert finished.returncode == 0, finished.stderr[-4000:]
     return root, corpus, state_of(root / "checkpoints" / "last.ckpt")
 
@@ -446,8 +477,10 @@ def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("killed", "survivor", "culprit", "statuses"),
-    [(1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1, -signal.SIGKILL)),
-     (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", (-signal.SIGKILL,))],
+    [
+        (1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1, -signal.SIGKILL)),
+        (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", (-signal.SIGKILL,)),
+    ],
     ids=["rank1-killed", "rank0-killed"],
 )
 def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(
@@ -461,7 +494,8 @@ def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_co
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mf: error:")]
     assert re.match(
         rf"mf: error: rank {survivor} of 2 stopped: {culprit}; resume every rank from the last checkpoint with: "
-        r"mf fit --config .* --ckpt_path last$", line
+        r"mf fit --config .* --ckpt_path last$",
+        line,
     ), line
     assert "Traceback" not in result.stderr
 
@@ -524,16 +558,19 @@ def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_pa
 def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
     """The agreement is strategy-agnostic: the same under FSDP (configs/fsdp_base.yaml's strategy), SIGTERM to rank 1."""
     corpus = write_corpus(tmp_path / "corpus")
-    uninterrupted = run_fit(ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY),
-                            timeout=SUBPROCESS_TIMEOUT)
+    uninterrupted = run_fit(
+        ddp_fit(tmp_path / "uninterrupted", corpus, strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
     root = tmp_path / "preempted"
-    stopped = run_fit(ddp_fit(root, corpus, *signal_at(3, signal.SIGTERM, 1), strategy=FSDP_STRATEGY),
-                      timeout=SUBPROCESS_TIMEOUT)
+    stopped = run_fit(
+        ddp_fit(root, corpus, *signal_at(3, signal.SIGTERM, 1), strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT
+    )
     assert stopped.returncode == 143, stopped.stderr[-4000:]
     assert "SIGTERM received by rank 1 of 2: every rank stops after step 4 and saves" in stopped.stdout + stopped.stderr
     assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == 4
     resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last", strategy=FSDP_STRATEGY), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"),
-                        state_of(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"))
+    assert_same_weights(
+        state_of(root / "checkpoints" / "last.ckpt"), state_of(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    )

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from cli_support import REPO, run, tiny_run_args, write_corpus
+
 from mf_lightning.callbacks import ValidationSchedule
 
 EVERY, MAX_STEPS, EPOCH_STEPS = 2, 5, 3
@@ -31,28 +31,33 @@ def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Pat
     accumulate = settings["trainer"].get("accumulate_grad_batches", 1)
     batch_size = 1
     corpus = write_corpus(tmp_path / "corpus")
-    args = ["--config", str(config)] + tiny_run_args(tmp_path, corpus, max_steps=MAX_STEPS, **{
-        "trainer.accelerator": "cpu",
-        "trainer.devices": 1,
-        "trainer.strategy": "auto",
-        "trainer.precision": "32-true",
-        "trainer.limit_val_batches": 1,
-        "trainer.num_sanity_val_steps": 0,
-        "trainer.log_every_n_steps": 10,
-        "validation.every_n_steps": EVERY,
-        "model.preset": "debug",
-        "model.overrides": "{max_seq_len: 8, n_layer: 1, n_embd: 16, code_bits: 4}",
-        "data.tokenizer": "byte",
-        "data.seq_len": 8,
-        "data.batch_size": batch_size,
-        "data.num_workers": 0,
-        "data.val_windows": 2,
-        "data.train_samples_per_epoch": EPOCH_STEPS * accumulate * batch_size,
-        "checkpoint.save_top_k": -1,
-        "checkpoint.filename": "val-{step}",
-        "bucket_usage.enabled": False,
-        "gradient_coverage.enabled": False,
-    })[2:]
+    args = ["--config", str(config)] + tiny_run_args(
+        tmp_path,
+        corpus,
+        max_steps=MAX_STEPS,
+        **{
+            "trainer.accelerator": "cpu",
+            "trainer.devices": 1,
+            "trainer.strategy": "auto",
+            "trainer.precision": "32-true",
+            "trainer.limit_val_batches": 1,
+            "trainer.num_sanity_val_steps": 0,
+            "trainer.log_every_n_steps": 10,
+            "validation.every_n_steps": EVERY,
+            "model.preset": "debug",
+            "model.overrides": "{max_seq_len: 8, n_layer: 1, n_embd: 16, code_bits: 4}",
+            "data.tokenizer": "byte",
+            "data.seq_len": 8,
+            "data.batch_size": batch_size,
+            "data.num_workers": 0,
+            "data.val_windows": 2,
+            "data.train_samples_per_epoch": EPOCH_STEPS * accumulate * batch_size,
+            "checkpoint.save_top_k": -1,
+            "checkpoint.filename": "val-{step}",
+            "bucket_usage.enabled": False,
+            "gradient_coverage.enabled": False,
+        },
+    )[2:]
     cli = run("fit", args)
     assert cli.trainer.accumulate_grad_batches == accumulate
     assert cli.trainer.num_training_batches == EPOCH_STEPS * accumulate
@@ -63,9 +68,12 @@ def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Pat
 def test_final_steps_are_validated_and_saved_off_the_interval(tmp_path: Path) -> None:
     """max_steps=5 with validation every 3 steps: last.ckpt holds step 5 and its weights, and best sees it."""
     corpus = write_corpus(tmp_path / "corpus")
-    cli = run("fit", tiny_run_args(tmp_path, corpus, max_steps=5, **{
-        "checkpoint.save_top_k": -1, "checkpoint.filename": "val-{step}"
-    }))
+    cli = run(
+        "fit",
+        tiny_run_args(
+            tmp_path, corpus, max_steps=5, **{"checkpoint.save_top_k": -1, "checkpoint.filename": "val-{step}"}
+        ),
+    )
     checkpoints = tmp_path / "checkpoints"
     assert validated_steps(checkpoints) == [3, 5]
     saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)

@@ -42,8 +42,16 @@ DIVERGING = np.array(
 UNUSED = (0, 0, 0)
 INK, GRID, BACKGROUND = (25, 25, 25), (215, 215, 215), (255, 255, 255)
 LINE_COLOURS = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 ]
 """One colour per line of a rank-frequency plot (Tableau 10); more lines than colours shade from blue to red."""
 FONT_SIZE, LINE_HEIGHT, MARGIN = 12, 15, 6
@@ -222,7 +230,7 @@ def common_prefix(names: list[str]) -> str:
     """The dotted prefix all ``names`` share (``model.blocks.`` of ``model.blocks.0``, ``model.blocks.1``)."""
     if len(names) < 2:
         return ""
-    shared = os.path.commonprefix(names)
+    shared = os.path.commonprefix(names)  # noqa: RUF071 (cut back to the last dot below)
     return shared[: shared.rfind(".") + 1]
 
 
@@ -287,7 +295,7 @@ def rank_frequency_plot(layers: Mapping[str, torch.Tensor | np.ndarray], kind: s
         entry_x, entry_y = MARGIN + column * (PICTURE_WIDTH - 2 * MARGIN) // columns, legend_top + row * LINE_HEIGHT
         draw.line((entry_x, entry_y + 8, entry_x + 14, entry_y + 8), fill=colour, width=3)
         entry_width = (PICTURE_WIDTH - 2 * MARGIN) // columns - 20
-        entry = fit_text(draw, f"{name[len(prefix):]}: {used[name]:.0%} used", entry_width)
+        entry = fit_text(draw, f"{name[len(prefix) :]}: {used[name]:.0%} used", entry_width)
         write(draw, (entry_x + 18, entry_y), entry)
 
     title = f"{kind} in {prefix}*  (step {step})" if prefix else f"{kind}  (step {step})"

@@ -69,7 +69,9 @@ class PreemptionCheckpoint(pl.Callback):
         """SIGTERM handler during a fit: only records the signal; the ranks act on it together at a step boundary."""
         self.received = True
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.step_at_batch_start = trainer.global_step
         self.at_step_boundary = False
 
@@ -126,7 +128,9 @@ class PreemptionCheckpoint(pl.Callback):
             resume = f"--ckpt_path {path} (last.ckpt belongs to another run and was left alone)"
         else:
             checkpoint.last_model_path = path  # the saved callback state records it, so the resumed run continues it
-        trainer.save_checkpoint(path, weights_only=False)  # the full state; saying so keeps Lightning from logging its default
+        trainer.save_checkpoint(
+            path, weights_only=False
+        )  # the full state; saying so keeps Lightning from logging its default
         rank_zero_info(f"SIGTERM received: saved {path} at step {trainer.global_step}; resume with {resume}")
 
     @staticmethod

@@ -48,14 +48,20 @@ def loss_tags(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
 def bits_per_byte_tags(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
     """``val/bpb`` when the model validates on data that knows its bytes per token (as ``log_derived`` requires)."""
     datamodule = getattr(trainer, "datamodule", None)
-    if isinstance(pl_module, LanguageModel) and trainer.enable_validation and getattr(datamodule, "bytes_per_token", None):
+    if (
+        isinstance(pl_module, LanguageModel)
+        and trainer.enable_validation
+        and getattr(datamodule, "bytes_per_token", None)
+    ):
         return [metric_tag(VAL, BITS_PER_BYTE)]
     return []
 
 
 def learning_rate_tags(trainer: pl.Trainer) -> list[str]:
     """The names every ``LearningRateMonitor`` gave the parameter groups in its ``on_train_start``."""
-    return [name for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor) for name in callback.lrs]
+    return [
+        name for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor) for name in callback.lrs
+    ]
 
 
 def tokens_per_second_tags(trainer: pl.Trainer) -> list[str]:

@@ -83,7 +83,9 @@ def overview_charts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Chart
     usage_by_kind, coverage_by_kind = group_layers(usage, by="kind"), group_layers(coverage, by="kind")
     by_kind = {}
     for kind in {**usage_by_kind, **coverage_by_kind}:
-        by_kind[f"{kind}: used fraction"] = [layer_usage_tag(USED_FRACTION, path) for path in usage_by_kind.get(kind, [])]
+        by_kind[f"{kind}: used fraction"] = [
+            layer_usage_tag(USED_FRACTION, path) for path in usage_by_kind.get(kind, [])
+        ]
         by_kind[f"{kind}: rows with a gradient"] = [coverage_tag(path) for path in coverage_by_kind.get(kind, [])]
     charts = {"Overview": overview, "Memory Layers by block": by_block, "Memory Layers by kind": by_kind}
     charts = {category: {title: tags for title, tags in group.items() if tags} for category, group in charts.items()}

@@ -18,7 +18,7 @@ EXPORTS = {
     "Tokenizer": "mf_lightning.data.tokenizers",
     "load_tokenizer": "mf_lightning.data.tokenizers",
 }
-__all__ = sorted(EXPORTS)
+__all__ = sorted(EXPORTS)  # noqa: PLE0605 (a list, built from the lazy table)
 
 
 def __getattr__(name: str) -> Any:

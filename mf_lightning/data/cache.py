@@ -172,7 +172,9 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     parts = source.parts(PART_BYTES)
     todo = [part for part in parts if not is_finished(parts_folder, part)]
     if len(todo) < len(parts):
-        log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder)
+        log.info(
+            "resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder
+        )
     total, remaining = sum(part.size for part in parts), sum(part.size for part in todo)
     progress = Progress("tokenizing the corpus", total, done=total - remaining)
     try:

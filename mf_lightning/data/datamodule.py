@@ -189,7 +189,9 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Windows of the test documents (``test_fraction`` of the corpus, held out from training and validation)."""
         if self.test_fraction == 0:
-            raise ValueError("data.test_fraction is 0, so there is no test split; set it > 0 (e.g. 0.05) to hold one out")
+            raise ValueError(
+                "data.test_fraction is 0, so there is no test split; set it > 0 (e.g. 0.05) to hold one out"
+            )
         return self._evaluation_loader("test")
 
     def _evaluation_loader(self, split: str) -> DataLoader:

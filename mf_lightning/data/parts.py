@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+
 import numpy as np
 
 from mf_lightning.data.sources import Cursor, Part, Source
@@ -106,4 +107,3 @@ def token_bytes(ids: list[int], dtype: np.dtype, vocab_size: int) -> bytes:
     if outside.size:
         raise ValueError(f"the tokenizer produced id {outside[0]} outside its vocabulary [0, {vocab_size})")
     return array.astype(dtype).tobytes()
-

@@ -93,4 +93,3 @@ class Heartbeat:
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
-

@@ -160,7 +160,11 @@ class FileSource(Source):
     @cached_property
     def identity(self) -> str:
         return json.dumps(
-            {"files": self.file_identities, "text_field": self.text_field, "document_separator": self.document_separator}
+            {
+                "files": self.file_identities,
+                "text_field": self.text_field,
+                "document_separator": self.document_separator,
+            }
         )
 
     @cached_property
@@ -276,7 +280,12 @@ class DatasetSource(Source):
         step = max(1, part_bytes // row_bytes)
         name = f"dataset {self.name_or_path}"
         return [
-            Part(index, (Piece(name, start, min(start + step, rows)),), (min(start + step, rows) - start) * row_bytes, "rows")
+            Part(
+                index,
+                (Piece(name, start, min(start + step, rows)),),
+                (min(start + step, rows) - start) * row_bytes,
+                "rows",
+            )
             for index, start in enumerate(range(0, rows, step))
         ]
 
@@ -326,7 +335,9 @@ def read_text(file: Path) -> str:
             try:
                 data = compressed.stream.read()
             except compressed.errors as error:
-                raise ValueError(f"compressed file {file} is damaged or truncated ({error}); replace or remove it") from error
+                raise ValueError(
+                    f"compressed file {file} is damaged or truncated ({error}); replace or remove it"
+                ) from error
     else:
         data = file.read_bytes()
     if not data.strip():
@@ -366,7 +377,7 @@ def read_jsonl(
             lines = jsonl_records(compressed.stream, file, text_field, cursor, 0, None)
             documents = -1
             try:
-                for documents, text in enumerate(lines):
+                for documents, text in enumerate(lines):  # noqa: B007
                     cursor.in_piece = compressed.compressed_position
                     yield text
             except compressed.errors as error:

@@ -95,9 +95,7 @@ class ResumableSampler(DistributedSampler):
         self, dataset: Dataset, samples_per_epoch: int, start: int = 0, num_replicas: int = 1, rank: int = 0
     ) -> None:
         if samples_per_epoch % num_replicas:
-            raise ValueError(
-                f"samples_per_epoch {samples_per_epoch} must be a multiple of num_replicas {num_replicas}"
-            )
+            raise ValueError(f"samples_per_epoch {samples_per_epoch} must be a multiple of num_replicas {num_replicas}")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.samples_per_epoch = samples_per_epoch
         self.position = start

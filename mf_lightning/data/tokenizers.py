@@ -43,9 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
 DEFAULT_SAMPLE_BYTES = 1 << 30
 SAMPLE_PART_BYTES = 8 << 20
-VALID_SPECS = (
-    '"byte", a path to a tokenizer.json file or a folder holding one, or "bpe:<vocab_size>" (e.g. "bpe:4096")'
-)
+VALID_SPECS = '"byte", a path to a tokenizer.json file or a folder holding one, or "bpe:<vocab_size>" (e.g. "bpe:4096")'
 
 
 class Tokenizer(ABC):
@@ -170,7 +168,12 @@ def train_bpe(documents: Iterable[str], vocab_size: int, text_bytes: int | None 
             yield document
             progress.advance(len(document.encode("utf-8")), 1)
         progress.close()
-        log.info("read %d documents (%.1f MB) for bpe:%d; computing its merges", progress.documents, progress.done / 1e6, vocab_size)
+        log.info(
+            "read %d documents (%.1f MB) for bpe:%d; computing its merges",
+            progress.documents,
+            progress.done / 1e6,
+            vocab_size,
+        )
         merging.start()
 
     try:
@@ -209,9 +212,16 @@ def load_bpe(
         return train_and_save_bpe(vocab_size, source, folder, sample_bytes, min(sample_bytes, corpus_bytes))
 
 
-def train_and_save_bpe(vocab_size: int, source: Source, folder: Path, sample_bytes: int, text_bytes: int) -> HFTokenizer:
+def train_and_save_bpe(
+    vocab_size: int, source: Source, folder: Path, sample_bytes: int, text_bytes: int
+) -> HFTokenizer:
     """Trains the BPE on the corpus's sample (about ``text_bytes``) and saves it in ``folder`` (staged, then moved)."""
-    log.info("training a byte-level BPE with %d tokens on at most %s bytes of the corpus, saved to %s", vocab_size, f"{sample_bytes:,}", folder)
+    log.info(
+        "training a byte-level BPE with %d tokens on at most %s bytes of the corpus, saved to %s",
+        vocab_size,
+        f"{sample_bytes:,}",
+        folder,
+    )
     started = time.monotonic()
     tokenizer = train_bpe(sample_documents(source, sample_bytes, SAMPLE_PART_BYTES), vocab_size, text_bytes)
     log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)

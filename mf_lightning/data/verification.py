@@ -38,7 +38,9 @@ class FullCheck:
                 try:
                     (self.cache.directory / MANIFEST).unlink(missing_ok=True)
                 except OSError as error:  # a read-only cache: the next run's full check finds the damage again
-                    log.warning("cannot remove the manifest of the damaged token cache %s: %s", self.cache.directory, error)
+                    log.warning(
+                        "cannot remove the manifest of the damaged token cache %s: %s", self.cache.directory, error
+                    )
                 log.error("token cache %s is damaged: %s", self.cache.directory, problem)
                 self.problem = problem
                 return

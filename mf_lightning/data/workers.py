@@ -72,7 +72,9 @@ def tokenize_here(source: Source, tokenizer: Tokenizer, parts: list[Part], folde
         except EXPECTED_ERRORS as error:
             if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
                 raise
-            raise PreparationFailed(f"{part.describe()}: {message(error)}; {resume_hint(len(parts) - done, folder)}") from error
+            raise PreparationFailed(
+                f"{part.describe()}: {message(error)}; {resume_hint(len(parts) - done, folder)}"
+            ) from error
         progress.advance(part.size - reporter.position)
 
 
@@ -99,7 +101,7 @@ class Worker:
     def assign(self, part: Part | None) -> None:
         """Hands ``part`` to the worker, or ``None`` to let it exit."""
         self.part, self.reported = part, 0
-        try:
+        try:  # noqa: SIM105
             send(self.parts, part)
         except BrokenPipeError:
             pass  # it died: its pipe's end tells ``follow``
@@ -219,7 +221,9 @@ def serve(parts_fd: int, events_fd: int) -> None:
             try:
                 tokenize_part(source, tokenizer, part, folder, report)
             except Exception as error:
-                send(events, ("error", message(error) if isinstance(error, EXPECTED_ERRORS) else traceback.format_exc()))
+                send(
+                    events, ("error", message(error) if isinstance(error, EXPECTED_ERRORS) else traceback.format_exc())
+                )
                 return
             send(events, ("done",))
 

@@ -137,7 +137,9 @@ class HarnessLM(LM):
         stops = [until] if isinstance(until, str) else list(until)
         new_tokens = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         if new_tokens >= self.max_len:
-            log.warning("max_gen_toks=%d does not fit max_seq_len=%d; generating %d", new_tokens, self.max_len, self.max_len - 1)
+            log.warning(
+                "max_gen_toks=%d does not fit max_seq_len=%d; generating %d", new_tokens, self.max_len, self.max_len - 1
+            )
             new_tokens = self.max_len - 1
         options: dict[str, Any] = {"max_new_tokens": new_tokens, "temperature": 0.0}
         if kwargs.get("do_sample"):

@@ -38,18 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (a run, or an exported folder)")
     model.add_argument("--config", help="the run's config (<run>/tensorboard/config.yaml)")
-    model.add_argument("--ckpt_path", help=f"'{LAST}' or a .ckpt file (or sharded checkpoint folder) of the run (default: {LAST} with --config)")
+    model.add_argument(
+        "--ckpt_path",
+        help=f"'{LAST}' or a .ckpt file (or sharded checkpoint folder) of the run (default: {LAST} with --config)",
+    )
     model.add_argument("--model_dir", help="a folder written by mf export (config.json, model.safetensors, tokenizer)")
-    parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated task names (default: %(default)s)")
+    parser.add_argument(
+        "--tasks", default=",".join(PAPER_TASKS), help="comma-separated task names (default: %(default)s)"
+    )
     parser.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: each task's own, usually 0)")
-    parser.add_argument("--limit", type=float, help="at most this many examples per task (a fraction when < 1); for testing")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument(
+        "--limit", type=float, help="at most this many examples per task (a fraction when < 1); for testing"
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass (default: %(default)s)"
+    )
     parser.add_argument("--include_path", action="append", default=[], help="a folder of task YAML files (repeatable)")
     parser.add_argument("--output_path", help="results JSON file or folder (default: <run>/eval/ or <model_dir>/eval/)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds Python, NumPy, torch and few-shot sampling (default: %(default)s)")
     parser.add_argument(
-        "--compare", nargs="+", metavar="JSON", help="only print results files of several models side by side (Table 1 layout)"
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seeds Python, NumPy, torch and few-shot sampling (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="JSON",
+        help="only print results files of several models side by side (Table 1 layout)",
     )
     return parser
 

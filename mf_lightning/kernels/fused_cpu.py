@@ -113,7 +113,9 @@ def load_fused_cpu() -> bool:
         from torch.utils.cpp_extension import load
 
         with ninja_on_path():
-            load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", *flags], is_python_module=False)
+            load(
+                name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", *flags], is_python_module=False
+            )
     except Exception as error:  # whatever stops the build (no compiler, no ninja, a failed compile)
         message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         warnings.warn(

@@ -21,7 +21,6 @@ still spans several tiles of the small test shapes.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 
@@ -86,7 +85,8 @@ def configs(tuning: list[tuple[dict, int]], interpreted: dict) -> list[triton.Co
 KEY = ["token_bucket", "NUM_TABLES", "out_features"]
 tuned_gather = triton.autotune(configs(GATHER_TUNING, INTERPRETED_GATHER), key=KEY)(gather_kernel)
 tuned_atomic_backward = triton.autotune(
-    configs(ATOMIC_TUNING, {"BLOCK_N": 16, "BLOCK_D": 32}), key=["token_bucket", "num_tables", "out_features"],
+    configs(ATOMIC_TUNING, {"BLOCK_N": 16, "BLOCK_D": 32}),
+    key=["token_bucket", "num_tables", "out_features"],
     reset_to_zero=["grad_tables_ptr"],
 )(atomic_backward_kernel)
 
@@ -212,7 +212,12 @@ def row_pieces(buckets: torch.Tensor, num_rows: int, piece_hits: int) -> tuple[t
     first_slot = slots_through - row_slots
     slot = torch.where(several[row], first_slot[row] + index_in_row, -1)
     pieces = torch.stack(
-        [torch.where(real, row, -1), torch.where(real, begin, 0), torch.where(real, end, 0), torch.where(real, slot, -1)],
+        [
+            torch.where(real, row, -1),
+            torch.where(real, begin, 0),
+            torch.where(real, end, 0),
+            torch.where(real, slot, -1),
+        ],
         dim=1,
     )
     max_split_rows = min(total_rows, num_hits // (piece_hits + 1))
@@ -220,7 +225,11 @@ def row_pieces(buckets: torch.Tensor, num_rows: int, piece_hits: int) -> tuple[t
     real = split_row < total_rows
     split_row_clamped = split_row.clamp(max=total_rows - 1)
     combines = torch.stack(
-        [torch.where(real, split_row, -1), first_slot[split_row_clamped], torch.where(real, row_slots[split_row_clamped], 0)],
+        [
+            torch.where(real, split_row, -1),
+            first_slot[split_row_clamped],
+            torch.where(real, row_slots[split_row_clamped], 0),
+        ],
         dim=1,
     )
     max_slots = num_hits // piece_hits + max_split_rows

@@ -52,7 +52,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self, weights_only: bool = True) -> None:
         self.weights_only = weights_only
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:
@@ -179,7 +181,7 @@ def remove_stale_partials(path: Path) -> None:
     """Deletes temporary files or folders of ``path`` left by killed writers of this host (other hosts' may be live)."""
     prefix = f".{path.name}.{socket.gethostname()}-"
     for stale in path.parent.glob(f".{path.name}.*.partial"):
-        pid = stale.name[len(prefix):].split("-")[0] if stale.name.startswith(prefix) else ""
+        pid = stale.name[len(prefix) :].split("-")[0] if stale.name.startswith(prefix) else ""
         if pid.isdigit() and not is_running(int(pid)):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
@@ -236,7 +238,10 @@ def read_checkpoint(
 
 
 def load_file(
-    path: Path, map_location: Callable | str | torch.device | None = "cpu", weights_only: bool = True, mmap: bool = False
+    path: Path,
+    map_location: Callable | str | torch.device | None = "cpu",
+    weights_only: bool = True,
+    mmap: bool = False,
 ) -> Any:
     """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its failures
     turned into one error naming the file: a refused Python object, or damaged bytes."""
@@ -252,7 +257,9 @@ def load_file(
             f"({unsafe.group(1)}), load it with "
             "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
         ) from error
-    except Exception as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
+    except (
+        Exception
+    ) as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
         raise corrupt(path, error) from error
 
 

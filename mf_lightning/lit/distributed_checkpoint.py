@@ -91,9 +91,7 @@ def merge_optimizer_state(tensors: Mapping[str, Mapping[str, Any]], rest: Mappin
     }
 
 
-def save_sharded(
-    checkpoint: dict[str, Any], folder: Path, is_coordinator: bool, barrier: Callable[[], None]
-) -> None:
+def save_sharded(checkpoint: dict[str, Any], folder: Path, is_coordinator: bool, barrier: Callable[[], None]) -> None:
     """Writes ``checkpoint`` (weights and optimizer states as sharded, FQN-keyed state dicts) into ``folder``.
 
     Called on every rank at once: each writes its own shards; ``is_coordinator`` (rank 0) also writes
@@ -223,7 +221,7 @@ def read_sharded_placeholder(folder: Path, weights_only: bool = True) -> dict[st
     checkpoint = read_metadata(folder, weights_only)
     prefix = WEIGHTS_KEY + "."
     checkpoint[WEIGHTS_KEY] = {
-        key[len(prefix):]: value for key, value in stored_tensors(folder, "meta").items() if key.startswith(prefix)
+        key[len(prefix) :]: value for key, value in stored_tensors(folder, "meta").items() if key.startswith(prefix)
     }
     checkpoint["optimizer_states"] = checkpoint.pop(OPTIMIZER_REST_KEY, [])
     checkpoint[SHARDED_FOLDER_KEY] = str(folder)
@@ -279,7 +277,7 @@ def read_sharded_checkpoint(folder: Path, weights_only: bool = True) -> dict[str
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
     prefix = WEIGHTS_KEY + "."
-    checkpoint[WEIGHTS_KEY] = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    checkpoint[WEIGHTS_KEY] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     checkpoint["optimizer_states"] = [
         numbered_optimizer_state(tensors, optimizer_key(index) + ".state.", rest)
         for index, rest in enumerate(checkpoint.pop(OPTIMIZER_REST_KEY, []))
@@ -287,7 +285,9 @@ def read_sharded_checkpoint(folder: Path, weights_only: bool = True) -> dict[str
     return checkpoint
 
 
-def numbered_optimizer_state(tensors: Mapping[str, torch.Tensor], prefix: str, rest: Mapping[str, Any]) -> dict[str, Any]:
+def numbered_optimizer_state(
+    tensors: Mapping[str, torch.Tensor], prefix: str, rest: Mapping[str, Any]
+) -> dict[str, Any]:
     """The ``Optimizer.state_dict()`` of one saved optimizer: parameters numbered in group order.
 
     ``tensors`` are flattened keys ``<prefix><parameter name>.<state name>``; parameter names hold dots,
@@ -296,7 +296,7 @@ def numbered_optimizer_state(tensors: Mapping[str, torch.Tensor], prefix: str, r
     by_name: dict[str, dict[str, Any]] = {name: dict(values) for name, values in rest["state"].items()}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            name, state_name = key[len(prefix):].rsplit(".", 1)
+            name, state_name = key[len(prefix) :].rsplit(".", 1)
             by_name.setdefault(name, {})[state_name] = value
     numbers: dict[str, int] = {}
     groups = []

@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(
-        "--config", default=None, help="the run's config.yaml; only for checkpoints written before they carried the tokenizer"
+        "--config",
+        default=None,
+        help="the run's config.yaml; only for checkpoints written before they carried the tokenizer",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
     args = parser.parse_args(argv)

@@ -96,7 +96,9 @@ def generate_text(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="mf generate", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mf generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("prompt", nargs="?", default=None, help="text to continue (default: read standard input)")
@@ -111,7 +113,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=False,
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="decode through the compiled fixed-shape step: faster per token, but compiling costs seconds at the "
         "start of every process, more than a short run of a small model decodes in (default: eager)",
     )
@@ -152,7 +156,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     count = generate_text(
-        model, tokenizer, prompt, sys.stdout, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+        model,
+        tokenizer,
+        prompt,
+        sys.stdout,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        generator,
         args.compile,
     )
     seconds = time.perf_counter() - start

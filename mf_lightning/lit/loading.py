@@ -150,7 +150,9 @@ def config_tokenizer(run_config: dict[str, Any], path: str | Path) -> Tokenizer:
         from mf_lightning.data.sources import open_source
 
         source = open_source(
-            data.get("source", "demo"), data.get("text_field", "text"), data.get("hf_split", "train"),
+            data.get("source", "demo"),
+            data.get("text_field", "text"),
+            data.get("hf_split", "train"),
             data.get("document_separator"),
         )
         return load_tokenizer(spec, source, resolve_cache_dir(data.get("cache_dir")))

@@ -18,6 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, tokenizer_state
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
+from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.lit.optim import (
     WarmupCosineLR,
     check_fraction,
@@ -26,7 +27,6 @@ from mf_lightning.lit.optim import (
     parameter_groups,
     scale_group_lr,
 )
-from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.lit.sharding import (
     build_on_meta,
     has_meta_parameters,
@@ -278,7 +278,7 @@ class LanguageModel(L.LightningModule):
             top_p=self.hparams.top_p,
             eos_id=tokenizer.eos_id,
         )
-        completion = out[0, prompt_ids.shape[1]:].tolist()
+        completion = out[0, prompt_ids.shape[1] :].tolist()
         if tokenizer.eos_id in completion:
             completion = completion[: completion.index(tokenizer.eos_id)]
         return {"prompt": batch["prompt"], "completion": tokenizer.decode(completion)}
@@ -344,7 +344,8 @@ class LanguageModel(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         self.configured_shape = (
             {key: getattr(scheduler, key) for key in WarmupCosineLR.SHAPE}
-            if isinstance(scheduler, WarmupCosineLR) else None
+            if isinstance(scheduler, WarmupCosineLR)
+            else None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -12,9 +12,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 
-def parameter_groups(
-    model: nn.Module, weight_decay: float, table_weight_decay: float | None = None
-) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, table_weight_decay: float | None = None) -> list[dict]:
     """Three groups: Memory Layer tables, other matrices (decayed), biases and norms (never decayed).
 
     Tables get their own group so their learning rate and weight decay can differ (sparse updates);
@@ -32,8 +30,11 @@ def parameter_groups(
         else:
             plain.append(param)
     return [
-        {"name": "tables", "params": tables,
-         "weight_decay": weight_decay if table_weight_decay is None else table_weight_decay},
+        {
+            "name": "tables",
+            "params": tables,
+            "weight_decay": weight_decay if table_weight_decay is None else table_weight_decay,
+        },
         {"name": "decay", "params": decayed, "weight_decay": weight_decay},
         {"name": "no_decay", "params": plain, "weight_decay": 0.0},
     ]

@@ -33,8 +33,14 @@ class CompletionWriter(BasePredictionWriter):
         self.path = path
 
     def write_on_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
-        batch: Any, batch_idx: int, dataloader_idx: int = 0,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(prediction, ensure_ascii=False) + "\n")

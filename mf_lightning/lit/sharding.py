@@ -222,7 +222,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         return get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer))
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0."""
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -277,7 +279,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         names = {id(parameter): name.replace(COMPILE_PREFIX, "") for name, parameter in self.model.named_parameters()}
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             set_optimizer_state_dict(
-                self.model, optimizer, optim_state_dict=keyed_by_name(state, optimizer, names),
+                self.model,
+                optimizer,
+                optim_state_dict=keyed_by_name(state, optimizer, names),
                 options=StateDictOptions(full_state_dict=True),
             )
 
@@ -294,7 +298,9 @@ class FSDPStrategy(FSDP2Strategy):
         )
 
 
-def keyed_by_name(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+def keyed_by_name(
+    state: Mapping[str, Any], optimizer: torch.optim.Optimizer, names: Mapping[int, str]
+) -> dict[str, Any]:
     """An ``Optimizer.state_dict()`` (parameters numbered) keyed by parameter name instead.
 
     Saved and current parameters are matched group by group, in order, as ``Optimizer.load_state_dict``
@@ -315,5 +321,7 @@ def keyed_by_name(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, na
     }
     return {
         "state": {name_of[number]: value for number, value in state["state"].items()},
-        "param_groups": [{**group, "params": [name_of[number] for number in group["params"]]} for group in saved_groups],
+        "param_groups": [
+            {**group, "params": [name_of[number] for number in group["params"]]} for group in saved_groups
+        ],
     }

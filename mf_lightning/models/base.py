@@ -49,7 +49,9 @@ class DecoderLM(nn.Module, ABC):
         self.blocks = nn.ModuleList(self.block_class(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.head = (
-            None if config.tie_embeddings else NormalLinear(config.n_embd, config.vocab_size, bias=False, std=EMBEDDING_STD)
+            None
+            if config.tie_embeddings
+            else NormalLinear(config.n_embd, config.vocab_size, bias=False, std=EMBEDDING_STD)
         )
 
     def forward(
@@ -70,7 +72,9 @@ class DecoderLM(nn.Module, ABC):
         hidden = self.hidden_states(idx)
         chunk_size = self.config.loss_chunk_size
         if chunk_size:
-            loss = chunked_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(), chunk_size, IGNORE_INDEX)
+            loss = chunked_cross_entropy(
+                hidden.flatten(0, 1), self.head_weight, targets.flatten(), chunk_size, IGNORE_INDEX
+            )
             return None, loss
         logits = F.linear(hidden, self.head_weight)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -142,7 +142,9 @@ def largest_shard_unit(model: DecoderLM) -> int:
     """Parameters of the largest unit ``mf_lightning.lit.sharding.shard_network`` gathers at once: one
     block, or the rest (embedding, final norm, head)."""
     blocks = sum(p.numel() for p in model.blocks.parameters())
-    return max(max(sum(p.numel() for p in block.parameters()) for block in model.blocks), model.num_parameters() - blocks)
+    return max(
+        max(sum(p.numel() for p in block.parameters()) for block in model.blocks), model.num_parameters() - blocks
+    )
 
 
 def memory_table(gpus: Sequence[int] = MEMORY_GPUS) -> list[str]:

@@ -109,7 +109,7 @@ def decode(
         if decoder is None:
             logits = model.compute_logits(tokens)[:, -1]
         else:
-            logits = decoder.prefill(idx) if step == 0 else decoder.step(token)
+            logits = decoder.prefill(idx) if step == 0 else decoder.step(token)  # noqa: F821 (set by the step before)
         token = sample(logits, temperature, top_k, top_p, generator).to(idx.dtype)
         if finished is not None:
             token = token.masked_fill(finished, eos_id)

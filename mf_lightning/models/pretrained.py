@@ -111,7 +111,7 @@ def read_weights(path: Path, device: torch.device | str, dtype: torch.dtype | No
         raise FileNotFoundError(f"no model weights at {path} (expected a directory written by save_pretrained)")
     try:
         with safe_open(path, framework="pt", device=str(device)) as weights:
-            state = {key: to_dtype(weights.get_tensor(key), dtype) for key in weights.keys()}
+            state = {key: to_dtype(weights.get_tensor(key), dtype) for key in weights.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     return clean_keys(state)

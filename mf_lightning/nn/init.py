@@ -27,10 +27,15 @@ def stateful_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises naming the modules that have state but no ``reset_parameters`` to set it.
     """
     stateful = [(name, module) for name, module in model.named_modules() if own_state(module)]
-    missing = [f"{name or type(model).__name__} ({type(module).__name__})" for name, module in stateful
-               if not callable(getattr(module, "reset_parameters", None))]
+    missing = [
+        f"{name or type(model).__name__} ({type(module).__name__})"
+        for name, module in stateful
+        if not callable(getattr(module, "reset_parameters", None))
+    ]
     if missing:
-        raise ValueError(f"modules with parameters or buffers but no reset_parameters to set them: {', '.join(missing)}")
+        raise ValueError(
+            f"modules with parameters or buffers but no reset_parameters to set them: {', '.join(missing)}"
+        )
     return stateful
 
 
@@ -46,7 +51,9 @@ def reset_state(name: str, module: nn.Module) -> None:
         if tensor.is_floating_point():
             tensor.fill_(float("nan"))
     module.reset_parameters()
-    unset = sorted(key for key, tensor in own_state(module).items() if tensor.is_floating_point() and tensor.isnan().any())
+    unset = sorted(
+        key for key, tensor in own_state(module).items() if tensor.is_floating_point() and tensor.isnan().any()
+    )
     if unset:
         raise ValueError(f"{name or 'the model'} ({type(module).__name__}).reset_parameters leaves {unset} unset")
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from cli_support import run, tiny_run_args, write_corpus
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cli_support import run, tiny_run_args, write_corpus
 from mf_lightning.nn import MemoryLayer
 
 BATCH_SIZE = 8

@@ -3,14 +3,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from image_support import decode, find_block
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mf_lightning.callbacks import BucketUsageMonitor
-from mf_lightning.callbacks import bucket_usage
+from mf_lightning.callbacks import BucketUsageMonitor, bucket_usage
 from mf_lightning.callbacks.heatmap import DIVERGING, LABELLED_BAND_HEIGHT, PICTURE_WIDTH, UNUSED, plot_pixels
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, used_fraction
-from image_support import decode, find_block
 
 BATCH = 8
 LAYERS = ("hidden", "head")
@@ -25,7 +24,7 @@ def test_logs_scalars_histograms_and_heatmaps(tiny_module, inputs, fit, read_eve
         for layer in LAYERS:
             assert [e.step for e in events.Scalars(f"bucket_{metric}/{layer}")] == [2, 4]
             assert f"bucket_{metric}_per_table/{layer}" in tags["histograms"]
-    windows = [inputs[:2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
+    windows = [inputs[: 2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
     for layer in LAYERS:
         assert [e.step for e in events.Histograms(f"bucket_counts/{layer}")] == [2, 4]
         (heatmap,) = events.Images(f"bucket_heatmap/{layer}")

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mf_lightning.callbacks import GradientCoverageMonitor
-from mf_lightning.callbacks import gradient_coverage
+from mf_lightning.callbacks import GradientCoverageMonitor, gradient_coverage
 from mf_lightning.callbacks.gradient_coverage import gradient_statistics
 from mf_lightning.callbacks.usage_metrics import used_fraction
 from mf_lightning.nn import MemoryLayer

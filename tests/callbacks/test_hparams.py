@@ -34,7 +34,12 @@ def hparams_table(log_dir: Path) -> list[api_pb2.SessionGroup]:
     request = api_pb2.ListSessionGroupsRequest(
         start_index=0,
         slice_size=100,
-        allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING],
+        allowed_statuses=[
+            api_pb2.STATUS_UNKNOWN,
+            api_pb2.STATUS_SUCCESS,
+            api_pb2.STATUS_FAILURE,
+            api_pb2.STATUS_RUNNING,
+        ],
     )
     handler = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tensorboard), "", request)
     return list(handler.run().session_groups)
@@ -55,9 +60,17 @@ def test_table_shows_the_run_settings_and_its_final_metrics(mf_fit_run) -> None:
 
     settings = settings_of(group)
     expected = {
-        "model.arch": "memoryformer", "model.n_layer": 2, "model.code_bits": 8, "model.max_seq_len": 64,
-        "model.lr": 3e-3, "model.hash_centering": "False", "data.seq_len": 32, "data.batch_size": 4,
-        "data.tokenizer": "byte", "trainer.max_steps": 6, "seed": 1234,
+        "model.arch": "memoryformer",
+        "model.n_layer": 2,
+        "model.code_bits": 8,
+        "model.max_seq_len": 64,
+        "model.lr": 3e-3,
+        "model.hash_centering": "False",
+        "data.seq_len": 32,
+        "data.batch_size": 4,
+        "data.tokenizer": "byte",
+        "trainer.max_steps": 6,
+        "seed": 1234,
     }
     assert {name: settings.get(name) for name in expected} == pytest.approx(expected)
     assert not any(name.startswith("model.overrides") for name in settings), "overrides are in the resolved config"
@@ -92,7 +105,10 @@ def test_interrupted_fit_is_in_the_table_without_an_end_status(tiny_module, fit,
         fit(tiny_module, [HParamsSummary(), InterruptAtSecondStep()], max_steps=4)
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
     events.Reload()
-    assert set(events.PluginTagToContent(metadata.PLUGIN_NAME)) == {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG}
+    assert set(events.PluginTagToContent(metadata.PLUGIN_NAME)) == {
+        metadata.EXPERIMENT_TAG,
+        metadata.SESSION_START_INFO_TAG,
+    }
 
 
 def test_settings_are_flat_and_typed_for_the_table() -> None:

@@ -55,8 +55,14 @@ class WeightRecorder(pl.Callback):
 def fit(module: Regression, callbacks: list[pl.Callback], max_steps: int = 6) -> pl.Trainer:
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
     )
     trainer.fit(module, DataLoader(data, batch_size=4))
     return trainer
@@ -81,7 +87,10 @@ def test_bad_steps_change_nothing_and_are_counted(poison):
 
 def test_too_many_bad_steps_in_a_row_stop_the_run():
     module = Regression(frozenset(range(1, 6)))
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row .*diverged"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row .*diverged"),
+    ):
         fit(module, [NonFiniteGuard(max_consecutive=3)])
 
 

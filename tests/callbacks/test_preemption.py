@@ -50,7 +50,11 @@ def fit(
     tmp_path, *interrupts: pl.Callback, accumulate: int = 1, checkpoint=ModelCheckpoint, ckpt_path=None
 ) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         accumulate_grad_batches=accumulate,
         callbacks=[checkpoint(dirpath=tmp_path, save_last=True), PreemptionCheckpoint(), *interrupts],
     )
@@ -67,7 +71,9 @@ def test_sigterm_saves_last_after_the_current_step(tmp_path, caplog):
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3, "the interrupted step completes before the save"
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 3
-    assert f"saved {tmp_path / 'last.ckpt'} at step 3; resume with the same command plus --ckpt_path last" in caplog.text
+    assert (
+        f"saved {tmp_path / 'last.ckpt'} at step 3; resume with the same command plus --ckpt_path last" in caplog.text
+    )
 
 
 def test_other_exceptions_save_nothing(tmp_path):
@@ -158,7 +164,11 @@ def test_a_callback_that_stopped_one_fit_lets_the_next_fit_run(tmp_path):
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     for interrupts, folder in (([RaiseAt(batch=2)], "first"), ([], "second")):
         trainer = pl.Trainer(
-            accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu",
+            max_steps=8,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             callbacks=[ModelCheckpoint(dirpath=tmp_path / folder, save_last=True), callback, *interrupts],
         )
         try:

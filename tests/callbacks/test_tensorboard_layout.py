@@ -45,7 +45,11 @@ def test_overview_lists_exactly_the_tags_the_run_logs(mf_fit_run) -> None:
     shown = {tag for lines in charts.values() for tag in lines}
     expected = {tag for tag in logged if tag in HEADLINE_TAGS or tag.startswith(LAYER_FAMILIES)}
     assert shown == expected
-    assert [category.title for category in layout.category] == ["Overview", "Memory Layers by block", "Memory Layers by kind"]
+    assert [category.title for category in layout.category] == [
+        "Overview",
+        "Memory Layers by block",
+        "Memory Layers by kind",
+    ]
     assert charts["Overview", "loss"] == ["train/loss", "val/loss"]
     assert sorted(charts["Overview", "learning rate"]) == ["lr-AdamW/decay", "lr-AdamW/no_decay", "lr-AdamW/tables"]
 
@@ -57,13 +61,18 @@ def test_overview_lists_exactly_the_tags_the_run_logs(mf_fit_run) -> None:
         ]
     for kind in ("qkv", "ffn_in", "ffn_out"):
         lines = charts["Memory Layers by kind", f"{kind}: used fraction"]
-        assert [block_and_kind(tag.split("/", 1)[1]) for tag in lines] == [("model.blocks.0", kind), ("model.blocks.1", kind)]
+        assert [block_and_kind(tag.split("/", 1)[1]) for tag in lines] == [
+            ("model.blocks.0", kind),
+            ("model.blocks.1", kind),
+        ]
         assert len(charts["Memory Layers by kind", f"{kind}: rows with a gradient"]) == 2
 
 
 def test_tokens_per_second_and_monitor_tags_follow_the_callbacks(tiny_module, fit, tmp_path) -> None:
     callbacks = [
-        ThroughputMonitor(batch_size_fn=len, length_fn=lambda batch: batch[0].shape[0] * batch[0].shape[1], window_size=2),
+        ThroughputMonitor(
+            batch_size_fn=len, length_fn=lambda batch: batch[0].shape[0] * batch[0].shape[1], window_size=2
+        ),
         BucketUsageMonitor(log_every_n_steps=2, image_every_n_steps=2),
         GradientCoverageMonitor(log_every_n_steps=2),
         OverviewLayout(),
@@ -71,7 +80,10 @@ def test_tokens_per_second_and_monitor_tags_follow_the_callbacks(tiny_module, fi
     layout, logged = read_layout(fit(tiny_module, callbacks, max_steps=4).log_dir)
     charts = charted_tags(layout, logged)
     assert charts["Overview", "training tokens per second"] == ["train/device/items_per_sec"]
-    assert charts["Memory Layers by block", "model: used fraction"] == ["bucket_used_fraction/hidden", "bucket_used_fraction/head"]
+    assert charts["Memory Layers by block", "model: used fraction"] == [
+        "bucket_used_fraction/hidden",
+        "bucket_used_fraction/head",
+    ]
     assert ("Overview", "loss") not in charts, "a LightningModule of its own logs no LanguageModel losses"
 
 

@@ -2,7 +2,25 @@
 
 import random
 
-WORDS = "the a memory layer hashes every token into tables of rows while attention mixes them über café".split()
+WORDS = [
+    "the",
+    "a",
+    "memory",
+    "layer",
+    "hashes",
+    "every",
+    "token",
+    "into",
+    "tables",
+    "of",
+    "rows",
+    "while",
+    "attention",
+    "mixes",
+    "them",
+    "über",
+    "café",
+]
 
 
 def make_documents(count: int, words_per_document: int = 60, seed: int = 0) -> list[str]:

@@ -57,7 +57,9 @@ def test_split_is_by_documents_deterministic_and_never_empty() -> None:
 
 def test_test_split_is_disjoint_from_validation_which_it_leaves_unchanged() -> None:
     splits = [document_split(index, 0.1, 0.05) for index in range(1000)]
-    assert [index for index, split in enumerate(splits) if split == "val"] == [i for i in range(1000) if is_validation(i, 0.1)]
+    assert [index for index, split in enumerate(splits) if split == "val"] == [
+        i for i in range(1000) if is_validation(i, 0.1)
+    ]
     assert splits[:3] == ["val", "test", "train"]  # the first non-validation document is held out for test
     assert {split: splits.count(split) for split in ("train", "val", "test")} == {"train": 850, "val": 100, "test": 50}
     assert all(document_split(index, 0.1, 0.0) != "test" for index in range(1000))
@@ -222,6 +224,7 @@ def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
     os.utime(cache.path("train"), ns=(1, 1))
     checked: list[bool] = []
     real_checked_chunks = cache_module.checked_chunks
+
     def spy(count: int, full: bool) -> list[int]:
         checked.append(full)
         return real_checked_chunks(count, full)

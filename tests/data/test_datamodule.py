@@ -73,7 +73,9 @@ def test_test_windows_come_from_held_out_documents_of_their_own(make_datamodule,
     held_out = [text for index, text in enumerate(documents) if document_split(index, 0.2, 0.1) == "test"]
     x, _ = next(iter(datamodule.test_dataloader()))
     assert x[0].tolist() == tokenizer.encode(held_out[0])[:SEQ_LEN]
-    texts = {split: tokenizer.decode(datamodule.token_cache().open(split).tolist()) for split in ("train", "val", "test")}
+    texts = {
+        split: tokenizer.decode(datamodule.token_cache().open(split).tolist()) for split in ("train", "val", "test")
+    }
     assert texts["test"] == "".join(held_out)
     assert all(text not in texts["train"] + texts["val"] for text in held_out)
 
@@ -188,7 +190,9 @@ def test_bad_arguments_are_named(make_datamodule, overrides: dict, message: str)
 
 
 def test_corpus_too_small_for_seq_len_names_the_sizes(make_datamodule) -> None:
-    with pytest.raises(ValueError, match=r"too small for seq_len=4000: token counts \{'train': \d+, 'val': \d+, 'test': \d+\}"):
+    with pytest.raises(
+        ValueError, match=r"too small for seq_len=4000: token counts \{'train': \d+, 'val': \d+, 'test': \d+\}"
+    ):
         make_datamodule(seq_len=4000).setup("fit")
 
 
@@ -262,8 +266,15 @@ def test_every_argument_can_be_filled_from_the_command_line(corpus_dir: Path, tm
     parser = ArgumentParser()
     parser.add_class_arguments(TextDataModule, "data")
     config = parser.parse_args(
-        [f"--data.source={corpus_dir}", f"--data.cache_dir={tmp_path}", "--data.seq_len=16", "--data.val_fraction=0.2",
-         "--data.val_windows=2", "--data.prompts=[Once, upon]", "--data.tokenizer=bpe:300"]
+        [
+            f"--data.source={corpus_dir}",
+            f"--data.cache_dir={tmp_path}",
+            "--data.seq_len=16",
+            "--data.val_fraction=0.2",
+            "--data.val_windows=2",
+            "--data.prompts=[Once, upon]",
+            "--data.tokenizer=bpe:300",
+        ]
     )
     datamodule = parser.instantiate(config).data
     assert datamodule.prompts == ["Once", "upon"]

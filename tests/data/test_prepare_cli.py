@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from cli_support import QUICKSTART, WORDS, run, tiny_run_args, write_corpus
+
 from mf_lightning.cli import main
 
 
@@ -21,15 +21,20 @@ def test_prepare_builds_what_fit_then_finds(tmp_path: Path, capsys: pytest.Captu
     config.write_text(f"data:\n  source: {corpus}\n  tokenizer: bpe:300\n  val_fraction: 0.2\n  cache_dir: {cache}\n")
     main(["prepare", "--config", str(QUICKSTART), "--config", str(config), "--data.prepare_workers", "2"])
     out, err = capsys.readouterr()
-    assert re.search(r"prepared 30 documents \(train 22, val 6, test 2\), \d+ tokens of a 300-token vocabulary; "
-                     r"tokenized 0\.0 MB of text in [\d.]+ s \([\d.]+ MB/s\)", out)
+    assert re.search(
+        r"prepared 30 documents \(train 22, val 6, test 2\), \d+ tokens of a 300-token vocabulary; "
+        r"tokenized 0\.0 MB of text in [\d.]+ s \([\d.]+ MB/s\)",
+        out,
+    )
     assert f"token cache: {cache / 'tokens'}" in out
     assert "training a byte-level BPE" in err
 
     main(["prepare", "--config", str(QUICKSTART), "--config", str(config)])
     assert "found ready (nothing to do)" in capsys.readouterr().out
 
-    args = tiny_run_args(tmp_path / "run", corpus, max_steps=1, **{"data.tokenizer": "bpe:300", "data.cache_dir": cache})
+    args = tiny_run_args(
+        tmp_path / "run", corpus, max_steps=1, **{"data.tokenizer": "bpe:300", "data.cache_dir": cache}
+    )
     run("fit", args)
     err = capsys.readouterr().err
     assert "training a byte-level BPE" not in err and "tokenizing the corpus" not in err
@@ -49,8 +54,12 @@ def test_fit_trains_on_compressed_jsonl_with_a_sampled_bpe(tmp_path: Path, capsy
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines[: len(lines) // 2]))
     (tmp_path / "corpus" / "b.jsonl.gz").write_bytes(gzip.compress(lines[len(lines) // 2 :]))
-    overrides = {"data.source": str(tmp_path / "corpus" / "*.jsonl.*"), "data.tokenizer": "bpe:300",
-                 "data.bpe_sample_bytes": 3000, "data.prepare_workers": 2}
+    overrides = {
+        "data.source": str(tmp_path / "corpus" / "*.jsonl.*"),
+        "data.tokenizer": "bpe:300",
+        "data.bpe_sample_bytes": 3000,
+        "data.prepare_workers": 2,
+    }
     cli = run("fit", tiny_run_args(tmp_path / "run", tmp_path / "corpus", max_steps=1, **overrides))
     assert cli.trainer.global_step == 1
     assert "training a byte-level BPE with 300 tokens on at most 3,000 bytes of the corpus" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_support import REPO, tiny_run_args, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -25,21 +24,43 @@ def free_port() -> int:
 def test_two_nodes_train_the_tokenizer_and_build_the_cache_once(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus", documents=40)
     args = tiny_run_args(
-        tmp_path / "run", corpus, max_steps=2,
-        **{"data.tokenizer": "bpe:300", "data.bpe_sample_bytes": 2000, "data.prepare_workers": 2,
-           "data.cache_dir": tmp_path / "cache", "trainer.accelerator": "cpu", "trainer.devices": 1,
-           "trainer.num_nodes": 2, "trainer.strategy": "ddp"},
+        tmp_path / "run",
+        corpus,
+        max_steps=2,
+        **{
+            "data.tokenizer": "bpe:300",
+            "data.bpe_sample_bytes": 2000,
+            "data.prepare_workers": 2,
+            "data.cache_dir": tmp_path / "cache",
+            "trainer.accelerator": "cpu",
+            "trainer.devices": 1,
+            "trainer.num_nodes": 2,
+            "trainer.strategy": "ddp",
+        },
     )
     port = str(free_port())
     processes = []
     for node in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "NODE_RANK": str(node),
-               "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "mf_lightning", "fit", *args], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "WORLD_SIZE": "2",
+            "NODE_RANK": str(node),
+            "LOCAL_RANK": "0",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mf_lightning", "fit", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     logs = []
     for process in processes:
         _, stderr = process.communicate(timeout=300)

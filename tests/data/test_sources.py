@@ -16,9 +16,7 @@ def write_jsonl(path: Path, records: list[object]) -> Path:
     return path
 
 
-def test_text_folder_yields_whole_files_in_sorted_order_skipping_hidden(
-    corpus_dir: Path, documents: list[str]
-) -> None:
+def test_text_folder_yields_whole_files_in_sorted_order_skipping_hidden(corpus_dir: Path, documents: list[str]) -> None:
     (corpus_dir / ".hidden").write_text("never read")
     nested = corpus_dir / "zz_nested"
     nested.mkdir()
@@ -209,7 +207,9 @@ def test_document_separator_splits_plain_text_into_records(tmp_path):
     file = tmp_path / "fortunes.txt"
     file.write_text("first fortune\n%\nsecond\nfortune\n%\n\n%\nthird\n", encoding="utf-8")
     assert list(open_source(str(file), document_separator="%").documents()) == [
-        "first fortune\n", "second\nfortune\n", "third\n"
+        "first fortune\n",
+        "second\nfortune\n",
+        "third\n",
     ]
     assert list(open_source(str(file)).documents()) == [file.read_text()]
 
@@ -218,7 +218,9 @@ def test_blank_line_separator(tmp_path):
     file = tmp_path / "prose.txt"
     file.write_text("para one\nstill one\n\npara two\n  \npara three", encoding="utf-8")
     assert list(open_source(str(file), document_separator="").documents()) == [
-        "para one\nstill one\n", "para two\n", "para three"
+        "para one\nstill one\n",
+        "para two\n",
+        "para three",
     ]
 
 

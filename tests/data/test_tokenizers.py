@@ -179,7 +179,9 @@ def test_bpe_merge_phase_logs_a_heartbeat_off_a_terminal(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.001)
-    no_spaces = ["".join(chr(0x4E00 + (index * 7919 + offset * 31) % 500) for offset in range(400)) for index in range(50)]
+    no_spaces = [
+        "".join(chr(0x4E00 + (index * 7919 + offset * 31) % 500) for offset in range(400)) for index in range(50)
+    ]
     with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         train_bpe(no_spaces, 1200)
     read = next(index for index, message in enumerate(caplog.messages) if message.startswith("read 50 documents"))

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from cli_support import QUICKSTART, run, tiny_run_args, write_corpus
+
 from mf_lightning.cli import main
 from mf_lightning.data import TextDataModule
 from mf_lightning.data import cache as cache_module
@@ -34,7 +34,9 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 def make(corpus_dir: Path, tmp_path: Path) -> TextDataModule:
-    return TextDataModule(source=str(corpus_dir), seq_len=16, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    return TextDataModule(
+        source=str(corpus_dir), seq_len=16, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "cache")
+    )
 
 
 def test_damage_the_sample_misses_fails_the_run_and_the_next_run_rebuilds(

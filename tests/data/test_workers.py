@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from corpus_support import make_documents
+from worker_tokenizers import KILL_MARK, KillingByteTokenizer
+
 from mf_lightning.data import cache as cache_module
 from mf_lightning.data.cache import SPLITS, document_split, prepare_token_cache
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, train_bpe
 from mf_lightning.data.workers import PreparationFailed
-from worker_tokenizers import KILL_MARK, KillingByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,9 @@ def write_mixed_corpus(folder: Path, documents: list[str]) -> Path:
     lines = lambda texts: "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()  # noqa: E731
     (folder / "a.jsonl").write_bytes(lines(documents[:quarter]))
     (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines(documents[quarter : 2 * quarter])))
-    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(documents[2 * quarter : 3 * quarter])))
+    (folder / "c.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(lines(documents[2 * quarter : 3 * quarter]))
+    )
     (folder / "d.jsonl").write_bytes(lines(documents[3 * quarter : -2]))
     (folder / "e.txt.gz").write_bytes(gzip.compress(documents[-2].encode()))
     (folder / "f.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(documents[-1].encode()))
@@ -81,11 +83,16 @@ def test_a_preparation_killed_at_a_random_moment_resumes_to_the_same_bytes(
 ) -> None:
     corpus = write_mixed_corpus(tmp_path / "corpus", make_documents(4000, words_per_document=10))
     monkeypatch.setattr(cache_module, "PART_BYTES", 4096)
-    reference = prepare_token_cache(open_source(str(corpus)), ByteTokenizer(), tmp_path / "reference", 0.1, 0.1, workers=1)
+    reference = prepare_token_cache(
+        open_source(str(corpus)), ByteTokenizer(), tmp_path / "reference", 0.1, 0.1, workers=1
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
     builder = subprocess.Popen(
         [sys.executable, "-c", BUILDER, str(corpus), str(tmp_path / "killed")],
-        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     assert builder.stdout.readline() == "started\n"
     time.sleep(random.uniform(0.5, 6.0))
@@ -125,7 +132,9 @@ def test_a_file_gone_mid_preparation_is_one_error_naming_it(
         return parts
 
     monkeypatch.setattr(FileSource, "parts", plan_then_lose_a_file)
-    with pytest.raises(PreparationFailed, match=r"part 0 \(12 files, .*doc05.txt: No such file or directory; .* resume"):
+    with pytest.raises(
+        PreparationFailed, match=r"part 0 \(12 files, .*doc05.txt: No such file or directory; .* resume"
+    ):
         prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2, workers=1)
 
 
@@ -134,7 +143,9 @@ def test_bad_json_in_a_worker_names_file_line_and_part(tmp_path: Path, monkeypat
     lines[250] = "{not json"
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(cache_module, "PART_BYTES", 4096)
-    with pytest.raises(PreparationFailed, match=r"part \d+ \(.*c.jsonl bytes \d+\.\.\d+\): .*c.jsonl line 251 is not valid JSON"):
+    with pytest.raises(
+        PreparationFailed, match=r"part \d+ \(.*c.jsonl bytes \d+\.\.\d+\): .*c.jsonl line 251 is not valid JSON"
+    ):
         prepare_token_cache(open_source(str(tmp_path / "c.jsonl")), ByteTokenizer(), tmp_path / "cache", 0.1, workers=2)
 
 
@@ -150,6 +161,8 @@ def test_a_file_edited_mid_preparation_is_refused_not_cached(
         return parts
 
     monkeypatch.setattr(FileSource, "parts", plan_then_edit_a_file)
-    with pytest.raises(ValueError, match=r"the corpus changed while it was being tokenized \(.*doc05.txt was modified\)"):
+    with pytest.raises(
+        ValueError, match=r"the corpus changed while it was being tokenized \(.*doc05.txt was modified\)"
+    ):
         prepare_token_cache(source, ByteTokenizer(), tmp_path, 0.2, workers=1)
     assert not [path for path in (tmp_path / "tokens").iterdir() if not path.name.startswith(".")]

@@ -5,14 +5,13 @@ import torch
 
 pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'mf_lightning[eval]'")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from eval_support import direct_logprob
+from lm_eval.api.instance import Instance
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mf_lightning.eval.adapter import HarnessLM, cut_at_stops
 from mf_lightning.eval.scoring_windows import scoring_windows
 from mf_lightning.models import decode_step
-
-from eval_support import direct_logprob
 
 PAIRS = [
     ("", "hello"),
@@ -64,7 +63,9 @@ def test_greedy_flag_is_true_exactly_for_the_argmax_continuation(model, tokenize
     greedy = model.generate(torch.tensor([context]), 5, temperature=0)[0, len(context) :].tolist()
     lm = HarnessLM(model, tokenizer)
     other = [(greedy[0] + 1) % 256, *greedy[1:]]
-    scores = lm.score([scoring_windows(context + greedy, len(context), 32), scoring_windows(context + other, len(context), 32)])
+    scores = lm.score(
+        [scoring_windows(context + greedy, len(context), 32), scoring_windows(context + other, len(context), 32)]
+    )
     assert [is_greedy for _, is_greedy in scores] == [True, False]
     assert scores[0][0] > scores[1][0]
 
@@ -81,7 +82,9 @@ def test_rolling_loglikelihood_sums_its_windows(model, tokenizer) -> None:
     (logprob,) = HarnessLM(model, tokenizer).loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
     windows = scoring_windows(tokens, 1, 32)
     assert len(windows) > 2
-    expected = sum(direct_logprob(model, inputs + targets[-1:], len(inputs) + 1 - len(targets))[0] for inputs, targets in windows)
+    expected = sum(
+        direct_logprob(model, inputs + targets[-1:], len(inputs) + 1 - len(targets))[0] for inputs, targets in windows
+    )
     assert logprob == pytest.approx(expected, abs=1e-3)
 
 
@@ -92,7 +95,9 @@ def test_batched_results_equal_one_by_one(model, tokenizer) -> None:
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
     documents = requests("loglikelihood_rolling", [(text,) for text in DOCUMENTS])
     assert one.loglikelihood_rolling(documents) == pytest.approx(batched.loglikelihood_rolling(documents), abs=1e-4)
-    prompts = requests("generate_until", [(text, {"until": ["\n"], "max_gen_toks": 6}) for text in ["abc", "xyz", "hello"]])
+    prompts = requests(
+        "generate_until", [(text, {"until": ["\n"], "max_gen_toks": 6}) for text in ["abc", "xyz", "hello"]]
+    )
     assert one.generate_until(prompts) == batched.generate_until(prompts)
 
 
@@ -103,7 +108,10 @@ def test_generate_until_is_greedy_kv_cache_generation_cut_at_the_stop(model, tok
     stop = full[5:7]
     lm = HarnessLM(model, tokenizer)
     [uncut, cut] = lm.generate_until(
-        requests("generate_until", [("Once upon", {"until": [], "max_gen_toks": 12}), ("Once upon", {"until": [stop], "max_gen_toks": 12})])
+        requests(
+            "generate_until",
+            [("Once upon", {"until": [], "max_gen_toks": 12}), ("Once upon", {"until": [stop], "max_gen_toks": 12})],
+        )
     )
     assert uncut == full
     assert cut == full[: full.index(stop)] and len(cut) <= 5
@@ -114,7 +122,9 @@ def test_generate_until_decodes_through_the_compiled_step(model, tokenizer, monk
     compiled = decode_step.compiled_decode_step
     monkeypatch.setattr(decode_step, "compiled_decode_step", lambda *args: calls.append(1) or compiled(*args))
     lm = HarnessLM(model, tokenizer, batch_size=2)
-    texts = lm.generate_until(requests("generate_until", [(text, {"until": [], "max_gen_toks": 6}) for text in ["abc", "xyz"]]))
+    texts = lm.generate_until(
+        requests("generate_until", [(text, {"until": [], "max_gen_toks": 6}) for text in ["abc", "xyz"]])
+    )
     assert len(calls) == 5, "one batch of two prompts: five steps after the prompt"
     prompts = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)] for text in ["abc", "xyz"]])
     eager = model.generate(prompts, 6, temperature=0, eos_id=tokenizer.eos_id, compile=False)

@@ -35,7 +35,9 @@ def train_on_facts(model: DecoderLM, tokenizer: ByteTokenizer, steps: int) -> De
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - 33, (16,), generator=generator)
-        _, loss = model(torch.stack([data[s : s + 32] for s in starts]), torch.stack([data[s + 1 : s + 33] for s in starts]))
+        _, loss = model(
+            torch.stack([data[s : s + 32] for s in starts]), torch.stack([data[s + 1 : s + 33] for s in starts])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -62,7 +64,9 @@ def test_a_trained_model_scores_above_chance_from_its_folder(tmp_path, in_repo, 
     for name, folder in (("untrained", untrained), ("trained", trained)):
         main(["eval", "--model_dir", str(folder), "--tasks", "mf_toy_choice", *LOCAL])
         assert "| mf_toy_choice | acc |" in capsys.readouterr().out
-        accuracy[name] = json.loads((folder / "eval" / "results.json").read_text())["results"]["mf_toy_choice"]["acc,none"]
+        accuracy[name] = json.loads((folder / "eval" / "results.json").read_text())["results"]["mf_toy_choice"][
+            "acc,none"
+        ]
     assert accuracy["trained"] >= 0.75 > accuracy["untrained"]  # chance: 0.25 (4 choices); 6 of 8 right
 
 
@@ -78,10 +82,24 @@ def test_mf_eval_of_a_run_logs_to_its_tensorboard_and_matches_its_export(tmp_pat
     from_run = json.loads((root / "eval" / "last-step3.json").read_text())["results"]
     logged = scalars(root / "tensorboard")
     assert logged["eval/mf_toy_choice/acc"] == [(3, pytest.approx(from_run["mf_toy_choice"]["acc,none"]))]
-    assert logged["eval/mf_toy_perplexity/bits_per_byte"][0][1] == pytest.approx(from_run["mf_toy_perplexity"]["bits_per_byte,none"])
+    assert logged["eval/mf_toy_perplexity/bits_per_byte"][0][1] == pytest.approx(
+        from_run["mf_toy_perplexity"]["bits_per_byte,none"]
+    )
     main(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exported")])
     output = tmp_path / "exported.json"
-    main(["eval", "--model_dir", str(tmp_path / "exported"), *tasks, "--limit", "4", "--output_path", str(output), *LOCAL])
+    main(
+        [
+            "eval",
+            "--model_dir",
+            str(tmp_path / "exported"),
+            *tasks,
+            "--limit",
+            "4",
+            "--output_path",
+            str(output),
+            *LOCAL,
+        ]
+    )
     assert json.loads(output.read_text())["results"] == from_run
 
 
@@ -113,9 +131,14 @@ def test_missing_model_folder_is_one_error_line(tmp_path, capsys) -> None:
 def test_without_lm_eval_mf_eval_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
     for name in [name for name in sys.modules if name == "lm_eval" or name.startswith("lm_eval.")] + ["lm_eval"]:
         monkeypatch.setitem(sys.modules, name, None)  # what `import lm_eval...` sees when it is not installed
-    for name in [name for name in sys.modules if name.startswith("mf_lightning.eval.") and name != "mf_lightning.eval.cli"]:
+    for name in [
+        name for name in sys.modules if name.startswith("mf_lightning.eval.") and name != "mf_lightning.eval.cli"
+    ]:
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model_dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "mf: error: mf eval needs lm-eval, the optional extra: pip install 'mf_lightning[eval]'\n"
+    assert (
+        capsys.readouterr().err
+        == "mf: error: mf eval needs lm-eval, the optional extra: pip install 'mf_lightning[eval]'\n"
+    )

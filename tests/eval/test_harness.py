@@ -7,7 +7,7 @@ from eval_support import TASKS, bits_per_byte, direct_logprob, read_jsonl
 
 pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'mf_lightning[eval]'")
 
-from mf_lightning.eval.harness import evaluate  # noqa: E402
+from mf_lightning.eval.harness import evaluate
 
 
 def test_local_tasks_give_the_accuracy_and_perplexity_of_the_logits(long_model, tokenizer, in_repo) -> None:
@@ -17,7 +17,10 @@ def test_local_tasks_give_the_accuracy_and_perplexity_of_the_logits(long_model, 
     correct = 0
     for question in questions:
         context = [tokenizer.eos_id, *tokenizer.encode(question["subject"] + " is")]
-        scores = [direct_logprob(model, context + tokenizer.encode(" " + choice), len(context))[0] for choice in question["choices"]]
+        scores = [
+            direct_logprob(model, context + tokenizer.encode(" " + choice), len(context))[0]
+            for choice in question["choices"]
+        ]
         correct += scores.index(max(scores)) == question["answer"]
     assert results["results"]["mf_toy_choice"]["acc,none"] == pytest.approx(correct / len(questions))
     texts = [row["text"] for row in read_jsonl(TASKS / "toy_documents.jsonl")]

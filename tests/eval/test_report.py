@@ -10,7 +10,13 @@ from mf_lightning.eval.report import comparison_table, format_table, read_json, 
 def harness_results(piqa: float, wsc: float) -> dict:
     return {
         "results": {
-            "piqa": {"alias": "piqa", "acc,none": piqa, "acc_stderr,none": 0.01, "acc_norm,none": 0.6, "acc_norm_stderr,none": 0.02},
+            "piqa": {
+                "alias": "piqa",
+                "acc,none": piqa,
+                "acc_stderr,none": 0.01,
+                "acc_norm,none": 0.6,
+                "acc_norm_stderr,none": 0.02,
+            },
             "wsc": {"alias": "wsc", "acc,none": wsc, "acc_stderr,none": 0.05},
             "wikitext": {"alias": "wikitext", "word_perplexity,none": 80.5, "word_perplexity_stderr,none": "N/A"},
         }
@@ -31,7 +37,9 @@ def test_table_lists_every_metric_and_averages_accuracy_only() -> None:
 def test_comparison_puts_models_side_by_side(tmp_path) -> None:
     for name, values in (("transformer_tiny", (0.6, 0.4)), ("memoryformer_tiny", (0.7, 0.5))):
         (tmp_path / f"{name}.json").write_text(json.dumps(harness_results(*values)))
-    table = comparison_table({name: read_json(tmp_path / f"{name}.json") for name in ("transformer_tiny", "memoryformer_tiny")})
+    table = comparison_table(
+        {name: read_json(tmp_path / f"{name}.json") for name in ("transformer_tiny", "memoryformer_tiny")}
+    )
     assert table.splitlines() == [
         "| task | transformer_tiny | memoryformer_tiny |",
         "|---|---:|---:|",

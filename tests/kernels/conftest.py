@@ -56,7 +56,9 @@ def count_compilations():
     def run(self, *args, grid, warmup, **kwargs):
         name = self.fn.__name__
         constants = tuple(
-            sorted((key, repr(value)) for key, value in kwargs.items() if name not in candidates or key not in TUNING_KEYS)
+            sorted(
+                (key, repr(value)) for key, value in kwargs.items() if name not in candidates or key not in TUNING_KEYS
+            )
         )
         seen.add((name, tuple(map(specialization, args)), constants))
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)

@@ -155,7 +155,9 @@ def test_attention_matches_sdpa_over_the_filled_slots_of_a_static_cache(dtype, s
     mask = (torch.arange(slots) <= position)[None]
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     q, keys, values = (t.to(dtype) for t in (q, keys, values))
-    y = fused_cpu.fused_cpu_attention(q.transpose(1, 2).contiguous().transpose(1, 2), keys, values, torch.tensor([position]))
+    y = fused_cpu.fused_cpu_attention(
+        q.transpose(1, 2).contiguous().transpose(1, 2), keys, values, torch.tensor([position])
+    )
     assert y.dtype == dtype and y.shape == (2, 3, 1, head_size)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(y.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())

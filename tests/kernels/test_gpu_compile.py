@@ -34,7 +34,9 @@ def compile_rows(*args: str) -> list[dict]:
     rows = json.loads(done.stdout)
     for row in rows:
         name = f"sm_{row['arch']} {row['kernel']} [{row['variant']}] warps={row['warps']}"
-        print(f"{name}: {row['REG']} registers, {row['SHARED']} B shared, {row['LOCAL']} B local, {row['STACK']} B stack")
+        print(
+            f"{name}: {row['REG']} registers, {row['SHARED']} B shared, {row['LOCAL']} B local, {row['STACK']} B stack"
+        )
     return rows
 
 

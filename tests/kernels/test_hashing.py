@@ -44,8 +44,11 @@ def test_paper_score_is_stable_for_long_chunks():
 
 @pytest.mark.parametrize(
     "score, temperature, message",
-    [("cosine", 1.0, "score must be one of .*'cosine'"), ("paper", float("nan"), "temperature .* got nan"),
-     ("paper", True, "temperature .* got True")],
+    [
+        ("cosine", 1.0, "score must be one of .*'cosine'"),
+        ("paper", float("nan"), "temperature .* got nan"),
+        ("paper", True, "temperature .* got True"),
+    ],
 )
 def test_bad_score_settings_are_rejected(score, temperature, message):
     with pytest.raises(ValueError, match=message):

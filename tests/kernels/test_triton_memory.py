@@ -10,12 +10,12 @@ import pytest
 import torch
 import triton
 
+from mf_lightning.callbacks.usage_metrics import counts_with_gini, gini
 from mf_lightning.kernels import dispatch, memory_layer, triton_memory
 from mf_lightning.kernels.dispatch import triton_interpreted
+from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
 from mf_lightning.kernels.reference import reference_memory_layer
 from mf_lightning.kernels.triton_memory import triton_memory_layer
-from mf_lightning.kernels.hashing import bucket_indices, chunk_scores
-from mf_lightning.callbacks.usage_metrics import counts_with_gini, gini
 from mf_lightning.nn import MemoryLayer
 
 DEVICE = "cpu" if triton_interpreted() else "cuda"
@@ -108,7 +108,7 @@ def test_several_token_and_column_blocks_with_non_contiguous_input(backward_mode
 
 def test_saved_buckets_and_scores_match_hashing() -> None:
     """The forward hands the backward exactly the buckets and scores of the shared hashing code."""
-    x, tables, bias = make_inputs((9,), 24, 16, code_bits=4)
+    x, tables, _bias = make_inputs((9,), 24, 16, code_bits=4)
     _, buckets, scores = triton_memory.memory_layer_forward(x.detach(), tables.detach(), None, 4, "paper", 0.7)
     chunks = x.detach().view(9, 6, 4)
     assert buckets.dtype == torch.int32

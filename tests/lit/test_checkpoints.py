@@ -211,7 +211,6 @@ def test_language_model_checkpoints_carry_and_check_their_config(tmp_path):
         LanguageModel().on_load_checkpoint(dict(checkpoint))
 
 
-
 class ScriptedScore(pl.LightningModule):
     """A regression whose validation logs ``score`` from a script, so a test decides which validations improve."""
 
@@ -263,9 +262,16 @@ def fit_scripted(folder: Path, scores: list[float], save_last=True, max_steps=8,
     probe = LastAfterValidation(folder / "last.ckpt")
     checkpoint = AtomicModelCheckpoint(dirpath=folder, monitor="score", save_last=save_last, filename="best-{step}")
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[checkpoint, probe, *callbacks],
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint, probe, *callbacks],
     )
     saved, real_save = [], trainer.save_checkpoint
 
@@ -290,8 +296,10 @@ def test_last_holds_every_validated_model_whatever_the_metric(tmp_path, save_las
     assert sorted(path.name for path in tmp_path.glob("*.ckpt")) == ["best-step=6.ckpt", "last.ckpt"]
     # One save per validation beside Lightning's: it writes last beside a new best (a link under "link"),
     # this callback writes it after a validation that is not one.
-    expected = {True: ["best-step=2.ckpt", "last.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt", "last.ckpt"],
-                "link": ["best-step=2.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt"]}[save_last]
+    expected = {
+        True: ["best-step=2.ckpt", "last.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt", "last.ckpt"],
+        "link": ["best-step=2.ckpt", "last.ckpt", "best-step=6.ckpt", "last.ckpt"],
+    }[save_last]
     assert saved == expected
     assert trainer.checkpoint_callback.best_model_path == str(tmp_path / "best-step=6.ckpt")
 

@@ -32,8 +32,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled") 
 def trained() -> tuple[nn.Module, torch.optim.Optimizer]:
     """A model after two AdamW steps, its groups listing parameters out of the model's order."""
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    groups = [{"params": [model[2].weight, model[0].bias]}, {"params": [model[0].weight, model[1].weight,
-              model[1].bias, model[2].bias], "weight_decay": 0.0}]
+    groups = [
+        {"params": [model[2].weight, model[0].bias]},
+        {"params": [model[0].weight, model[1].weight, model[1].bias, model[2].bias], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     for _ in range(2):
         model(torch.randn(5, 3)).square().sum().backward()
@@ -59,7 +61,7 @@ def test_a_folder_reads_back_whole_as_a_single_file_checkpoint(tmp_path) -> None
     assert checkpoint["global_step"] == 2 and checkpoint["lr_schedulers"] == [{"last_epoch": 2}]
     assert checkpoint["state_dict"].keys() == model.state_dict().keys()
     assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in model.state_dict().items())
-    fresh_model, fresh = trained()
+    _fresh_model, fresh = trained()
     fresh.load_state_dict(checkpoint["optimizer_states"][0])
     for parameter, restored in zip(
         (p for group in optimizer.param_groups for p in group["params"]),
@@ -79,7 +81,10 @@ def test_a_placeholder_holds_shapes_only_and_names_its_folder(tmp_path) -> None:
     }
     assert placeholder[SHARDED_FOLDER_KEY] == str(tmp_path / "step.ckpt")
     groups = placeholder["optimizer_states"][0]["param_groups"]
-    assert [group["params"] for group in groups] == [["2.weight", "0.bias"], ["0.weight", "1.weight", "1.bias", "2.bias"]]
+    assert [group["params"] for group in groups] == [
+        ["2.weight", "0.bias"],
+        ["0.weight", "1.weight", "1.bias", "2.bias"],
+    ]
 
 
 def test_no_python_object_is_unpickled_from_a_folder(tmp_path) -> None:

@@ -46,8 +46,20 @@ def generate(capsys, *args: str) -> tuple[str, str]:
 
 
 def test_streamed_text_equals_the_decoded_continuation(trained_dir, capsys) -> None:
-    out, err = generate(capsys, "--model_dir", str(trained_dir), "--max_new_tokens", "40", "--temperature", "1.0",
-                        "--top_k", "200", "--seed", "3", PROMPT)
+    out, err = generate(
+        capsys,
+        "--model_dir",
+        str(trained_dir),
+        "--max_new_tokens",
+        "40",
+        "--temperature",
+        "1.0",
+        "--top_k",
+        "200",
+        "--seed",
+        "3",
+        PROMPT,
+    )
     model, tokenizer = load_pretrained(trained_dir).eval(), ByteTokenizer()
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
     generator = torch.Generator().manual_seed(3)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import run, state_of, tiny_run_args, write_corpus
+
 from mf_lightning.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
@@ -53,9 +53,9 @@ def test_a_run_loads_from_its_saved_config_and_last(bpe_run):
 def test_an_exported_folder_is_self_contained(bpe_run, tmp_path):
     checkpoint = bpe_run / "checkpoints" / "last.ckpt"
     folder = export_checkpoint(checkpoint, tmp_path / "model")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in folder.iterdir()
-    )
+    }
     model, tokenizer = load_for_inference(model_dir=folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     _, from_run = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=checkpoint)
@@ -95,7 +95,9 @@ def test_tokenizers_round_trip_through_checkpoint_state_and_folders(tokenizer, t
     for restored in (tokenizer_from_state(tokenizer_state(tokenizer), "x"), save_and_load(tokenizer, tmp_path)):
         assert type(restored) is type(tokenizer)
         assert (restored.fingerprint, restored.eos_id, restored.vocab_size) == (
-            tokenizer.fingerprint, tokenizer.eos_id, tokenizer.vocab_size,
+            tokenizer.fingerprint,
+            tokenizer.eos_id,
+            tokenizer.vocab_size,
         )
         assert restored.encode("hashes tokens") == tokenizer.encode("hashes tokens")
 

@@ -15,8 +15,14 @@ GLOO_RESET = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.
 
 def trainer(world_size: int = 2, local_rank: int = 0, children: list | None = None) -> SimpleNamespace:
     launcher = SimpleNamespace(procs=children or [])
-    return SimpleNamespace(world_size=world_size, global_rank=local_rank, local_rank=local_rank, node_rank=0,
-                           num_devices=world_size, strategy=SimpleNamespace(launcher=launcher))
+    return SimpleNamespace(
+        world_size=world_size,
+        global_rank=local_rank,
+        local_rank=local_rank,
+        node_rank=0,
+        num_devices=world_size,
+        strategy=SimpleNamespace(launcher=launcher),
+    )
 
 
 def test_rank_zero_names_the_child_rank_that_was_killed():

@@ -1,5 +1,7 @@
 """Parameter groups and the warm-up + cosine schedule of SPEC §2."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(2.0 / 10)
     assert lrs[9] == pytest.approx(2.0)
     assert max(lrs) == pytest.approx(2.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.02, rel=0.05)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
 
@@ -64,10 +66,13 @@ def test_schedule_state_round_trips():
     assert restored.total_steps == 50 and restored.last_epoch == 7
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"warmup_fraction": 1.0}, r"warmup_fraction must be in \[0, 1\), got 1.0"),
-    ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\], got -0.1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"warmup_fraction": 1.0}, r"warmup_fraction must be in \[0, 1\), got 1.0"),
+        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\], got -0.1"),
+    ],
+)
 def test_schedule_rejects_bad_fractions(kwargs, message):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=message):

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-
 from cli_support import run, scalars, tiny_run_args, write_corpus
+
 from mf_lightning.lit.optim import WarmupCosineLR
 
 LIGHT = {"model.overrides": "{max_seq_len: 64, code_bits: 4}", "bucket_usage.image_every_n_steps": 1000}
@@ -17,7 +17,12 @@ def test_resume_applies_the_configs_lr_schedule_length_and_weight_decay(tmp_path
     corpus = write_corpus(tmp_path / "corpus")
     first = run("fit", tiny_run_args(tmp_path, corpus, max_steps=4, **LIGHT))
     assert first.trainer.lr_scheduler_configs[0].scheduler.total_steps == 4
-    changed = {"model.lr": 1e-3, "model.weight_decay": 0.05, "model.table_lr_multiplier": 2.0, "model.min_lr_ratio": 0.1}
+    changed = {
+        "model.lr": 1e-3,
+        "model.weight_decay": 0.05,
+        "model.table_lr_multiplier": 2.0,
+        "model.min_lr_ratio": 0.1,
+    }
     args = tiny_run_args(tmp_path, corpus, max_steps=8, **LIGHT, **changed) + ["--ckpt_path", "last"]
     with caplog.at_level(logging.INFO):
         resumed = run("fit", args)
@@ -37,7 +42,12 @@ def test_resume_applies_the_configs_lr_schedule_length_and_weight_decay(tmp_path
     assert tables[7] == pytest.approx(2e-3 * expected.lr_factor(7))
 
     (line,) = [record.message for record in caplog.records if record.message.startswith("resumed with the config")]
-    for change in ("tables peak lr 0.003 -> 0.002", "tables weight_decay 0.1 -> 0.05", "decay peak lr 0.003 -> 0.001",
-                   "schedule total_steps 4 -> 8", "schedule min_lr_ratio 0.01 -> 0.1"):
+    for change in (
+        "tables peak lr 0.003 -> 0.002",
+        "tables weight_decay 0.1 -> 0.05",
+        "decay peak lr 0.003 -> 0.001",
+        "schedule total_steps 4 -> 8",
+        "schedule min_lr_ratio 0.01 -> 0.1",
+    ):
         assert change in line
     assert "no_decay weight_decay" not in line and "warmup_fraction" not in line, "only changes are listed"

@@ -41,9 +41,11 @@ def test_greedy_follows_the_argmax_of_forward() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sampling_is_reproducible_with_a_generator(arch: str) -> None:
     model, prompt = debug_model(arch), torch.randint(0, 257, (2, 3))
+
     def run(seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         return model.generate(prompt, 10, temperature=1.5, top_k=50, top_p=0.9, generator=generator)
+
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
     assert not torch.equal(run(1), run(2))
 

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from mf_lightning.cli import main
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
-from mf_lightning.models import pretrained
-from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, save_pretrained
+from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, pretrained, save_pretrained
 from mf_lightning.models.integrity import tensors_digests
 from mf_lightning.models.pretrained import build_in_dtype
 
@@ -166,7 +165,9 @@ def test_a_bit_flipped_in_the_tensor_data_is_one_error_naming_the_file(offset_fr
     weights = tmp_path / "model.safetensors"
     assert load_file(weights)  # the header is intact: safetensors alone would load the damaged data
     flip_bit(weights, offset_from_end)
-    with pytest.raises(ValueError, match=rf"{weights} is damaged: the data of 1 tensor\(s\) \(.*\) does not match the SHA-256"):
+    with pytest.raises(
+        ValueError, match=rf"{weights} is damaged: the data of 1 tensor\(s\) \(.*\) does not match the SHA-256"
+    ):
         load_pretrained(tmp_path)
 
 

@@ -9,11 +9,13 @@ from mf_lightning.nn.attention import CausalSelfAttention, KVCache, apply_rotary
 
 def test_rotary_scores_depend_only_on_relative_position() -> None:
     q, k = torch.randn(2, 16, dtype=torch.float64)
+
     def score(m: int, n: int) -> torch.Tensor:
         cos, sin = rotary_cos_sin(torch.tensor([m, n]), rotary_dims=8, base=10000.0)
         rotated_q = apply_rotary(q[None].double(), cos[:1].double(), sin[:1].double())
         rotated_k = apply_rotary(k[None].double(), cos[1:].double(), sin[1:].double())
         return (rotated_q * rotated_k).sum()
+
     torch.testing.assert_close(score(7, 3), score(104, 100))
     assert not torch.allclose(score(7, 3), score(3, 7))
 

@@ -52,7 +52,8 @@ def test_q_k_v_share_one_hash() -> None:
     block(x, *rotary(config, 5))
     qkv = captured[0]
     used = [
-        (qkv[..., part * d : part * d + tables] / qkv[..., part * d + tables : part * d + 2 * tables]).round().long() - 1
+        (qkv[..., part * d : part * d + tables] / qkv[..., part * d + tables : part * d + 2 * tables]).round().long()
+        - 1
         for part in range(3)
     ]
     hashed = block.qkv.bucket_indices(block.attn_norm(x))

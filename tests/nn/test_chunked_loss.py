@@ -84,7 +84,7 @@ def test_chunk_size_must_be_positive() -> None:
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 @pytest.mark.parametrize("arch", ["memoryformer", "transformer"])
 def test_model_gradients_equal_with_and_without_chunking(arch: str, tie_embeddings: bool) -> None:
-    config = dict(arch=arch, tie_embeddings=tie_embeddings, n_layer=1, vocab_size=VOCAB)
+    config = {"arch": arch, "tie_embeddings": tie_embeddings, "n_layer": 1, "vocab_size": VOCAB}
     plain_model = build_model(ModelConfig.from_preset("debug", loss_chunk_size=0, **config))
     chunked_model = build_model(ModelConfig.from_preset("debug", loss_chunk_size=7, **config))
     chunked_model.load_state_dict(plain_model.state_dict())
