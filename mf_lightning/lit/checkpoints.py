@@ -17,8 +17,6 @@ a checkpoint holds (model config, tokenizer, tensor shapes) with the model it is
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import secrets
 import shutil
 import socket
@@ -32,6 +30,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
+from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 from mf_lightning.storage_errors import naming
@@ -235,41 +234,6 @@ def read_checkpoint(
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by mf fit")
     return checkpoint
-
-
-def load_file(
-    path: Path,
-    map_location: Callable | str | torch.device | None = "cpu",
-    weights_only: bool = True,
-    mmap: bool = False,
-) -> Any:
-    """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its failures
-    turned into one error naming the file: a refused Python object, or damaged bytes."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe is None:
-            raise corrupt(path, error) from error
-        raise ValueError(
-            f"checkpoint {path} holds a Python object beyond tensors and plain data ({unsafe.group(1)}); mf does "
-            "not unpickle such objects because that can run code. If you trust this Python object "
-            f"({unsafe.group(1)}), load it with "
-            "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
-        ) from error
-    except (
-        Exception
-    ) as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
-        raise corrupt(path, error) from error
-
-
-def corrupt(path: Path, error: BaseException) -> ValueError:
-    """The error for a checkpoint file that cannot be read."""
-    reason = str(error).split(". ")[0].strip() or type(error).__name__
-    return ValueError(
-        f"checkpoint {path} cannot be read ({reason}): it is truncated, corrupt or not a checkpoint; "
-        f"use another checkpoint from {path.parent} or start over without --ckpt_path"
-    )
 
 
 def stamp_checkpoint(
