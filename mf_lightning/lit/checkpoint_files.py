@@ -17,6 +17,7 @@ rank of a sharded load raises the same one.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
 import re
@@ -41,6 +42,14 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 
+from mf_lightning.lit.checkpoint_digests import (
+    DIGESTS_SUFFIX,
+    damaged_tensors,
+    has_piece_digests,
+    listed,
+    piece_digest,
+    read_piece_digests,
+)
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS
 
 INDEX_NAME = ".metadata"
@@ -64,12 +73,17 @@ def load_file(
     weights_only: bool = True,
     mmap: bool = False,
 ) -> Any:
-    """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its failures
-    turned into one error naming the file: a refused Python object, or damaged bytes."""
+    """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its tensors
+    checked against the digests it records; its failures are one error naming the file: a refused Python
+    object, damaged bytes, or tensors that differ from their digests."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        loaded = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, ...)
         raise unreadable(path, error) from error
+    changed = damaged_tensors(loaded) if isinstance(loaded, dict) else []
+    if changed:
+        raise damaged(path, changed)
+    return loaded
 
 
 def unreadable(path: Path, error: BaseException) -> Exception:
@@ -92,6 +106,15 @@ def unreadable(path: Path, error: BaseException) -> Exception:
     return UnreadableCheckpoint(
         f"checkpoint {path} cannot be read ({reason}): it is truncated, corrupt or not a checkpoint; "
         f"use another checkpoint from {checkpoint_folder(path)} or start over without --ckpt_path"
+    )
+
+
+def damaged(path: Path, tensors: list[str]) -> UnreadableCheckpoint:
+    """The error for a checkpoint file whose ``tensors`` differ from the digests recorded when it was written."""
+    return UnreadableCheckpoint(
+        f"checkpoint {path} is damaged: the data of {len(tensors)} tensor(s) ({listed(tensors)}) does not match "
+        f"the digest recorded when it was saved (a flipped bit or a changed byte on disk or in a copy); use another "
+        f"checkpoint from {checkpoint_folder(path)} or start over without --ckpt_path"
     )
 
 
@@ -232,17 +255,46 @@ class ShardReader(FileSystemReader):
         super().__init__(folder)
         self.folder, self.index = folder, index
         self.reading = folder / INDEX_NAME
+        self.checked = has_piece_digests(folder)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         self.index.storage_meta = self.index.storage_meta or StorageMeta()
         self.index.storage_meta.load_id = self.load_id
         return self.index
 
+    def check_pieces(self, pieces: dict[tuple[str, int, int], str]) -> None:
+        """Raises one error naming the shard and tensor of the first of ``pieces`` ((shard, offset, length)
+        -> tensor key) whose bytes differ from the digest recorded when they were written, before any is
+        unpickled."""
+        for name in sorted({shard for shard, _, _ in pieces}):
+            path, digests_path = self.folder / name, self.folder / (name + DIGESTS_SUFFIX)
+            try:
+                recorded = read_piece_digests(digests_path)
+            except (OSError, ValueError) as error:  # missing, unreadable, not JSON
+                raise unreadable(digests_path, error) from error
+            try:
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError as error:
+                raise unreadable(path, error) from error
+            try:
+                for (shard, offset, length), key in sorted(pieces.items()):
+                    expected = recorded.get(f"{offset}+{length}", [key, None])[1]
+                    if shard == name and piece_digest(descriptor, offset, length) != expected:
+                        raise damaged(path, [key])
+            finally:
+                os.close(descriptor)
+
     def _slice_file(self, file: Any, sinfo: _StorageInfo) -> Any:
         self.reading = self.folder / sinfo.relative_path
         return super()._slice_file(file, sinfo)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self.checked:
+            pieces = {}
+            for item in plan.items:
+                stored = self.storage_data[item.storage_index]
+                pieces[(stored.relative_path, stored.offset, stored.length)] = item.storage_index.fqn
+            self.check_pieces(pieces)
         try:
             return super().read_data(plan, planner)
         except Exception as error:  # a missing or damaged shard: OSError, EOFError, RuntimeError, pickle ...

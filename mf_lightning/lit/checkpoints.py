@@ -6,11 +6,13 @@ checkpoint to a temporary file in the target's folder, fsyncs it, renames it ove
 file or the new complete file, never a truncated one. (Lightning's own ``_atomic_save`` stages the
 file in the system temporary folder and moves it, which is a plain copy when that folder is on
 another file system, and never fsyncs.) ``AtomicModelCheckpoint`` does the same for
-``save_last="link"``, whose symbolic link Lightning replaces by deleting the old one first.
+``save_last="link"``, whose symbolic link Lightning replaces by deleting the old one first. Every
+checkpoint carries the digests of its tensors (``mf_lightning.lit.checkpoint_digests``).
 
-Reading: checkpoints are loaded with ``torch.load(weights_only=True)``, which refuses to unpickle
-anything but tensors and plain containers, so loading a checkpoint cannot run code from it. A missing,
-truncated, corrupt or foreign file is one clear error naming it. ``check_checkpoint`` compares what
+Reading (``mf_lightning.lit.checkpoint_files``): checkpoints are loaded with ``torch.load(weights_only=True)``,
+which refuses to unpickle anything but tensors and plain containers, so loading a checkpoint cannot run
+code from it, and its tensors are checked against their digests. A missing, truncated, corrupt, damaged
+or foreign file is one clear error naming it. ``check_checkpoint`` compares what
 a checkpoint holds (model config, tokenizer, tensor shapes) with the model it is loaded into.
 """
 
@@ -30,6 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
+from mf_lightning.lit.checkpoint_digests import with_digests
 from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
@@ -54,6 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
+        checkpoint = with_digests(checkpoint)
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:

@@ -6,6 +6,8 @@ A checkpoint ``<name>.ckpt`` written by ``FSDP2Strategy`` (its default) is a fol
   and step), written by that rank in parallel, so no host ever holds more than its own shards;
 - ``.metadata``: where each tensor's pieces lie (``torch.distributed.checkpoint``'s index), which lets a
   load on any number of ranks read just the pieces of its own shards (resharding);
+- ``__<rank>_0.distcp.digests.json``: the digest of every piece of that shard, hashed by the rank that
+  wrote it and checked by each rank reading it (``mf_lightning.lit.checkpoint_digests``);
 - ``meta.pt``: everything else, written by rank 0: loop and callback states, the learning-rate schedule,
   hyper-parameters, the model config and tokenizer ``mf`` stamps on every checkpoint, and the optimizer's
   non-tensor state (its parameter groups).
@@ -43,7 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mf_lightning.lit.checkpoint_files import INDEX_NAME, load_file, load_shards, read_index
+from mf_lightning.lit.checkpoint_digests import DIGESTS_SUFFIX, SHARD_DIGESTS_KEY, DigestingWriter, has_piece_digests
+from mf_lightning.lit.checkpoint_files import INDEX_NAME, UnreadableCheckpoint, load_file, load_shards, read_index
+from mf_lightning.models.integrity import FAST_DIGEST
 from mf_lightning.storage_errors import naming
 
 METADATA_NAME = "meta.pt"
@@ -108,9 +112,10 @@ def save_sharded(checkpoint: dict[str, Any], folder: Path, is_coordinator: bool,
         optimizer_tensors, optimizer_rest = split_optimizer_state(state)
         tensors[optimizer_key(index)] = {"state": optimizer_tensors}
         rest[OPTIMIZER_REST_KEY].append(optimizer_rest)
+    rest[SHARD_DIGESTS_KEY] = FAST_DIGEST
     folder.mkdir(parents=True, exist_ok=True)
     with naming(folder, "saving a sharded checkpoint"):
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+        dcp.save(tensors, storage_writer=DigestingWriter(folder, sync_files=True))
         if is_coordinator:
             with (folder / METADATA_NAME).open("wb") as file:
                 torch.save(rest, file)
@@ -182,8 +187,13 @@ def read_metadata(folder: Path, weights_only: bool = True) -> dict[str, Any]:
     """
     metadata = load_file(folder / METADATA_NAME, weights_only=weights_only)
     if not isinstance(metadata, dict):
-        raise ValueError(
+        raise UnreadableCheckpoint(
             f"{folder / METADATA_NAME} is not the metadata of a sharded checkpoint; give a checkpoint written by mf fit"
+        )
+    if metadata.pop(SHARD_DIGESTS_KEY, None) is not None and not has_piece_digests(folder):
+        raise UnreadableCheckpoint(
+            f"checkpoint {folder} is damaged: the digests of its shards (*{DIGESTS_SUFFIX}) are missing; restore "
+            f"them or use another checkpoint from {folder.parent}"
         )
     return metadata
 

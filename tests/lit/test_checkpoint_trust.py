@@ -12,8 +12,10 @@ import io
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,79 @@ def test_no_command_runs_code_planted_in_a_checkpoint(request, tmp_path, corpus,
     assert not marker.exists(), "the planted code ran"
     assert exit_info.value.code == 2
     assert_one_error_naming(capsys.readouterr().err, planted, "Python object")
+
+
+def flip_exponents(path: Path, start: int, count: int = 64) -> None:
+    """Flips an exponent bit of ``count`` float32 values from byte ``start`` of ``path``: weights become ~1e37."""
+    data = bytearray(path.read_bytes())
+    for value in range(count):
+        data[start + 4 * value + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def largest_zip_entry(data: bytes, base: int = 0) -> int:
+    """Where the data of the largest entry of the zip archive ``data`` (a ``torch.save`` file) starts, plus ``base``."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    entry = max(archive.infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    return base + entry.header_offset + 30 + name_length + extra_length
+
+
+def rot_file(checkpoint: Path) -> Path:
+    flip_exponents(checkpoint, largest_zip_entry(checkpoint.read_bytes()))
+    return checkpoint
+
+
+def largest_piece(checkpoint: Path, shard: str = "__0_0.distcp"):
+    index = pickle.loads((checkpoint / ".metadata").read_bytes())
+    return max((info for info in index.storage_data.values() if info.relative_path == shard), key=lambda i: i.length)
+
+
+def rot_shard(checkpoint: Path, shard: str = "__0_0.distcp") -> Path:
+    piece = largest_piece(checkpoint, shard)
+    path = checkpoint / shard
+    flip_exponents(path, largest_zip_entry(path.read_bytes()[piece.offset : piece.offset + piece.length], piece.offset))
+    return path
+
+
+def delete_shard(checkpoint: Path, shard: str = "__0_0.distcp") -> Path:
+    (checkpoint / shard).unlink()
+    return checkpoint / shard
+
+
+def truncate_shard(checkpoint: Path, shard: str = "__0_0.distcp") -> Path:
+    path = checkpoint / shard
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def pickle_over_shard(checkpoint: Path, shard: str = "__0_0.distcp") -> Path:
+    path = checkpoint / shard
+    path.write_bytes(pickle.dumps({"not": "a shard"}))
+    return path
+
+
+DAMAGE = {
+    "rot-ckpt": ("plain", rot_file),
+    "rot-shard": ("sharded", rot_shard),
+    "deleted-shard": ("sharded", delete_shard),
+    "truncated-shard": ("sharded", truncate_shard),
+    "pickle-shard": ("sharded", pickle_over_shard),
+}
+
+
+@pytest.mark.parametrize("name", ["fit", "export", "generate", "eval"])
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_one_error_naming_the_file(request, tmp_path, corpus, capsys, damage, name) -> None:
+    """Bit rot is found by the digests (``mf export`` refuses it instead of digesting it anew); a missing,
+    cut or replaced shard is one line too."""
+    kind, damager = DAMAGE[damage]
+    checkpoint = copy_run(request.getfixturevalue(kind), tmp_path)
+    damaged = damager(checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command(name, tmp_path, corpus, checkpoint))
+    assert exit_info.value.code == 2
+    line = assert_one_error_naming(capsys.readouterr().err, damaged)
+    if damage.startswith("rot"):
+        assert "is damaged: the data of 1 tensor(s) (" in line and "does not match the digest" in line, line
+    assert not (tmp_path / "exported").exists()
