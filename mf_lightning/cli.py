@@ -55,6 +55,7 @@ from mf_lightning.callbacks import (
 )
 from mf_lightning.data import TextDataModule
 from mf_lightning.kernels.dispatch import kernel_settings
+from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
@@ -335,6 +336,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
+        if isinstance(error, UnreadableCheckpoint) and not is_first_process():
+            raise SystemExit(2) from None  # every rank raised it: the first one reports it
         message = describe(error) if isinstance(error, OSError) else str(error)
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None

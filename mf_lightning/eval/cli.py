@@ -27,6 +27,7 @@ from mf_lightning.eval.report import (
     result_rows,
     write_json,
 )
+from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_metadata
 from mf_lightning.lit.loading import LAST, load_for_inference, read_run_config, resolve_checkpoint
 
@@ -159,5 +160,5 @@ def checkpoint_step(checkpoint: Path) -> int:
     of a sharded checkpoint folder only its ``meta.pt``)."""
     if is_sharded_checkpoint(checkpoint):
         return int(read_metadata(checkpoint).get("global_step", 0))
-    state: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state: dict[str, Any] = load_file(checkpoint, mmap=True)
     return int(state.get("global_step", 0))

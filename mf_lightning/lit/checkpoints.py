@@ -6,19 +6,19 @@ checkpoint to a temporary file in the target's folder, fsyncs it, renames it ove
 file or the new complete file, never a truncated one. (Lightning's own ``_atomic_save`` stages the
 file in the system temporary folder and moves it, which is a plain copy when that folder is on
 another file system, and never fsyncs.) ``AtomicModelCheckpoint`` does the same for
-``save_last="link"``, whose symbolic link Lightning replaces by deleting the old one first.
+``save_last="link"``, whose symbolic link Lightning replaces by deleting the old one first. Every
+checkpoint carries the digests of its tensors (``mf_lightning.lit.checkpoint_digests``).
 
-Reading: checkpoints are loaded with ``torch.load(weights_only=True)``, which refuses to unpickle
-anything but tensors and plain containers, so loading a checkpoint cannot run code from it. A missing,
-truncated, corrupt or foreign file is one clear error naming it. ``check_checkpoint`` compares what
+Reading (``mf_lightning.lit.checkpoint_files``): checkpoints are loaded with ``torch.load(weights_only=True)``,
+which refuses to unpickle anything but tensors and plain containers, so loading a checkpoint cannot run
+code from it, and its tensors are checked against their digests. A missing, truncated, corrupt, damaged
+or foreign file is one clear error naming it. ``check_checkpoint`` compares what
 a checkpoint holds (model config, tokenizer, tensor shapes) with the model it is loaded into.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import secrets
 import shutil
 import socket
@@ -32,6 +32,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.data.staging import is_running
+from mf_lightning.lit.checkpoint_digests import with_digests
+from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 from mf_lightning.storage_errors import naming
@@ -55,6 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
+        checkpoint = with_digests(checkpoint)
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:
@@ -235,41 +238,6 @@ def read_checkpoint(
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by mf fit")
     return checkpoint
-
-
-def load_file(
-    path: Path,
-    map_location: Callable | str | torch.device | None = "cpu",
-    weights_only: bool = True,
-    mmap: bool = False,
-) -> Any:
-    """``torch.load`` of one checkpoint file (a ``.ckpt``, or a sharded folder's ``meta.pt``), its failures
-    turned into one error naming the file: a refused Python object, or damaged bytes."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe is None:
-            raise corrupt(path, error) from error
-        raise ValueError(
-            f"checkpoint {path} holds a Python object beyond tensors and plain data ({unsafe.group(1)}); mf does "
-            "not unpickle such objects because that can run code. If you trust this Python object "
-            f"({unsafe.group(1)}), load it with "
-            "trainer.plugins=mf_lightning.lit.checkpoints.AtomicCheckpointIO and weights_only: false"
-        ) from error
-    except (
-        Exception
-    ) as error:  # torch.load fails on damaged bytes in many ways (RuntimeError, EOFError, IndexError, ...)
-        raise corrupt(path, error) from error
-
-
-def corrupt(path: Path, error: BaseException) -> ValueError:
-    """The error for a checkpoint file that cannot be read."""
-    reason = str(error).split(". ")[0].strip() or type(error).__name__
-    return ValueError(
-        f"checkpoint {path} cannot be read ({reason}): it is truncated, corrupt or not a checkpoint; "
-        f"use another checkpoint from {path.parent} or start over without --ckpt_path"
-    )
 
 
 def stamp_checkpoint(

@@ -6,13 +6,18 @@ A checkpoint ``<name>.ckpt`` written by ``FSDP2Strategy`` (its default) is a fol
   and step), written by that rank in parallel, so no host ever holds more than its own shards;
 - ``.metadata``: where each tensor's pieces lie (``torch.distributed.checkpoint``'s index), which lets a
   load on any number of ranks read just the pieces of its own shards (resharding);
+- ``__<rank>_0.distcp.digests.json``: the digest of every piece of that shard, hashed by the rank that
+  wrote it and checked by each rank reading it (``mf_lightning.lit.checkpoint_digests``);
 - ``meta.pt``: everything else, written by rank 0: loop and callback states, the learning-rate schedule,
   hyper-parameters, the model config and tokenizer ``mf`` stamps on every checkpoint, and the optimizer's
   non-tensor state (its parameter groups).
 
 The layout is Lightning's ``ModelParallelStrategy`` distributed checkpoint (keys ``state_dict`` and
 ``optimizer_<i>``), with one difference: no Python object is pickled into the ``.distcp`` files (their
-loader would unpickle it with ``weights_only=False``); ``meta.pt`` is read with ``weights_only=True``.
+loader would unpickle it with ``weights_only=False``). Every file is opened through
+``mf_lightning.lit.checkpoint_files``, so reading one runs no code from it: ``meta.pt`` with
+``weights_only=True``, the index with an unpickler that admits only the classes of an index, the shards
+through a reader that refuses stored Python objects.
 
 Writing is atomic: the ranks write into a hidden folder beside the target (``partial_path``), and rank 0
 moves it into place only after every rank has finished, swapping it with an existing target in one
@@ -40,12 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mf_lightning.lit.checkpoint_digests import DIGESTS_SUFFIX, SHARD_DIGESTS_KEY, DigestingWriter, has_piece_digests
+from mf_lightning.lit.checkpoint_files import INDEX_NAME, UnreadableCheckpoint, load_file, load_shards, read_index
+from mf_lightning.models.integrity import FAST_DIGEST
 from mf_lightning.storage_errors import naming
 
 METADATA_NAME = "meta.pt"
 """The file of a sharded checkpoint that holds everything but the weights and optimizer tensors."""
-INDEX_NAME = ".metadata"
-"""``torch.distributed.checkpoint``'s index of the tensors' pieces."""
 WEIGHTS_KEY = "state_dict"
 OPTIMIZER_REST_KEY = "mf_optimizer_rest"
 """``meta.pt`` key of each optimizer's non-tensor state: its ``param_groups`` and non-tensor per-parameter values."""
@@ -106,9 +112,10 @@ def save_sharded(checkpoint: dict[str, Any], folder: Path, is_coordinator: bool,
         optimizer_tensors, optimizer_rest = split_optimizer_state(state)
         tensors[optimizer_key(index)] = {"state": optimizer_tensors}
         rest[OPTIMIZER_REST_KEY].append(optimizer_rest)
+    rest[SHARD_DIGESTS_KEY] = FAST_DIGEST
     folder.mkdir(parents=True, exist_ok=True)
     with naming(folder, "saving a sharded checkpoint"):
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+        dcp.save(tensors, storage_writer=DigestingWriter(folder, sync_files=True))
         if is_coordinator:
             with (folder / METADATA_NAME).open("wb") as file:
                 torch.save(rest, file)
@@ -178,26 +185,23 @@ def read_metadata(folder: Path, weights_only: bool = True) -> dict[str, Any]:
     With ``weights_only`` (the default) nothing but tensors and plain data is unpickled, so reading
     cannot run code from the file; ``False`` is for trusted checkpoints holding other Python objects.
     """
-    from mf_lightning.lit.checkpoints import load_file
-
     metadata = load_file(folder / METADATA_NAME, weights_only=weights_only)
     if not isinstance(metadata, dict):
-        raise ValueError(
+        raise UnreadableCheckpoint(
             f"{folder / METADATA_NAME} is not the metadata of a sharded checkpoint; give a checkpoint written by mf fit"
+        )
+    if metadata.pop(SHARD_DIGESTS_KEY, None) is not None and not has_piece_digests(folder):
+        raise UnreadableCheckpoint(
+            f"checkpoint {folder} is damaged: the digests of its shards (*{DIGESTS_SUFFIX}) are missing; restore "
+            f"them or use another checkpoint from {folder.parent}"
         )
     return metadata
 
 
 def tensor_index(folder: Path) -> dict[str, Any]:
-    """``torch.distributed.checkpoint``'s index of ``folder``: flattened key -> storage metadata."""
-    import torch.distributed.checkpoint as dcp
-
-    from mf_lightning.lit.checkpoints import corrupt
-
-    try:
-        return dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    except Exception as error:  # a damaged index fails in pickle, torch or the file system
-        raise corrupt(folder / INDEX_NAME, error) from error
+    """``torch.distributed.checkpoint``'s index of ``folder`` (read without running code, ``read_index``):
+    flattened key -> storage metadata."""
+    return read_index(folder).state_dict_metadata
 
 
 def stored_tensors(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -230,12 +234,10 @@ def read_sharded_placeholder(folder: Path, weights_only: bool = True) -> dict[st
 
 def load_sharded_model(folder: Path, model: nn.Module, strict: bool = True) -> None:
     """Reads this rank's shards of the weights in ``folder`` into the (FSDP-sharded) ``model``, in place."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     state = {WEIGHTS_KEY: get_model_state_dict(model)}
-    with naming(folder, "reading a sharded checkpoint"):
-        dcp.load(state, storage_reader=dcp.FileSystemReader(folder))
+    load_shards(state, folder)
     set_model_state_dict(model, state[WEIGHTS_KEY], options=StateDictOptions(strict=strict))
 
 
@@ -247,7 +249,6 @@ def load_sharded_optimizer(
 
     Parameters are matched by name; the saved parameter groups must have the sizes of ``optimizer``'s.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     saved = [len(group["params"]) for group in rest["param_groups"]]
@@ -258,8 +259,7 @@ def load_sharded_optimizer(
             "resume with the optimizer the checkpoint was trained with"
         )
     tensors, _ = split_optimizer_state(get_optimizer_state_dict(model, optimizer))
-    with naming(folder, "reading a sharded checkpoint"):
-        dcp.load({optimizer_key(index): {"state": tensors}}, storage_reader=dcp.FileSystemReader(folder))
+    load_shards({optimizer_key(index): {"state": tensors}}, folder)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=merge_optimizer_state(tensors, rest))
 
 
@@ -269,13 +269,11 @@ def read_sharded_checkpoint(folder: Path, weights_only: bool = True) -> dict[str
     ``Optimizer.state_dict`` numbers it. Needs host memory for all of it (weights and optimizer state).
     ``weights_only`` applies to ``meta.pt`` (see ``read_metadata``).
     """
-    import torch.distributed.checkpoint as dcp
-
     checkpoint = read_metadata(folder, weights_only)
     tensors = stored_tensors(folder)
-    with naming(folder, "reading a sharded checkpoint"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+        load_shards(tensors, folder, no_dist=True)
     prefix = WEIGHTS_KEY + "."
     checkpoint[WEIGHTS_KEY] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     checkpoint["optimizer_states"] = [

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from mf_lightning.config import REMOVED_FIELDS, ModelConfig
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
-from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests, tensors_digests
+from mf_lightning.models.integrity import DIGEST_KEY, LAYOUT_KEY, check_file_digests, tensors_digests, tensors_layout
 from mf_lightning.nn.init import initialise
 from mf_lightning.storage_errors import naming
 
@@ -55,7 +55,12 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(config + "\n")
         try:
-            metadata = {"format": "pt", CONFIG_METADATA_KEY: config, DIGEST_KEY: tensors_digests(state)}
+            metadata = {
+                "format": "pt",
+                CONFIG_METADATA_KEY: config,
+                DIGEST_KEY: tensors_digests(state),
+                LAYOUT_KEY: tensors_layout(state),
+            }
             save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
         except SafetensorError as error:
             code = OS_ERROR_IN_MESSAGE.search(str(error))
