@@ -1,4 +1,4 @@
-"""``mf doctor``: check that this package computes correctly on this machine and measure how fast.
+"""mf doctor: check that this package computes correctly on this machine, and measure how fast.
 
     mf doctor                       # on the GPU when one is visible, else the CPU; the report on stdout
     mf doctor --out report.md       # also write it to a file (paste it into an issue)

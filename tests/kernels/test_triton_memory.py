@@ -217,7 +217,7 @@ def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -
 
         monkeypatch.setattr(launcher, "run", spy)
     x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
-    memory_layer(x, tables, bias, backend="triton", triton_backward=mode).sum().backward()
+    triton_memory_layer(x, tables, bias, 4, "scaled", 1.0, deterministic=mode == "deterministic")[0].sum().backward()
     assert launched == [kernel]
 
 
