@@ -58,16 +58,14 @@ from harness import device_slug, environment, synchronize, write_result
 from torch import nn
 
 from mf_lightning.config import PRESETS, ModelConfig
+from mf_lightning.doctor.decoding import CLOCKS, PROMPT_LEN, decode_run
 from mf_lightning.models import DecoderLM
-from mf_lightning.models.generation import stream
 from mf_lightning.models.pretrained import build_in_dtype
 from mf_lightning.nn import MemoryLayer
 
-PROMPT_LEN = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHS = ("memoryformer", "transformer")
 MODES = {"compiled": True, "eager": False}
-CLOCKS = ("wall", "cpu")
 PREFILL_CLOCK = "cpu"
 """Prefill is timed at the first ``--threads`` count (1 by default) by CPU time, in alternating order."""
 MEMORY_HEADROOM = 0.85
@@ -160,28 +158,6 @@ def top_operators(model: DecoderLM, new_tokens: int, rows: int = 10) -> str:
     with torch.profiler.profile() as profile:
         decode_run(model, prompt, new_tokens, compile=True)
     return profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
-def clocks() -> dict[str, float]:
-    """Now, by the wall clock and by this process's CPU time (all its threads)."""
-    return {"wall": time.perf_counter(), "cpu": time.process_time()}
-
-
-def decode_run(model: DecoderLM, prompt: torch.Tensor, new_tokens: int, compile: bool) -> dict[str, dict[str, float]]:
-    """Greedy decoding of ``new_tokens`` after ``prompt`` through ``stream`` (what ``generate`` runs), timed per
-    clock: ``first``, seconds to the first new token (the prompt's prefill), and ``steps``, seconds from it to
-    the last (the ``new_tokens - 1`` decoding steps, each one token through the KV cache)."""
-    device = prompt.device
-    synchronize(device)
-    marks = [clocks()]
-    for _ in stream(model, prompt, new_tokens, temperature=0, compile=compile):
-        synchronize(device)
-        marks.append(clocks())
-    first, last = marks[1], marks[-1]
-    return {
-        "first": {clock: first[clock] - marks[0][clock] for clock in CLOCKS},
-        "steps": {clock: last[clock] - first[clock] for clock in CLOCKS},
-    }
 
 
 @torch.no_grad()

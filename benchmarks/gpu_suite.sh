@@ -14,12 +14,15 @@
 # (the list is CARRIED_WHEELS below) and carry .whl with the checkout (the device tool: carry=[".whl"]).
 # Steps, each under a time limit (see LIMITS):
 #   1. install: the wheels into $SITE, then `pip install --no-deps -e .` (never touches torch);
-#   2. MF_TEST_CUDA=1 pytest tests/kernels: compiled kernels, fp32/bf16/fp16, both backward modes, hot rows,
+#   2. mf doctor --device cuda: what a user runs (mf_lightning/doctor/, whose measurement code the benchmarks
+#      below share): every backend against the reference, Memory Layer vs nn.Linear at the preset widths,
+#      a short training of both models, the compiled decoding step, one verdict; report doctor_gpu.md;
+#   3. MF_TEST_CUDA=1 pytest tests/kernels: compiled kernels, fp32/bf16/fp16, both backward modes, hot rows,
 #      every gather candidate bitwise equal, torch.compile(fullgraph=True), AOT compile for sm_90, no spills;
-#   3. benchmarks/memory_layer.py --device cuda: triton (both backward modes), embedding_bag and nn.Linear,
+#   4. benchmarks/memory_layer.py --device cuda: triton (both backward modes), embedding_bag and nn.Linear,
 #      bf16, width 1024, 1..16384 tokens, forward and forward+backward, bandwidth vs the device's peak, and
 #      the skewed-input table (uniform, Gini 0.93, one hot row) at 16384 tokens;
-#   4. benchmarks/gpu_train.py: 40 steps of mf fit, memoryformer_tiny and transformer_tiny, bf16-mixed,
+#   5. benchmarks/gpu_train.py: 40 steps of mf fit, memoryformer_tiny and transformer_tiny, bf16-mixed,
 #      with and without model.compile: tokens/s, step time, peak GPU memory.
 # Every step runs even if an earlier one failed; the exit status is 1 if any failed. On the GPU each step
 # compiles into its own fresh triton cache, and the number of kernels it compiled is printed after it.
@@ -27,7 +30,8 @@
 # --rehearse makes a fresh virtual environment holding only the image's packages (IMAGE_PACKAGES: CPU torch
 # 2.13 stands in for 2.11, which has no CPU build here) plus the carried wheels (from .whl/, or downloaded
 # into a temporary folder when .whl/ has none), and runs the same four steps on the CPU: kernels under
-# triton's interpreter (all of tests/kernels, the slow AOT compile for sm_80 and sm_90 included), tiny
+# triton's interpreter (all of tests/kernels, the slow AOT compile for sm_80 and sm_90 included), mf doctor
+# --quick on the CPU, tiny
 # shapes, a few training steps (on the CPU's embedding_bag backend: the interpreter would take minutes a
 # step), results to a temporary folder (the venv is removed after). A missing import or a wrong path fails
 # here, not on the device. It also counts the triton compilations the kernel tests trigger (each
@@ -68,11 +72,13 @@ KERNEL_TEST_LIMIT=$((STARTUP + CUDA_ONLY_ALLOWANCE + KERNEL_TEST_COMPILATIONS * 
 # 2 x 3 = 28 compilations (14 s), 4 autotuned token buckets x 7 candidates x 0.15 s of timing (4 s), 32 timed
 # shapes and 18 skewed cases at ~0.3 s each (15 s), the 1 GiB copy and imports (15 s): limit 90 s.
 BENCHMARK_LIMIT=90
+# mf doctor on a GPU: its own goal is 3 minutes (kernel compilations and autotuning included): limit 180 s.
+DOCTOR_LIMIT=180
 # Training: 4 fits of 40 steps of 64 x 2048 tokens (estimated 0.5 s a step for MemoryFormer-tiny: 30-70 GB of
 # table rows gathered per layer forward at ~3 TB/s), a BPE tokenizer and token cache per fit (~10 s), and one
 # inductor compile per model with model.compile (~40 s): limit 200 s. Not yet measured on a GPU.
 TRAINING_LIMIT=200
-# Total: 7 + 165 + 90 + 200 = 462 s, within the suite's 8 minutes.
+# Total: 7 + 180 + 165 + 90 + 200 = 642 s at most (the doctor's 3 minutes on top of the former 8).
 
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/mf_site}
@@ -85,13 +91,15 @@ if [[ $MODE == rehearse ]]; then
   unset MF_TEST_CUDA
   KERNEL_TESTS="$PYTHON -m pytest tests/kernels -q -x -p no:cacheprovider"
   BENCHMARK_ARGS="--device cpu --backends embedding_bag triton --tokens 1 16 --widths 64 --skew-tokens 16 --min-run-time 0.01 --output $OUTPUTS/memory_layer.md"
+  DOCTOR_ARGS="--device cpu --quick --out $OUTPUTS/doctor.md"
   TRAINING_ARGS="--accelerator cpu --steps 3 --log-every 1 --runs-dir $OUTPUTS/runs --output $OUTPUTS/gpu_train.md --set model.preset=debug data.seq_len=16 data.batch_size=2 data.tokenizer=byte data.num_workers=0"
   DEVICE_NAME='"cpu (rehearsal)"'
-  KERNEL_TEST_LIMIT=1500 BENCHMARK_LIMIT=900 TRAINING_LIMIT=1200
+  KERNEL_TEST_LIMIT=1500 BENCHMARK_LIMIT=900 TRAINING_LIMIT=1200 DOCTOR_LIMIT=600
 else
   export TRITON_INTERPRET=0 MF_TEST_CUDA=1
   KERNEL_TESTS="$PYTHON -m pytest tests/kernels -q -x -p no:cacheprovider -m 'not slow'"
   BENCHMARK_ARGS="--device cuda --dtypes bfloat16 --widths 1024 --tokens 1 256 4096 16384 --min-run-time 0.1 --note 'benchmarks/gpu_suite.sh'"
+  DOCTOR_ARGS="--device cuda --out benchmarks/results/doctor_gpu.md"
   TRAINING_ARGS="--steps 40"
   DEVICE_NAME="torch.cuda.get_device_name()"
 fi
@@ -100,6 +108,7 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 STEPS=(
   "install|if ls .whl/*.whl >/dev/null 2>&1; then $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl; fi && $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation -e . && $PYTHON -c 'import jsonargparse, mf_lightning, torch, triton; print(torch.__version__, triton.__version__, $DEVICE_NAME)'"
+  "doctor|timeout $DOCTOR_LIMIT $PYTHON -m mf_lightning doctor $DOCTOR_ARGS"
   "kernel tests|timeout $KERNEL_TEST_LIMIT $KERNEL_TESTS"
   "memory layer benchmark|timeout $BENCHMARK_LIMIT $PYTHON benchmarks/memory_layer.py $BENCHMARK_ARGS"
   "training throughput|timeout $TRAINING_LIMIT $PYTHON benchmarks/gpu_train.py $TRAINING_ARGS"

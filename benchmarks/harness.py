@@ -12,8 +12,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -23,6 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The device and timing helpers live in the package, where `mf doctor` measures with them too; re-exported here.
+from mf_lightning.doctor.machine import cpu_model, device_name
+from mf_lightning.doctor.machine import device_slug as device_slug
+from mf_lightning.doctor.timing import median_seconds as median_seconds
+from mf_lightning.doctor.timing import synchronize as synchronize
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,37 +35,9 @@ RESULTS = REPO / "benchmarks" / "results"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def cpu_description() -> str:
     """The CPU's model and its logical CPUs, without importing torch (for scripts that measure memory)."""
     return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
-
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    """The GPU's name, or the CPU's model with its logical CPUs and torch's thread count."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
-
-
-def device_slug(device: torch.device | str = "cpu") -> str:
-    """What result files are named after: ``cpu`` or the GPU's name in lowercase words joined by ``_``."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
 
 
 def environment(device: torch.device | str = "cpu") -> str:
@@ -73,22 +49,6 @@ def environment(device: torch.device | str = "cpu") -> str:
         f"device: {device_name(device)}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
         f"load average (1/5/15 min) {load}"
     )
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so wall-clock timings measure it; nothing on CPU."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
-    """Median time of ``fn()`` after one warm-up call (``torch.utils.benchmark`` synchronises CUDA around runs)."""
-    from torch.utils import benchmark
-
-    fn()
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def median_wall_seconds(action: Callable[[], object], repeats: int) -> float:

@@ -28,27 +28,25 @@ The markdown tables are printed and written to ``benchmarks/results/memory_layer
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import pathlib
 import shlex
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from harness import RESULTS, device_name, device_slug, environment, median_seconds
+from harness import RESULTS, device_name, device_slug, environment
 from torch import nn
 
 from mf_lightning.callbacks.usage_metrics import counts_with_gini, gini
+from mf_lightning.doctor.inputs import HOT_ROW, inputs_hashing_to
+from mf_lightning.doctor.speed import linear_bytes, memory_layer_bytes
+from mf_lightning.doctor.timing import copy_bandwidth, time_module
 from mf_lightning.kernels import bucket_indices
-from mf_lightning.kernels.dispatch import BACKWARD_ENV_VAR, kernel_settings, triton_usable
+from mf_lightning.kernels.dispatch import triton_usable
 from mf_lightning.nn import MemoryLayer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DECODE_WIDTH = 1024
-DETERMINISTIC, ATOMIC = "deterministic", "atomic"
-"""The triton backward modes (``mf_lightning.kernels.triton_memory``; not imported, as triton may be absent)."""
 GOAL_TOKENS, GOAL_WIDTH, GOAL_FRACTION = 16384, 1024, 0.70
 """GPU goal: the triton forward at 16384 tokens x 1024 moves at least 70% of the device's peak bandwidth."""
 SPEC_PEAKS = [
@@ -66,7 +64,6 @@ by its datasheet, ~4.3 TB/s seen as a device copy; H100 SXM 3.35 TB/s)."""
 SKEWS = ("uniform", "gini", "hot")
 MEASURED_GINI = 0.93
 """Gini coefficient of Q/K/V bucket usage measured in training (the ablation study)."""
-HOT_ROW = 5
 
 
 @dataclass
@@ -117,27 +114,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def time_module(
-    module: nn.Module, x: torch.Tensor, min_run_time: float, forward_only: bool
-) -> tuple[float, float | None]:
-    """Forward time (inference mode) and forward+backward time (fresh gradients each step)."""
-
-    def forward() -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-
-    leaf = x.detach().requires_grad_()
-    grad_y = torch.randn_like(forward())
-
-    def train_step() -> None:
-        module.zero_grad(set_to_none=True)
-        leaf.grad = None
-        module(leaf).backward(grad_y)
-
-    forward_s = median_seconds(forward, min_run_time)
-    return forward_s, None if forward_only else median_seconds(train_step, min_run_time)
-
-
 def available_backends(device: torch.device, requested: list[str] | None) -> list[str]:
     """The requested backends (default: every one usable on ``device``; triton on CPU only interpreted,
     ``TRITON_INTERPRET=1``, which checks the path but says nothing of its speed)."""
@@ -149,16 +125,6 @@ def available_backends(device: torch.device, requested: list[str] | None) -> lis
     if missing:
         raise SystemExit(f"backend(s) {missing} cannot run on {device}; usable here: {usable}")
     return requested
-
-
-def copy_bandwidth(device: torch.device, min_run_time: float) -> float | None:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write): the practical peak; ``None`` on CPU."""
-    if device.type != "cuda":
-        return None
-    source = torch.empty(2**28, device=device, dtype=torch.float32).uniform_()
-    target = torch.empty_like(source)
-    seconds = median_seconds(lambda: target.copy_(source), min_run_time)
-    return 2 * source.numel() * source.element_size() / seconds
 
 
 def spec_bandwidth(device: torch.device) -> float | None:
@@ -175,17 +141,17 @@ def memory_layers(args: argparse.Namespace, width: int, backends: list[str], fac
         name: MemoryLayer(width, width, args.code_bits, backend=name, **factory) for name in backends
     }
     if "triton" in layers:
-        layers["triton atomic bwd"] = layers["triton"]
+        layers["triton atomic bwd"] = MemoryLayer(
+            width, width, args.code_bits, backend="triton", triton_backward="atomic", **factory
+        )
     if args.compile:
         eager = MemoryLayer(width, width, args.code_bits, backend="embedding_bag", **factory)
         layers["embedding_bag+compile"] = torch.compile(eager)
     return layers
 
 
-def time_layer(name: str, layer: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[float, float | None]:
-    """``time_module`` with the triton backward mode the implementation's name asks for."""
-    with triton_backward(ATOMIC if name == "triton atomic bwd" else DETERMINISTIC):
-        return time_module(layer, x, args.min_run_time, args.forward_only)
+def time_layer(layer: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[float, float | None]:
+    return time_module(layer, x, args.min_run_time, args.forward_only)
 
 
 def measure_width(
@@ -201,16 +167,17 @@ def measure_width(
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, width, **factory)
-        io_bytes = 2 * tokens * width * element
-        baseline = Row(dtype_name, width, tokens, "nn.Linear", None, width * width * element + io_bytes)
-        baseline.forward_s, baseline.train_step_s = time_module(linear, x, args.min_run_time, args.forward_only)
+        baseline = Row(dtype_name, width, tokens, "nn.Linear", None, linear_bytes(tokens, width, width, element))
+        baseline.forward_s, baseline.train_step_s = time_layer(linear, x, args)
         rows.append(baseline)
         print(format_row(baseline, baseline, peaks), flush=True)
         gathered = tokens * num_tables * width * element
         for name, layer in layers.items():
-            row = Row(dtype_name, width, tokens, name, None, gathered + io_bytes)
+            row = Row(
+                dtype_name, width, tokens, name, None, memory_layer_bytes(tokens, num_tables, width, width, element)
+            )
             if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
-                row.forward_s, row.train_step_s = time_layer(name, layer, x, args)
+                row.forward_s, row.train_step_s = time_layer(layer, x, args)
             rows.append(row)
             print(format_row(row, baseline, peaks), flush=True)
     return rows
@@ -228,9 +195,7 @@ def skewed_input(skew: str, tokens: int, width: int, code_bits: int, factory: di
         counts = [counts_with_gini(tokens, num_rows, MEASURED_GINI) for _ in range(num_tables)]
         columns = [torch.randperm(num_rows).repeat_interleave(c)[torch.randperm(tokens)] for c in counts]
         buckets = torch.stack(columns, dim=1)
-    bits = (buckets.unsqueeze(-1) >> torch.arange(code_bits - 1, -1, -1)) & 1
-    magnitudes = 0.1 + torch.rand(bits.shape)
-    return torch.where(bits == 1, magnitudes, -magnitudes).flatten(1).to(**factory)
+    return inputs_hashing_to(buckets, code_bits).to(**factory)
 
 
 def measured_gini(x: torch.Tensor, code_bits: int) -> float:
@@ -254,27 +219,10 @@ def measure_skews(
         for name, layer in layers.items():
             row = Row(dtype_name, width, args.skew_tokens, name, None, gathered, inputs=skew, gini=usage)
             if name != "torch" or gathered / 2**30 <= args.max_reference_gib:
-                row.forward_s, row.train_step_s = time_layer(name, layer, x, args)
+                row.forward_s, row.train_step_s = time_layer(layer, x, args)
             rows.append(row)
             print(format_skew_row(row, rows), flush=True)
     return rows
-
-
-@contextlib.contextmanager
-def triton_backward(mode: str) -> Iterator[None]:
-    """Run the block with ``MF_TRITON_BACKWARD=mode``, restoring the variable after; the kernels read it once
-    per process, so their settings are read again on entry and on exit."""
-    previous = os.environ.get(BACKWARD_ENV_VAR)
-    os.environ[BACKWARD_ENV_VAR] = mode
-    kernel_settings.cache_clear()
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[BACKWARD_ENV_VAR]
-        else:
-            os.environ[BACKWARD_ENV_VAR] = previous
-        kernel_settings.cache_clear()
 
 
 def milliseconds(seconds: float | None) -> str:
@@ -363,7 +311,7 @@ def target_checks(rows: list[Row], peaks: tuple[float | None, float | None]) -> 
         if triton_row and atomic_row and triton_row.train_step_s and atomic_row.train_step_s and tokens >= 1024:
             lines.append(f"- {shape}, deterministic / atomic triton forward+backward time: "
                          f"{triton_row.train_step_s / atomic_row.train_step_s:.2f}x "
-                         "(above 1 favours MF_TRITON_BACKWARD=atomic)")  # fmt: skip
+                         "(above 1 favours model.triton_backward: atomic)")  # fmt: skip
     return lines
 
 
@@ -396,7 +344,7 @@ def report(
     if device.type == "cuda":
         copy, spec = (f"{peak / 1e9:.0f} GB/s" if peak else "unknown" for peak in peaks)
         header.append(f"- peaks: device-to-device copy measured {copy} (read + write); datasheet {spec}")
-        header.append("- triton: deterministic table gradient (default); triton atomic bwd: MF_TRITON_BACKWARD=atomic")
+        header.append("- triton: deterministic table gradient (default); triton atomic bwd: triton_backward='atomic'")
     if args.note:
         header.append(f"- note: {args.note}")
     skews = []
@@ -413,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     backends = available_backends(device, args.backends)
     torch.manual_seed(0)
-    peaks = (copy_bandwidth(device, args.min_run_time), spec_bandwidth(device))
+    peaks = (copy_bandwidth(device, args.min_run_time) if device.type == "cuda" else None, spec_bandwidth(device))
     print(TABLE_HEADER)
     rows = [
         row

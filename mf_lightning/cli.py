@@ -54,7 +54,7 @@ from mf_lightning.callbacks import (
     ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
-from mf_lightning.kernels.dispatch import kernel_settings
+from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
@@ -78,6 +78,7 @@ TOOLS = {
     "export": "mf_lightning.lit.export",
     "generate": "mf_lightning.lit.generate_cli",
     "efficiency": "mf_lightning.models.efficiency",
+    "doctor": "mf_lightning.doctor.cli",
 }
 """Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""
 SUBCOMMANDS = {
@@ -90,6 +91,7 @@ SUBCOMMANDS = {
     "export": "a checkpoint as a self-contained model folder (safetensors + tokenizer)",
     "generate": "stream a continuation of a prompt from a run or an exported model",
     "efficiency": "parameters, memory and FLOPs per token of every preset",
+    "doctor": "check this machine: kernels against the reference, speeds, a short training, one verdict",
 }
 """What ``mf --help`` lists: every subcommand with one line (LightningCLI's four, then ``TOOLS``)."""
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
@@ -102,6 +104,7 @@ USER_ERRORS = (
     ConnectionError,
     NonFiniteTrainingError,
     MisconfigurationException,
+    KernelDisagreement,
 )
 """Errors our own checks raise for bad configs and inputs, an unreachable dataset or a diverged run, and
 Lightning's configuration errors (``--trainer.devices 0``, ``--checkpoint.save_top_k -2``): one line
@@ -319,7 +322,6 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         raise SystemExit(2)
     show_progress_logs()
     try:
-        kernel_settings()  # the kernels' environment overrides, read (and checked) once at startup
         if argv and argv[0] in TOOLS:
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return None

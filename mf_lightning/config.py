@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mf_lightning.checks import positive_int
-from mf_lightning.kernels.dispatch import BACKENDS
+from mf_lightning.kernels.dispatch import BACKENDS, BACKWARD_MODES, CHECK_MODES
 from mf_lightning.kernels.hashing import MAX_CODE_BITS, SCORES
 
 ARCHS = ("memoryformer", "transformer")
@@ -49,7 +49,9 @@ class ModelConfig:
 
     ``arch`` is ``memoryformer`` (Memory Layers instead of fully-connected layers) or ``transformer``
     (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
-    ``ffn_multiplier`` is the baseline's feed-forward expansion. ``loss_chunk_size`` tokens at a time go
+    ``ffn_multiplier`` is the baseline's feed-forward expansion. ``backend``, ``triton_backward`` and
+    ``kernel_check`` choose how the Memory Layers compute (:class:`~mf_lightning.nn.MemoryLayer`).
+    ``loss_chunk_size`` tokens at a time go
     through the LM head and cross-entropy when a loss is computed (``mf_lightning.nn.chunked_loss``; 0 forms
     the full ``[tokens, vocab]`` logits instead). ``hash_centering`` and
     ``bucket_balance_weight`` switch on remedies for bucket collapse (:mod:`mf_lightning.nn.hash_input`);
@@ -73,6 +75,8 @@ class ModelConfig:
     max_seq_len: int = 256
     tie_embeddings: bool = False
     backend: str = "auto"
+    triton_backward: str = "deterministic"
+    kernel_check: str = "warn"
     dropout: float = 0.0
     ffn_multiplier: int = 4
     loss_chunk_size: int = 1024
@@ -101,6 +105,8 @@ class ModelConfig:
         choose("arch", self.arch, ARCHS)
         choose("score", self.score, SCORES)
         choose("backend", self.backend, ("auto", *BACKENDS))
+        choose("triton_backward", self.triton_backward, BACKWARD_MODES)
+        choose("kernel_check", self.kernel_check, CHECK_MODES)
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "max_seq_len", "code_bits", "ffn_multiplier"):
             positive_int(name, getattr(self, name))
         if isinstance(self.ffn_extra_bits, bool) or not isinstance(self.ffn_extra_bits, int) or self.ffn_extra_bits < 0:

@@ -24,14 +24,3 @@ def fortunes_path() -> pathlib.Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_kernel_settings():
-    """The kernels read their environment overrides once per process; each test reads its own environment
-    (a test that changes a variable after the first Memory Layer call clears the settings itself)."""
-    from mf_lightning.kernels.dispatch import kernel_settings
-
-    kernel_settings.cache_clear()
-    yield
-    kernel_settings.cache_clear()

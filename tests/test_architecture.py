@@ -29,7 +29,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("data",),
     ("lit",),
-    ("callbacks", "eval"),
+    ("callbacks", "eval", "doctor"),
     ("cli",),
     ("__main__",),
 )

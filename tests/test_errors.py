@@ -233,9 +233,19 @@ def test_the_sigterm_save_does_not_log_a_weights_only_default(tmp_path, caplog):
     assert not any("weights_only" in message for message in caplog.messages)
 
 
-@pytest.mark.parametrize("variable, value", [("MF_KERNEL_BACKEND", "fast"), ("MF_TRITON_BACKWARD", "fast")])
-def test_a_bad_kernel_override_is_one_line_at_startup(variable, value, capsys, monkeypatch):
-    monkeypatch.setenv(variable, value)
+@pytest.mark.parametrize(
+    "field, valid", [("triton_backward", "deterministic, atomic"), ("kernel_check", "warn, fatal, off")]
+)
+def test_a_bad_kernel_field_is_one_line(field, valid, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["efficiency"])
-    assert one_line_error(capsys, exit_info).startswith(f"mf: error: {variable}={value!r} is not a")
+        run("fit", tiny_run_args(tmp_path, corpus, **{"model.overrides": f"{{{field}: fast, max_seq_len: 64}}"}))
+    assert one_line_error(capsys, exit_info).endswith(f"{field} must be one of {valid}; got 'fast'")
+
+
+def test_a_fatal_kernel_disagreement_is_the_users_one_line():
+    """``kernel_check: fatal`` stops the run with one ``mf: error:`` line, not a traceback."""
+    from mf_lightning.cli import is_user_error
+    from mf_lightning.kernels.guard import KernelDisagreement
+
+    assert is_user_error(KernelDisagreement("triton disagrees with embedding_bag"))

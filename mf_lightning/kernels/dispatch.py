@@ -1,10 +1,10 @@
 """Choice of the Memory Layer backend and the functional entry point every caller goes through.
 
-Precedence: a backend named on the layer (anything but ``auto``) wins; otherwise the environment
-variable ``MF_KERNEL_BACKEND`` decides; otherwise ``auto`` picks ``triton`` for CUDA tensors when
-triton imports, else ``embedding_bag``. The kernels' environment overrides (``MF_KERNEL_BACKEND``,
-``MF_TRITON_BACKWARD``) are read once per process, at ``mf`` startup or the first Memory Layer call
-(:func:`kernel_settings`), never per call: eager and ``torch.compile``d code see the same values.
+A layer names its backend (``ModelConfig.backend``, ``model.overrides.backend`` in a config); ``auto``
+picks ``triton`` for CUDA tensors when triton imports, else ``embedding_bag``. The triton table gradient's
+mode (``ModelConfig.triton_backward``) and the first-call check of the triton kernels
+(``ModelConfig.kernel_check``, :mod:`mf_lightning.kernels.guard`) travel with each call, as config fields,
+never through the environment.
 """
 
 from __future__ import annotations
@@ -14,41 +14,20 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from mf_lightning.kernels.embedding_bag import embedding_bag_memory_layer
 from mf_lightning.kernels.fused_cpu import fused_cpu_applies, fused_cpu_memory_layer
+from mf_lightning.kernels.guard import triton_agrees
 from mf_lightning.kernels.hashing import check_score
 from mf_lightning.kernels.reference import reference_memory_layer
 
 BACKENDS = ("torch", "embedding_bag", "triton")
-ENV_VAR = "MF_KERNEL_BACKEND"
-BACKWARD_ENV_VAR = "MF_TRITON_BACKWARD"
 BACKWARD_MODES = ("deterministic", "atomic")
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    """The documented environment overrides of the kernels, as read at startup."""
-
-    backend: str
-    """``MF_KERNEL_BACKEND``: the backend of layers configured ``auto`` (``auto`` when unset)."""
-    triton_backward: str
-    """``MF_TRITON_BACKWARD``: the triton table gradient, ``deterministic`` (default) or ``atomic``."""
-
-
-@functools.cache
-def kernel_settings() -> KernelSettings:
-    """The overrides, read from the environment once per process; a clear error names a bad value."""
-    backend = os.environ.get(ENV_VAR, "").strip() or "auto"
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"{ENV_VAR}={backend!r} is not a Memory Layer backend; valid: auto, {', '.join(BACKENDS)}")
-    mode = os.environ.get(BACKWARD_ENV_VAR, "").strip() or "deterministic"
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r} is not a backward mode; valid: {', '.join(BACKWARD_MODES)}")
-    return KernelSettings(backend, mode)
+"""The triton table gradient: row pieces summed in a fixed order (bitwise repeatable), or ``atomic_add``."""
+CHECK_MODES = ("warn", "fatal", "off")
+"""The first-call check of the triton kernels on a GPU: warn and fall back to embedding_bag, raise, or skip."""
 
 
 @functools.cache
@@ -77,19 +56,24 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``valid``; raise a clear error naming the setting otherwise."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+    return value
+
+
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, kernel_check: str = "warn") -> str:
     """The concrete backend that runs a layer configured with ``backend`` on ``device``.
 
-    A constant of a compiled graph (the settings are fixed for the process): dynamo calls it while
-    tracing instead of tracing into the cached :func:`kernel_settings`.
+    ``triton`` on a GPU becomes ``embedding_bag`` for the rest of the process when the first-call check
+    (``kernel_check``, :func:`~mf_lightning.kernels.guard.triton_agrees`) found the kernels disagreeing.
+    A constant of a compiled graph: dynamo calls it while tracing, so the check runs eagerly, once.
     """
     check_backend_name(backend)
-    source = "backend argument"
-    if backend == "auto" and kernel_settings().backend != "auto":
-        backend, source = kernel_settings().backend, ENV_VAR
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_usable(device) else "embedding_bag"
+        backend = "triton" if device.type == "cuda" and triton_usable(device) else "embedding_bag"
     if backend == "triton" and not triton_usable(device):
         reason = (
             "the triton package is not installed (pip install 'mf_lightning[triton]')"
@@ -97,9 +81,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             else f"the tensors are on {device.type}, and triton kernels need CUDA (or TRITON_INTERPRET=1)"
         )
         raise RuntimeError(
-            f"Memory Layer backend 'triton' was requested ({source}) but {reason}; "
+            f"Memory Layer backend 'triton' was requested but {reason}; "
             "use backend='embedding_bag' or 'torch', or 'auto' to choose automatically"
         )
+    if backend == "triton" and not triton_agrees(device, kernel_check, backend_function("triton")):
+        return "embedding_bag"
     return backend
 
 
@@ -152,16 +138,29 @@ def check_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | Non
 
 
 def memory_layer_and_buckets(
-    x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, score: str, temperature: float, backend: str
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    score: str,
+    temperature: float,
+    backend: str,
+    *,
+    triton_backward: str = "deterministic",
+    kernel_check: str = "warn",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[..., out]`` and integer buckets ``[..., K]`` of one forward, from the backend that computed both.
 
-    ``score`` and ``temperature`` were checked where they entered (the ``MemoryLayer`` constructor or
+    ``score``, ``temperature``, ``triton_backward`` (one of :data:`BACKWARD_MODES`) and ``kernel_check`` (one
+    of :data:`CHECK_MODES`) were checked where they entered (the ``MemoryLayer`` constructor or
     :func:`memory_layer`); the backend's name is checked as it is resolved, the tensors once per call.
     """
-    concrete = resolve_backend(backend, x.device)
+    concrete = resolve_backend(backend, x.device, kernel_check)
     code_bits = check_inputs(x, tables, bias, concrete)
-    return call_function(concrete, x, tables, bias)(x, tables, bias, code_bits, score, temperature)
+    function = call_function(concrete, x, tables, bias)
+    if concrete == "triton":
+        deterministic = triton_backward == "deterministic"
+        return function(x, tables, bias, code_bits, score, temperature, deterministic=deterministic)
+    return function(x, tables, bias, code_bits, score, temperature)
 
 
 def call_function(
@@ -195,7 +194,13 @@ def memory_layer(
     score: str = "scaled",
     temperature: float = 1.0,
     backend: str = "auto",
+    triton_backward: str = "deterministic",
+    kernel_check: str = "warn",
 ) -> torch.Tensor:
     """Functional Memory Layer: ``x [..., K*tau] -> [..., out]`` with ``tables [K, 2**tau, out]``."""
     check_score(score, temperature)
-    return memory_layer_and_buckets(x, tables, bias, score, float(temperature), backend)[0]
+    check_choice("triton_backward", triton_backward, BACKWARD_MODES)
+    check_choice("kernel_check", kernel_check, CHECK_MODES)
+    return memory_layer_and_buckets(
+        x, tables, bias, score, float(temperature), backend, triton_backward=triton_backward, kernel_check=kernel_check
+    )[0]

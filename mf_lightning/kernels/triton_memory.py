@@ -9,7 +9,7 @@ fake tensors, so neither ``opcheck`` nor the CPU tests could run.)
 
 The table gradient is deterministic by default (hits sorted by row, each row's hits cut into pieces of
 at most ``PIECE_HITS``, one program per piece, long rows' partial sums added in piece order);
-``MF_TRITON_BACKWARD=atomic`` selects the ``atomic_add`` kernel instead.
+``deterministic=False`` (``ModelConfig.triton_backward: atomic``) selects the ``atomic_add`` kernel instead.
 
 Configurations: the forward gather is autotuned per shape on a GPU, and every candidate gives the same
 bits (it adds tables one at a time in table order, whatever its block sizes). The deterministic backward
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from mf_lightning.kernels.dispatch import kernel_settings, triton_interpreted
+from mf_lightning.kernels.dispatch import triton_interpreted
 from mf_lightning.kernels.triton_kernels import (
     atomic_backward_kernel,
     chunk_gradient_kernel,
@@ -114,9 +114,17 @@ def empty_forward_outputs(x: torch.Tensor, tables: torch.Tensor) -> tuple[torch.
 
 @torch.library.custom_op("mf_lightning::memory_layer_forward", mutates_args=())
 def memory_layer_forward(
-    x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, code_bits: int, score: str, temperature: float
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    code_bits: int,
+    score: str,
+    temperature: float,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [N, K*tau]`` -> (``y [N, D]`` in the tables' dtype, buckets ``[N, K]`` int32, scores ``[N, K]`` fp32)."""
+    """``x [N, K*tau]`` -> (``y [N, D]`` in the tables' dtype, buckets ``[N, K]`` int32, scores ``[N, K]`` fp32).
+
+    ``deterministic`` does not change the forward: it chooses the table gradient of its backward."""
     y, buckets, scores = empty_forward_outputs(x, tables)
     num_tables = tables.shape[0]
     num_hits = x.shape[0] * num_tables
@@ -154,7 +162,7 @@ def gather(
 
 
 @memory_layer_forward.register_fake
-def _(x, tables, bias, code_bits, score, temperature):
+def _(x, tables, bias, code_bits, score, temperature, deterministic=True):
     return empty_forward_outputs(x, tables)
 
 
@@ -294,10 +302,10 @@ def _(grad_y, x, tables, buckets, scores, code_bits, score, temperature, determi
 
 def setup_context(ctx, inputs: tuple, output: tuple) -> None:
     """Keep what the backward needs: the input, the tables, and the forward's buckets and scores."""
-    x, tables, bias, code_bits, score, temperature = inputs
+    x, tables, bias, code_bits, score, temperature, deterministic = inputs
     _, buckets, scores = output
     ctx.save_for_backward(x, tables, buckets, scores)
-    ctx.code_bits, ctx.score, ctx.temperature = code_bits, score, temperature
+    ctx.code_bits, ctx.score, ctx.temperature, ctx.deterministic = code_bits, score, temperature, deterministic
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(buckets, scores)
 
@@ -305,12 +313,11 @@ def setup_context(ctx, inputs: tuple, output: tuple) -> None:
 def backward(ctx, grad_y: torch.Tensor, _grad_buckets: None, _grad_scores: None) -> tuple:
     """Gradients of ``x``, ``tables`` and ``bias`` (the latter is ``grad_y`` summed over tokens)."""
     x, tables, buckets, scores = ctx.saved_tensors
-    deterministic = kernel_settings().triton_backward == "deterministic"
     grad_x, grad_tables = memory_layer_backward(
-        grad_y, x, tables, buckets, scores, ctx.code_bits, ctx.score, ctx.temperature, deterministic
+        grad_y, x, tables, buckets, scores, ctx.code_bits, ctx.score, ctx.temperature, ctx.deterministic
     )
     grad_bias = None if ctx.bias_dtype is None else grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_tables, grad_bias, None, None, None
+    return grad_x, grad_tables, grad_bias, None, None, None, None
 
 
 memory_layer_forward.register_autograd(backward, setup_context=setup_context)
@@ -323,14 +330,16 @@ def triton_memory_layer(
     code_bits: int,
     score: str,
     temperature: float,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[..., D]`` and int32 buckets ``[..., K]``, computed by the triton kernels.
 
-    Same contract as :func:`mf_lightning.kernels.reference.reference_memory_layer`; the inputs were
-    checked by :func:`mf_lightning.kernels.dispatch.check_inputs`.
+    Same contract as :func:`mf_lightning.kernels.reference.reference_memory_layer`, plus the table gradient's
+    mode (``deterministic``, else ``atomic_add``); the inputs were checked by
+    :func:`mf_lightning.kernels.dispatch.check_inputs`.
     """
     bias = None if bias is None else bias.contiguous()
     y, buckets, _ = memory_layer_forward(
-        x.reshape(-1, x.shape[-1]), tables.contiguous(), bias, code_bits, score, float(temperature)
+        x.reshape(-1, x.shape[-1]), tables.contiguous(), bias, code_bits, score, float(temperature), deterministic
     )
     return y.reshape(*x.shape[:-1], tables.shape[-1]), buckets.reshape(*x.shape[:-1], tables.shape[0])

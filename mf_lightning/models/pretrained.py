@@ -39,7 +39,9 @@ COMPILE_PREFIX = "_orig_mod."
 LIGHTNING_PREFIX = "model."
 LISTED = 5
 CONFIG_METADATA_KEY = "mf_model_config"
-RUNTIME_FIELDS = frozenset({"backend", "dropout", "max_seq_len", "loss_chunk_size", "bucket_balance_weight"})
+RUNTIME_FIELDS = frozenset(
+    {"backend", "triton_backward", "kernel_check", "dropout", "max_seq_len", "loss_chunk_size", "bucket_balance_weight"}
+)
 """Model config fields a loaded, resumed or evaluated model may change: they shape no weight and change no result."""
 OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 

@@ -41,7 +41,13 @@ class MemoryBlock(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.n_embd
-        layer = {"score": config.score, "backend": config.backend, "bias_init_std": BIAS_STD}
+        layer = {
+            "score": config.score,
+            "backend": config.backend,
+            "triton_backward": config.triton_backward,
+            "kernel_check": config.kernel_check,
+            "bias_init_std": BIAS_STD,
+        }
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         remedies = {"centering": config.hash_centering, "balance_weight": config.bucket_balance_weight}
         self.qkv_hash_input = HashInput(d, **remedies)

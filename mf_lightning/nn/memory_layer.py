@@ -10,7 +10,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mf_lightning.checks import positive_int
-from mf_lightning.kernels.dispatch import check_backend_name, memory_layer_and_buckets
+from mf_lightning.kernels.dispatch import (
+    BACKWARD_MODES,
+    CHECK_MODES,
+    check_backend_name,
+    check_choice,
+    memory_layer_and_buckets,
+)
 from mf_lightning.kernels.hashing import MAX_CODE_BITS, bucket_indices, check_score
 
 
@@ -27,8 +33,10 @@ class MemoryLayer(nn.Module):
     layer of the summed width whose output is split: tables ``[K, R, 3d]`` are exactly three tables
     ``[K, R, d]`` addressed by the same bucket and score.
 
-    ``backend`` is ``auto`` (triton on CUDA when available, else embedding_bag; ``MF_KERNEL_BACKEND``
-    overrides it), or one of ``torch``, ``embedding_bag``, ``triton``.
+    ``backend`` is ``auto`` (triton on CUDA when available, else embedding_bag), or one of ``torch``,
+    ``embedding_bag``, ``triton``. ``triton_backward`` is the triton table gradient (``deterministic`` or
+    ``atomic``); ``kernel_check`` what the first triton call of the process on a GPU does when the kernels
+    disagree with embedding_bag (``warn`` and fall back, ``fatal``, or ``off``: :mod:`mf_lightning.kernels.guard`).
 
     :meth:`observe_buckets` lets diagnostics see the bucket indices of every forward without hashing
     the input a second time.
@@ -45,6 +53,8 @@ class MemoryLayer(nn.Module):
         backend: str = "auto",
         init_std: float = 0.02,
         bias_init_std: float = 1e-3,
+        triton_backward: str = "deterministic",
+        kernel_check: str = "warn",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -57,6 +67,8 @@ class MemoryLayer(nn.Module):
         self.score = score
         self.temperature = float(temperature)
         self.backend = check_backend_name(backend)
+        self.triton_backward = check_choice("triton_backward", triton_backward, BACKWARD_MODES)
+        self.kernel_check = check_choice("kernel_check", kernel_check, CHECK_MODES)
         self.init_std = init_std
         self.bias_init_std = bias_init_std
         factory = {"device": device, "dtype": dtype}
@@ -72,7 +84,16 @@ class MemoryLayer(nn.Module):
             nn.init.normal_(self.bias, std=self.bias_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, buckets = memory_layer_and_buckets(x, self.tables, self.bias, self.score, self.temperature, self.backend)
+        y, buckets = memory_layer_and_buckets(
+            x,
+            self.tables,
+            self.bias,
+            self.score,
+            self.temperature,
+            self.backend,
+            triton_backward=self.triton_backward,
+            kernel_check=self.kernel_check,
+        )
         if self.bucket_observers:
             buckets = buckets.long()
             for observer in self.bucket_observers.values():

@@ -6,6 +6,9 @@ shapes; the tests marked ``requires_cuda`` run the compiled kernels (``MF_TEST_C
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import pytest
 import torch
 import triton
@@ -48,8 +51,11 @@ def make_inputs(
 
 @pytest.fixture(params=dispatch.BACKWARD_MODES)
 def backward_mode(request, monkeypatch) -> str:
-    """Run the test under each table-gradient mode (``MF_TRITON_BACKWARD``)."""
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, request.param)
+    """Run the test under each table-gradient mode (``ModelConfig.triton_backward``): the test's calls of
+    ``triton_memory_layer`` (this module's name for it) pass ``deterministic`` for the mode."""
+    deterministic = request.param == "deterministic"
+    bound = functools.partial(triton_memory_layer, deterministic=deterministic)
+    monkeypatch.setattr(sys.modules[__name__], "triton_memory_layer", bound)
     return request.param
 
 
@@ -187,19 +193,20 @@ def test_rejects_bad_input_with_clear_errors() -> None:
         memory_layer(x, tables, bias[:3], backend="triton")
 
 
-def test_unknown_backward_mode_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "fast")
+def test_unknown_backward_mode_is_a_clear_error() -> None:
     x, tables, bias = make_inputs((3,), 8, 4, code_bits=4)
-    y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
-    message = "MF_TRITON_BACKWARD='fast' is not a backward mode; valid: deterministic, atomic"
+    message = "triton_backward must be one of deterministic, atomic; got 'fast'"
     with pytest.raises(ValueError, match=message):
-        y.sum().backward()
+        memory_layer(x, tables, bias, backend="triton", triton_backward="fast")
+    with pytest.raises(ValueError, match=message):
+        MemoryLayer(8, 4, code_bits=4, backend="triton", triton_backward="fast")
 
 
-@pytest.mark.parametrize("mode, kernel", [("", "row_gradient_kernel"), ("atomic", "tuned_atomic_backward")])
+@pytest.mark.parametrize(
+    "mode, kernel", [("deterministic", "row_gradient_kernel"), ("atomic", "tuned_atomic_backward")]
+)
 def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -> None:
-    """Deterministic (row pieces, no atomics) unless ``MF_TRITON_BACKWARD=atomic``."""
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, mode)
+    """Deterministic (row pieces, no atomics) unless the layer's ``triton_backward`` is ``atomic``."""
     launched = []
     for name in ("row_gradient_kernel", "tuned_atomic_backward"):
         launcher = getattr(triton_memory, name)
@@ -210,7 +217,7 @@ def test_backward_mode_selects_its_kernel(mode: str, kernel: str, monkeypatch) -
 
         monkeypatch.setattr(launcher, "run", spy)
     x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
-    triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)[0].sum().backward()
+    triton_memory_layer(x, tables, bias, 4, "scaled", 1.0, deterministic=mode == "deterministic")[0].sum().backward()
     assert launched == [kernel]
 
 
@@ -234,7 +241,6 @@ def test_every_gather_candidate_gives_the_same_bits() -> None:
 def test_deterministic_backward_is_not_autotuned(monkeypatch) -> None:
     """The deterministic table gradient runs one configuration per shape: no autotuner runs in its backward,
     so its bits cannot depend on which configuration a timing picked."""
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
     x, tables, bias = make_inputs((5,), 8, 6, code_bits=4)
     y, _ = triton_memory_layer(x, tables, bias, 4, "scaled", 1.0)
     autotuned = []
@@ -313,8 +319,7 @@ def test_one_hot_row_matches_reference_in_both_modes(backward_mode: str, monkeyp
     assert_hot_row_matches_reference(3 * 16 + 5)
 
 
-def test_one_hot_row_longer_than_the_default_piece(monkeypatch) -> None:
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
+def test_one_hot_row_longer_than_the_default_piece() -> None:
     assert_hot_row_matches_reference(triton_memory.PIECE_HITS + 5)
 
 
@@ -380,9 +385,8 @@ def test_large_shapes_on_gpu(score: str, code_bits: int, backward_mode: str) -> 
 
 
 @requires_cuda
-def test_deterministic_backward_is_bitwise_repeatable_on_skewed_buckets_on_gpu(monkeypatch) -> None:
+def test_deterministic_backward_is_bitwise_repeatable_on_skewed_buckets_on_gpu() -> None:
     """Thousands of hits on one row per table: the sorted backward gives identical bits every run."""
-    monkeypatch.setenv(dispatch.BACKWARD_ENV_VAR, "deterministic")
     x, tables, bias = (t.detach().cuda().requires_grad_() for t in skewed_inputs(8192, code_bits=8))
     grad_y = torch.randn(8192, 24, device="cuda")
     runs = [
@@ -396,7 +400,7 @@ def test_deterministic_backward_is_bitwise_repeatable_on_skewed_buckets_on_gpu(m
 
 @requires_cuda
 def test_inductor_compile_on_gpu(backward_mode: str) -> None:
-    layer = MemoryLayer(512, 384, backend="triton", device="cuda")
+    layer = MemoryLayer(512, 384, backend="triton", triton_backward=backward_mode, device="cuda")
     x = torch.randn(8, 64, 512, device="cuda", requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True)
     compiled(x).square().mean().backward()

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from mf_lightning.config import ModelConfig
 from mf_lightning.kernels import resolve_backend
-from mf_lightning.kernels.dispatch import kernel_settings
+from mf_lightning.models.architectures import build_model
 from mf_lightning.nn import MemoryLayer
 
 
@@ -59,18 +60,33 @@ def test_wrong_input_width_and_dtype():
         layer(torch.ones(2, 32, dtype=torch.long))
 
 
-def test_environment_variable_overrides_auto(monkeypatch):
+def test_kernel_settings_are_config_fields_not_environment(monkeypatch):
+    """The backend, the triton backward mode and the kernel check come from the model config and reach every
+    Memory Layer; the environment variables that once set them change nothing."""
+    monkeypatch.setenv("MF_KERNEL_BACKEND", "torch")
+    monkeypatch.setenv("MF_TRITON_BACKWARD", "atomic")
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "embedding_bag"
-    monkeypatch.setenv("MF_KERNEL_BACKEND", "torch")
-    assert resolve_backend("auto", cpu) == "embedding_bag", "read once per process, not per call"
-    kernel_settings.cache_clear()
-    assert resolve_backend("auto", cpu) == "torch"
-    assert resolve_backend("embedding_bag", cpu) == "embedding_bag"
-    monkeypatch.setenv("MF_KERNEL_BACKEND", "fast")
-    kernel_settings.cache_clear()
-    with pytest.raises(ValueError, match="MF_KERNEL_BACKEND='fast' is not a Memory Layer backend"):
-        resolve_backend("auto", cpu)
+    default = build_model(ModelConfig.from_preset("debug"))
+    assert {(m.backend, m.triton_backward, m.kernel_check) for m in memory_layers(default)} == {
+        ("auto", "deterministic", "warn")
+    }
+    config = ModelConfig.from_preset("debug", backend="torch", triton_backward="atomic", kernel_check="fatal")
+    chosen = build_model(ModelConfig.from_dict(config.to_dict()))
+    assert {(m.backend, m.triton_backward, m.kernel_check) for m in memory_layers(chosen)} == {
+        ("torch", "atomic", "fatal")
+    }
+    for name, valid in (("triton_backward", "deterministic, atomic"), ("kernel_check", "warn, fatal, off")):
+        with pytest.raises(ValueError, match=f"{name} must be one of {valid}; got 'fast'"):
+            ModelConfig.from_preset("debug", **{name: "fast"})
+        with pytest.raises(ValueError, match=f"{name} must be one of {valid}; got 'fast'"):
+            MemoryLayer(16, 8, code_bits=4, **{name: "fast"})
+
+
+def memory_layers(model: torch.nn.Module) -> list[MemoryLayer]:
+    layers = [module for module in model.modules() if isinstance(module, MemoryLayer)]
+    assert layers
+    return layers
 
 
 def test_unavailable_triton_is_a_clear_error(monkeypatch):
