@@ -46,7 +46,7 @@ import numpy as np
 
 from mf_lightning.data.faults import CacheWriteError, unwritable, writing
 from mf_lightning.data.job_lock import exclusive
-from mf_lightning.data.leftovers import lock_file, parts_folder, record_key, remove_abandoned
+from mf_lightning.data.leftovers import TOKENS, lock_file, parts_folder, record_key, remove_abandoned
 from mf_lightning.data.parts import is_finished, read_sizes, read_tokens, token_dtype
 from mf_lightning.data.progress import Progress
 from mf_lightning.data.sources import Part, Source
@@ -145,7 +145,7 @@ def prepare_token_cache(
     check_fractions(val_fraction, test_fraction)
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    directory = Path(cache_root) / "tokens" / digest
+    directory = Path(cache_root) / TOKENS / digest
     full = os.environ.get(VERIFY_VARIABLE) == "1"
     problem = cache_problem(directory, key, tokenizer, full)
     if problem is None:
@@ -178,7 +178,7 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
             record_key(folder, key)
     except CacheWriteError as error:
         raise unwritable(error.errno, error.strerror, error.filename) from error
-    remove_abandoned(directory.parent, keep=folder)
+    remove_abandoned(directory.parent.parent, keep=folder)
     parts = source.parts(PART_BYTES)
     todo = [part for part in parts if not is_finished(folder, part)]
     if len(todo) < len(parts):

@@ -7,9 +7,11 @@ has another identity and so another digest (``sources``: a file's inode change t
 nothing will ever ask for the old digest again, and its parts and lock would stay forever. So each parts
 folder records the cache key it is for (``KEY_FILE``), and a preparation about to build removes every
 other parts folder whose corpus has changed and whose lock no live process holds, with that lock, and
-every dead lock that guards no parts folder. Parts of an unchanged corpus stay to be resumed, and so do
-those whose change cannot be told (a Hugging Face dataset, a key that cannot be read) or whose builder
-may still run (a lock of another host that was touched within ``job_lock.STALE_SECONDS``).
+every dead lock that guards no parts folder, there and beside the trained tokenizers (a BPE training
+killed outright leaves its lock, under a key of the corpus too). Parts of an unchanged corpus stay to
+be resumed, and so do those whose change cannot be told (a Hugging Face dataset, a key that cannot be
+read) or whose builder may still run (a lock of another host that was touched within
+``job_lock.STALE_SECONDS``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from mf_lightning.data.sources import recorded_change
 log = logging.getLogger(__name__)
 
 KEY_FILE = "key.json"
+TOKENS = "tokens"
+TOKENIZERS = "tokenizers"
+"""The folders of ``cache_root`` holding the token caches and the trained tokenizers."""
 LEFTOVER_NAME = re.compile(r"^\.(?P<digest>[0-9a-f]+)\.(?P<kind>parts|lock)$")
 
 
@@ -48,9 +53,11 @@ def record_key(folder: Path, key: dict[str, Any]) -> None:
         write_file(folder / KEY_FILE, json.dumps(key).encode("utf-8"))
 
 
-def remove_abandoned(tokens: Path, keep: Path | None) -> None:
-    """Removes from ``tokens`` the parts folders (but ``keep``) and locks no preparation can resume (see the module)."""
-    for path in sorted(tokens.iterdir()):
+def remove_abandoned(cache_root: Path, keep: Path | None) -> None:
+    """Removes the parts folders (but ``keep``) and locks under ``cache_root`` that no preparation can resume (see
+    the module)."""
+    tokens = cache_root / TOKENS
+    for path in sorted(tokens.iterdir()) if tokens.is_dir() else []:
         match = LEFTOVER_NAME.match(path.name)
         if match is None or path == keep:
             continue
@@ -64,6 +71,9 @@ def remove_abandoned(tokens: Path, keep: Path | None) -> None:
                 remove_if_dead(lock)
         elif not parts_folder(cache).exists():
             remove_if_dead(path)
+    tokenizers = cache_root / TOKENIZERS
+    for lock in sorted(tokenizers.glob(".*.lock")) if tokenizers.is_dir() else []:
+        remove_if_dead(lock)
 
 
 def kept_parts(tokens: Path) -> list[tuple[Path, int, int]]:

@@ -183,15 +183,20 @@ def test_the_parts_and_lock_of_a_killed_preparation_go_once_its_corpus_is_edited
 
 def test_dead_locks_guarding_no_parts_go_and_live_ones_stay(tmp_path: Path) -> None:
     corpus = write_jsonl(tmp_path / "corpus", make_documents(200, words_per_document=10))
-    tokens = tmp_path / "cache" / "tokens"
-    tokens.mkdir(parents=True)
+    tokens, tokenizers = tmp_path / "cache" / "tokens", tmp_path / "cache" / "tokenizers"
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait()
-    dead = tokens / ".0123456789abcdef0123.lock"
-    dead.write_text(f"process {ended.pid} on {socket.gethostname()}", encoding="utf-8")
-    live = tokens / ".fedcba9876543210fedc.lock"
-    live.write_text(f"process {os.getpid()} on {socket.gethostname()}", encoding="utf-8")
-    elsewhere = tokens / ".00000000000000000000.lock"
-    elsewhere.write_text("process 1 on another-host", encoding="utf-8")
+    holders = {
+        "dead": f"process {ended.pid} on {socket.gethostname()}",
+        "live": f"process {os.getpid()} on {socket.gethostname()}",
+        "elsewhere": "process 1 on another-host",  # whether it runs cannot be told, and its lock is fresh
+    }
+    locks = {}
+    for folder, name in [(tokens, ".{}0123456789abcdef0.lock"), (tokenizers, ".bpe-300-{}0123456789abc.lock")]:
+        folder.mkdir(parents=True)
+        for code, (state, holder) in zip("abc", holders.items(), strict=True):
+            locks[folder, state] = folder / name.format(code * 3)
+            locks[folder, state].write_text(holder, encoding="utf-8")
     cache = prepare_token_cache(open_source(str(corpus)), ByteTokenizer(), tmp_path / "cache", 0.1, workers=1)
-    assert sorted(tokens.iterdir()) == sorted([cache.directory, live, elsewhere])
+    assert sorted(tokens.iterdir()) == sorted([cache.directory, locks[tokens, "live"], locks[tokens, "elsewhere"]])
+    assert sorted(tokenizers.iterdir()) == sorted([locks[tokenizers, "live"], locks[tokenizers, "elsewhere"]])
