@@ -3,6 +3,7 @@ preparation can resume are removed, and "run again to resume" is said only where
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -27,6 +28,7 @@ from mf_lightning.data.tokenizers import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 1 << 17  # a corpus of about 600 KB in 5 parts, each writing about 256 KB of uint16 tokens
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
 
 
 def write_jsonl(folder: Path, documents: list[str], files: int = 1) -> Path:
@@ -128,6 +130,47 @@ def test_a_read_only_parts_folder_names_it(corpus: Path, small_disk: Path, capsy
         subprocess.run(["umount", str(parts)], check=True)
     assert line.startswith(f"mf: error: {parts}/"), line
     assert f": {os.strerror(errno.EROFS)} (writing the token cache: the file system is read-only" in line
+
+
+def without_permission_override() -> None:
+    """Drops root's power to write where the permission bits forbid it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from
+    this process's bounding set, so that the program it then runs, and its children, have the bits obeyed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.slow  # a second interpreter importing mf
+def test_a_parts_folder_without_write_permission_names_it(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("runs a preparation as root without its permission override (Linux capabilities)")
+    cache = tmp_path / "cache"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        failed_line(capsys, corpus, cache, 2)  # leaves its parts folder
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    parts = next((cache / "tokens").glob(".*.parts"))
+    parts.chmod(0o555)
+    arguments = ["--data.source", str(corpus), "--data.cache_dir", str(cache), "--data.tokenizer", "byte"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mf_lightning", "prepare", *arguments, "--data.prepare_workers", "2"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=without_permission_override,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    parts.chmod(0o755)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mf: error:")]
+    assert line.startswith(f"mf: error: {parts}/"), line
+    assert f": {os.strerror(errno.EACCES)} (writing the token cache: allow writing there or set data.cache_dir" in line
+    assert str(corpus) not in line
 
 
 BUILDER = """
