@@ -12,7 +12,10 @@ tokenize into a hidden parts folder beside the cache (``workers``, ``parts``); t
 then merged in order into the split files, in a staging folder renamed into place (``staging``). The
 result does not depend on the number of workers. The parts folder stays until the cache is in place,
 so a killed build resumes from its finished parts; a lock file beside the cache (``job_lock``) makes the
-processes of one job build it once, the others waiting and then checking it.
+processes of one job build it once, the others waiting and then checking it. Parts that can never be
+resumed, of a corpus that changed since, are removed by the next build beside them (``leftovers``), and
+a build that finds its corpus changed while it was tokenized removes its own. A cache file that cannot
+be written is one error naming it and what to do (``faults``).
 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
@@ -41,14 +44,15 @@ from typing import Any
 
 import numpy as np
 
+from mf_lightning.data.faults import CacheWriteError, unwritable, writing
 from mf_lightning.data.job_lock import exclusive
+from mf_lightning.data.leftovers import TOKENS, lock_file, parts_folder, record_key, remove_abandoned
 from mf_lightning.data.parts import is_finished, read_sizes, read_tokens, token_dtype
 from mf_lightning.data.progress import Progress
 from mf_lightning.data.sources import Part, Source
 from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.data.workers import tokenize_parts
-from mf_lightning.storage_errors import naming
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +145,12 @@ def prepare_token_cache(
     check_fractions(val_fraction, test_fraction)
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    directory = Path(cache_root) / "tokens" / digest
+    directory = Path(cache_root) / TOKENS / digest
     full = os.environ.get(VERIFY_VARIABLE) == "1"
     problem = cache_problem(directory, key, tokenizer, full)
     if problem is None:
         return TokenCache(directory, read_manifest(directory), verified=full)
-    with exclusive(directory.parent / f".{digest}.lock", f"the token cache {directory}"):
+    with exclusive(lock_file(directory), f"the token cache {directory}"):
         problem = cache_problem(directory, key, tokenizer, full)  # another process may have built it meanwhile
         if problem is None:
             return TokenCache(directory, read_manifest(directory), verified=full)
@@ -167,32 +171,40 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
     """Tokenizes the corpus part by part into a parts folder beside ``directory`` (kept until the cache is in place,
     so a killed build resumes), then merges the parts into the cache, built in a staging folder and moved into place."""
     started = time.monotonic()
-    parts_folder = directory.parent / f".{directory.name}.parts"
-    parts_folder.mkdir(parents=True, exist_ok=True)
+    folder = parts_folder(directory)
+    try:
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            record_key(folder, key)
+    except CacheWriteError as error:
+        raise unwritable(error.errno, error.strerror, error.filename) from error
+    remove_abandoned(directory.parent.parent, keep=folder)
     parts = source.parts(PART_BYTES)
-    todo = [part for part in parts if not is_finished(parts_folder, part)]
+    todo = [part for part in parts if not is_finished(folder, part)]
     if len(todo) < len(parts):
-        log.info(
-            "resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), parts_folder
-        )
+        log.info("resuming: %d of %d parts were tokenized before, in %s", len(parts) - len(todo), len(parts), folder)
     total, remaining = sum(part.size for part in parts), sum(part.size for part in todo)
     progress = Progress("tokenizing the corpus", total, done=total - remaining)
     try:
-        with naming(parts_folder, "writing the token cache"):
-            tokenize_parts(source, tokenizer, todo, parts_folder, workers, progress)
+        tokenize_parts(source, tokenizer, todo, folder, workers, progress)
     finally:
         progress.close()
     change = source.change()
     if change is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # tokens of a corpus that no longer exists: never to be resumed
         raise ValueError(f"the corpus changed while it was being tokenized ({change}); run again once it is complete")
-    with naming(directory, "writing the token cache"), staging_folder(directory) as staged:
-        stats = merge_parts(parts_folder, parts, staged, tokenizer, key)
-        try:
-            move_into_place(staged, directory)
-        except OSError:
-            if cache_problem(directory, key, tokenizer, full=True) is not None:
-                raise
-    shutil.rmtree(parts_folder, ignore_errors=True)
+    try:
+        with writing(directory), staging_folder(directory) as staged:
+            stats = merge_parts(folder, parts, staged, tokenizer, key)
+            try:
+                move_into_place(staged, directory)
+            except OSError:
+                if cache_problem(directory, key, tokenizer, full=True) is not None:
+                    raise
+    except CacheWriteError as error:
+        merge_again = f"run the same preparation again to merge the {len(parts)} tokenized part(s) kept in {folder}"
+        raise unwritable(error.errno, error.strerror, error.filename, merge_again) from error
+    shutil.rmtree(folder, ignore_errors=True)
     documents = sum(stats[split]["documents"] for split in SPLITS)
     tokens = sum(stats[split]["tokens"] for split in SPLITS)
     log.info("tokenized %d documents into %d tokens in %.0f s", documents, tokens, time.monotonic() - started)

@@ -6,11 +6,14 @@ count and UTF-8 size to ``<index>.docs.npy``; both are written under temporary n
 when all of it is on disk: a preparation killed at any moment leaves finished parts that are reused and
 an unfinished one that is redone. Which split each document goes to is decided later, when the parts
 are merged in order into the cache (``cache``), because it depends on the document's index in the
-whole corpus.
+whole corpus. Every write is wrapped in ``faults.writing``, so a part file that cannot be written (a full
+disk) is an error naming it, told apart from an error of reading the part's documents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mf_lightning.data.faults import writing
 from mf_lightning.data.sources import Cursor, Part, Source
 from mf_lightning.data.tokenizers import Tokenizer
 
@@ -47,32 +51,64 @@ def tokenize_part(source: Source, tokenizer: Tokenizer, part: Part, folder: Path
     """Writes the tokens of ``part``'s documents into ``folder`` (see the module), reporting after every batch."""
     dtype = token_dtype(tokenizer.vocab_size)
     tokens_file, sizes_file, done_file = part_files(folder, part.index)
-    staged_tokens = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}")
-    staged_sizes = sizes_file.with_name(f".{sizes_file.name}.{os.getpid()}")
     cursor = Cursor()
     documents = source.part_documents(part, cursor)
     sizes: list[tuple[int, int]] = []
+    tokens = StagedFile(tokens_file)
     try:
-        with staged_tokens.open("wb") as output:
-            while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
-                flat: list[int] = []
-                for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-                    flat.extend(ids)
-                    flat.append(tokenizer.eos_id)
-                    sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
-                output.write(token_bytes(flat, dtype, tokenizer.vocab_size))
-                report(cursor.position, len(batch))
-        with staged_sizes.open("wb") as output:
-            np.save(output, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
-        os.replace(staged_sizes, sizes_file)
-        os.replace(staged_tokens, tokens_file)
+        while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
+            flat: list[int] = []
+            for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+                flat.extend(ids)
+                flat.append(tokenizer.eos_id)
+                sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
+            tokens.write(token_bytes(flat, dtype, tokenizer.vocab_size))
+            report(cursor.position, len(batch))
+        table = io.BytesIO()
+        np.save(table, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+        write_file(sizes_file, table.getvalue())
+        tokens.commit()
     finally:
-        staged_tokens.unlink(missing_ok=True)
-        staged_sizes.unlink(missing_ok=True)
+        tokens.discard()
     marker = {"part": asdict(part), "documents": len(sizes), "token_bytes": tokens_file.stat().st_size}
-    staged_done = done_file.with_name(f".{done_file.name}.{os.getpid()}")
-    staged_done.write_text(json.dumps(marker), encoding="utf-8")
-    os.replace(staged_done, done_file)
+    write_file(done_file, json.dumps(marker).encode("utf-8"))
+
+
+class StagedFile:
+    """A file written under a temporary name beside ``path`` (this process's own) and renamed onto ``path`` by
+    ``commit``, so that ``path`` is never seen half written; every failure to write it names ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.staged = path.with_name(f".{path.name}.{os.getpid()}")
+        with writing(path):
+            self.file = self.staged.open("wb")
+
+    def write(self, data: bytes) -> None:
+        with writing(self.path):
+            self.file.write(data)
+
+    def commit(self) -> None:
+        """Closes the file (writing what is buffered) and renames it onto ``path``."""
+        with writing(self.path):
+            self.file.close()
+            os.replace(self.staged, self.path)
+
+    def discard(self) -> None:
+        """Closes and removes the staged file unless it was committed (nothing to report: a failure was)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.staged.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """``path`` holding ``data``, written whole under another name and then renamed (see ``StagedFile``)."""
+    staged = StagedFile(path)
+    try:
+        staged.write(data)
+        staged.commit()
+    finally:
+        staged.discard()
 
 
 def is_finished(folder: Path, part: Part) -> bool:

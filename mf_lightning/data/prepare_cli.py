@@ -8,7 +8,9 @@ Takes the ``data:`` keys of the same YAML files as ``mf fit`` (other sections ar
 cache (in ``data.prepare_workers`` processes, resuming an interrupted preparation) and prints the
 documents, tokens and speed, and where it wrote. ``mf fit`` with the same data settings then finds both
 and starts training at once. Run it on one machine before a multi-node job, or let the job do it: the
-job's processes prepare once between them either way.
+job's processes prepare once between them either way. It also removes the parts folders of interrupted
+preparations whose corpus has changed since (``leftovers``) and lists those it keeps, which another
+preparation may still resume, with their size, so that one that will not be run again can be deleted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jsonargparse import ArgumentParser
 
 from mf_lightning.data.cache import SPLITS
 from mf_lightning.data.datamodule import TextDataModule
+from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_abandoned
 
 
 def data_section(config_file: str) -> dict[str, Any]:
@@ -67,7 +70,19 @@ def prepare(data: TextDataModule) -> str:
         f"prepared {sum(documents.values())} documents ({', '.join(f'{split} {count}' for split, count in documents.items())}), "
         f"{tokens} tokens of a {data.vocab_size}-token vocabulary; {how}\n"
         f"token cache: {cache.directory}\ntokenizer: {data.hparams['tokenizer']} (trained BPEs are kept in "
-        f"{data.cache_dir / 'tokenizers'})"
+        f"{data.cache_dir / 'tokenizers'})" + kept_report(data.cache_dir)
+    )
+
+
+def kept_report(cache_root: Path) -> str:
+    """Lines naming the parts folders of other preparations under ``cache_root``, once those no preparation can
+    resume are removed; empty when there are none."""
+    remove_abandoned(cache_root, keep=None)
+    return "".join(
+        f"\nkept for resuming: {folder} ({finished} finished part(s), {size / 1e6:.1f} MB), left by an interrupted "
+        "(or running) preparation of another corpus, tokenizer or split; running it again resumes from them; "
+        "delete the folder if it will not be run again"
+        for folder, finished, size in kept_parts(cache_root / TOKENS)
     )
 
 

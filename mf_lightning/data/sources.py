@@ -172,12 +172,8 @@ class FileSource(Source):
         return [file_identity(file) for file in self.files]
 
     def change(self) -> str | None:
-        for file, recorded in zip(self.files, self.file_identities):
-            if not file.exists():
-                return f"{file} was removed"
-            if file_identity(file) != recorded:
-                return f"{file} was modified"
-        return None
+        changes = (file_change(file, recorded) for file, recorded in zip(self.files, self.file_identities))
+        return next((change for change in changes if change is not None), None)
 
     def documents(self) -> Iterator[str]:
         for file in self.files:
@@ -310,6 +306,28 @@ def file_identity(file: Path) -> list[Any]:
             data.seek(max(0, stat.st_size - IDENTITY_BLOCK) * index // max(1, IDENTITY_SAMPLES - 1))
             crc = zlib.crc32(data.read(IDENTITY_BLOCK), crc)
     return [str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, crc]
+
+
+def file_change(file: Path, recorded: list[Any]) -> str | None:
+    """``"<file> was removed"`` or ``"<file> was modified"`` unless ``file`` still has the identity ``recorded``."""
+    if not file.exists():
+        return f"{file} was removed"
+    if file_identity(file) != recorded:
+        return f"{file} was modified"
+    return None
+
+
+def recorded_change(identity: str) -> str | None:
+    """What changed in the files of a source whose ``identity`` (what its ``identity`` was) is all that is known of it:
+    the first removed or modified file of a file source; ``None`` when every file is as recorded, or for a
+    source whose change cannot be told from its identity (a dataset's fingerprint)."""
+    try:
+        recorded = json.loads(identity)["files"]
+        files = [(Path(entry[0]), entry) for entry in recorded]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    changes = (file_change(file, entry) for file, entry in files)
+    return next((change for change in changes if change is not None), None)
 
 
 def demo_files(root: Path, max_bytes: int) -> list[Path]:

@@ -11,8 +11,12 @@ this process instead (no start-up cost, and the tokenizer may use its own thread
 
 A worker that fails reports its part and error; a worker that dies (the out-of-memory killer, a
 signal) is noticed by the end of its pipe and its exit status. Either way the other workers are
-stopped and the error names the part; the parts already finished stay on disk, so running the same
-preparation again resumes. A worker whose parent is gone stops too.
+stopped and the parts already finished stay on disk. A worker and this process report a failure
+alike (``failure``, from the event ``error_event`` makes of it), in the terms of ``faults``: a part
+file that could not be written is an ``OSError`` naming it and what to do, after which running the same
+preparation again resumes, as it does after a killed worker; an error in the corpus names the part and
+the error, without that hint, since a corrected corpus is tokenized anew. A worker whose parent is gone
+stops too.
 """
 
 from __future__ import annotations
@@ -29,22 +33,19 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mf_lightning.data.faults import CacheWriteError, PreparationFailed, resume_hint, unwritable
 from mf_lightning.data.parts import tokenize_part
 from mf_lightning.data.progress import Progress
 from mf_lightning.data.sources import Part, Source
 from mf_lightning.data.tokenizers import Tokenizer
-from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
+from mf_lightning.storage_errors import describe
 
 POLL_SECONDS = 1.0
 EXPECTED_ERRORS = (ValueError, OSError)
 """Errors of the input or the machine, reported by their message; anything else also by its traceback."""
 HEADER = struct.Struct("<Q")
-
-
-class PreparationFailed(ValueError):
-    """A part could not be tokenized (bad input, a vanished file, a killed worker); finished parts are kept.
-
-    A ``ValueError`` so that ``mf`` reports it in one line: what to fix is the input or the machine."""
+Event = tuple[Any, ...]
+"""What a worker reports: ``("progress", position, documents)``, ``("done",)``, or a failure (``error_event``)."""
 
 
 def tokenize_parts(
@@ -70,11 +71,7 @@ def tokenize_here(source: Source, tokenizer: Tokenizer, parts: list[Part], folde
         try:
             tokenize_part(source, tokenizer, part, folder, reporter.report)
         except EXPECTED_ERRORS as error:
-            if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
-                raise
-            raise PreparationFailed(
-                f"{part.describe()}: {message(error)}; {resume_hint(len(parts) - done, folder)}"
-            ) from error
+            raise failure(part, error_event(error), len(parts) - done, folder) from error
         progress.advance(part.size - reporter.position)
 
 
@@ -125,7 +122,7 @@ class Worker:
 
 
 def follow(pool: list[Worker], pending: collections.deque[Part], folder: Path, progress: Progress) -> None:
-    """Keeps every worker busy until no part is left; raises ``PreparationFailed`` on the first failure."""
+    """Keeps every worker busy until no part is left; raises the error of the first failure (``failure``)."""
     for worker in pool:
         worker.assign(pending.popleft() if pending else None)
     while busy := {worker.events: worker for worker in pool if worker.part is not None}:
@@ -147,17 +144,31 @@ def follow(pool: list[Worker], pending: collections.deque[Part], folder: Path, p
                 progress.advance(part.size - worker.reported)
                 worker.assign(pending.popleft() if pending else None)
             else:
-                raise PreparationFailed(f"{part.describe()}: {details[0]}; {resume_hint(unfinished, folder)}")
+                raise failure(part, event, unfinished, folder)
 
 
-def message(error: BaseException) -> str:
-    """An expected error's text, naming the file of an ``OSError``."""
-    return describe(error) if isinstance(error, OSError) else str(error)
+def error_event(error: Exception) -> Event:
+    """The event reporting ``error``, raised while tokenizing a part (see ``failure``)."""
+    if isinstance(error, CacheWriteError):
+        return ("unwritable", error.errno, error.strerror, error.filename)
+    if isinstance(error, EXPECTED_ERRORS):
+        return ("error", describe(error) if isinstance(error, OSError) else str(error))
+    return ("crash", traceback.format_exc())
 
 
-def resume_hint(remaining: int, folder: Path) -> str:
-    """What was kept and how to go on."""
-    return f"{remaining} part(s) unfinished; the finished ones are kept in {folder}: run the same preparation again to resume"
+def failure(part: Part, event: Event, unfinished: int, folder: Path) -> Exception:
+    """The error to raise for a failure ``event`` of ``part``, ``unfinished`` parts being left (see the module).
+
+    A part file that could not be written is an ``OSError`` naming it, after which running again resumes;
+    an error in the corpus is a ``PreparationFailed`` naming the part, without that hint (fixing the
+    corpus changes its identity, so it is tokenized anew); an unexpected error keeps its traceback."""
+    kind, *details = event
+    if kind == "unwritable":
+        code, reason, path = details
+        return unwritable(code, reason, path, resume_hint(unfinished, folder))
+    if kind == "error":
+        return PreparationFailed(f"{part.describe()}: {details[0]}")
+    return PreparationFailed(f"{part.describe()}: {details[0]}; {resume_hint(unfinished, folder)}")
 
 
 class Reporter:
@@ -221,9 +232,7 @@ def serve(parts_fd: int, events_fd: int) -> None:
             try:
                 tokenize_part(source, tokenizer, part, folder, report)
             except Exception as error:
-                send(
-                    events, ("error", message(error) if isinstance(error, EXPECTED_ERRORS) else traceback.format_exc())
-                )
+                send(events, error_event(error))
                 return
             send(events, ("done",))
 

@@ -21,6 +21,12 @@ calls, and a narrow layer's hashing, gather and sum become inductor's own loop, 
   or torch thread count compiles once more (dynamo keeps up to ``torch._dynamo.config.recompile_limit``
   variants, 8 by default, then runs further ones eagerly); inductor's on-disk cache makes the next
   process's compile cheaper.
+- Every shape but the cache's length is static (``dynamic=False``): a second model with other widths
+  gets a graph of its own, as above, instead of dynamo's automatic dynamic shapes, which would turn the
+  widths it saw change (head size, rotary dimensions) into symbols. With such symbols torch 2.13
+  cannot stamp the traced block out for the next block (its reuse of a nested region looks a
+  specialised symbol up by its value: ``InternalTorchDynamoError: KeyError: 12``), so the second model
+  of a process, and every one after it, decoded eagerly.
 
 The prompt (prefill) runs eagerly with causal attention over its own tokens and the LM head on its
 last position only. If ``torch.compile`` is unavailable or fails, decoding goes on eagerly, through the
@@ -30,7 +36,8 @@ same :func:`decode_step`, after one warning for the process.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +84,13 @@ def decode_step(model: DecoderLM, token: torch.Tensor, caches: list[StaticKVCach
     return model.compute_logits(token[:, None], caches, run_block_region)[:, -1]
 
 
-compiled_decode_step = torch.compile(decode_step)
+def compile_decode_step(backend: str | Callable[..., Any] = "inductor") -> Callable[..., torch.Tensor]:
+    """:func:`decode_step` through ``torch.compile`` with ``backend``: static shapes but for the cache lengths that
+    :func:`static_cache` marks dynamic, so each model shape gets its own graph (see the module)."""
+    return torch.compile(decode_step, backend=backend, dynamic=False)
+
+
+compiled_decode_step = compile_decode_step()
 compile_failure: str | None = None
 """Why compiling the step failed in this process (then every step runs eagerly), None while it works."""
 
