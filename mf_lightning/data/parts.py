@@ -1,8 +1,8 @@
 """One part of a corpus tokenized into a part file: the unit of parallel, resumable preparation.
 
 A part's tokens (each document's ids followed by EOS) go to ``<index>.bin``, and each document's token
-count and UTF-8 size to ``<index>.docs.npy``; both are written under temporary names and renamed, and
-``<index>.done`` (what the part is, and its sizes) is written last, so a part counts as finished only
+count and UTF-8 size to ``<index>.docs.npy``; both are written atomically (``mf_lightning.fs.atomic``), and
+``<index>.done`` (what the part is, and its sizes) is written last, the same way, so a part counts as finished only
 when all of it is on disk: a preparation killed at any moment leaves finished parts that are reused and
 an unfinished one that is redone. Which split each document goes to is decided later, when the parts
 are merged in order into the cache (``cache``), because it depends on the document's index in the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from mf_lightning.data.sources import Cursor, Part, Source
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.fs.atomic import atomic_file, write_atomic
 
 ENCODE_BATCH_DOCUMENTS = 256
 Report = Callable[[int, int], None]
@@ -47,32 +47,22 @@ def tokenize_part(source: Source, tokenizer: Tokenizer, part: Part, folder: Path
     """Writes the tokens of ``part``'s documents into ``folder`` (see the module), reporting after every batch."""
     dtype = token_dtype(tokenizer.vocab_size)
     tokens_file, sizes_file, done_file = part_files(folder, part.index)
-    staged_tokens = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}")
-    staged_sizes = sizes_file.with_name(f".{sizes_file.name}.{os.getpid()}")
     cursor = Cursor()
     documents = source.part_documents(part, cursor)
     sizes: list[tuple[int, int]] = []
-    try:
-        with staged_tokens.open("wb") as output:
-            while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
-                flat: list[int] = []
-                for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-                    flat.extend(ids)
-                    flat.append(tokenizer.eos_id)
-                    sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
-                output.write(token_bytes(flat, dtype, tokenizer.vocab_size))
-                report(cursor.position, len(batch))
-        with staged_sizes.open("wb") as output:
-            np.save(output, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
-        os.replace(staged_sizes, sizes_file)
-        os.replace(staged_tokens, tokens_file)
-    finally:
-        staged_tokens.unlink(missing_ok=True)
-        staged_sizes.unlink(missing_ok=True)
+    with atomic_file(tokens_file, "writing a part of the token cache") as output:
+        while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
+            flat: list[int] = []
+            for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+                flat.extend(ids)
+                flat.append(tokenizer.eos_id)
+                sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
+            output.write(token_bytes(flat, dtype, tokenizer.vocab_size))
+            report(cursor.position, len(batch))
+    with atomic_file(sizes_file, "writing a part of the token cache") as output:
+        np.save(output, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
     marker = {"part": asdict(part), "documents": len(sizes), "token_bytes": tokens_file.stat().st_size}
-    staged_done = done_file.with_name(f".{done_file.name}.{os.getpid()}")
-    staged_done.write_text(json.dumps(marker), encoding="utf-8")
-    os.replace(staged_done, done_file)
+    write_atomic(done_file, json.dumps(marker), "writing a part of the token cache")
 
 
 def is_finished(folder: Path, part: Part) -> bool:

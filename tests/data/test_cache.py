@@ -24,6 +24,7 @@ from mf_lightning.data.cache import (
 )
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
+from mf_lightning.fs.atomic import partial_path
 
 
 class WideByteTokenizer(ByteTokenizer):
@@ -294,8 +295,9 @@ def test_a_build_killed_outright_leaves_nothing_once_the_next_build_ran(corpus_d
 
 def test_staging_folders_of_running_builders_and_other_hosts_are_kept(corpus_dir: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    running = tokens / f".abc.staging-{os.uname().nodename}-{os.getppid()}-x1"
-    elsewhere = tokens / ".abc.staging-another-host-1-x2"
+    staged = partial_path(tokens / "abc")
+    running = staged.with_name(staged.name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
+    elsewhere = tokens / ".abc.another_host-1-0a1b2c3d.partial"
     for folder in (running, elsewhere):
         folder.mkdir(parents=True)
     cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
