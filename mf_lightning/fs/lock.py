@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -58,6 +59,9 @@ ABANDONED_GUARD_SECONDS = 10.0
 """Age after which a takeover guard counts as left by a claimer killed while holding it."""
 WAIT_LOG_SECONDS = 60.0
 """How often a waiter says whom it waits for."""
+MAX_HOLDER_BYTES = 1 << 16
+"""More than any holder line; a larger lock file is not read whole."""
+MAX_PID = 1 << 31
 RELEASING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 """Signals that, while a lock is held, end the process through ``SystemExit`` instead of killing it outright."""
 
@@ -139,7 +143,7 @@ class FileLock:
         if self.held:
             raise RuntimeError(f"{self.path} is already held by this lock object")
         deadline = None if wait is None else time.monotonic() + wait
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         watch = Watch()
         logged = 0.0
         while not self.create():
@@ -207,11 +211,9 @@ class FileLock:
         holds the guard."""
         guard = self.path.with_name(f"{self.path.name}.takeover")
         if not create_holding(guard, self.holder.line()):
-            try:
-                if time.time() - guard.stat().st_mtime > ABANDONED_GUARD_SECONDS:
-                    guard.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
+            other = read_sighting(guard, self.what)  # another claimer's guard, or something that is no guard
+            if other is not None and time.time() - other.mtime_ns / 1e9 > ABANDONED_GUARD_SECONDS:
+                guard.unlink(missing_ok=True)
             return False
         try:
             sighting = self.read()
@@ -275,6 +277,14 @@ def waiting_message(path: Path, holder: Holder, alive: bool | None) -> str:
     return f"waiting for {holder.describe()}, which holds {holder.what or path} (lock {path})"
 
 
+def make_folder(folder: Path) -> None:
+    """Creates the lock's folder; a path in the way that is a file is one error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise OSError(errno.ENOTDIR, "a file is in the way of the lock's folder", str(folder)) from error
+
+
 def create_holding(path: Path, content: str) -> bool:
     """Atomically creates ``path`` holding ``content`` (written and fsynced under a temporary name, then
     hard-linked into place); False if ``path`` exists."""
@@ -299,8 +309,10 @@ def read_sighting(path: Path, what: str) -> Sighting | None:
     of this module. Read through one open descriptor, so the contents and time belong together (and NFS
     revalidates both on open)."""
     try:
-        descriptor = os.open(path, os.O_RDONLY)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the reader
     except FileNotFoundError:
+        if os.path.lexists(path):
+            raise unreadable(path, what, "it is a link to nothing") from None
         return None
     except OSError as error:
         raise unreadable(path, what, error.strerror or str(error)) from error
@@ -311,7 +323,7 @@ def read_sighting(path: Path, what: str) -> Sighting | None:
         if not stat.S_ISREG(status.st_mode):
             raise unreadable(path, what, "it is not a regular file")
         with os.fdopen(descriptor, "rb", closefd=False) as file:
-            data = file.read()
+            data = file.read(MAX_HOLDER_BYTES)
     except OSError as error:
         raise unreadable(path, what, error.strerror or str(error)) from error
     finally:
@@ -334,7 +346,7 @@ def parse_holder(data: bytes, path: Path, what: str) -> Holder:
         isinstance(fields, dict)
         and isinstance(fields.get("host"), str)
         and type(fields.get("pid")) is int
-        and fields["pid"] > 0
+        and 0 < fields["pid"] < MAX_PID
         and isinstance(fields.get("token"), str)
     ):
         raise unreadable(path, what, "it holds JSON without a holder's host, pid and token")

@@ -50,7 +50,7 @@ def save_pretrained(model: DecoderLM, directory: str | Path, extra: Callable[[Pa
 
     The folder is built beside ``directory`` and swapped in whole (``mf_lightning.fs.folders``), so a reader
     or a crash sees the previous model or the new one, never a mix. An existing folder is replaced only when
-    it is empty or holds a saved model (``config.json``), never a folder of other files.
+    it is empty or holds a saved model (``config.json`` or ``model.safetensors``), never a folder of other files.
     """
     directory = Path(directory)
     check_replaceable(directory)
@@ -79,7 +79,7 @@ def check_replaceable(directory: Path) -> None:
     if Path.cwd().is_relative_to(os.path.abspath(directory)):
         raise ValueError(f"{directory} is the current folder or holds it; save the model into a folder of its own")
     names = sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
-    if names and CONFIG_NAME not in names:
+    if names and CONFIG_NAME not in names and WEIGHTS_NAME not in names:
         raise ValueError(
             f"{directory} holds files that are not a saved model ({', '.join(names[:LISTED])}); saving replaces "
             "the whole folder: give a new or empty folder"

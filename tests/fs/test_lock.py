@@ -237,12 +237,21 @@ def odd_lock(path: Path, kind: str) -> None:
         path.write_text("myhost 1234\n")
     elif kind == "json-without-holder":
         path.write_text('{"host": "h", "pid": "1"}')
+    elif kind == "huge-pid":
+        path.write_text(holder_line("h", 10**30))
+    elif kind == "dangling-link":
+        path.symlink_to(path.parent / "nothing")
+    elif kind == "fifo":
+        os.mkfifo(path)
     elif kind == "unreadable":
         path.write_text(holder_line("h", 1))
         path.chmod(0)
 
 
-@pytest.mark.parametrize("kind", ["folder", "not-utf8", "empty", "text", "json-without-holder", "unreadable"])
+ODD_KINDS = ["folder", "not-utf8", "empty", "text", "json-without-holder", "huge-pid", "dangling-link", "fifo"]
+
+
+@pytest.mark.parametrize("kind", [*ODD_KINDS, "unreadable"])
 @pytest.mark.parametrize("wait", [0, None])
 def test_a_lock_file_that_is_no_lock_is_one_error_naming_it_and_is_left_alone(
     tmp_path: Path, kind: str, wait: float | None
@@ -257,6 +266,23 @@ def test_a_lock_file_that_is_no_lock_is_one_error_naming_it_and_is_left_alone(
     assert message.startswith(f"the lock file {path} cannot be read as a lock (")
     assert f"it guards the run folder x); if no mf process is using it, delete it (rm -r {path})" in message
     assert "\n" not in message and os.path.lexists(path)
+
+
+def test_a_takeover_guard_that_is_no_guard_is_one_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / ".lock"
+    path.write_text(holder_line(socket.gethostname(), dead_pid()))
+    (tmp_path / ".lock.takeover").mkdir()
+    with pytest.raises(
+        LockFileUnreadable, match=r"the lock file .*\.lock\.takeover cannot be read as a lock \(it is a folder"
+    ):
+        FileLock(path, "the thing").acquire(wait=0)
+
+
+def test_a_file_in_the_way_of_the_lock_folder_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(NotADirectoryError) as raised:
+        FileLock(tmp_path / "run" / ".lock", "the thing").acquire(wait=0)
+    assert raised.value.filename == str(tmp_path / "run")
 
 
 HOLDER_UNTIL_SIGNALLED = textwrap.dedent(
