@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mf_lightning.fs.atomic import partial_path
+from mf_lightning.fs.atomic import partial_path, remove_abandoned
 from mf_lightning.fs.processes import is_running, this_host
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class FileLock:
             raise RuntimeError(f"{self.path} is already held by this lock object")
         deadline = None if wait is None else time.monotonic() + wait
         make_folder(self.path.parent)
+        remove_abandoned(self.path.parent)  # holders staged by claimers killed before they linked them
         watch = Watch()
         logged = 0.0
         while not self.create():
