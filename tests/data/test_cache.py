@@ -293,6 +293,18 @@ def test_a_build_killed_outright_leaves_nothing_once_the_next_build_ran(corpus_d
     assert list((tmp_path / "tokens").iterdir()) == [cache.directory]
 
 
+def test_a_build_stopped_by_sigterm_releases_its_lock_at_once(corpus_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends the builder through its cleanup: no lock is left for the next
+    process to wait on; the finished parts stay to resume from."""
+    builder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILDER, str(corpus_dir), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert builder.stdout.readline() == "building\n"
+    builder.send_signal(signal.SIGTERM)
+    assert builder.wait(timeout=60) == 128 + signal.SIGTERM
+    assert [path.suffix for path in (tmp_path / "tokens").iterdir()] == [".parts"]
+
+
 def test_staging_folders_of_running_builders_and_other_hosts_are_kept(corpus_dir: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     staged = partial_path(tokens / "abc")
