@@ -153,11 +153,7 @@ class FileLock:
                 continue  # released between the two calls
             alive = watch.alive(sighting)
             if alive is False:
-                if self.remove_stale(sighting.holder):
-                    log.warning(
-                        "removed the stale lock %s of %s (%s)", self.path, sighting.holder.describe(), watch.why
-                    )
-                else:
+                if not self.remove_stale(sighting.holder, watch.why):
                     time.sleep(TAKEOVER_RETRY_SECONDS)  # another claimer is taking it over
                 continue
             if alive and deadline is not None and time.monotonic() >= deadline:
@@ -207,9 +203,9 @@ class FileLock:
             return False
         return sighting is not None and sighting.holder == self.holder
 
-    def remove_stale(self, stale: Holder) -> bool:
-        """Removes the lock if it still names ``stale``, under the takeover guard; False if another claimer
-        holds the guard."""
+    def remove_stale(self, stale: Holder, why: str) -> bool:
+        """Removes the lock if it still names ``stale`` (logging ``why`` it is stale), under the takeover guard;
+        False if another claimer holds the guard."""
         guard = self.path.with_name(f"{self.path.name}.takeover")
         if not create_holding(guard, self.holder.line()):
             other = read_sighting(guard, self.what)  # another claimer's guard, or something that is no guard
@@ -220,6 +216,7 @@ class FileLock:
             sighting = self.read()
             if sighting is not None and sighting.holder == stale:
                 self.path.unlink(missing_ok=True)
+                log.warning("removed the stale lock %s of %s (%s)", self.path, stale.describe(), why)
         finally:
             guard.unlink(missing_ok=True)
         return True
