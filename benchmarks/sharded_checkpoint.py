@@ -142,9 +142,9 @@ def gathered(network: torch.nn.Module, optimizer: torch.optim.Optimizer, folder:
 def sharded(network: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: pathlib.Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from mf_lightning.lit.checkpoints import partial_path
+    from mf_lightning.fs.atomic import partial_path
+    from mf_lightning.fs.folders import install
     from mf_lightning.lit.distributed_checkpoint import (
-        install,
         load_sharded_model,
         load_sharded_optimizer,
         read_metadata,

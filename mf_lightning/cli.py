@@ -10,7 +10,7 @@ checkpoints it writes, come every ``validation.every_n_steps`` optimizer steps a
 (``ValidationSchedule``); the progress bar counts optimizer steps and tokens (``StepProgressBar``).
 
 Checkpoints are written atomically and read without unpickling code (``mf_lightning.lit.checkpoints``);
-``mf fit`` claims its run folder with a lock file, so one run writes there at a time (``mf_lightning.lit.run_lock``);
+``mf fit``'s rank 0 claims its run folder with a lock file, so one run writes there at a time (``mf_lightning.lit.run_lock``);
 SIGTERM to any rank stops every rank at one optimizer step, saves ``last.ckpt`` and exits with status 143
 (``PreemptionCheckpoint``); steps with a non-finite loss or
 gradients are skipped and a diverged run stops (``NonFiniteGuard``, options under ``non_finite``).
@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichP
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
@@ -54,14 +55,15 @@ from mf_lightning.callbacks import (
     ValidationSchedule,
 )
 from mf_lightning.data import TextDataModule
+from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
+from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
-from mf_lightning.lit.run_lock import RunFolderLock
-from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
+from mf_lightning.lit.run_lock import claim_run_folder
 
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 """A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
@@ -134,8 +136,6 @@ LOST_RANK_EXIT_STATUS = 1
 """Exit status of a rank whose fit stopped because another rank was lost (``RankLostError``): resumable."""
 TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
 """Trainer settings whose value 0 would make ``fit`` train nothing and still exit 0."""
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-"""Environment variables launchers (torchrun, SLURM, LSF, Lightning's own) set to each process's rank."""
 
 
 class MFCLI(LightningCLI):
@@ -192,9 +192,23 @@ class MFCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
-            if is_first_process():
-                self.claim_run_folders(root, str(config.checkpoint.dirpath))
-            check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
+        else:
+            check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
+
+    def prepare_run_folder(self, trainer: Trainer) -> None:
+        """For ``fit``, once the Trainer knows this process's rank: rank 0 claims the run folder (``claim_run_folders``),
+        then the checkpoint folder is checked.
+
+        The rank is the Trainer's, from the cluster environment Lightning chose (SLURM, torchelastic, LSF, MPI, a
+        configured plugin, or its own launcher's ``LOCAL_RANK``/``NODE_RANK``), so exactly the process that will be
+        global rank 0 claims: processes that Lightning runs as separate jobs (each its own rank 0) each claim and
+        exclude one another.
+        """
+        config = self.config[self.subcommand]
+        root = str(config.trainer.default_root_dir or ".")
+        if trainer.is_global_zero:
+            self.claim_run_folders(root, str(config.checkpoint.dirpath))
+        check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
         check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 
     def claim_run_folders(self, root: str, checkpoints: str) -> None:
@@ -203,8 +217,8 @@ class MFCLI(LightningCLI):
         if not Path(os.path.abspath(checkpoints)).is_relative_to(os.path.abspath(root)):
             folders.append(checkpoints)
         for folder in folders:
-            if "://" not in folder:  # remote folders cannot be locked with a file; they are not claimed
-                self.claims.enter_context(RunFolderLock(Path(folder)))
+            if not is_remote(folder):  # remote folders cannot be locked with a file; they are not claimed
+                self.claims.enter_context(claim_run_folder(Path(folder)))
 
     def section(self, config: Any, key: str) -> Any:
         """``config``'s ``key`` for the subcommand being run (the whole config has one section per subcommand)."""
@@ -227,7 +241,10 @@ class MFCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            self.prepare_run_folder(trainer)
+        return trainer
 
 
 def check_trains_something(trainer_config: Any) -> None:
@@ -238,14 +255,6 @@ def check_trains_something(trainer_config: Any) -> None:
                 f"trainer.{name}={trainer_config[name]!r} would train nothing; give a positive value "
                 "(or run mf validate to only evaluate)"
             )
-
-
-def is_first_process() -> bool:
-    """Whether this process is global rank 0 of its job (or the only one), read from the launchers' variables.
-
-    Decided before the Trainer exists: ranks that Lightning's launcher starts later inherit ``LOCAL_RANK``.
-    """
-    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -263,7 +272,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 def check_writable(folder: str, option: str) -> None:
     """Creates ``folder`` and a file in it, so a read-only or full location fails now rather than at the first save."""
-    if "://" in folder:
+    if is_remote(folder):
         return
     try:
         os.makedirs(folder, exist_ok=True)
@@ -338,8 +347,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
-        if isinstance(error, UnreadableCheckpoint) and not is_first_process():
-            raise SystemExit(2) from None  # every rank raised it: the first one reports it
+        if isinstance(error, UnreadableCheckpoint) and rank_zero_only.rank != 0:
+            raise SystemExit(2) from None  # every rank raised it: rank 0 (as Lightning knows it) reports it
         message = describe(error) if isinstance(error, OSError) else str(error)
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None

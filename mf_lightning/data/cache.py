@@ -9,13 +9,13 @@ version).
 
 Building: the source is cut into parts of about ``PART_BYTES`` (``sources``), which worker processes
 tokenize into a hidden parts folder beside the cache (``workers``, ``parts``); the finished parts are
-then merged in order into the split files, in a staging folder renamed into place (``staging``). The
-result does not depend on the number of workers. The parts folder stays until the cache is in place,
-so a killed build resumes from its finished parts; a lock file beside the cache (``job_lock``) makes the
-processes of one job build it once, the others waiting and then checking it. Parts that can never be
-resumed, of a corpus that changed since, are removed by the next build beside them (``leftovers``), and
-a build that finds its corpus changed while it was tokenized removes its own. A cache file that cannot
-be written is one error naming it and what to do (``faults``).
+then merged in order into the split files, in a staging folder swapped into place
+(``mf_lightning.fs.folders``). The result does not depend on the number of workers. The parts folder
+stays until the cache is in place, so a killed build resumes from its finished parts; a lock file beside
+the cache (``mf_lightning.fs.lock``) makes the processes of one job build it once, the others waiting and
+then checking it. Parts that can never be resumed, of a corpus that changed since, are removed by the next
+build beside them (``leftovers``), and a build that finds its corpus changed while it was tokenized removes
+its own. A cache file that cannot be written is one error naming it and what to do (``faults``).
 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
@@ -27,6 +27,7 @@ did not read are checked in the background while training runs (``verification``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -45,14 +46,15 @@ from typing import Any
 import numpy as np
 
 from mf_lightning.data.faults import CacheWriteError, unwritable, writing
-from mf_lightning.data.job_lock import exclusive
-from mf_lightning.data.leftovers import TOKENS, lock_file, parts_folder, record_key, remove_abandoned
+from mf_lightning.data.leftovers import TOKENS, lock_file, parts_folder, record_key, remove_unresumable
 from mf_lightning.data.parts import is_finished, read_sizes, read_tokens, token_dtype
 from mf_lightning.data.progress import Progress
 from mf_lightning.data.sources import Part, Source
-from mf_lightning.data.staging import move_into_place, staging_folder
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.data.workers import tokenize_parts
+from mf_lightning.fs.atomic import remove_abandoned, write_atomic
+from mf_lightning.fs.folders import replaced_folder
+from mf_lightning.fs.lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def prepare_token_cache(
 
     ``workers`` processes tokenize the corpus (default: every core this process may use). Processes of one
     job that ask at once (DDP ranks, nodes sharing the cache folder) build it once: one builds, the others
-    wait and then check what it built (``job_lock``).
+    wait and then check what it built (``mf_lightning.fs.lock``).
     """
     check_fractions(val_fraction, test_fraction)
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
@@ -150,7 +152,7 @@ def prepare_token_cache(
     problem = cache_problem(directory, key, tokenizer, full)
     if problem is None:
         return TokenCache(directory, read_manifest(directory), verified=full)
-    with exclusive(lock_file(directory), f"the token cache {directory}"):
+    with FileLock(lock_file(directory), f"the token cache {directory}"):
         problem = cache_problem(directory, key, tokenizer, full)  # another process may have built it meanwhile
         if problem is None:
             return TokenCache(directory, read_manifest(directory), verified=full)
@@ -178,7 +180,8 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
             record_key(folder, key)
     except CacheWriteError as error:
         raise unwritable(error.errno, error.strerror, error.filename) from error
-    remove_abandoned(directory.parent.parent, keep=folder)
+    remove_abandoned(folder)
+    remove_unresumable(directory.parent.parent, keep=folder)
     parts = source.parts(PART_BYTES)
     todo = [part for part in parts if not is_finished(folder, part)]
     if len(todo) < len(parts):
@@ -194,13 +197,8 @@ def build_cache(directory: Path, source: Source, tokenizer: Tokenizer, key: dict
         shutil.rmtree(folder, ignore_errors=True)  # tokens of a corpus that no longer exists: never to be resumed
         raise ValueError(f"the corpus changed while it was being tokenized ({change}); run again once it is complete")
     try:
-        with writing(directory), staging_folder(directory) as staged:
+        with writing(directory), replaced_folder(directory, "writing the token cache") as staged:
             stats = merge_parts(folder, parts, staged, tokenizer, key)
-            try:
-                move_into_place(staged, directory)
-            except OSError:
-                if cache_problem(directory, key, tokenizer, full=True) is not None:
-                    raise
     except CacheWriteError as error:
         merge_again = f"run the same preparation again to merge the {len(parts)} tokenized part(s) kept in {folder}"
         raise unwritable(error.errno, error.strerror, error.filename, merge_again) from error
@@ -256,12 +254,8 @@ def restamp(cache: TokenCache) -> None:
         return
     for split in SPLITS:
         stamps[split]["mtime_ns"] = mtimes[split]
-    staged = cache.directory / f".{MANIFEST}.{os.getpid()}"
-    try:
-        staged.write_text(json.dumps(cache.manifest, indent=2), encoding="utf-8")
-        os.replace(staged, cache.directory / MANIFEST)
-    except OSError:
-        staged.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        write_atomic(cache.directory / MANIFEST, json.dumps(cache.manifest, indent=2), "recording the cache's times")
 
 
 def manifest_problem(manifest: Any, key: dict[str, Any], tokenizer: Tokenizer) -> str | None:

@@ -58,7 +58,9 @@ def writing(path: Path) -> Iterator[None]:
         raise
     except OSError as error:
         named = error.filename if error.filename is not None else os.fspath(path)
-        raise CacheWriteError(error.errno, error.strerror or str(error), named) from error
+        cause = error.__cause__
+        reason = cause if isinstance(cause, OSError) and cause.errno == error.errno else error  # before fs naming
+        raise CacheWriteError(error.errno, reason.strerror or str(reason), named) from error
 
 
 def unwritable(code: int | None, reason: str, path: str, after: str | None = None) -> OSError:

@@ -11,7 +11,7 @@ every dead lock that guards no parts folder, there and beside the trained tokeni
 killed outright leaves its lock, under a key of the corpus too). Parts of an unchanged corpus stay to
 be resumed, and so do those whose change cannot be told (a Hugging Face dataset, a key that cannot be
 read) or whose builder may still run (a lock of another host that was touched within
-``job_lock.STALE_SECONDS``).
+``fs.lock.STALE_SECONDS``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import json
 import logging
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from mf_lightning.data.job_lock import is_stale, read_holder
-from mf_lightning.data.parts import write_file
 from mf_lightning.data.sources import recorded_change
+from mf_lightning.fs.atomic import write_atomic
+from mf_lightning.fs.lock import may_be_held
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,10 @@ def lock_file(directory: Path) -> Path:
 def record_key(folder: Path, key: dict[str, Any]) -> None:
     """Writes the cache ``key`` of the parts folder ``folder`` into it, unless it is there already."""
     if not (folder / KEY_FILE).is_file():
-        write_file(folder / KEY_FILE, json.dumps(key).encode("utf-8"))
+        write_atomic(folder / KEY_FILE, json.dumps(key), "recording the corpus of a parts folder")
 
 
-def remove_abandoned(cache_root: Path, keep: Path | None) -> None:
+def remove_unresumable(cache_root: Path, keep: Path | None) -> None:
     """Removes the parts folders (but ``keep``) and locks under ``cache_root`` that no preparation can resume (see
     the module)."""
     tokens = cache_root / TOKENS
@@ -65,7 +64,7 @@ def remove_abandoned(cache_root: Path, keep: Path | None) -> None:
         if match["kind"] == "parts":
             change = abandoned_change(path)
             lock = lock_file(cache)
-            if change is not None and not held(lock):
+            if change is not None and not may_be_held(lock):
                 log.info("removing %s, the parts of an interrupted preparation whose corpus changed (%s)", path, change)
                 shutil.rmtree(path, ignore_errors=True)
                 remove_if_dead(lock)
@@ -98,18 +97,8 @@ def abandoned_change(folder: Path) -> str | None:
         return None
 
 
-def held(lock: Path) -> bool:
-    """Whether a process that may still run holds ``lock`` (``job_lock``'s test of a stale lock, its age standing
-    for how long its heartbeat has been silent); a lock that cannot be read counts as held."""
-    try:
-        holder, mtime_ns = read_holder(lock)
-    except (OSError, ValueError):
-        return True
-    return holder is not None and not is_stale(holder, time.time() - mtime_ns / 1e9)
-
-
 def remove_if_dead(lock: Path) -> None:
     """Removes ``lock`` if no process that may still run holds it."""
-    if lock.exists() and not held(lock):
+    if lock.exists() and not may_be_held(lock):
         log.info("removing %s, the lock of an interrupted preparation", lock)
         lock.unlink(missing_ok=True)

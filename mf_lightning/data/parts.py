@@ -1,8 +1,8 @@
 """One part of a corpus tokenized into a part file: the unit of parallel, resumable preparation.
 
 A part's tokens (each document's ids followed by EOS) go to ``<index>.bin``, and each document's token
-count and UTF-8 size to ``<index>.docs.npy``; both are written under temporary names and renamed, and
-``<index>.done`` (what the part is, and its sizes) is written last, so a part counts as finished only
+count and UTF-8 size to ``<index>.docs.npy``; both are written atomically (``mf_lightning.fs.atomic``), and
+``<index>.done`` (what the part is, and its sizes) is written last, the same way, so a part counts as finished only
 when all of it is on disk: a preparation killed at any moment leaves finished parts that are reused and
 an unfinished one that is redone. Which split each document goes to is decided later, when the parts
 are merged in order into the cache (``cache``), because it depends on the document's index in the
@@ -12,11 +12,9 @@ disk) is an error naming it, told apart from an error of reading the part's docu
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +24,10 @@ import numpy as np
 from mf_lightning.data.faults import writing
 from mf_lightning.data.sources import Cursor, Part, Source
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.fs.atomic import atomic_file, write_atomic
 
 ENCODE_BATCH_DOCUMENTS = 256
+WRITING_PART = "writing a part of the token cache"
 Report = Callable[[int, int], None]
 """Called with (units of the part read so far, documents in the batch just written)."""
 
@@ -54,61 +54,24 @@ def tokenize_part(source: Source, tokenizer: Tokenizer, part: Part, folder: Path
     cursor = Cursor()
     documents = source.part_documents(part, cursor)
     sizes: list[tuple[int, int]] = []
-    tokens = StagedFile(tokens_file)
-    try:
-        while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
-            flat: list[int] = []
-            for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-                flat.extend(ids)
-                flat.append(tokenizer.eos_id)
-                sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
-            tokens.write(token_bytes(flat, dtype, tokenizer.vocab_size))
-            report(cursor.position, len(batch))
-        table = io.BytesIO()
-        np.save(table, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
-        write_file(sizes_file, table.getvalue())
-        tokens.commit()
-    finally:
-        tokens.discard()
-    marker = {"part": asdict(part), "documents": len(sizes), "token_bytes": tokens_file.stat().st_size}
-    write_file(done_file, json.dumps(marker).encode("utf-8"))
-
-
-class StagedFile:
-    """A file written under a temporary name beside ``path`` (this process's own) and renamed onto ``path`` by
-    ``commit``, so that ``path`` is never seen half written; every failure to write it names ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.staged = path.with_name(f".{path.name}.{os.getpid()}")
-        with writing(path):
-            self.file = self.staged.open("wb")
-
-    def write(self, data: bytes) -> None:
-        with writing(self.path):
-            self.file.write(data)
-
-    def commit(self) -> None:
-        """Closes the file (writing what is buffered) and renames it onto ``path``."""
-        with writing(self.path):
-            self.file.close()
-            os.replace(self.staged, self.path)
-
-    def discard(self) -> None:
-        """Closes and removes the staged file unless it was committed (nothing to report: a failure was)."""
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.staged.unlink(missing_ok=True)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """``path`` holding ``data``, written whole under another name and then renamed (see ``StagedFile``)."""
-    staged = StagedFile(path)
-    try:
-        staged.write(data)
-        staged.commit()
-    finally:
-        staged.discard()
+    chunks: list[bytes] = []
+    while batch := list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS)):
+        flat: list[int] = []
+        for document, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+            flat.extend(ids)
+            flat.append(tokenizer.eos_id)
+            sizes.append((len(ids) + 1, len(document.encode("utf-8"))))
+        chunks.append(token_bytes(flat, dtype, tokenizer.vocab_size))
+        report(cursor.position, len(batch))
+    table = io.BytesIO()
+    np.save(table, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+    with writing(tokens_file):
+        with atomic_file(tokens_file, WRITING_PART) as output:
+            for chunk in chunks:
+                output.write(chunk)
+        write_atomic(sizes_file, table.getvalue(), WRITING_PART)
+        marker = {"part": asdict(part), "documents": len(sizes), "token_bytes": tokens_file.stat().st_size}
+        write_atomic(done_file, json.dumps(marker), WRITING_PART)
 
 
 def is_finished(folder: Path, part: Part) -> bool:

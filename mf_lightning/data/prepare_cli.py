@@ -26,7 +26,7 @@ from jsonargparse import ArgumentParser
 
 from mf_lightning.data.cache import SPLITS
 from mf_lightning.data.datamodule import TextDataModule
-from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_abandoned
+from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_unresumable
 
 
 def data_section(config_file: str) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def prepare(data: TextDataModule) -> str:
 def kept_report(cache_root: Path) -> str:
     """Lines naming the parts folders of other preparations under ``cache_root``, once those no preparation can
     resume are removed; empty when there are none."""
-    remove_abandoned(cache_root, keep=None)
+    remove_unresumable(cache_root, keep=None)
     return "".join(
         f"\nkept for resuming: {folder} ({finished} finished part(s), {size / 1e6:.1f} MB), left by an interrupted "
         "(or running) preparation of another corpus, tokenizer or split; running it again resumes from them; "

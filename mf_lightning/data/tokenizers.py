@@ -3,13 +3,13 @@
 ``load_tokenizer(spec)`` accepts ``"byte"`` (256 byte values + EOS, nothing to download), a path to a
 ``tokenizer.json`` file or to a Hugging Face tokenizer folder holding one, or ``"bpe:<vocab_size>"``: a
 byte-level BPE trained once on the corpus with the ``tokenizers`` library and cached as a folder
-(``tokenizer.json`` + ``manifest.json`` recording its SHA-256), built in a staging folder and renamed
-into place; a cached BPE whose file does not match its checksum is logged and trained again. A corpus
+(``tokenizer.json`` + ``manifest.json`` recording its SHA-256), built in a staging folder and swapped
+into place (``mf_lightning.fs.folders``); a cached BPE whose file does not match its checksum is logged and trained again. A corpus
 too small for the requested size is an error saying what size it gives.
 
 The BPE is trained on at most ``sample_bytes`` of text (``sources.sample_documents``: a share of every part
 of the corpus, the same every time), so its training time and memory stay flat as the corpus grows; all
-of a smaller corpus is used. Processes of one job asking at once train it once (``job_lock``). Reading
+of a smaller corpus is used. Processes of one job asking at once train it once (``mf_lightning.fs.lock``). Reading
 the sample shows progress (``progress``), and the merge phase, silent off a terminal, logs a heartbeat.
 Every tokenizer has a ``fingerprint`` that changes whenever its text-to-id mapping could, so token
 caches keyed by it are never reused with another mapping.
@@ -29,11 +29,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mf_lightning.data.job_lock import exclusive
 from mf_lightning.data.progress import Heartbeat, Progress, on_terminal
 from mf_lightning.data.sources import Source, sample_documents
-from mf_lightning.data.staging import move_into_place, staging_folder
-from mf_lightning.storage_errors import naming
+from mf_lightning.fs.folders import replaced_folder
+from mf_lightning.fs.lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ def load_bpe(
     problem = saved_bpe_problem(folder, vocab_size)
     if problem is None:
         return HFTokenizer.from_path(folder / TOKENIZER_FILE)
-    with exclusive(folder.parent / f".{folder.name}.lock", f"the tokenizer {folder}"):
+    with FileLock(folder.parent / f".{folder.name}.lock", f"the tokenizer {folder}"):
         problem = saved_bpe_problem(folder, vocab_size)  # another process may have trained it meanwhile
         if problem is None:
             return HFTokenizer.from_path(folder / TOKENIZER_FILE)
@@ -227,14 +226,9 @@ def train_and_save_bpe(
     log.info("trained bpe:%d in %.0f s", vocab_size, time.monotonic() - started)
     text = tokenizer.model.to_str()
     manifest = {"vocab_size": vocab_size, "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    with naming(folder, "saving the trained tokenizer"), staging_folder(folder) as staged:
+    with replaced_folder(folder, "saving the trained tokenizer") as staged:
         (staged / TOKENIZER_FILE).write_text(text, encoding="utf-8")
         (staged / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-        try:
-            move_into_place(staged, folder)
-        except OSError:
-            if saved_bpe_problem(folder, vocab_size) is not None:
-                raise
     return tokenizer
 
 

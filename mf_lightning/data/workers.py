@@ -38,7 +38,7 @@ from mf_lightning.data.parts import tokenize_part
 from mf_lightning.data.progress import Progress
 from mf_lightning.data.sources import Part, Source
 from mf_lightning.data.tokenizers import Tokenizer
-from mf_lightning.storage_errors import describe
+from mf_lightning.fs.errors import describe
 
 POLL_SECONDS = 1.0
 EXPECTED_ERRORS = (ValueError, OSError)

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 
+from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS
 from mf_lightning.lit.checkpoint_digests import (
     DIGESTS_SUFFIX,
     damaged_tensors,
@@ -50,7 +51,6 @@ from mf_lightning.lit.checkpoint_digests import (
     piece_digest,
     read_piece_digests,
 )
-from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS
 
 INDEX_NAME = ".metadata"
 """``torch.distributed.checkpoint``'s index of the tensors' pieces."""

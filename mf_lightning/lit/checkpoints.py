@@ -1,8 +1,8 @@
 """Checkpoint files that survive crashes and hostile input.
 
 Writing: ``AtomicCheckpointIO`` (installed by ``mf`` as the trainer's checkpoint plugin) writes every
-checkpoint to a temporary file in the target's folder, fsyncs it, renames it over the target with
-``os.replace`` and fsyncs the folder, so a kill at any moment leaves either the previous complete
+checkpoint with ``mf_lightning.fs.atomic.atomic_file`` (a temporary file in the target's folder, fsynced,
+renamed over the target, the folder fsynced), so a kill at any moment leaves either the previous complete
 file or the new complete file, never a truncated one. (Lightning's own ``_atomic_save`` stages the
 file in the system temporary folder and moves it, which is a plain copy when that folder is on
 another file system, and never fsyncs.) ``AtomicModelCheckpoint`` does the same for
@@ -19,9 +19,6 @@ a checkpoint holds (model config, tokenizer, tensor shapes) with the model it is
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +28,12 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mf_lightning.data.staging import is_running
+from mf_lightning.fs.atomic import atomic_file, partial_path, remove_abandoned
+from mf_lightning.fs.remote import is_remote
 from mf_lightning.lit.checkpoint_digests import with_digests
 from mf_lightning.lit.checkpoint_files import load_file
-from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
+from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
-from mf_lightning.storage_errors import naming
 
 MODEL_CONFIG_KEY = "mf_model_config"
 TOKENIZER_KEY = "mf_tokenizer"
@@ -58,7 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         checkpoint = with_digests(checkpoint)
-        if storage_options is not None or "://" in str(path):
+        if storage_options is not None or is_remote(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:
             atomic_save(checkpoint, Path(path))
@@ -107,7 +104,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self.save_last and "://" not in str(self.dirpath) and self.owns_last(trainer):
+        if self.save_last and not is_remote(str(self.dirpath)) and self.owns_last(trainer):
             self.last_model_path = self.last_path()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,7 +141,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         ``best_model_path``.
         """
         old, new = state_dict.get("dirpath"), self.dirpath
-        if not old or not new or old == new or "://" in str(new):
+        if not old or not new or old == new or is_remote(str(new)):
             return state_dict
 
         def moved(path: str) -> str | None:
@@ -171,44 +168,16 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
 
 
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is staged while written: hidden, in the same folder, not named like a checkpoint.
-
-    The name is unique to this writer (host, process id and a random part), so two processes saving
-    the same target at once never write into, or rename away, each other's temporary file.
-    """
-    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial")
-
-
-def remove_stale_partials(path: Path) -> None:
-    """Deletes temporary files or folders of ``path`` left by killed writers of this host (other hosts' may be live)."""
-    prefix = f".{path.name}.{socket.gethostname()}-"
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
-        pid = stale.name[len(prefix) :].split("-")[0] if stale.name.startswith(prefix) else ""
-        if pid.isdigit() and not is_running(int(pid)):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
 def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` through a fsynced temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    temporary = partial_path(path)
-    try:
-        with naming(path, "saving a checkpoint"), temporary.open("wb") as file:
-            try:
-                torch.save(checkpoint, file)
-            except RuntimeError as error:  # torch's zip writer hides a failed write (full disk) behind its own error
-                if isinstance(error.__context__, OSError):
-                    raise error.__context__ from error
-                raise
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    """``torch.save`` to ``path`` with ``atomic_file``, first removing what killed writers left in its folder."""
+    remove_abandoned(path.parent)
+    with atomic_file(path, "saving a checkpoint") as file:
+        try:
+            torch.save(checkpoint, file)
+        except RuntimeError as error:  # torch's zip writer hides a failed write (full disk) behind its own error
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from error
+            raise
 
 
 def read_checkpoint(
@@ -310,7 +279,7 @@ def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> No
     model (Lightning only warns), so that is an error. Remote folders (``s3://``...) are not checked.
     """
     folder = Path(dirpath)
-    if "://" in dirpath or not folder.is_dir():
+    if is_remote(dirpath) or not folder.is_dir():
         lasts, others = [], []
     else:
         lasts = sorted(path.name for path in folder.glob("last*.ckpt"))

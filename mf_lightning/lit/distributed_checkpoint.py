@@ -19,9 +19,9 @@ loader would unpickle it with ``weights_only=False``). Every file is opened thro
 ``weights_only=True``, the index with an unpickler that admits only the classes of an index, the shards
 through a reader that refuses stored Python objects.
 
-Writing is atomic: the ranks write into a hidden folder beside the target (``partial_path``), and rank 0
-moves it into place only after every rank has finished, swapping it with an existing target in one
-``renameat2(RENAME_EXCHANGE)`` where the file system supports it. A kill at any moment therefore leaves
+Writing is atomic: the ranks write into a hidden staging folder beside the target, and rank 0 moves it
+into place only after every rank has finished (``mf_lightning.fs.folders.replaced_folder``), swapping it
+with an existing target in one ``renameat2(RENAME_EXCHANGE)`` where the file system supports it. A kill at any moment therefore leaves
 the previous complete checkpoint, or the new complete one, under the target's name.
 
 Reading: ``read_sharded_placeholder`` gives the ranks of a sharded resume the checkpoint without its
@@ -33,10 +33,7 @@ tensors (the weights as shape-only meta tensors, enough for ``check_checkpoint``
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,10 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mf_lightning.fs.atomic import fsync_path
+from mf_lightning.fs.errors import naming
 from mf_lightning.lit.checkpoint_digests import DIGESTS_SUFFIX, SHARD_DIGESTS_KEY, DigestingWriter, has_piece_digests
 from mf_lightning.lit.checkpoint_files import INDEX_NAME, UnreadableCheckpoint, load_file, load_shards, read_index
 from mf_lightning.models.integrity import FAST_DIGEST
-from mf_lightning.storage_errors import naming
 
 METADATA_NAME = "meta.pt"
 """The file of a sharded checkpoint that holds everything but the weights and optimizer tensors."""
@@ -59,8 +57,6 @@ SHARDED_FOLDER_KEY = "mf_sharded_folder"
 """Key of a placeholder checkpoint (``read_sharded_placeholder``) naming the folder its tensors are still in."""
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 """What ``torch.distributed.checkpoint`` warns on every single-process load, even one that asks for it."""
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
 
 
 def optimizer_key(index: int) -> str:
@@ -124,59 +120,6 @@ def save_sharded(checkpoint: dict[str, Any], folder: Path, is_coordinator: bool,
         barrier()
         if is_coordinator:
             fsync_path(folder)
-
-
-def fsync_path(path: Path) -> None:
-    """Makes ``path`` durable (a folder: its entries, so a rename inside it survives a crash); a no-op where
-    folders cannot be opened (e.g. Windows)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def install(stage: Path, target: Path) -> None:
-    """Moves the complete checkpoint ``stage`` to ``target``, replacing what is there without a moment
-    in which ``target`` is missing where the file system can swap two names atomically.
-
-    Elsewhere (a file system without ``RENAME_EXCHANGE``, e.g. some network file systems) the old
-    target is first renamed aside, so a kill between the two renames leaves it under a hidden name.
-    """
-    if not os.path.lexists(target):
-        os.rename(stage, target)
-    elif exchange(stage, target):
-        remove(stage)
-    else:
-        aside = stage.with_name(stage.name + ".old")
-        os.rename(target, aside)
-        os.rename(stage, target)
-        remove(aside)
-    fsync_path(target.parent)
-
-
-def exchange(first: Path, second: Path) -> bool:
-    """Swaps two paths atomically (Linux ``renameat2``); ``False`` where the system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
-
-
-def remove(path: Path) -> None:
-    """Deletes a checkpoint file, link or folder."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def read_metadata(folder: Path, weights_only: bool = True) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A Lightning checkpoint is a pickle that also carries optimizer and loop state; the exported folder
 (``config.json`` + ``model.safetensors``, as written by ``save_pretrained``, plus the tokenizer's
 ``tokenizer.json`` / ``tokenizer_config.json``) holds only the model and its tokenizer, in formats that
-cannot carry code, and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
+cannot carry code, and is written as a whole (built beside ``--out`` and swapped in, so an interrupted
+export leaves the previous folder or the new one), and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
 (``mf eval`` / ``mf generate --model_dir DIR``), which checks every tensor against the SHA-256 recorded
 in ``model.safetensors`` at export (:mod:`mf_lightning.models.integrity`). The checkpoint itself is read
 with ``weights_only=True``; a sharded checkpoint folder (``FSDP2Strategy``) is assembled in this process,
@@ -41,9 +42,7 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
     model = model_from_checkpoint(checkpoint, ckpt_path)
     tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, read_run_config(config) if config else {})
-    directory = save_pretrained(model, out)
-    save_tokenizer(tokenizer, directory)
-    return directory
+    return save_pretrained(model, out, extra=lambda folder: save_tokenizer(tokenizer, folder))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -58,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="the run's config.yaml; only for checkpoints written before they carried the tokenizer",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out folder holding a model (replaced whole)"
+    )
     args = parser.parse_args(argv)
     directory = export_checkpoint(args.ckpt_path, args.out, args.config, args.overwrite)
     print(f"exported the model of {args.ckpt_path} to {directory}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,15 +35,15 @@ from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mf_lightning.lit.checkpoints import partial_path, read_checkpoint, remove_stale_partials
+from mf_lightning.fs.folders import replaced_folder
+from mf_lightning.fs.remote import is_remote
+from mf_lightning.lit.checkpoints import read_checkpoint
 from mf_lightning.lit.distributed_checkpoint import (
     SHARDED_FOLDER_KEY,
-    install,
     is_sharded_checkpoint,
     load_sharded_model,
     load_sharded_optimizer,
     read_sharded_placeholder,
-    remove,
     save_sharded,
 )
 from mf_lightning.models.pretrained import COMPILE_PREFIX
@@ -225,30 +225,20 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
-        """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0."""
+        """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0
+        (``replaced_folder``, held by rank 0 only; the other ranks write into the folder it broadcasts)."""
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        if storage_options is not None or "://" in str(filepath):
+        if storage_options is not None or is_remote(filepath):
             raise ValueError(
                 f"sharded checkpoints are written to local or mounted folders, not {filepath!r}; "
                 "use a local checkpoint.dirpath or FSDP2Strategy(save_distributed_checkpoint=False)"
             )
         target = Path(self.broadcast(str(filepath)))
-        stage = None
-        if self.is_global_zero:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(target)
-            stage = partial_path(target)
-        stage = Path(self.broadcast(str(stage)))
-        try:
-            save_sharded(checkpoint, stage, self.is_global_zero, self.barrier)
-            if self.is_global_zero:
-                install(stage, target)
-        except BaseException:
-            if self.is_global_zero and os.path.lexists(stage):
-                remove(stage)
-            raise
+        staging = replaced_folder(target, "saving a sharded checkpoint") if self.is_global_zero else nullcontext()
+        with staging as stage:
+            save_sharded(checkpoint, Path(self.broadcast(str(stage))), self.is_global_zero, self.barrier)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:

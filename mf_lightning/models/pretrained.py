@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mf_lightning.config import REMOVED_FIELDS, ModelConfig
+from mf_lightning.fs.folders import replaced_folder
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.integrity import DIGEST_KEY, LAYOUT_KEY, check_file_digests, tensors_digests, tensors_layout
 from mf_lightning.nn.init import initialise
-from mf_lightning.storage_errors import naming
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,16 +46,20 @@ RUNTIME_FIELDS = frozenset(
 OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
 
-def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
-    """Write ``model``'s config and weights into ``directory`` (created if needed); return the directory."""
+def save_pretrained(model: DecoderLM, directory: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model``'s config and weights, and whatever ``extra`` writes into the folder it is given (``mf
+    export``: the tokenizer), as the folder ``directory``; return the directory.
+
+    The folder is built beside ``directory`` and swapped in whole (``mf_lightning.fs.folders``), so a reader
+    or a crash sees the previous model or the new one, never a mix. An existing folder is replaced only when
+    it is empty or holds a saved model (``config.json`` or ``model.safetensors``), never a folder of other files.
+    """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} is an existing file; a model is saved as a folder: give a new or empty one")
+    check_replaceable(directory)
     config = json.dumps(model.config.to_dict(), indent=2)
     state = {key: value.detach().cpu().contiguous() for key, value in clean_keys(model.state_dict()).items()}
-    with naming(directory, "saving the model"):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(config + "\n")
+    with replaced_folder(Path(os.path.abspath(directory)), "saving the model") as staged:
+        (staged / CONFIG_NAME).write_text(config + "\n")
         try:
             metadata = {
                 "format": "pt",
@@ -63,13 +67,30 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
                 DIGEST_KEY: tensors_digests(state),
                 LAYOUT_KEY: tensors_layout(state),
             }
-            save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+            save_file(state, staged / WEIGHTS_NAME, metadata=metadata)
         except SafetensorError as error:
             code = OS_ERROR_IN_MESSAGE.search(str(error))
             if code is None:
                 raise
-            raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory / WEIGHTS_NAME)) from error
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(staged / WEIGHTS_NAME)) from error
+        if extra is not None:
+            extra(staged)
     return directory
+
+
+def check_replaceable(directory: Path) -> None:
+    """Refuses a ``directory`` that saving a model would destroy: a file, a folder holding other things than a
+    saved model, or the current folder (or one holding it)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is an existing file; a model is saved as a folder: give a new or empty one")
+    if Path.cwd().is_relative_to(os.path.abspath(directory)):
+        raise ValueError(f"{directory} is the current folder or holds it; save the model into a folder of its own")
+    names = sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+    if names and CONFIG_NAME not in names and WEIGHTS_NAME not in names:
+        raise ValueError(
+            f"{directory} holds files that are not a saved model ({', '.join(names[:LISTED])}); saving replaces "
+            "the whole folder: give a new or empty folder"
+        )
 
 
 def load_pretrained(

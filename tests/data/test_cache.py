@@ -24,6 +24,7 @@ from mf_lightning.data.cache import (
 )
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
+from mf_lightning.fs.atomic import partial_path
 
 
 class WideByteTokenizer(ByteTokenizer):
@@ -292,10 +293,23 @@ def test_a_build_killed_outright_leaves_nothing_once_the_next_build_ran(corpus_d
     assert list((tmp_path / "tokens").iterdir()) == [cache.directory]
 
 
+def test_a_build_stopped_by_sigterm_releases_its_lock_at_once(corpus_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends the builder through its cleanup: no lock is left for the next
+    process to wait on; the finished parts stay to resume from."""
+    builder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILDER, str(corpus_dir), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert builder.stdout.readline() == "building\n"
+    builder.send_signal(signal.SIGTERM)
+    assert builder.wait(timeout=60) == 128 + signal.SIGTERM
+    assert [path.suffix for path in (tmp_path / "tokens").iterdir()] == [".parts"]
+
+
 def test_staging_folders_of_running_builders_and_other_hosts_are_kept(corpus_dir: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    running = tokens / f".abc.staging-{os.uname().nodename}-{os.getppid()}-x1"
-    elsewhere = tokens / ".abc.staging-another-host-1-x2"
+    staged = partial_path(tokens / "abc")
+    running = staged.with_name(staged.name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
+    elsewhere = tokens / ".abc.another_host-1-0a1b2c3d.partial"
     for folder in (running, elsewhere):
         folder.mkdir(parents=True)
     cache = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)

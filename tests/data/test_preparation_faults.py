@@ -10,7 +10,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from mf_lightning.data import cache as cache_module
 from mf_lightning.data.cache import prepare_token_cache
 from mf_lightning.data.sources import open_source
 from mf_lightning.data.tokenizers import ByteTokenizer
+from mf_lightning.fs.lock import Holder
+from mf_lightning.fs.processes import this_host
 
 REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 1 << 17  # a corpus of about 600 KB in 5 parts, each writing about 256 KB of uint16 tokens
@@ -230,9 +231,9 @@ def test_dead_locks_guarding_no_parts_go_and_live_ones_stay(tmp_path: Path) -> N
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait()
     holders = {
-        "dead": f"process {ended.pid} on {socket.gethostname()}",
-        "live": f"process {os.getpid()} on {socket.gethostname()}",
-        "elsewhere": "process 1 on another-host",  # whether it runs cannot be told, and its lock is fresh
+        "dead": Holder(this_host(), ended.pid, "dead").line(),
+        "live": Holder(this_host(), os.getpid(), "live").line(),
+        "elsewhere": Holder("another-host", 1, "elsewhere").line(),  # whether it runs cannot be told; fresh lock
     }
     locks = {}
     for folder, name in [(tokens, ".{}0123456789abcdef0.lock"), (tokenizers, ".bpe-300-{}0123456789abc.lock")]:

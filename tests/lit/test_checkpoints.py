@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mf_lightning.config import ModelConfig
+from mf_lightning.fs.atomic import partial_path
 from mf_lightning.lit import LanguageModel
 from mf_lightning.lit.checkpoints import (
     AtomicCheckpointIO,
@@ -23,7 +24,6 @@ from mf_lightning.lit.checkpoints import (
     align_state_keys,
     check_checkpoint,
     check_run_folder,
-    partial_path,
     read_checkpoint,
     stamp_checkpoint,
 )

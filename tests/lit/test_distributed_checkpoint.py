@@ -16,11 +16,10 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from mf_lightning.lit import distributed_checkpoint
-from mf_lightning.lit.checkpoints import check_run_folder, partial_path, read_checkpoint, remove_stale_partials
+from mf_lightning.fs.atomic import partial_path, remove_abandoned
+from mf_lightning.lit.checkpoints import check_run_folder, read_checkpoint
 from mf_lightning.lit.distributed_checkpoint import (
     SHARDED_FOLDER_KEY,
-    install,
     is_sharded_checkpoint,
     read_sharded_placeholder,
     save_sharded,
@@ -102,25 +101,6 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path) -> None:
         read_checkpoint(tmp_path / "other.ckpt")
 
 
-@pytest.mark.parametrize("can_exchange", [True, False])
-@pytest.mark.parametrize("old_kind", ["folder", "file", "none"])
-def test_install_replaces_the_target_and_leaves_nothing_else(tmp_path, monkeypatch, can_exchange, old_kind) -> None:
-    if not can_exchange:
-        monkeypatch.setattr(distributed_checkpoint, "exchange", lambda first, second: False)
-    target = tmp_path / "last.ckpt"
-    if old_kind == "folder":
-        target.mkdir()
-        (target / "meta.pt").write_text("old")
-    elif old_kind == "file":
-        target.write_text("old")
-    stage = partial_path(target)
-    stage.mkdir()
-    (stage / "meta.pt").write_text("new")
-    install(stage, target)
-    assert (target / "meta.pt").read_text() == "new"
-    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
-
-
 def test_a_killed_writers_staging_folder_is_never_last_and_is_cleared(tmp_path) -> None:
     """A save killed before its rename leaves only a hidden folder beside the previous ``last.ckpt``;
     the next save removes it (its writer is dead), a live writer's stays."""
@@ -133,7 +113,7 @@ def test_a_killed_writers_staging_folder_is_never_last_and_is_cleared(tmp_path) 
         stage.mkdir()
         (stage / "__0_0.distcp").write_bytes(b"half")
     assert sorted(path.name for path in tmp_path.glob("last*")) == ["last.ckpt"]
-    remove_stale_partials(target)
+    remove_abandoned(tmp_path)
     assert not killed.exists() and live.exists()
 
 

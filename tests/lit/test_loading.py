@@ -8,6 +8,7 @@ import pytest
 import torch
 from cli_support import run, state_of, tiny_run_args, write_corpus
 
+from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
@@ -17,9 +18,11 @@ from mf_lightning.data.tokenizers import (
     tokenizer_state,
     train_bpe,
 )
+from mf_lightning.lit import export as export_module
 from mf_lightning.lit.checkpoints import TOKENIZER_STATE_KEY
 from mf_lightning.lit.export import export_checkpoint
 from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.models import build_model
 from mf_lightning.models.pretrained import clean_keys
 
 TEXTS = ["the memory layer hashes tokens into buckets", "attention mixes them"] * 20
@@ -105,3 +108,21 @@ def test_tokenizers_round_trip_through_checkpoint_state_and_folders(tokenizer, t
 def save_and_load(tokenizer, folder: Path):
     save_tokenizer(tokenizer, folder)
     return load_folder_tokenizer(folder)
+
+
+def test_an_interrupted_export_leaves_the_previous_folder_with_its_tokenizer(bpe_run, tmp_path, monkeypatch):
+    """The tokenizer is written into the staged folder with the model: an export interrupted while writing it
+    leaves the previous export whole, not the new model beside the old model's tokenizer."""
+    folder = tmp_path / "model"
+    build_model(ModelConfig.from_preset("debug")).save_pretrained(folder)
+    save_tokenizer(ByteTokenizer(), folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def interrupted(tokenizer, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "save_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(bpe_run / "checkpoints" / "last.ckpt", folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]

@@ -255,3 +255,51 @@ def test_build_in_dtype_materialises_directly_in_that_dtype() -> None:
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     assert model.blocks[0].qkv.tables.std().item() == pytest.approx(model.blocks[0].qkv.init_std, rel=0.1)
     assert model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0).shape == (1, 4)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_model_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder is swapped in whole: a failure after config.json was written leaves the old config and weights,
+    never the new config beside the old weights."""
+    old = debug_model("transformer")
+    old.save_pretrained(tmp_path / "model")
+
+    def half_written(state: dict, path: Path, metadata: dict) -> None:
+        Path(path).write_bytes(b"half of the weights")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pretrained, "save_file", half_written)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pretrained(debug_model("memoryformer"), tmp_path / "model")
+    monkeypatch.undo()
+    assert_same_weights(load_pretrained(tmp_path / "model"), old)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"], "no staging folder is left"
+
+
+def test_saving_over_a_saved_model_replaces_it_whole(tmp_path: Path) -> None:
+    debug_model("transformer").save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")  # the old model's tokenizer would be loaded with the new
+    new = debug_model("memoryformer")
+    save_pretrained(new, tmp_path / "model", extra=lambda folder: (folder / "extra.txt").write_text("written inside"))
+    assert sorted(path.name for path in (tmp_path / "model").iterdir()) == [
+        "config.json",
+        "extra.txt",
+        "model.safetensors",
+    ]
+    assert_same_weights(load_pretrained(tmp_path / "model"), new)
+
+
+def test_a_folder_of_other_files_or_the_current_folder_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds files that are not a saved model \(notes.txt\).*new or empty folder"):
+        save_pretrained(debug_model(), tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(ValueError, match="is the current folder or holds it"):
+        save_pretrained(debug_model(), ".")
+    assert Path.cwd() == empty and list(empty.iterdir()) == []

@@ -1,0 +1,109 @@
+"""Files replaced whole: written under a temporary name beside the target, fsynced, then renamed over it.
+
+Every temporary file and staging folder ``mf`` writes is named by ``partial_path``:
+``.<name>.<host>-<pid>-<random>.partial`` beside its target. It is hidden, never matches what a reader
+looks for (``*.ckpt``, a cache folder), is unique to its writer (two processes saving one target at once
+never write into, or rename away, each other's file), and records who wrote it, so ``remove_abandoned``
+can delete what a writer of this host killed outright (SIGKILL, power loss) left behind while leaving
+alone what a live writer, or one on another host sharing the folder, is still writing.
+
+``atomic_file`` writes a file that way: a reader, or a crash at any moment, finds the previous complete
+file or the new complete one, never a part (``os.replace`` is atomic on POSIX file systems, and the file
+and then its folder are fsynced so the new name survives a power loss with its contents).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from mf_lightning.fs.errors import naming
+from mf_lightning.fs.processes import is_running, this_host
+
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]+\.partial$")
+"""A name ``partial_path`` gives; the host has its dots replaced (``host_label``), so it parses back exactly."""
+
+
+def host_label(host: str) -> str:
+    """``host`` as it appears in temporary names: without dots, so the name's fields are unambiguous."""
+    return host.replace(".", "_")
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (see the module): hidden, beside it, unique."""
+    token = secrets.token_hex(4)
+    return path.with_name(f".{path.name}.{host_label(this_host())}-{os.getpid()}-{token}{PARTIAL_SUFFIX}")
+
+
+def abandoned(path: Path) -> bool:
+    """Whether ``path`` is a temporary file or folder (``partial_path``) of a process of this host that no longer runs."""
+    match = PARTIAL_NAME.match(path.name)
+    return bool(match) and match["host"] == host_label(this_host()) and not is_running(int(match["pid"]))
+
+
+def remove_abandoned(folder: Path) -> list[Path]:
+    """Deletes the temporary files and folders in ``folder`` left by killed writers of this host; returns them."""
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = [path for path in entries if abandoned(path)]
+    for path in removed:
+        remove(path)
+    return removed
+
+
+def remove(path: Path) -> None:
+    """Deletes a file, link or folder (a folder with everything in it); nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Makes ``path`` durable (a folder: its entries, so a rename inside it survives a crash); a no-op where
+    folders cannot be opened (e.g. Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_file(path: Path, action: str) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new contents into; it replaces ``path`` when the block ends without error.
+
+    An error (or interruption) in the block removes the temporary file and leaves ``path`` as it was;
+    ``OSError``s name ``path`` and ``action``, not the temporary file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = partial_path(path)
+    try:
+        with naming(path, action, temporary):
+            with temporary.open("wb") as file:
+                yield file
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str, action: str) -> None:
+    """Replaces ``path`` by ``data`` (``str`` is written as UTF-8) with ``atomic_file``."""
+    with atomic_file(path, action) as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
