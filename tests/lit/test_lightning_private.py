@@ -59,6 +59,12 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch) -> None:
+    """Trainers without a checkpoint folder of their own write theirs (``checkpoints/``) in the working folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def loader() -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=4)
 
