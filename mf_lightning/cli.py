@@ -37,7 +37,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -60,6 +60,7 @@ from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
+from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
@@ -138,8 +139,9 @@ TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
 """Trainer settings whose value 0 would make ``fit`` train nothing and still exit 0."""
 
 
-class MFCLI(LightningCLI):
-    """LightningCLI with the data vocabulary linked into the model and our callbacks forced on."""
+class MFCLI(ConfigOverCheckpointCLI):
+    """LightningCLI with the data vocabulary linked into the model and our callbacks forced on; the model's config
+    is the one given, never a ``--ckpt_path``'s hyper-parameters (``ConfigOverCheckpointCLI``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
@@ -152,14 +154,6 @@ class MFCLI(LightningCLI):
                 if lost is None:
                     raise
                 raise lost from error
-
-    def _parse_ckpt_path(self) -> None:
-        """Keeps the config as given: LightningCLI would overwrite the model's arguments with the
-        checkpoint's hyper-parameters (unpickling the whole file once more to read them), silently
-        training another model than configured; ``LanguageModel.on_load_checkpoint`` checks the fit instead.
-        Overrides a private LightningCLI method (Lightning 2.6); pinned by
-        ``tests/test_reliability.py::test_checkpoint_of_another_model_is_refused``, which fails if Lightning
-        stops calling it and the checkpoint's hyper-parameters replace the config again."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

@@ -1,4 +1,5 @@
-"""The package's floors (ARCHITECTURE.md), read from every module's imports with ``ast``.
+"""The package's floors (ARCHITECTURE.md), read from every module's imports with ``ast``; and private Lightning
+names only in ``lit/lightning_private.py``.
 
 A module may import its own package and anything on a lower floor, never a floor-mate or a floor above;
 no module imports its own package's ``__init__`` where that ``__init__`` imports the package's modules
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,9 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
 )
 """Floor ``i`` holds the units (subpackages and top-level modules, by name) listed at index ``i``."""
+
+LIGHTNING_PRIVATE = "mf_lightning.lit.lightning_private"
+"""The one module that may use Lightning's private names (ARCHITECTURE.md, docs/private-lightning-hooks.md)."""
 
 FLOOR_OF = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 ALLOWED = {unit: {lower for below in FLOORS[:level] for lower in below} for unit, level in FLOOR_OF.items()}
@@ -227,3 +232,64 @@ def test_an_init_that_imports_no_module_of_its_package_may_be_imported_by_them()
 def test_a_circle_is_found() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+@cache
+def lightning_private_names() -> frozenset[str]:
+    """Every private name Lightning defines: its ``_``-prefixed functions and methods, and the ``self._x``
+    attributes its classes set (``lightning.pytorch`` and ``lightning.fabric``)."""
+    import lightning
+
+    root = Path(lightning.__file__).parent
+    names = set()
+    for path in [*(root / "pytorch").rglob("*.py"), *(root / "fabric").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(
+                    target.attr
+                    for target in targets
+                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                    if target.value.id == "self"
+                )
+    return frozenset(name for name in names if name.startswith("_") and not name.startswith("__"))
+
+
+def private_lightning_uses(source: str) -> list[str]:
+    """Each place ``source`` reads, sets, overrides or names (in a string: a checkpoint key) a private Lightning name."""
+    uses = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            name = node.name
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            name = node.value
+        else:
+            continue
+        if name in lightning_private_names():
+            uses.append(f"line {node.lineno}: {name}")
+    return uses
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - {LIGHTNING_PRIVATE}))
+def test_only_lightning_private_uses_lightning_internals(module: str) -> None:
+    """A private Lightning API is used through ``mf_lightning.lit.lightning_private`` (with its canary test in
+    tests/lit/test_lightning_private.py and its row in docs/private-lightning-hooks.md), nowhere else."""
+    assert private_lightning_uses(MODULES[module].read_text()) == [], f"move these into {LIGHTNING_PRIVATE}"
+
+
+def test_private_lightning_uses_are_found() -> None:
+    source = (
+        "class CLI(LightningCLI):\n    def _parse_ckpt_path(self):\n        pass\n"
+        "trainer._signal_connector.received_sigterm = True\n"
+        "state['_batches_that_stepped'] = 3\n"
+        "self._own_counter = 0\n"
+    )
+    assert private_lightning_uses(source) == [
+        "line 2: _parse_ckpt_path",
+        "line 4: _signal_connector",
+        "line 5: _batches_that_stepped",
+    ]

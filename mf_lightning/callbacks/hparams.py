@@ -33,6 +33,7 @@ from mf_lightning.callbacks.bucket_usage import model_usage_tag
 from mf_lightning.callbacks.monitoring import tensorboard_writers
 from mf_lightning.callbacks.run_tags import bits_per_byte_tags, loss_tags, usage_layers
 from mf_lightning.callbacks.usage_metrics import USED_FRACTION
+from mf_lightning.lit.lightning_private import event_file_writer
 
 HParamValue = bool | int | float | str
 SEED_VARIABLE = "PL_GLOBAL_SEED"
@@ -57,7 +58,7 @@ class HParamsSummary(pl.Callback):
         experiment, session_start, session_end = hparams(run_settings(trainer, pl_module), metrics)
         summaries = [session_end] if ending else [experiment, session_start]
         for writer in writers:
-            file_writer = writer._get_file_writer()  # as TensorBoardLogger.log_hyperparams writes its summaries
+            file_writer = event_file_writer(writer)  # as TensorBoardLogger.log_hyperparams writes its summaries
             for summary in summaries:
                 file_writer.add_summary(summary)
 

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mf_lightning.lit.checkpoints import AtomicModelCheckpoint
+from mf_lightning.lit.lightning_private import mark_sigterm_received
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -88,7 +89,7 @@ class PreemptionCheckpoint(pl.Callback):
         """Marks the trainer as having received SIGTERM (on every rank, at this same step) and says which ranks got it.
 
         Lightning raises ``SIGTERMException`` once the batch is complete when ``trainer.received_sigterm``
-        is set; its signal connector holds that flag (pinned by tests/callbacks/test_preemption.py).
+        is set (``mark_sigterm_received``).
         """
         flags = trainer.strategy.all_gather(torch.tensor([self.received], device=trainer.strategy.root_device))
         ranks = [str(rank) for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
@@ -96,7 +97,7 @@ class PreemptionCheckpoint(pl.Callback):
             f"SIGTERM received by rank {', '.join(ranks)} of {trainer.world_size}: "
             f"every rank stops after step {trainer.global_step} and saves"
         )
-        trainer._signal_connector.received_sigterm = True
+        mark_sigterm_received(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_handler()

@@ -26,13 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mf_lightning.fs.atomic import atomic_file, partial_path, remove_abandoned
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.lit.checkpoint_digests import with_digests
 from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+from mf_lightning.lit.lightning_private import ModelCheckpointSteps
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 
 MODEL_CONFIG_KEY = "mf_model_config"
@@ -69,7 +69,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location, self.weights_only if weights_only is None else weights_only)
 
 
-class AtomicModelCheckpoint(ModelCheckpoint):
+class AtomicModelCheckpoint(ModelCheckpointSteps):
     """``ModelCheckpoint`` whose ``last.ckpt`` holds the latest validated or final model and is continued on resume.
 
     - **Current.** Lightning 2.6 writes ``last`` only beside a new top-k file (or an
@@ -118,17 +118,16 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def save_last_if_behind(self, trainer: pl.Trainer) -> None:
         """Saves ``last`` with the current state during fit unless a save at this step (top-k, periodic) wrote it.
 
-        Relies on Lightning's ``_should_skip_saving_checkpoint`` (fit only, no sanity check or fast_dev_run,
-        nothing saved at this global step yet) and ``_save_checkpoint``, pinned by tests/lit/test_checkpoints.py.
-        A run that does not own the folder's ``last.ckpt`` (``owns_last``) leaves it alone: Lightning's
-        ``_save_last_checkpoint`` then picks a versioned name.
+        Saves nothing where ``ModelCheckpoint`` would not (``skips_saving``: fit only, no sanity check or
+        fast_dev_run, nothing saved at this global step yet). A run that does not own the folder's
+        ``last.ckpt`` (``owns_last``) leaves it alone: ``save_new_last`` then picks a versioned name.
         """
-        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+        if not self.save_last or self.skips_saving(trainer):
             return
         if not self.last_model_path:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self.save_new_last(trainer)
             return
-        self._save_checkpoint(trainer, self.last_model_path)
+        self.save_to(trainer, self.last_model_path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(self.moved_with_the_folder(state_dict))
@@ -160,7 +159,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         }
 
     @staticmethod
-    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+    def link_last(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """Points ``linkpath`` at ``filepath`` through a link made under a temporary name and renamed over it."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             temporary = partial_path(Path(linkpath))
             os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), temporary)

@@ -15,10 +15,11 @@ import re
 import signal
 import subprocess
 import time
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from mf_lightning.lit.lightning_private import launched_processes
 
 PARENT_AT_START = os.getppid()
 """The process that started this one: rank 0 of the node for ranks that Lightning's launcher started."""
@@ -53,7 +54,7 @@ def lost_rank_error(trainer: pl.Trainer | None, error: BaseException) -> RankLos
 
 def ended_children(trainer: pl.Trainer) -> list[str]:
     """How the ranks this process started (Lightning's subprocess launcher on each node's rank 0) ended, if they did."""
-    processes: list[subprocess.Popen[Any]] = getattr(trainer.strategy.launcher, "procs", None) or []
+    processes = launched_processes(trainer)
     deadline = time.monotonic() + EXIT_GRACE_SECONDS
     ended = []
     for local_rank, process in enumerate(processes, start=1):

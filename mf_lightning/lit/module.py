@@ -19,6 +19,7 @@ from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, tokenizer_state
 from mf_lightning.lit.checkpoints import align_state_keys, check_checkpoint, stamp_checkpoint
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+from mf_lightning.lit.lightning_private import align_logging_step
 from mf_lightning.lit.optim import (
     WarmupCosineLR,
     check_fraction,
@@ -308,7 +309,7 @@ class LanguageModel(L.LightningModule):
         checkpoint["state_dict"] = align_state_keys(checkpoint["state_dict"], expected)
         path = getattr(self.attached_trainer, "ckpt_path", None)
         check_checkpoint(checkpoint, self.config.to_dict(), self.tokenizer_fingerprint, expected, path)
-        align_logging_step(checkpoint)
+        align_logging_step(checkpoint, self.attached_trainer)
         self.resumed = True
 
     def on_train_start(self) -> None:
@@ -348,24 +349,3 @@ class LanguageModel(L.LightningModule):
             else None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def align_logging_step(checkpoint: dict[str, Any]) -> None:
-    """Makes a resumed run log at the checkpoint's optimizer step.
-
-    Lightning counts the logging step (``_batches_that_stepped``) up after a batch's validation and, on
-    restart, adds the missing one back only for checkpoints written before the batch completed
-    (``on_train_batch_end``, e.g. ``every_n_train_steps``). A checkpoint written by a validation after
-    the batch completed (every validation-time save, the final step's included) would resume one step
-    early, logging every later scalar on top of values already logged there. With one optimizer the
-    logging step is the optimizer step, so the saved count is set to what Lightning's restart expects
-    (``tests/lit/test_resume.py`` and ``tests/test_cli.py`` pin both kinds of checkpoint).
-    """
-    loops = checkpoint.get("loops") or {}
-    fit_loop = loops.get("fit_loop") or {}
-    epoch_loop = fit_loop.get("epoch_loop.state_dict")
-    if not isinstance(epoch_loop, dict) or "_batches_that_stepped" not in epoch_loop or "global_step" not in checkpoint:
-        return
-    total = (fit_loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
-    saved_before_completion = total.get("completed") == total.get("processed", 0) - 1
-    epoch_loop["_batches_that_stepped"] = checkpoint["global_step"] - int(saved_before_completion)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
@@ -46,6 +47,7 @@ from mf_lightning.lit.distributed_checkpoint import (
     read_sharded_placeholder,
     save_sharded,
 )
+from mf_lightning.lit.lightning_private import make_every_rank_data_parallel
 from mf_lightning.models.pretrained import COMPILE_PREFIX
 from mf_lightning.nn.init import reset_state, stateful_modules
 
@@ -192,12 +194,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
+        self.save_distributed_checkpoint = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
-        """Every process is a data-parallel rank: Lightning's private ``_data_parallel_size`` is set before its
-        mesh is built, since the public argument is fixed before the Trainer knows its devices; pinned by
-        ``tests/test_fsdp.py``, where each of 2 ranks must hold half of every parameter."""
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        """Every process is a data-parallel rank (``make_every_rank_data_parallel``, set before the mesh is
+        built); ``tests/test_fsdp.py`` checks that each of 2 ranks holds half of every parameter."""
+        make_every_rank_data_parallel(self)
         super().setup_environment()
 
     @property
@@ -208,7 +210,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full weights on rank 0 (single-file checkpoints), else this rank's shards, left where they
         are (on the GPU): the checkpoint writer copies them to the host one tensor at a time."""
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed_checkpoint:
             return super().lightning_module_state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -216,18 +218,19 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Like ``lightning_module_state_dict``: keyed by parameter name, this rank's shards, not copied."""
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed_checkpoint:
             return super().optimizer_state(optimizer)
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer))
+        plain = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        return get_optimizer_state_dict(self.model, plain)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0
         (``replaced_folder``, held by rank 0 only; the other ranks write into the folder it broadcasts)."""
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         if storage_options is not None or is_remote(filepath):

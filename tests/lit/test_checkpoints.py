@@ -145,14 +145,14 @@ def test_last_link_is_swapped_atomically(tmp_path, monkeypatch):
     first, second, last = tmp_path / "step=2.ckpt", tmp_path / "step=4.ckpt", tmp_path / "last.ckpt"
     first.write_text("2")
     second.write_text("4")
-    AtomicModelCheckpoint._link_checkpoint(trainer, str(first), str(last))
+    AtomicModelCheckpoint.link_last(trainer, str(first), str(last))
     assert last.is_symlink() and last.read_text() == "2"
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
     with pytest.raises(SystemExit):
-        AtomicModelCheckpoint._link_checkpoint(trainer, str(second), str(last))
+        AtomicModelCheckpoint.link_last(trainer, str(second), str(last))
     assert last.read_text() == "2", "a kill while linking must leave the previous last.ckpt in place"
     monkeypatch.undo()
-    AtomicModelCheckpoint._link_checkpoint(trainer, str(second), str(last))
+    AtomicModelCheckpoint.link_last(trainer, str(second), str(last))
     assert last.read_text() == "4" and os.readlink(last) == "step=4.ckpt"
 
 

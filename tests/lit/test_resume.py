@@ -51,3 +51,13 @@ def test_resume_applies_the_configs_lr_schedule_length_and_weight_decay(tmp_path
     ):
         assert change in line
     assert "no_decay weight_decay" not in line and "warmup_fraction" not in line, "only changes are listed"
+
+
+def test_a_resume_from_a_periodic_validations_checkpoint_logs_each_step_once(tmp_path):
+    """Resuming from ``last`` continues the logged curves at the next step when the 4-step run's ``last.ckpt``
+    came from a validation on the grid (every 2 steps); the test above covers the final one off the grid."""
+    corpus = write_corpus(tmp_path / "corpus")
+    options = {**LIGHT, "validation.every_n_steps": 2}
+    run("fit", tiny_run_args(tmp_path, corpus, max_steps=4, **options))
+    run("fit", tiny_run_args(tmp_path, corpus, max_steps=6, **options) + ["--ckpt_path", "last"])
+    assert [step for step, _ in scalars(tmp_path / "tensorboard")["lr-AdamW/decay"]] == list(range(6))

@@ -1,0 +1,159 @@
+"""Every private Lightning API ``mf_lightning`` relies on, in this one module.
+
+Lightning (2.6) has no public way to do what each entry here does; each one's docstring says what it relies
+on, why no public API covers it, and the upstream issue or pull request (or that there is none). The rest of
+the package reaches these internals only through this module (``tests/test_architecture.py`` refuses a
+private Lightning name anywhere else), and ``tests/lit/test_lightning_private.py`` holds one canary test per
+entry, which fails as soon as Lightning changes the behaviour relied on. They are why ``pyproject.toml`` pins
+``lightning<2.7``: to move the pin, run the canaries against the new release and fix what they name.
+``docs/private-lightning-hooks.md`` has the table.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+LOOP_STATE_KEY = "epoch_loop.state_dict"
+"""Where a checkpoint's ``loops.fit_loop`` keeps the training epoch loop's own state."""
+LOGGING_STEP_KEY = "_batches_that_stepped"
+"""The training epoch loop's logging step in that state (``_TrainingEpochLoop.on_save_checkpoint``)."""
+BATCH_PROGRESS_KEY = "epoch_loop.batch_progress"
+"""Where ``loops.fit_loop`` keeps the training batches' progress counters (``total.processed`` ...)."""
+
+
+class ConfigOverCheckpointCLI(LightningCLI):
+    """``LightningCLI`` that keeps the model's config as given when a ``--ckpt_path`` is passed.
+
+    Since 2.5.5 (pull request #21116, for issues #20310 and #20801) LightningCLI's private ``_parse_ckpt_path``,
+    called by ``__init__`` right after parsing, unpickles the checkpoint once more and overwrites the
+    model's arguments with its stored hyper-parameters, so a changed config would silently train the
+    checkpoint's model instead; ``LanguageModel.on_load_checkpoint`` refuses a checkpoint of another model
+    instead. No public switch turns it off: the ``adapt_checkpoint_hparams`` hook proposed upstream
+    (pull request #21408, open) would, by returning ``{}``, and then replaces this override.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        """Leaves ``self.config`` as parsed (the checkpoint's hyper-parameters are not read)."""
+
+
+class ModelCheckpointSteps(ModelCheckpoint):
+    """``ModelCheckpoint`` with the private steps a subclass needs to save ``last`` itself, under public names.
+
+    Lightning writes ``last`` only beside a new top-k or periodic file (documented: "whenever a checkpoint
+    file gets saved"; issue #19325, closed as intended; pull request #21244 made it stricter), so a subclass
+    that keeps ``last`` current calls the steps ``ModelCheckpoint`` uses itself; none of them is public
+    (issue #4335 asks for the class to be split into overridable parts). ``save_last="link"`` links through
+    the private static ``_link_checkpoint``, which deletes the old link before making the new one (no
+    upstream issue about that gap); here it is handed to ``link_last``, which subclasses replace.
+    """
+
+    def skips_saving(self, trainer: pl.Trainer) -> bool:
+        """Whether ``ModelCheckpoint`` would save nothing now: not fitting, a sanity check, ``fast_dev_run``,
+        or this callback already saved at this global step (``_should_skip_saving_checkpoint``)."""
+        return self._should_skip_saving_checkpoint(trainer)
+
+    def save_to(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Saves the trainer's state to ``filepath`` as this callback's own save: it is recorded as the last
+        saved step and file (which ``skips_saving`` and the next link read) and the loggers are told
+        (``_save_checkpoint``)."""
+        self._save_checkpoint(trainer, filepath)
+
+    def save_new_last(self, trainer: pl.Trainer) -> None:
+        """Saves ``last`` under the name ``ModelCheckpoint`` picks, versioned (``last-v1``) when a ``last`` it
+        did not write exists (``_save_last_checkpoint`` with ``_monitor_candidates``)."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _link_checkpoint(self, trainer: pl.Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
+        """Lightning's step that points ``save_last="link"``'s ``last`` at ``filepath``: ``link_last`` does it."""
+        self.link_last(trainer, filepath, linkpath)
+
+    @staticmethod
+    def link_last(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """Points the link ``linkpath`` at ``filepath`` (on rank 0; every rank waits): Lightning's own way."""
+        ModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)
+
+
+def make_every_rank_data_parallel(strategy: ModelParallelStrategy) -> None:
+    """Sets ``strategy``'s data-parallel size to all its processes (``num_nodes x devices``), before its
+    ``setup_environment`` builds the device mesh from it.
+
+    ``ModelParallelStrategy(data_parallel_size=...)`` is fixed before the Trainer hands the strategy its
+    devices, and its ``"auto"`` means the number of nodes (the GPUs of a node form the tensor-parallel
+    group), so plain FSDP over every device of any run needs the private ``_data_parallel_size`` set at
+    ``setup_environment``. No upstream issue asks for a "whole world" size.
+    """
+    strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes
+
+
+def mark_sigterm_received(trainer: pl.Trainer) -> None:
+    """Makes ``trainer.received_sigterm`` true, so Lightning stops the fit with ``SIGTERMException`` once the
+    current training batch is complete (after the first batch of a validation that was due).
+
+    ``Trainer.received_sigterm`` is a read-only property of the private signal connector's flag, which only
+    Lightning's own SIGTERM handler sets; that handler broadcasts from inside the signal handler of the rank
+    that got the signal, which hangs a multi-rank job (issue #20806; the broadcast came with pull request
+    #20825). No public way sets the flag at a step every rank agrees on.
+    """
+    trainer._signal_connector.received_sigterm = True
+
+
+def align_logging_step(checkpoint: dict[str, Any], trainer: pl.Trainer | None) -> None:
+    """Makes a fit that ``trainer`` resumes from ``checkpoint`` log at the checkpoint's optimizer step.
+
+    Lightning saves the logging step (the loop state's private ``_batches_that_stepped``) before it counts
+    the batch's step, and on restart adds that step back only where it replays the end of the batch: for a
+    save before the batch completed (``on_train_batch_end``, e.g. ``every_n_train_steps``), and for one at a
+    validation that its ``val_check_interval`` makes due at that batch. A save at a validation that was not
+    due (mf's final one, asked for with ``should_stop`` off the grid) and a save after the count (SIGTERM)
+    would resume one step early or late, logging every later scalar on top of values already logged.
+    With one optimizer the logging step is the optimizer step, so the saved count is set to what Lightning's
+    restart turns into it. Whether a validation is due is known when Lightning counts validations in
+    batches across epochs (an ``int`` ``val_check_interval`` with ``check_val_every_n_epoch=None``, as ``mf``
+    sets them); otherwise it is taken as not due. The checkpoint's loop state has no public reader or
+    writer. Upstream: the logging step is restored since pull request #13467 (issue #12274); no issue covers
+    these saves (issue #19367, open, is an off-by-one of the global step on a mid-epoch resume).
+    """
+    loops = checkpoint.get("loops") or {}
+    fit_loop = loops.get("fit_loop") or {}
+    epoch_loop = fit_loop.get(LOOP_STATE_KEY)
+    if not isinstance(epoch_loop, dict) or LOGGING_STEP_KEY not in epoch_loop or "global_step" not in checkpoint:
+        return
+    total = (fit_loop.get(BATCH_PROGRESS_KEY) or {}).get("total") or {}
+    saved_before_completion = total.get("completed") == total.get("processed", 0) - 1
+    replayed = saved_before_completion or validation_due(trainer, total.get("ready", 0))
+    epoch_loop[LOGGING_STEP_KEY] = checkpoint["global_step"] - int(replayed)
+
+
+def validation_due(trainer: pl.Trainer | None, batches: int) -> bool:
+    """Whether ``trainer`` validates after its ``batches``-th training batch, where that depends on the batch count
+    alone (an ``int`` ``val_check_interval`` counted across epochs); False otherwise."""
+    interval = getattr(trainer, "val_check_interval", None)
+    across_epochs = trainer is not None and trainer.check_val_every_n_epoch is None
+    return across_epochs and isinstance(interval, int) and batches > 0 and batches % interval == 0
+
+
+def launched_processes(trainer: pl.Trainer) -> list[subprocess.Popen[Any]]:
+    """The processes of the other ranks of this node that this process started (Lightning's subprocess
+    launcher, on each node's rank 0), or none.
+
+    ``procs`` is an attribute of the private ``_SubprocessScriptLauncher``; Lightning has no public way to
+    reach the processes it launched. No upstream issue.
+    """
+    return list(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+
+def event_file_writer(writer: Any) -> Any:
+    """The file writer of a TensorBoard ``SummaryWriter``, which takes ready-made ``Summary`` protos (the
+    HParams plugin's), reopened if the writer was closed.
+
+    torch's private ``SummaryWriter._get_file_writer``, called exactly as Lightning's own
+    ``TensorBoardLogger.log_hyperparams`` does; torch has no public method that writes a given summary into
+    the writer's folder (``add_hparams`` writes into a new sub-folder). No upstream issue.
+    """
+    return writer._get_file_writer()
