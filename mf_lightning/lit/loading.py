@@ -5,8 +5,7 @@ One loader serves ``mf export``, ``mf eval`` and ``mf generate``:
 - a run: its config (``<run>/tensorboard/config.yaml``, or the YAML it was started with) and
   ``ckpt_path`` (``last`` or a ``.ckpt`` file, or the folder of a sharded checkpoint written under
   ``FSDP2Strategy``, assembled in this process). The model is rebuilt from the config the checkpoint
-  records and the tokenizer from the copy the checkpoint carries (checkpoints written before it
-  carried one fall back to the config's ``data.tokenizer``);
+  records and the tokenizer from the copy the checkpoint carries;
 - a folder written by ``mf export`` / ``save_pretrained``: ``config.json``, ``model.safetensors`` and
   the tokenizer files.
 
@@ -22,8 +21,8 @@ import torch
 import yaml
 
 from mf_lightning.config import ModelConfig
-from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, load_tokenizer, tokenizer_from_state
-from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_KEY, TOKENIZER_STATE_KEY, read_checkpoint
+from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, tokenizer_from_state
+from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_STATE_KEY, read_checkpoint
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
@@ -51,7 +50,7 @@ def load_for_inference(
         path = resolve_checkpoint(ckpt_path or LAST, config, run_config)
         checkpoint = read_checkpoint(path, map_location="cpu")
         model = model_from_checkpoint(checkpoint, path).to(device)
-        tokenizer = checkpoint_tokenizer(checkpoint, path, run_config)
+        tokenizer = checkpoint_tokenizer(checkpoint, path)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
@@ -122,38 +121,11 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Decod
     return model
 
 
-def checkpoint_tokenizer(checkpoint: dict[str, Any], path: str | Path, run_config: dict[str, Any]) -> Tokenizer:
-    """The tokenizer stored in the checkpoint, else the one the run config's ``data`` section names."""
+def checkpoint_tokenizer(checkpoint: dict[str, Any], path: str | Path) -> Tokenizer:
+    """The tokenizer an ``mf fit`` checkpoint carries (every one does: ``stamp_checkpoint``)."""
     state = checkpoint.get(TOKENIZER_STATE_KEY)
-    if state is not None:
-        return tokenizer_from_state(state, str(path))
-    tokenizer = config_tokenizer(run_config, path)
-    trained_with = checkpoint.get(TOKENIZER_KEY)
-    if trained_with is not None and trained_with != tokenizer.fingerprint:
+    if state is None:
         raise ValueError(
-            f"checkpoint {path} was trained with tokenizer {trained_with!r}, but the run config's data.tokenizer "
-            f"gives {tokenizer.fingerprint!r}; pass the config the checkpoint was trained with"
+            f"checkpoint {path} carries no tokenizer, so it was not written by mf fit; give a checkpoint of an mf run"
         )
-    return tokenizer
-
-
-def config_tokenizer(run_config: dict[str, Any], path: str | Path) -> Tokenizer:
-    """The tokenizer the ``data`` section of a run config names (for checkpoints that carry none)."""
-    data = run_config.get("data") or {}
-    spec = data.get("tokenizer")
-    if spec is None:
-        raise ValueError(
-            f"checkpoint {path} carries no tokenizer (written by an older mf); pass the run's config.yaml with --config"
-        )
-    if str(spec).startswith("bpe:"):
-        from mf_lightning.data.datamodule import resolve_cache_dir
-        from mf_lightning.data.sources import open_source
-
-        source = open_source(
-            data.get("source", "demo"),
-            data.get("text_field", "text"),
-            data.get("hf_split", "train"),
-            data.get("document_separator"),
-        )
-        return load_tokenizer(spec, source, resolve_cache_dir(data.get("cache_dir")))
-    return load_tokenizer(spec)
+    return tokenizer_from_state(state, str(path))

@@ -41,15 +41,19 @@ def tensors_digests(state: Mapping[str, torch.Tensor]) -> str:
 def check_file_digests(path: Path) -> None:
     """Raise a ``ValueError`` naming ``path`` and the tensors whose bytes do not hash to the digests stored in it.
 
-    Files saved without digests (before they were recorded) are not checked. ``path`` must be a readable
-    safetensors file (its header already parsed by safetensors).
+    A file that records no digests was not written by ``save_pretrained`` (every model folder it writes has
+    them), so it is refused too. ``path`` must be a readable safetensors file (its header already parsed by
+    safetensors).
     """
     with path.open("rb") as file:
         (header_size,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_size))
     stored = (header.pop("__metadata__", None) or {}).get(DIGEST_KEY)
     if stored is None:
-        return
+        raise ValueError(
+            f"{path} records no SHA-256 of its tensors ({DIGEST_KEY} metadata), so its data cannot be checked; "
+            "it was not written by save_pretrained / mf export: export the model again"
+        )
     expected = json.loads(stored)
     start = 8 + header_size
     descriptor = os.open(path, os.O_RDONLY)

@@ -63,15 +63,16 @@ def test_an_exported_folder_is_self_contained(bpe_run, tmp_path):
     assert tokenizer.encode("memory layer") == from_run.encode("memory layer")
 
 
-def test_a_checkpoint_without_a_tokenizer_falls_back_to_the_run_config(bpe_run, tmp_path):
+def test_a_checkpoint_without_a_tokenizer_is_refused(bpe_run, tmp_path):
     checkpoint = torch.load(bpe_run / "checkpoints" / "last.ckpt", weights_only=True)
     del checkpoint[TOKENIZER_STATE_KEY]
-    old = tmp_path / "old.ckpt"
-    torch.save(checkpoint, old)
-    _, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=old)
-    assert tokenizer.fingerprint == checkpoint["mf_tokenizer"]
-    with pytest.raises(ValueError, match="carries no tokenizer"):
-        export_checkpoint(old, tmp_path / "model")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, foreign)
+    message = f"checkpoint {foreign} carries no tokenizer, so it was not written by mf fit"
+    with pytest.raises(ValueError, match=message):
+        load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=foreign)
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(foreign, tmp_path / "model")
 
 
 def test_bad_requests_name_what_is_missing(bpe_run, tmp_path):
