@@ -33,6 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -59,6 +60,7 @@ from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoi
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
+from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import RunFolderLock
 from mf_lightning.storage_errors import ENVIRONMENT_ERRNOS, describe
 
@@ -79,6 +81,9 @@ TOOLS = {
     "efficiency": "mf_lightning.models.efficiency",
 }
 """Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""
+READS_CONFIG = frozenset({"prepare", "eval", "generate"})
+"""The ``TOOLS`` that take ``--config``: their ``main(argv, read_config)`` reads it with ``read_config``, the parser
+of ``mf fit`` (which lives here, above them), so every subcommand reads a config as ``mf fit`` does."""
 SUBCOMMANDS = {
     "fit": "train a model from a YAML config; rerun with --ckpt_path last to resume",
     "validate": "validation loss, perplexity and bits per byte of a checkpoint",
@@ -183,9 +188,10 @@ class MFCLI(LightningCLI):
                     f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
                     "remove it and set validation.every_n_steps (optimizer steps) instead"
                 )
-        root = str(config.trainer.default_root_dir or ".")
+        folders = run_folders(config)
+        root = str(folders.root)
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            config.checkpoint.dirpath = str(folders.checkpoints)
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
             if is_first_process():
@@ -210,8 +216,9 @@ class MFCLI(LightningCLI):
         trainer_config = self.section(self.config_init, "trainer") or {}
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
-            # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False)
+            # where run_folders says the default logger writes; no hp_metric placeholder scalar: HParamsSummary
+            # names the metrics of the HParams table
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name=TENSORBOARD, version="", default_hp_metric=False)
         for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
             if trainer_config.get(flag) is False:
                 defaults = self.trainer_defaults["callbacks"]
@@ -224,6 +231,44 @@ class MFCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+class ParsedConfig(Exception):
+    """Carries the parsed config out of ``ConfigReader``'s constructor, before anything is built or run."""
+
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class ConfigReader(MFCLI):
+    """``MFCLI``'s parser and defaults, stopped right after parsing: nothing is instantiated, seeded or run.
+
+    ``LightningCLI.parse_arguments`` is its public step that parses; everything after it (seeding, building
+    the model, data and trainer, running) is skipped by leaving the constructor from there."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        raise ParsedConfig(self.config["fit"])
+
+
+def read_config(files: Sequence[str | os.PathLike]) -> Namespace:
+    """The ``mf fit`` config of the YAML ``files`` (a later file overrides an earlier one), parsed by ``mf fit``'s
+    own parser with its defaults: every subcommand that takes ``--config`` reads it through here.
+
+    A missing file or a config ``mf fit`` would refuse is one ``ValueError``/``FileNotFoundError`` naming it."""
+    for file in files:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"config file {file} does not exist")
+    args = ["fit", *(argument for file in files for argument in ("--config", str(file)))]
+    try:
+        build_cli(args, ConfigReader, exit_on_error=False)
+    except ParsedConfig as parsed:
+        return parsed.config
+    except ArgumentError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"config {', '.join(map(str, files))} is not one mf fit can run: {reason}") from None
+    raise RuntimeError("ConfigReader returned without a config")  # parse_arguments always raises ParsedConfig
 
 
 def check_trains_something(trainer_config: Any) -> None:
@@ -320,7 +365,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     try:
         kernel_settings()  # the kernels' environment overrides, read (and checked) once at startup
         if argv and argv[0] in TOOLS:
-            importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+            tool = importlib.import_module(TOOLS[argv[0]])
+            tool.main(argv[1:], read_config) if argv[0] in READS_CONFIG else tool.main(argv[1:])
             return None
         cli = build_cli(None if args is None else argv)
         return None if args is None else cli
@@ -361,18 +407,19 @@ def overview() -> str:
     )
 
 
-def build_cli(args: list[str] | None) -> MFCLI:
-    """The ``MFCLI`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand."""
+def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+    """The ``cli_class`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand.
+    ``exit_on_error=False`` raises the parser's ``ArgumentError`` instead of printing usage and exiting."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIGHTNING_INTERNAL_WARNING)
         warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=LIGHTNING_MODULES)
-        return new_cli(args)
+        return new_cli(args, cli_class, exit_on_error)
 
 
-def new_cli(args: list[str] | None) -> MFCLI:
-    """Constructs (and so runs) the ``MFCLI`` of ``args`` with our trainer defaults."""
-    return MFCLI(
+def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+    """Constructs (and so runs) the ``cli_class`` of ``args`` with our trainer defaults."""
+    return cli_class(
         LanguageModel,
         TextDataModule,
         args=args,
@@ -391,5 +438,9 @@ def new_cli(args: list[str] | None) -> MFCLI:
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
         },
-        parser_kwargs={"description": __doc__},
+        parser_kwargs={
+            "description": __doc__,
+            "exit_on_error": exit_on_error,
+            **{subcommand: {"exit_on_error": exit_on_error} for subcommand in LightningCLI.subcommands()},
+        },
     )

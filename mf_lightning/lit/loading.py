@@ -2,8 +2,8 @@
 
 One loader serves ``mf export``, ``mf eval`` and ``mf generate``:
 
-- a run: its config (``<run>/tensorboard/config.yaml``, or the YAML it was started with) and
-  ``ckpt_path`` (``last`` or a ``.ckpt`` file, or the folder of a sharded checkpoint written under
+- a run: its folders (``run_folders`` of its config: ``<run>/tensorboard/config.yaml``, or the YAML it was
+  started with) and ``ckpt_path`` (``last`` or a ``.ckpt`` file, or the folder of a sharded checkpoint written under
   ``FSDP2Strategy``, assembled in this process). The model is rebuilt from the config the checkpoint
   records and the tokenizer from the copy the checkpoint carries;
 - a folder written by ``mf export`` / ``save_pretrained``: ``config.json``, ``model.safetensors`` and
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, tokenizer_from_state
 from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_STATE_KEY, read_checkpoint
+from mf_lightning.lit.run_folders import RunFolders
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
@@ -31,7 +31,7 @@ LAST = "last"
 
 
 def load_for_inference(
-    config: str | Path | None = None,
+    run: RunFolders | None = None,
     ckpt_path: str | Path | None = None,
     model_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
@@ -39,15 +39,15 @@ def load_for_inference(
 ) -> tuple[DecoderLM, Tokenizer]:
     """The model (in eval mode, on ``device``, in ``dtype`` when given) and tokenizer of a run or a model folder.
 
-    Give either ``model_dir``, or ``ckpt_path`` (``last`` needs ``config`` to find the run's checkpoints).
+    Give either ``model_dir``, or ``ckpt_path`` (``last`` needs ``run``, the run's folders, to find its
+    checkpoints: ``run_folders`` of its config as ``mf fit`` parses it).
     """
-    if (model_dir is None) == (ckpt_path is None and config is None):
+    if (model_dir is None) == (ckpt_path is None and run is None):
         raise ValueError("give either --model_dir DIR, or --config RUN_CONFIG with --ckpt_path last|FILE")
     if model_dir is not None:
         model, tokenizer = load_pretrained(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
     else:
-        run_config = read_run_config(config) if config is not None else {}
-        path = resolve_checkpoint(ckpt_path or LAST, config, run_config)
+        path = resolve_checkpoint(ckpt_path or LAST, run)
         checkpoint = read_checkpoint(path, map_location="cpu")
         model = model_from_checkpoint(checkpoint, path).to(device)
         tokenizer = checkpoint_tokenizer(checkpoint, path)
@@ -61,48 +61,16 @@ def load_for_inference(
     return model.eval(), tokenizer
 
 
-def read_run_config(config: str | Path) -> dict[str, Any]:
-    """The YAML config of a run as a dict (a saved ``config.yaml`` or the file the run was started with)."""
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"run config {path} does not exist; give <run>/tensorboard/config.yaml")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"run config {path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"run config {path} must be a mapping of sections (trainer, model, data, ...)")
-    return values
-
-
-def resolve_checkpoint(ckpt_path: str | Path, config: str | Path | None, run_config: dict[str, Any]) -> Path:
-    """``ckpt_path`` itself, or for ``last`` the run's ``last.ckpt`` (file or sharded folder), searched where
-    the run can have put it."""
+def resolve_checkpoint(ckpt_path: str | Path, run: RunFolders | None) -> Path:
+    """``ckpt_path`` itself, or for ``last`` the ``last.ckpt`` (file or sharded folder) in the run's checkpoints."""
     if str(ckpt_path) != LAST:
         return Path(ckpt_path)
-    if config is None:
+    if run is None:
         raise ValueError("--ckpt_path last needs --config (the run's config.yaml) to find the run's checkpoints")
-    candidates = [Path(folder) / "last.ckpt" for folder in checkpoint_folders(Path(config), run_config)]
-    for candidate in candidates:
-        if candidate.exists():  # a file, or the folder of a sharded checkpoint
-            return candidate
-    tried = ", ".join(str(candidate) for candidate in dict.fromkeys(candidates))
-    raise FileNotFoundError(f"--ckpt_path last: the run has no last.ckpt (looked at {tried}); train it first")
-
-
-def checkpoint_folders(config: Path, run_config: dict[str, Any]) -> list[Path]:
-    """Where a run's checkpoints can be: the configured folder, beside a saved ``tensorboard/config.yaml``,
-    and under the configured ``default_root_dir`` (relative paths as the run saw them, from here)."""
-    folders = []
-    configured = (run_config.get("checkpoint") or {}).get("dirpath")
-    if configured:
-        folders.append(Path(configured))
-    if config.parent.name == "tensorboard":
-        folders.append(config.parent.parent / "checkpoints")
-    root = (run_config.get("trainer") or {}).get("default_root_dir")
-    if root:
-        folders.append(Path(root) / "checkpoints")
-    return folders
+    candidate = run.checkpoints / "last.ckpt"
+    if not candidate.exists():  # a file, or the folder of a sharded checkpoint
+        raise FileNotFoundError(f"--ckpt_path last: the run has no last.ckpt (looked at {candidate}); train it first")
+    return candidate
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> DecoderLM:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cli_support import run, state_of, tiny_run_args, write_corpus
 
+from mf_lightning.cli import read_config
 from mf_lightning.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
@@ -20,6 +21,7 @@ from mf_lightning.data.tokenizers import (
 from mf_lightning.lit.checkpoints import TOKENIZER_STATE_KEY
 from mf_lightning.lit.export import export_checkpoint
 from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.lit.run_folders import run_folders
 from mf_lightning.models.pretrained import clean_keys
 
 TEXTS = ["the memory layer hashes tokens into buckets", "attention mixes them"] * 20
@@ -34,6 +36,11 @@ def bpe_run(tmp_path_factory) -> Path:
     return root
 
 
+def run_of(config: Path):
+    """The folders of the run whose config is ``config``, as mf eval and mf generate find them."""
+    return run_folders(read_config([config]), config)
+
+
 def assert_weights_of(model: torch.nn.Module, checkpoint: Path) -> None:
     expected = clean_keys(state_of(checkpoint))
     state = model.state_dict()
@@ -42,7 +49,7 @@ def assert_weights_of(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def test_a_run_loads_from_its_saved_config_and_last(bpe_run):
-    model, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path="last")
+    model, tokenizer = load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path="last")
     assert_weights_of(model, bpe_run / "checkpoints" / "last.ckpt")
     assert not model.training
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == 300
@@ -58,7 +65,7 @@ def test_an_exported_folder_is_self_contained(bpe_run, tmp_path):
     }
     model, tokenizer = load_for_inference(model_dir=folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    _, from_run = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=checkpoint)
+    _, from_run = load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path=checkpoint)
     assert tokenizer.fingerprint == from_run.fingerprint
     assert tokenizer.encode("memory layer") == from_run.encode("memory layer")
 
@@ -70,7 +77,7 @@ def test_a_checkpoint_without_a_tokenizer_is_refused(bpe_run, tmp_path):
     torch.save(checkpoint, foreign)
     message = f"checkpoint {foreign} carries no tokenizer, so it was not written by mf fit"
     with pytest.raises(ValueError, match=message):
-        load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=foreign)
+        load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path=foreign)
     with pytest.raises(ValueError, match=message):
         export_checkpoint(foreign, tmp_path / "model")
 
@@ -79,14 +86,14 @@ def test_bad_requests_name_what_is_missing(bpe_run, tmp_path):
     with pytest.raises(ValueError, match="either --model_dir"):
         load_for_inference()
     with pytest.raises(ValueError, match="either --model_dir"):
-        load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", model_dir=tmp_path)
+        load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), model_dir=tmp_path)
     with pytest.raises(ValueError, match="needs --config"):
         load_for_inference(ckpt_path="last")
     empty = tmp_path / "tensorboard" / "config.yaml"
     empty.parent.mkdir()
     empty.write_text("trainer: {default_root_dir: nowhere}\n")
     with pytest.raises(FileNotFoundError, match="has no last.ckpt"):
-        load_for_inference(config=empty, ckpt_path="last")
+        load_for_inference(run_of(empty), ckpt_path="last")
     with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
         load_folder_tokenizer(tmp_path)
 
