@@ -54,6 +54,7 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
+from mf_lightning.commands import quick_answer
 from mf_lightning.data import TextDataModule
 from mf_lightning.kernels.dispatch import kernel_settings
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
@@ -80,22 +81,11 @@ TOOLS = {
     "generate": "mf_lightning.lit.generate_cli",
     "efficiency": "mf_lightning.models.efficiency",
 }
-"""Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""
+"""Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments (their one-line
+summaries and help snapshots are in ``mf_lightning.commands``)."""
 READS_CONFIG = frozenset({"prepare", "eval", "generate"})
 """The ``TOOLS`` that take ``--config``: their ``main(argv, read_config)`` reads it with ``read_config``, the parser
 of ``mf fit`` (which lives here, above them), so every subcommand reads a config as ``mf fit`` does."""
-SUBCOMMANDS = {
-    "fit": "train a model from a YAML config; rerun with --ckpt_path last to resume",
-    "validate": "validation loss, perplexity and bits per byte of a checkpoint",
-    "test": "the same on the held-out test documents",
-    "predict": "completions of data.prompts, written to the run's predictions.jsonl",
-    "prepare": "train the tokenizer and tokenize the corpus into the token cache, without training",
-    "eval": "lm-evaluation-harness tasks on a run or an exported model",
-    "export": "a checkpoint as a self-contained model folder (safetensors + tokenizer)",
-    "generate": "stream a continuation of a prompt from a run or an exported model",
-    "efficiency": "parameters, memory and FLOPs per token of every preset",
-}
-"""What ``mf --help`` lists: every subcommand with one line (LightningCLI's four, then ``TOOLS``)."""
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (
     ValueError,
@@ -340,7 +330,8 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def main(args: Sequence[str] | None = None) -> MFCLI | None:
-    """Entry point of ``mf`` and ``python -m mf_lightning``; ``args`` replaces ``sys.argv[1:]``.
+    """``mf <args>`` from Python (``args`` replaces ``sys.argv[1:]``); the ``mf`` command's entry point,
+    ``mf_lightning.__main__.main``, does the same after answering help without importing this module.
 
     A configuration or input error (bad value, missing file, corrupt checkpoint, a run folder in use) or a
     file-system failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...``
@@ -352,15 +343,17 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(overview())
+    status = quick_answer(argv)
+    if status is not None:
+        if status:
+            raise SystemExit(status)
         return None
-    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        print(
-            f"mf: error: unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)} (mf --help)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    return run_subcommand(argv, from_python=args is not None)
+
+
+def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
+    """Runs ``mf <argv>`` (a subcommand, after ``quick_answer``); returns the CLI object when ``from_python``.
+    Errors become one ``mf: error:`` line and an exit status, as ``main`` describes."""
     show_progress_logs()
     try:
         kernel_settings()  # the kernels' environment overrides, read (and checked) once at startup
@@ -368,8 +361,8 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
             tool = importlib.import_module(TOOLS[argv[0]])
             tool.main(argv[1:], read_config) if argv[0] in READS_CONFIG else tool.main(argv[1:])
             return None
-        cli = build_cli(None if args is None else argv)
-        return None if args is None else cli
+        cli = build_cli(argv if from_python else None)
+        return cli if from_python else None
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
@@ -388,23 +381,6 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         if not (argv and argv[0] == "fit"):
             print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
-
-
-def overview() -> str:
-    """``mf --help``: every subcommand with one line, and where each one's options are listed."""
-    width = max(map(len, SUBCOMMANDS))
-    lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
-    return "\n".join(
-        [
-            "usage: mf <subcommand> [options]",
-            "",
-            "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
-            "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",
-            "",
-            "subcommands:",
-            *lines,
-        ]
-    )
 
 
 def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
@@ -439,6 +415,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
             "log_every_n_steps": 10,
         },
         parser_kwargs={
+            "prog": "mf",
             "description": __doc__,
             "exit_on_error": exit_on_error,
             **{subcommand: {"exit_on_error": exit_on_error} for subcommand in LightningCLI.subcommands()},

@@ -22,7 +22,7 @@ PACKAGE = ROOT / "mf_lightning"
 ROOT_UNIT = "mf_lightning"
 
 FLOORS: tuple[tuple[str, ...], ...] = (
-    (ROOT_UNIT, "checks", "storage_errors"),
+    (ROOT_UNIT, "checks", "storage_errors", "commands"),
     ("kernels",),
     ("config",),
     ("nn",),

@@ -209,7 +209,8 @@ def test_mf_console_command_exits_with_status_zero(tmp_path):
 def test_help_lists_every_subcommand_with_one_line(capsys):
     from lightning.pytorch.cli import LightningCLI
 
-    from mf_lightning.cli import SUBCOMMANDS, TOOLS
+    from mf_lightning.cli import TOOLS
+    from mf_lightning.commands import SUBCOMMANDS
 
     assert set(SUBCOMMANDS) == set(LightningCLI.subcommands()) | set(TOOLS)
     for flag in ([], ["--help"], ["-h"]):
