@@ -198,6 +198,7 @@ def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
     assert "presett" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mf_console_command_exits_with_status_zero(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     command = [str(Path(sys.executable).parent / "mf"), "validate", *tiny_run_args(tmp_path, corpus)]

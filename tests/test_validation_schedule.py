@@ -24,7 +24,18 @@ def final_step(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+FAST_CONFIGS = ("quickstart.yaml", "ddp_example.yaml")
+"""Configs cheap enough for the fast lane; the others' larger presets take 20-50 s each on 2 cores."""
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(path, marks=() if path.name in FAST_CONFIGS else pytest.mark.slow)
+        for path in sorted((REPO / "configs").glob("*.yaml"))
+    ],
+    ids=lambda p: p.name,
+)
 def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Path, tmp_path: Path) -> None:
     """The config's own accumulation and epoch rounding on a debug model, one CPU device, tiny windows."""
     settings = yaml.safe_load(config.read_text())
@@ -65,6 +76,7 @@ def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Pat
     assert final_step(tmp_path / "checkpoints" / "last.ckpt") == MAX_STEPS
 
 
+@pytest.mark.slow
 def test_final_steps_are_validated_and_saved_off_the_interval(tmp_path: Path) -> None:
     """max_steps=5 with validation every 3 steps: last.ckpt holds step 5 and its weights, and best sees it."""
     corpus = write_corpus(tmp_path / "corpus")
