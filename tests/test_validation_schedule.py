@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cli_support import REPO, run, tiny_run_args, write_corpus
 
 from mf_lightning.callbacks import ValidationSchedule
+from mf_lightning.cli import read_config
 
 EVERY, MAX_STEPS, EPOCH_STEPS = 2, 5, 3
 """Validate every 2 steps of a 5-step run whose epochs last 3 steps: off both grids, as in the issue."""
@@ -38,8 +38,7 @@ FAST_CONFIGS = ("quickstart.yaml", "ddp_example.yaml")
 )
 def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Path, tmp_path: Path) -> None:
     """The config's own accumulation and epoch rounding on a debug model, one CPU device, tiny windows."""
-    settings = yaml.safe_load(config.read_text())
-    accumulate = settings["trainer"].get("accumulate_grad_batches", 1)
+    accumulate = read_config([config]).trainer.accumulate_grad_batches
     batch_size = 1
     corpus = write_corpus(tmp_path / "corpus")
     args = ["--config", str(config)] + tiny_run_args(
