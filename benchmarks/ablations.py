@@ -1,6 +1,6 @@
 """The paper's ablations and the bucket-collapse remedies, rerun at small scale on real text, equal tokens.
 
-    python benchmarks/ablations.py --corpora ../shared/corpora/fortunes.txt demo [--seeds 1 2] [--jobs 2]
+    python benchmarks/ablations.py --corpora tests/corpus/frankenstein_pg84.txt demo [--seeds 1 2] [--jobs 2]
         [--steps 150] [--overrides "{n_layer: 2, n_embd: 80, n_head: 2, max_seq_len: 64}"] [--reuse]
 
 Each ablation varies one thing of the paper's model (MemoryFormer, lr 3e-3, tau 8, 2 extra feed-forward
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from harness import (
+    DEFAULT_CORPUS,
     REPO,
     RunResult,
     RunSpec,
@@ -437,8 +438,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--corpora",
         nargs="+",
-        default=[str(REPO.parent / "shared" / "corpora" / "fortunes.txt"), "demo"],
-        help="'demo' (the embedded corpus) or fortune-style text files, documents split at '%%' lines",
+        default=[str(DEFAULT_CORPUS), "demo"],
+        help="'demo' (the embedded corpus) or text files of documents separated by --document-separator lines",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of every variant")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")

@@ -5,7 +5,7 @@ writes of the size the cache builder makes for a batch of documents) plainly and
 ``ChecksummedWriter``, then times the checks made when a cache is opened: the one before checksums
 (a scan for the largest id, reading every byte), the sampled check of every open (first, last and
 ``SAMPLED_CHUNKS`` random chunks of ``CHUNK_BYTES``) and the full check (a file modified since
-written, or ``MF_VERIFY_CACHE=1``). Also times a source's ``identity`` over the big file and over
+written, or ``data.verify_cache: true``). Also times a source's ``identity`` over the big file and over
 ``--files`` small ones. Each time is the median of
 ``--repeats`` runs with the file in the page cache (a cold disk reads slower; the sampled check reads
 the same few chunks whatever the size). Prints a markdown table and writes it to
@@ -79,7 +79,7 @@ def main() -> None:
         ("write tokens with per-chunk CRC-32 (build)", cache_size, checksum_write, True),
         ("open check before this change: scan for the largest id", cache_size, old_check, True),
         (f"open check now: sizes + {SAMPLED_CHUNKS + 2} sampled chunks", cache_size, sampled, False),
-        ("full check (file modified, or MF_VERIFY_CACHE=1)", cache_size, full, True),
+        ("full check (file modified, or data.verify_cache: true)", cache_size, full, True),
         ("source identity of one big file", cache_size, big_identity, False),
         (f"source identity of {args.files} files of 4 KiB", f"{args.files * 4 / 1024:.1f} MiB", small_identity, False),
     ]

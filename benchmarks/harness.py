@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO / "tests" / "corpus" / "frankenstein_pg84.txt"
+"""A small real corpus every clone has: a public-domain novel (tests/corpus/README.md), paragraphs as documents."""
 RESULTS = REPO / "benchmarks" / "results"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
@@ -191,7 +193,7 @@ def fit_args(args: argparse.Namespace, spec: RunSpec, root: Path) -> list[str]:
         **monitor,
         "gradient_coverage.enabled": False,
         "data.source": args.corpus,
-        "data.document_separator": "%" if is_file else "null",
+        "data.document_separator": args.document_separator if is_file else "null",
         "data.tokenizer": args.tokenizer,
         "data.seq_len": args.seq_len,
         "data.batch_size": args.batch_size,
@@ -290,6 +292,12 @@ def fit_parser(description: str, runs_dir: Path) -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-every", type=int, default=10, help="log training scalars every this many steps")
     parser.add_argument(
+        "--document-separator",
+        default="",
+        help="the line that separates the documents of a corpus file: '' (a blank line, the default, for prose such "
+        "as the committed tests/corpus text) or '%%' (fortune files)",
+    )
+    parser.add_argument(
         "--bucket-every",
         type=int,
         default=0,
@@ -335,10 +343,10 @@ def check_fit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def corpus_path(parser: argparse.ArgumentParser, text: str) -> Path | str:
-    """``demo`` (the embedded corpus) or a resolved text file of documents separated by ``%`` lines."""
+    """``demo`` (the embedded corpus) or a resolved text file (of documents separated by ``--document-separator``)."""
     if text == "demo":
         return text
     path = Path(text)
     if not path.is_file():
-        parser.error(f"corpus {text} is not a file; give 'demo' or a text file of documents separated by '%' lines")
+        parser.error(f"corpus {text} is not a file; give 'demo' or a text file of documents")
     return path.resolve()

@@ -1,6 +1,6 @@
 """MemoryFormer against the baseline Transformer of the same width and depth, trained on the same real text.
 
-    python benchmarks/train_compare.py [--corpus ../shared/corpora/fortunes.txt | demo] [--steps 300]
+    python benchmarks/train_compare.py [--corpus FILE [--document-separator %] | demo] [--steps 300]
         [--preset debug] [--overrides "{n_layer: 4, n_embd: 128, max_seq_len: 256}"]
         [--runs transformer:1e-3 memoryformer:3e-3 ...] [--out benchmarks/results]
 
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from harness import (
+    DEFAULT_CORPUS,
     REPO,
     RunResult,
     RunSpec,
@@ -170,7 +171,7 @@ def report(results: list[RunResult], args: argparse.Namespace, device: str, comm
             f"- {environment(device)}",
             f"- command: `{command}`",
             f"- settings shared by every run: `configs/quickstart.yaml` with corpus `{display_path(args.corpus)}` "
-            f"{'split at `%` lines' if args.corpus != 'demo' else ''}, tokenizer `{args.tokenizer}`, preset `{args.preset}`, overrides `{args.overrides}`, "
+            f"{f'split at {args.document_separator!r} lines' if args.corpus != 'demo' else ''}, tokenizer `{args.tokenizer}`, preset `{args.preset}`, overrides `{args.overrides}`, "
             f"seed {args.seed}, "
             f"{args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens = "
             f"{args.steps * tokens_per_step(args):,} training tokens; {results[0].recipe}; validation every "
@@ -198,8 +199,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = fit_parser(__doc__.split("\n\n")[0], REPO / "runs" / "train_compare")
     parser.add_argument(
         "--corpus",
-        default=str(REPO.parent / "shared" / "corpora" / "fortunes.txt"),
-        help="'demo' or a fortune-style text file, documents separated by '%%' lines",
+        default=str(DEFAULT_CORPUS),
+        help="'demo' or a text file of documents separated by --document-separator lines "
+        "(default: the public-domain novel committed under tests/corpus)",
     )
     parser.add_argument(
         "--runs",

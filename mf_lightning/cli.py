@@ -33,6 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -54,6 +55,7 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
+from mf_lightning.commands import quick_answer
 from mf_lightning.data import TextDataModule
 from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
@@ -64,6 +66,7 @@ from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
+from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import claim_run_folder
 
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
@@ -83,20 +86,11 @@ TOOLS = {
     "efficiency": "mf_lightning.models.efficiency",
     "doctor": "mf_lightning.doctor.cli",
 }
-"""Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments."""
-SUBCOMMANDS = {
-    "fit": "train a model from a YAML config; rerun with --ckpt_path last to resume",
-    "validate": "validation loss, perplexity and bits per byte of a checkpoint",
-    "test": "the same on the held-out test documents",
-    "predict": "completions of data.prompts, written to the run's predictions.jsonl",
-    "prepare": "train the tokenizer and tokenize the corpus into the token cache, without training",
-    "eval": "lm-evaluation-harness tasks on a run or an exported model",
-    "export": "a checkpoint as a self-contained model folder (safetensors + tokenizer)",
-    "generate": "stream a continuation of a prompt from a run or an exported model",
-    "efficiency": "parameters, memory and FLOPs per token of every preset",
-    "doctor": "check this machine: kernels against the reference, speeds, a short training, one verdict",
-}
-"""What ``mf --help`` lists: every subcommand with one line (LightningCLI's four, then ``TOOLS``)."""
+"""Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments (their one-line
+summaries and help snapshots are in ``mf_lightning.commands``)."""
+READS_CONFIG = frozenset({"prepare", "eval", "generate"})
+"""The ``TOOLS`` that take ``--config``: their ``main(argv, read_config)`` reads it with ``read_config``, the parser
+of ``mf fit`` (which lives here, above them), so every subcommand reads a config as ``mf fit`` does."""
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
 USER_ERRORS = (
     ValueError,
@@ -181,9 +175,9 @@ class MFCLI(ConfigOverCheckpointCLI):
                     f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
                     "remove it and set validation.every_n_steps (optimizer steps) instead"
                 )
-        root = str(config.trainer.default_root_dir or ".")
+        folders = run_folders(config)
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            config.checkpoint.dirpath = str(folders.checkpoints)
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
         else:
@@ -199,7 +193,7 @@ class MFCLI(ConfigOverCheckpointCLI):
         exclude one another.
         """
         config = self.config[self.subcommand]
-        root = str(config.trainer.default_root_dir or ".")
+        root = str(run_folders(config).root)
         if trainer.is_global_zero:
             self.claim_run_folders(root, str(config.checkpoint.dirpath))
         check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
@@ -222,8 +216,9 @@ class MFCLI(ConfigOverCheckpointCLI):
         trainer_config = self.section(self.config_init, "trainer") or {}
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
-            # no hp_metric placeholder scalar: HParamsSummary names the metrics of the HParams table
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="", default_hp_metric=False)
+            # where run_folders says the default logger writes; no hp_metric placeholder scalar: HParamsSummary
+            # names the metrics of the HParams table
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name=TENSORBOARD, version="", default_hp_metric=False)
         for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
             if trainer_config.get(flag) is False:
                 defaults = self.trainer_defaults["callbacks"]
@@ -239,6 +234,44 @@ class MFCLI(ConfigOverCheckpointCLI):
         if self.subcommand == "fit":
             self.prepare_run_folder(trainer)
         return trainer
+
+
+class ParsedConfig(Exception):
+    """Carries the parsed config out of ``ConfigReader``'s constructor, before anything is built or run."""
+
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class ConfigReader(MFCLI):
+    """``MFCLI``'s parser and defaults, stopped right after parsing: nothing is instantiated, seeded or run.
+
+    ``LightningCLI.parse_arguments`` is its public step that parses; everything after it (seeding, building
+    the model, data and trainer, running) is skipped by leaving the constructor from there."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        raise ParsedConfig(self.config["fit"])
+
+
+def read_config(files: Sequence[str | os.PathLike]) -> Namespace:
+    """The ``mf fit`` config of the YAML ``files`` (a later file overrides an earlier one), parsed by ``mf fit``'s
+    own parser with its defaults: every subcommand that takes ``--config`` reads it through here.
+
+    A missing file or a config ``mf fit`` would refuse is one ``ValueError``/``FileNotFoundError`` naming it."""
+    for file in files:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"config file {file} does not exist")
+    args = ["fit", *(argument for file in files for argument in ("--config", str(file)))]
+    try:
+        build_cli(args, ConfigReader, exit_on_error=False)
+    except ParsedConfig as parsed:
+        return parsed.config
+    except ArgumentError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"config {', '.join(map(str, files))} is not one mf fit can run: {reason}") from None
+    raise RuntimeError("ConfigReader returned without a config")  # parse_arguments always raises ParsedConfig
 
 
 def check_trains_something(trainer_config: Any) -> None:
@@ -302,7 +335,8 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def main(args: Sequence[str] | None = None) -> MFCLI | None:
-    """Entry point of ``mf`` and ``python -m mf_lightning``; ``args`` replaces ``sys.argv[1:]``.
+    """``mf <args>`` from Python (``args`` replaces ``sys.argv[1:]``); the ``mf`` command's entry point,
+    ``mf_lightning.__main__.main``, does the same after answering help without importing this module.
 
     A configuration or input error (bad value, missing file, corrupt checkpoint, a run folder in use) or a
     file-system failure (read-only or full disk, no permission) ends the program with one ``mf: error: ...``
@@ -314,22 +348,25 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
     ``trainer``, ``model`` and ``datamodule``; as the ``mf`` command it returns None (exit status 0).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(overview())
+    status = quick_answer(argv)
+    if status is not None:
+        if status:
+            raise SystemExit(status)
         return None
-    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        print(
-            f"mf: error: unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)} (mf --help)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    return run_subcommand(argv, from_python=args is not None)
+
+
+def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
+    """Runs ``mf <argv>`` (a subcommand, after ``quick_answer``); returns the CLI object when ``from_python``.
+    Errors become one ``mf: error:`` line and an exit status, as ``main`` describes."""
     show_progress_logs()
     try:
         if argv and argv[0] in TOOLS:
-            importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+            tool = importlib.import_module(TOOLS[argv[0]])
+            tool.main(argv[1:], read_config) if argv[0] in READS_CONFIG else tool.main(argv[1:])
             return None
-        cli = build_cli(None if args is None else argv)
-        return None if args is None else cli
+        cli = build_cli(argv if from_python else None)
+        return cli if from_python else None
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
@@ -352,35 +389,19 @@ def main(args: Sequence[str] | None = None) -> MFCLI | None:
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
 
 
-def overview() -> str:
-    """``mf --help``: every subcommand with one line, and where each one's options are listed."""
-    width = max(map(len, SUBCOMMANDS))
-    lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
-    return "\n".join(
-        [
-            "usage: mf <subcommand> [options]",
-            "",
-            "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
-            "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",
-            "",
-            "subcommands:",
-            *lines,
-        ]
-    )
-
-
-def build_cli(args: list[str] | None) -> MFCLI:
-    """The ``MFCLI`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand."""
+def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+    """The ``cli_class`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand.
+    ``exit_on_error=False`` raises the parser's ``ArgumentError`` instead of printing usage and exiting."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIGHTNING_INTERNAL_WARNING)
         warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=LIGHTNING_MODULES)
-        return new_cli(args)
+        return new_cli(args, cli_class, exit_on_error)
 
 
-def new_cli(args: list[str] | None) -> MFCLI:
-    """Constructs (and so runs) the ``MFCLI`` of ``args`` with our trainer defaults."""
-    return MFCLI(
+def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+    """Constructs (and so runs) the ``cli_class`` of ``args`` with our trainer defaults."""
+    return cli_class(
         LanguageModel,
         TextDataModule,
         args=args,
@@ -399,5 +420,10 @@ def new_cli(args: list[str] | None) -> MFCLI:
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
         },
-        parser_kwargs={"description": __doc__},
+        parser_kwargs={
+            "prog": "mf",
+            "description": __doc__,
+            "exit_on_error": exit_on_error,
+            **{subcommand: {"exit_on_error": exit_on_error} for subcommand in MFCLI.subcommands()},
+        },
     )

@@ -30,18 +30,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Sizes of SPEC §2 (Pythia-70M/160M/410M widths and depths); ``debug`` trains on a CPU in seconds on
 byte-level text (256 bytes + EOS)."""
 
-REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
-    "hash_offset": (
-        False,
-        (
-            "its ablation found no measurable effect on loss, bucket usage or sign bias, "
-            "benchmarks/results/ablations_cpu.md; hash_centering and bucket_balance_weight remain"
-        ),
-    ),
-}
-"""Fields that no longer exist, with the value that meant "off" (accepted, and dropped, from configs saved
-before) and why they were removed."""
-
 
 @dataclass
 class ModelConfig:
@@ -167,7 +155,7 @@ class ModelConfig:
         """The preset ``name`` (``debug``, ``tiny``, ``small``, ``base``) for ``arch``, with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-        overrides = without_removed_fields(overrides, "override")
+        check_keys(overrides, "override")
         return cls(**{**PRESETS[name], "arch": arch, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,23 +167,13 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error listing the valid ones."""
         if not isinstance(values, dict):
             raise ValueError(f"a model config must be a dict of fields, got {type(values).__name__}")
-        return cls(**without_removed_fields(values, "config"))
+        check_keys(values, "config")
+        return cls(**values)
 
 
 def settable_fields() -> tuple[str, ...]:
     """Names of the fields a user may set (the constructor arguments)."""
     return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.init)
-
-
-def without_removed_fields(values: dict[str, Any], what: str) -> dict[str, Any]:
-    """``values`` without the fields of ``REMOVED_FIELDS`` that hold their old default (configs saved
-    before the removal stay loadable); raises for unknown keys and for a removed field set otherwise."""
-    for name, (default, reason) in REMOVED_FIELDS.items():
-        if name in values and values[name] != default:
-            raise ValueError(f"{what} key {name}={values[name]!r}: {name} was removed ({reason}); delete it")
-    kept = {name: value for name, value in values.items() if name not in REMOVED_FIELDS}
-    check_keys(kept, what)
-    return kept
 
 
 def check_keys(values: dict[str, Any], what: str) -> None:

@@ -24,7 +24,7 @@ PACKAGE = ROOT / "mf_lightning"
 ROOT_UNIT = "mf_lightning"
 
 FLOORS: tuple[tuple[str, ...], ...] = (
-    (ROOT_UNIT, "checks", "fs"),
+    (ROOT_UNIT, "checks", "fs", "commands"),
     ("kernels",),
     ("config",),
     ("nn",),

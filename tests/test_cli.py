@@ -198,6 +198,7 @@ def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
     assert "presett" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mf_console_command_exits_with_status_zero(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     command = [str(Path(sys.executable).parent / "mf"), "validate", *tiny_run_args(tmp_path, corpus)]
@@ -209,7 +210,8 @@ def test_mf_console_command_exits_with_status_zero(tmp_path):
 def test_help_lists_every_subcommand_with_one_line(capsys):
     from lightning.pytorch.cli import LightningCLI
 
-    from mf_lightning.cli import SUBCOMMANDS, TOOLS
+    from mf_lightning.cli import TOOLS
+    from mf_lightning.commands import SUBCOMMANDS
 
     assert set(SUBCOMMANDS) == set(LightningCLI.subcommands()) | set(TOOLS)
     for flag in ([], ["--help"], ["-h"]):

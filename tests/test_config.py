@@ -69,7 +69,6 @@ def test_derived_fields_cannot_be_overridden() -> None:
         ({"tie_embeddings": "yes"}, "tie_embeddings must be True or False, got 'yes'"),
         ({"ffn_extra_bits": 9}, "code_bits \\+ ffn_extra_bits = 17 exceeds 16"),
         ({"hash_centering": 1}, "hash_centering must be True or False, got 1"),
-        ({"hash_offset": True}, "override key hash_offset=True: hash_offset was removed .*ablations_cpu.md"),
         ({"bucket_balance_weight": -0.1}, "bucket_balance_weight must be a non-negative finite number, got -0.1"),
         ({"bucket_balance_weight": float("nan")}, "bucket_balance_weight must be a non-negative finite number"),
         ({"arch": "transformer", "bucket_balance_weight": 0.1}, "act on Memory Layers and need arch='memoryformer'"),
@@ -94,13 +93,6 @@ def test_json_round_trip() -> None:
     data = json.loads(json.dumps(config.to_dict()))
     assert set(data) == set(settable_fields())
     assert ModelConfig.from_dict(data) == config
-
-
-def test_a_config_saved_with_a_removed_field_off_still_loads() -> None:
-    saved = {**ModelConfig.from_preset("debug").to_dict(), "hash_offset": False}
-    assert ModelConfig.from_dict(saved) == ModelConfig.from_preset("debug")
-    with pytest.raises(ValueError, match="config key hash_offset=True: hash_offset was removed"):
-        ModelConfig.from_dict({**saved, "hash_offset": True})
 
 
 def test_from_dict_rejects_unknown_keys_and_non_dicts() -> None:

@@ -329,9 +329,11 @@ def test_predict_on_two_ranks_generates_every_prompt_once(runs, tmp_path):
     written = [tmp_path / "tensorboard" / f"predictions.rank{rank}.jsonl" for rank in (0, 1)]
     lines = [json.loads(line) for path in written for line in path.read_text().splitlines()]
     assert sorted(line["prompt"] for line in lines) == sorted(prompts)
+    from mf_lightning.cli import read_config
     from mf_lightning.lit.loading import load_for_inference
+    from mf_lightning.lit.run_folders import run_folders
 
-    model, tokenizer = load_for_inference(config, "last")
+    model, tokenizer = load_for_inference(run_folders(read_config([config]), config), "last")
     for line in lines:
         ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(line["prompt"])]])
         completion = model.generate(ids, 8, temperature=0.0, eos_id=tokenizer.eos_id)[0, ids.shape[1] :].tolist()

@@ -27,3 +27,4 @@ def test_the_wheel_ships_the_source_of_the_fused_cpu_operator(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mf_lightning/kernels/fused_cpu.cpp" in names
     assert "mf_lightning/kernels/fused_cpu.py" in names
+    assert {f"mf_lightning/help/{name}.txt" for name in ("fit", "prepare", "eval")} <= set(names)  # mf <sub> --help

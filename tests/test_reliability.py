@@ -539,6 +539,7 @@ def test_of_two_runs_started_at_once_in_one_folder_one_is_refused_before_writing
     assert not (root / ".mf-fit.lock").exists(), "the winner released the folder"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_resume_after_a_sigterm_before_any_periodic_save_continues_last(tmp_path, accumulate):
     corpus = write_corpus(tmp_path / "corpus")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cli_support import REPO, run, tiny_run_args, write_corpus
 
 from mf_lightning.callbacks import ValidationSchedule
+from mf_lightning.cli import read_config
 
 EVERY, MAX_STEPS, EPOCH_STEPS = 2, 5, 3
 """Validate every 2 steps of a 5-step run whose epochs last 3 steps: off both grids, as in the issue."""
@@ -24,11 +24,21 @@ def final_step(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+FAST_CONFIGS = ("quickstart.yaml", "ddp_example.yaml")
+"""Configs cheap enough for the fast lane; the others' larger presets take 20-50 s each on 2 cores."""
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(path, marks=() if path.name in FAST_CONFIGS else pytest.mark.slow)
+        for path in sorted((REPO / "configs").glob("*.yaml"))
+    ],
+    ids=lambda p: p.name,
+)
 def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Path, tmp_path: Path) -> None:
     """The config's own accumulation and epoch rounding on a debug model, one CPU device, tiny windows."""
-    settings = yaml.safe_load(config.read_text())
-    accumulate = settings["trainer"].get("accumulate_grad_batches", 1)
+    accumulate = read_config([config]).trainer.accumulate_grad_batches
     batch_size = 1
     corpus = write_corpus(tmp_path / "corpus")
     args = ["--config", str(config)] + tiny_run_args(
@@ -65,6 +75,7 @@ def test_every_shipped_config_validates_every_n_steps_and_at_the_end(config: Pat
     assert final_step(tmp_path / "checkpoints" / "last.ckpt") == MAX_STEPS
 
 
+@pytest.mark.slow
 def test_final_steps_are_validated_and_saved_off_the_interval(tmp_path: Path) -> None:
     """max_steps=5 with validation every 3 steps: last.ckpt holds step 5 and its weights, and best sees it."""
     corpus = write_corpus(tmp_path / "corpus")

@@ -20,7 +20,7 @@ its own. A cache file that cannot be written is one error naming it and what to 
 The manifest records a CRC-32 of every ``CHUNK_BYTES`` of each ``.bin`` and the file's modification
 time. Opening a cache checks the manifest's shape and values, the file sizes, and the checksums of
 the first, the last and ``SAMPLED_CHUNKS`` random chunks; a file modified since it was written (or
-every file, with ``MF_VERIFY_CACHE=1``) is checked in full, and its new time recorded when it passes.
+every file, with ``verify=True``: ``data.verify_cache``) is checked in full, and its new time recorded when it passes.
 A cache that fails is logged with the reason and rebuilt, never used. The chunks the opening check
 did not read are checked in the background while training runs (``verification``).
 """
@@ -65,7 +65,6 @@ PART_BYTES = 8 << 20
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20
 SAMPLED_CHUNKS = 2
-VERIFY_VARIABLE = "MF_VERIFY_CACHE"
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,12 @@ def prepare_token_cache(
     val_fraction: float,
     test_fraction: float = 0.0,
     workers: int | None = None,
+    verify: bool = False,
 ) -> TokenCache:
     """The valid token cache for this corpus under ``cache_root/tokens``, built (or rebuilt) if needed.
+
+    ``verify`` checks every chunk of a cache found on disk now, instead of a sample now and the rest in the
+    background (``verification``); the cache returned is then marked verified.
 
     ``workers`` processes tokenize the corpus (default: every core this process may use). Processes of one
     job that ask at once (DDP ranks, nodes sharing the cache folder) build it once: one builds, the others
@@ -148,14 +151,13 @@ def prepare_token_cache(
     key = cache_key(source, tokenizer, val_fraction, test_fraction)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_root) / TOKENS / digest
-    full = os.environ.get(VERIFY_VARIABLE) == "1"
-    problem = cache_problem(directory, key, tokenizer, full)
+    problem = cache_problem(directory, key, tokenizer, verify)
     if problem is None:
-        return TokenCache(directory, read_manifest(directory), verified=full)
+        return TokenCache(directory, read_manifest(directory), verified=verify)
     with FileLock(lock_file(directory), f"the token cache {directory}"):
-        problem = cache_problem(directory, key, tokenizer, full)  # another process may have built it meanwhile
+        problem = cache_problem(directory, key, tokenizer, verify)  # another process may have built it meanwhile
         if problem is None:
-            return TokenCache(directory, read_manifest(directory), verified=full)
+            return TokenCache(directory, read_manifest(directory), verified=verify)
         if directory.exists():
             log.warning("rebuilding token cache %s: %s", directory, problem)
         else:

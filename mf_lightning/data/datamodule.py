@@ -65,6 +65,9 @@ class TextDataModule(L.LightningDataModule):
             process may use. The cache is the same whatever the number.
         bpe_sample_bytes: a ``bpe:<N>`` tokenizer is trained on at most this much text, a reproducible
             share of every part of the corpus (all of a smaller one); default 1 GiB.
+        verify_cache: check every chunk of a token cache found on disk before training starts (a cache
+            that fails is rebuilt), instead of a sample then and the rest in the background while training
+            runs (``verification``); for a cache whose disk or copy you do not trust.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class TextDataModule(L.LightningDataModule):
         document_separator: str | None = None,
         prepare_workers: int | None = None,
         bpe_sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+        verify_cache: bool = False,
     ) -> None:
         super().__init__()
         check_positive(seq_len=seq_len, batch_size=batch_size, train_samples_per_epoch=train_samples_per_epoch)
@@ -97,6 +101,8 @@ class TextDataModule(L.LightningDataModule):
         if num_workers < 0 or seed < 0:
             raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
         check_fractions(val_fraction, test_fraction)
+        if not isinstance(verify_cache, bool):
+            raise ValueError(f"verify_cache must be true or false, got {verify_cache!r}")
         if not text_field or not hf_split:
             raise ValueError(f"text_field and hf_split must be non-empty, got {text_field!r} and {hf_split!r}")
         self.save_hyperparameters()
@@ -110,6 +116,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_samples_per_epoch = train_samples_per_epoch
         self.prompts = read_prompts(prompts)
         self.prepare_workers = prepare_workers
+        self.verify_cache = verify_cache
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.corpus = open_source(source, text_field, hf_split, document_separator)
         self.tokenizer = load_tokenizer(tokenizer, self.corpus, self.cache_dir, bpe_sample_bytes)
@@ -124,7 +131,13 @@ class TextDataModule(L.LightningDataModule):
         """The prepared token cache, built on first use and checked to hold a window in each split."""
         if self._cache is None:
             cache = prepare_token_cache(
-                self.corpus, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction, self.prepare_workers
+                self.corpus,
+                self.tokenizer,
+                self.cache_dir,
+                self.val_fraction,
+                self.test_fraction,
+                self.prepare_workers,
+                self.verify_cache,
             )
             splits = ("train", "val", "test") if self.test_fraction > 0 else ("train", "val")
             sizes = {split: cache.num_tokens(split) for split in splits}

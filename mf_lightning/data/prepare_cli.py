@@ -3,8 +3,8 @@
     mf prepare --config configs/quickstart.yaml [--config more.yaml] [--data.prepare_workers 8] [--data.source ...]
     mf prepare --config configs/quickstart.yaml --print_config     # the resolved data settings, nothing built
 
-Takes the ``data:`` keys of the same YAML files as ``mf fit`` (other sections are ignored) and any
-``--data.*`` option; trains the ``bpe:<N>`` tokenizer if there is one, tokenizes the corpus into the
+Reads the YAML files with ``mf fit``'s own parser and defaults (a config ``mf fit`` would refuse is
+refused), takes their ``data:`` settings and any ``--data.*`` option; trains the ``bpe:<N>`` tokenizer if there is one, tokenizes the corpus into the
 cache (in ``data.prepare_workers`` processes, resuming an interrupted preparation) and prints the
 documents, tokens and speed, and where it wrote. ``mf fit`` with the same data settings then finds both
 and starts training at once. Run it on one machine before a multi-node job, or let the job do it: the
@@ -17,39 +17,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 
 from mf_lightning.data.cache import SPLITS
 from mf_lightning.data.datamodule import TextDataModule
 from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_unresumable
 
 
-def data_section(config_file: str) -> dict[str, Any]:
-    """The ``data:`` mapping of a ``mf fit`` config file (its ``init_args`` if written in class form)."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {config_file} does not exist")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"config file {config_file} is not valid YAML: {error}") from error
-    data = config.get("data", {}) if isinstance(config, dict) else None
-    if isinstance(data, dict) and "init_args" in data:
-        data = data["init_args"]
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {config_file}: data must be a mapping of TextDataModule options, got {data!r}")
-    return data
-
-
 def build_parser(defaults: dict[str, Any]) -> ArgumentParser:
     """``--config`` plus every ``--data.*`` option of ``TextDataModule``, defaulting to ``defaults``."""
     parser = ArgumentParser(prog="mf prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", default=[], help="a mf fit config file; only data: is read")
+    parser.add_argument(
+        "--config", action="append", default=[], help="a mf fit config file (repeatable); its data: settings are used"
+    )
     parser.add_class_arguments(TextDataModule, "data")
     parser.set_defaults({f"data.{name}": value for name, value in defaults.items()})
     return parser
@@ -86,16 +71,15 @@ def kept_report(cache_root: Path) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``mf prepare``: read the configs' data sections and options, prepare, and print what was done."""
-    argv = list(argv or [])
+def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace]) -> None:
+    """``mf prepare``: read the configs (with ``read_config``, ``mf fit``'s parser), take their data settings and
+    the ``--data.*`` options, prepare, and print what was done."""
+    argv = list(argv)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", action="append", default=[])
     first.add_argument("--print_config", action="store_true", help="print the resolved data settings and exit")
     known, _ = first.parse_known_args(argv)
-    defaults: dict[str, Any] = {}
-    for config_file in known.config:
-        defaults.update(data_section(config_file))
+    defaults = read_config(known.config).data.as_dict() if known.config else {}
     parser = build_parser(defaults)
     arguments = parser.parse_args([argument for argument in argv if argument != "--print_config"])
     if known.print_config:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 
 from mf_lightning.eval import PAPER_TASKS, MissingExtra
 from mf_lightning.eval.report import (
@@ -29,7 +30,8 @@ from mf_lightning.eval.report import (
 )
 from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_metadata
-from mf_lightning.lit.loading import LAST, load_for_inference, read_run_config, resolve_checkpoint
+from mf_lightning.lit.loading import LAST, load_for_inference, resolve_checkpoint
+from mf_lightning.lit.run_folders import CHECKPOINTS, RunFolders, run_folders
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SEED = 1234
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``mf eval``: check the arguments, load the model, run the tasks, print the table, save the results."""
+def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace]) -> None:
+    """``mf eval``: check the arguments, load the model (a run's config read with ``read_config``, ``mf fit``'s
+    parser), run the tasks, print the table, save the results."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.compare:
@@ -88,11 +91,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     is_run = args.model_dir is None
     ckpt_path = args.ckpt_path or LAST
+    run = run_folders(read_config([args.config]), args.config) if args.config else None
     model, tokenizer = load_for_inference(
-        config=args.config if is_run else None,
-        ckpt_path=ckpt_path if is_run else None,
-        model_dir=args.model_dir,
-        device=device,
+        run, ckpt_path=ckpt_path if is_run else None, model_dir=args.model_dir, device=device
     )
     results = evaluate(
         model, tokenizer, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path, args.seed
@@ -100,24 +101,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = result_rows(results)
     print(format_table(rows))
     if is_run:
-        checkpoint = resolve_checkpoint(ckpt_path, args.config, read_run_config(args.config) if args.config else {})
-        save_run_results(results, rows, checkpoint, args.config, args.output_path)
+        checkpoint = resolve_checkpoint(ckpt_path, run)
+        save_run_results(results, rows, checkpoint, run or run_of(checkpoint), args.output_path)
     else:
         print(f"results: {write_json(results, args.output_path or Path(args.model_dir) / 'eval' / 'results.json')}")
 
 
 def save_run_results(
-    results: dict[str, Any], rows: list[Row], checkpoint: Path, config: str | None, output_path: str | None
+    results: dict[str, Any], rows: list[Row], checkpoint: Path, run: RunFolders | None, output_path: str | None
 ) -> None:
-    """Writes a run's results JSON (default ``<run>/eval/<ckpt>-step<N>.json``) and logs them to its TensorBoard."""
-    step, run_dir = checkpoint_step(checkpoint), run_of(checkpoint, config)
-    default = (run_dir / "eval" if run_dir else checkpoint.parent) / f"{checkpoint.stem}-step{step}.json"
+    """Writes a run's results JSON (default ``<run>/eval/<ckpt>-step<N>.json``) and logs them to its TensorBoard
+    (when the run logs to TensorBoard: ``run.logs``)."""
+    step = checkpoint_step(checkpoint)
+    default = (run.root / "eval" if run else checkpoint.parent) / f"{checkpoint.stem}-step{step}.json"
     print(f"results: {write_json(results, output_path or default)}")
-    if run_dir is None:
+    if run is None:
         print(f"not logged to TensorBoard: {checkpoint} is not in a run's checkpoints/ folder; pass the run's --config")
-        return
-    log_to_tensorboard(rows, run_dir / "tensorboard", step)
-    print(f"TensorBoard: eval/<task>/<metric> at step {step} in {run_dir / 'tensorboard'}")
+    elif not run.tensorboard:
+        print(f"not logged to TensorBoard: the run logs with {run.logger or 'no logger'}, not TensorBoardLogger")
+    else:
+        log_to_tensorboard(rows, run.logs, step)
+        print(f"TensorBoard: eval/<task>/<metric> at step {step} in {run.logs}")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -145,14 +149,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return tasks
 
 
-def run_of(checkpoint: Path, config: str | None) -> Path | None:
-    """The run folder (holding ``tensorboard/`` and ``checkpoints/``) of a checkpoint, or None if it has none."""
-    if config is not None and Path(config).parent.name == "tensorboard":
-        return Path(config).parent.parent
-    root = (read_run_config(config).get("trainer") or {}).get("default_root_dir") if config else None
-    if root:
-        return Path(root)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+def run_of(checkpoint: Path) -> RunFolders | None:
+    """The folders of the run a checkpoint given without ``--config`` lies in (the default layout: its folder is
+    ``<run>/checkpoints``), or None when it lies in no run's checkpoint folder."""
+    if checkpoint.parent.name != CHECKPOINTS:
+        return None
+    return run_folders({"trainer": {"default_root_dir": str(checkpoint.parent.parent)}})
 
 
 def checkpoint_step(checkpoint: Path) -> int:

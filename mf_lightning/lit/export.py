@@ -19,17 +19,14 @@ from pathlib import Path
 
 from mf_lightning.data.tokenizers import save_tokenizer
 from mf_lightning.lit.checkpoints import read_checkpoint
-from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint, read_run_config
+from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint
 from mf_lightning.models.pretrained import save_pretrained
 
 
-def export_checkpoint(
-    ckpt_path: str | Path, out: str | Path, config: str | Path | None = None, overwrite: bool = False
-) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Writes the model and tokenizer of the ``mf fit`` checkpoint ``ckpt_path`` into the folder ``out``.
 
-    ``config`` (the run's config.yaml) is only needed for checkpoints that carry no tokenizer. A non-empty
-    ``out`` may hold another model, so it is refused unless ``overwrite``.
+    A non-empty ``out`` may hold another model, so it is refused unless ``overwrite``.
     """
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -41,7 +38,7 @@ def export_checkpoint(
         )
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
     model = model_from_checkpoint(checkpoint, ckpt_path)
-    tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, read_run_config(config) if config else {})
+    tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path)
     return save_pretrained(model, out, extra=lambda folder: save_tokenizer(tokenizer, folder))
 
 
@@ -53,13 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(
-        "--config",
-        default=None,
-        help="the run's config.yaml; only for checkpoints written before they carried the tokenizer",
-    )
-    parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out folder holding a model (replaced whole)"
     )
     args = parser.parse_args(argv)
-    directory = export_checkpoint(args.ckpt_path, args.out, args.config, args.overwrite)
+    directory = export_checkpoint(args.ckpt_path, args.out, args.overwrite)
     print(f"exported the model of {args.ckpt_path} to {directory}")

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import torch
+from jsonargparse import Namespace
 
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.lit.run_folders import run_folders
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.models.generation import stream
 
@@ -148,11 +150,13 @@ def read_stdin_prompt(stdin: TextIO | None) -> str:
         ) from None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``mf generate``: load the model, stream the continuation to stdout and the speed to stderr."""
+def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace]) -> None:
+    """``mf generate``: load the model (a run's config read with ``read_config``, ``mf fit``'s parser), stream the
+    continuation to stdout and the speed to stderr."""
     args = parse_args(argv)
     prompt = read_stdin_prompt(sys.stdin) if args.prompt is None else args.prompt
-    model, tokenizer = load_for_inference(args.config, args.ckpt_path, args.model_dir, args.device, DTYPES[args.dtype])
+    run = None if args.config is None else run_folders(read_config([args.config]), args.config)
+    model, tokenizer = load_for_inference(run, args.ckpt_path, args.model_dir, args.device, DTYPES[args.dtype])
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     count = generate_text(

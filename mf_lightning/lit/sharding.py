@@ -279,18 +279,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
 
 
-class FSDPStrategy(FSDP2Strategy):
-    """The former name of ``FSDP2Strategy``, which read like Lightning's FSDP1 ``FSDPStrategy``: refused
-    with the new class path before anything runs. (Raised from ``setup_environment``, not the constructor,
-    because the config parser would bury a constructor's error in its own multi-line report.)"""
-
-    def setup_environment(self) -> None:
-        raise ValueError(
-            "trainer.strategy mf_lightning.lit.sharding.FSDPStrategy was renamed: use "
-            "class_path: mf_lightning.lit.sharding.FSDP2Strategy (FSDP2, sharded checkpoint folders by default)"
-        )
-
-
 def keyed_by_name(
     state: Mapping[str, Any], optimizer: torch.optim.Optimizer, names: Mapping[int, str]
 ) -> dict[str, Any]:

@@ -77,8 +77,9 @@ def check_file_digests(path: Path) -> None:
     """Raise a ``ValueError`` naming ``path`` and the tensors whose dtype, shape or bytes are not those recorded
     when it was saved.
 
-    Files saved without digests or layouts (before they were recorded) are not checked for them. ``path``
-    must be a readable safetensors file (its header already parsed by safetensors).
+    A file that records no digests or layouts was not written by ``save_pretrained`` (every model folder it
+    writes has them), so it is refused too. ``path`` must be a readable safetensors file (its header already
+    parsed by safetensors).
     """
     with path.open("rb") as file:
         (header_size,) = struct.unpack("<Q", file.read(8))
@@ -87,7 +88,10 @@ def check_file_digests(path: Path) -> None:
     check_layout(path, header, metadata.get(LAYOUT_KEY))
     stored = metadata.get(DIGEST_KEY)
     if stored is None:
-        return
+        raise ValueError(
+            f"{path} records no SHA-256 of its tensors ({DIGEST_KEY} metadata), so its data cannot be checked; "
+            "it was not written by save_pretrained / mf export: export the model again"
+        )
     expected = json.loads(stored)
     start = 8 + header_size
     descriptor = os.open(path, os.O_RDONLY)
@@ -117,9 +121,12 @@ def check_file_digests(path: Path) -> None:
 
 def check_layout(path: Path, header: Mapping[str, dict], stored: str | None) -> None:
     """Raise a ``ValueError`` naming the tensors whose dtype or shape in the header of ``path`` differ from
-    ``stored`` (the ``LAYOUT_KEY`` value recorded at save; None: not recorded)."""
+    ``stored`` (the ``LAYOUT_KEY`` value recorded at save; None: not recorded, so not written by ``save_pretrained``)."""
     if stored is None:
-        return
+        raise ValueError(
+            f"{path} records no dtype and shape of its tensors ({LAYOUT_KEY} metadata), so its header cannot be "
+            "checked; it was not written by save_pretrained / mf export: export the model again"
+        )
     expected = {name: tuple(dtype_and_shape) for name, dtype_and_shape in json.loads(stored).items()}
     found = {name: (entry["dtype"], entry["shape"]) for name, entry in header.items()}
     changed = [

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mf_lightning.config import REMOVED_FIELDS, ModelConfig
+from mf_lightning.config import ModelConfig
 from mf_lightning.fs.folders import replaced_folder
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
@@ -148,14 +148,16 @@ def read_weights(path: Path, device: torch.device | str, dtype: torch.dtype | No
 def check_config_matches_weights(config: ModelConfig, config_path: Path, weights: Path) -> None:
     """Raise a ``ValueError`` naming the fields where ``config`` differs from the config stored with ``weights``.
 
-    Weights saved before configs were stored in their metadata are not checked; fields removed since
-    (``REMOVED_FIELDS``, which ``read_config`` accepts only at their "off" value) are left out.
+    Every ``save_pretrained`` file stores its config, so weights without one were not written by it and are refused.
     """
     with safe_open(weights, framework="pt") as file:
         stored = (file.metadata() or {}).get(CONFIG_METADATA_KEY)
     if stored is None:
-        return
-    saved = {name: value for name, value in json.loads(stored).items() if name not in REMOVED_FIELDS}
+        raise ValueError(
+            f"{weights} records no model config ({CONFIG_METADATA_KEY} metadata) to check {config_path.name} against; "
+            "it was not written by save_pretrained / mf export: export the model again"
+        )
+    saved = json.loads(stored)
     current = as_json(config.to_dict())
     differences = [
         f"{name}={current.get(name)!r} in {CONFIG_NAME}, {saved.get(name)!r} in the weights"

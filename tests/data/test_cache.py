@@ -238,14 +238,13 @@ def test_a_touched_file_is_checked_in_full_once_then_sampled_again(
     assert json.loads((cache.directory / "manifest.json").read_text())["checksums"]["train"]["mtime_ns"] == 1
 
 
-def test_verify_variable_checks_every_chunk(
+def test_verify_checks_every_chunk(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = build_in_chunks_of(monkeypatch, corpus_dir, tmp_path)
     damage_middle_chunk(cache, keep_mtime=True)
-    monkeypatch.setenv("MF_VERIFY_CACHE", "1")
     with caplog.at_level(logging.WARNING, logger="mf_lightning.data.cache"):
-        rebuilt = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
+        rebuilt = prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2, verify=True)
     assert any("train.bin bytes 640..704 differ from their checksum" in message for message in caplog.messages)
     assert 0xFF not in rebuilt.open("train")[: 64 * 11 // 2].tolist()
 

@@ -46,9 +46,9 @@ def test_bpe_is_trained_once_round_trips_and_is_cached(
     assert again.encode(TEXT) == tokenizer.encode(TEXT)
 
 
-def test_bpe_on_real_english_compresses_and_round_trips(fortunes_path: Path, tmp_path: Path) -> None:
-    tokenizer = load_tokenizer("bpe:512", FileSource([fortunes_path]), tmp_path)
-    text = fortunes_path.read_text(encoding="utf-8")[:5000]
+def test_bpe_on_real_english_compresses_and_round_trips(real_prose_path: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer("bpe:512", FileSource([real_prose_path]), tmp_path)
+    text = real_prose_path.read_text(encoding="utf-8")[:5000]
     ids = tokenizer.encode(text)
     assert tokenizer.vocab_size == 512
     assert tokenizer.decode(ids) == text

@@ -33,9 +33,14 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
     return 64
 
 
-def make(corpus_dir: Path, tmp_path: Path) -> TextDataModule:
+def make(corpus_dir: Path, tmp_path: Path, verify_cache: bool = False) -> TextDataModule:
     return TextDataModule(
-        source=str(corpus_dir), seq_len=16, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path / "cache")
+        source=str(corpus_dir),
+        seq_len=16,
+        batch_size=4,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+        verify_cache=verify_cache,
     )
 
 
@@ -60,6 +65,24 @@ def test_damage_the_sample_misses_fails_the_run_and_the_next_run_rebuilds(
         rebuilt = make(corpus_dir, tmp_path).token_cache()
     assert any("rebuilding token cache" in message and "no manifest" in message for message in caplog.messages)
     assert rebuilt.path("train").read_bytes() == expected
+
+
+def test_verify_cache_rebuilds_damage_the_sample_misses_before_training(
+    corpus_dir: Path, tmp_path: Path, small_chunks: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make(corpus_dir, tmp_path).token_cache()
+    expected = cache.path("train").read_bytes()
+    zero_a_middle_chunk_keeping_mtime(cache.path("train"), small_chunks)
+    with caplog.at_level(logging.WARNING, logger="mf_lightning.data.cache"):
+        opened = make(corpus_dir, tmp_path, verify_cache=True)
+        assert opened.token_cache().path("train").read_bytes() == expected
+    assert any("train.bin bytes 640..704 differ from their checksum" in message for message in caplog.messages)
+    assert opened._full_check is None  # checked in full already: nothing left for the background
+
+
+def test_verify_cache_must_be_a_boolean(corpus_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="verify_cache must be true or false, got 'yes'"):
+        make(corpus_dir, tmp_path, verify_cache="yes")
 
 
 def test_an_intact_cache_passes_the_background_check(corpus_dir: Path, tmp_path: Path, small_chunks: int) -> None:

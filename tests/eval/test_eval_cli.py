@@ -142,3 +142,19 @@ def test_without_lm_eval_mf_eval_names_the_extra(tmp_path, monkeypatch, capsys) 
         capsys.readouterr().err
         == "mf: error: mf eval needs lm-eval, the optional extra: pip install 'mf_lightning[eval]'\n"
     )
+
+
+def test_a_run_that_logs_elsewhere_gets_its_scores_as_json_only(tmp_path, capsys) -> None:
+    """The run's logs follow its logger: a CSV-logged run gets no TensorBoard folder made for it."""
+    from mf_lightning.eval.cli import save_run_results
+    from mf_lightning.lit.run_folders import RunFolders
+
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save({"global_step": 7}, checkpoint)
+    folders = RunFolders(tmp_path, checkpoint.parent, tmp_path / "lightning_logs" / "version_0", "CSVLogger")
+    save_run_results({"results": {}}, [], checkpoint, folders, None)
+    out = capsys.readouterr().out
+    assert f"results: {tmp_path / 'eval' / 'last-step7.json'}" in out
+    assert "not logged to TensorBoard: the run logs with CSVLogger, not TensorBoardLogger" in out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoints", "eval"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cli_support import run, state_of, tiny_run_args, write_corpus
 
+from mf_lightning.cli import read_config
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import (
     ByteTokenizer,
@@ -22,6 +23,7 @@ from mf_lightning.lit import export as export_module
 from mf_lightning.lit.checkpoints import TOKENIZER_STATE_KEY
 from mf_lightning.lit.export import export_checkpoint
 from mf_lightning.lit.loading import load_for_inference
+from mf_lightning.lit.run_folders import run_folders
 from mf_lightning.models import build_model
 from mf_lightning.models.pretrained import clean_keys
 
@@ -37,6 +39,11 @@ def bpe_run(tmp_path_factory) -> Path:
     return root
 
 
+def run_of(config: Path):
+    """The folders of the run whose config is ``config``, as mf eval and mf generate find them."""
+    return run_folders(read_config([config]), config)
+
+
 def assert_weights_of(model: torch.nn.Module, checkpoint: Path) -> None:
     expected = clean_keys(state_of(checkpoint))
     state = model.state_dict()
@@ -45,7 +52,7 @@ def assert_weights_of(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def test_a_run_loads_from_its_saved_config_and_last(bpe_run):
-    model, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path="last")
+    model, tokenizer = load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path="last")
     assert_weights_of(model, bpe_run / "checkpoints" / "last.ckpt")
     assert not model.training
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == 300
@@ -61,34 +68,35 @@ def test_an_exported_folder_is_self_contained(bpe_run, tmp_path):
     }
     model, tokenizer = load_for_inference(model_dir=folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    _, from_run = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=checkpoint)
+    _, from_run = load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path=checkpoint)
     assert tokenizer.fingerprint == from_run.fingerprint
     assert tokenizer.encode("memory layer") == from_run.encode("memory layer")
 
 
-def test_a_checkpoint_without_a_tokenizer_falls_back_to_the_run_config(bpe_run, tmp_path):
+def test_a_checkpoint_without_a_tokenizer_is_refused(bpe_run, tmp_path):
     checkpoint = torch.load(bpe_run / "checkpoints" / "last.ckpt", weights_only=True)
     del checkpoint[TOKENIZER_STATE_KEY]
-    old = tmp_path / "old.ckpt"
-    torch.save(checkpoint, old)
-    _, tokenizer = load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", ckpt_path=old)
-    assert tokenizer.fingerprint == checkpoint["mf_tokenizer"]
-    with pytest.raises(ValueError, match="carries no tokenizer"):
-        export_checkpoint(old, tmp_path / "model")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, foreign)
+    message = f"checkpoint {foreign} carries no tokenizer, so it was not written by mf fit"
+    with pytest.raises(ValueError, match=message):
+        load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), ckpt_path=foreign)
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(foreign, tmp_path / "model")
 
 
 def test_bad_requests_name_what_is_missing(bpe_run, tmp_path):
     with pytest.raises(ValueError, match="either --model_dir"):
         load_for_inference()
     with pytest.raises(ValueError, match="either --model_dir"):
-        load_for_inference(config=bpe_run / "tensorboard" / "config.yaml", model_dir=tmp_path)
+        load_for_inference(run_of(bpe_run / "tensorboard" / "config.yaml"), model_dir=tmp_path)
     with pytest.raises(ValueError, match="needs --config"):
         load_for_inference(ckpt_path="last")
     empty = tmp_path / "tensorboard" / "config.yaml"
     empty.parent.mkdir()
     empty.write_text("trainer: {default_root_dir: nowhere}\n")
     with pytest.raises(FileNotFoundError, match="has no last.ckpt"):
-        load_for_inference(config=empty, ckpt_path="last")
+        load_for_inference(run_of(empty), ckpt_path="last")
     with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
         load_folder_tokenizer(tmp_path)
 

@@ -10,7 +10,6 @@ from torch import nn
 from mf_lightning.config import ModelConfig
 from mf_lightning.lit import LanguageModel
 from mf_lightning.lit.sharding import (
-    FSDPStrategy,
     build_on_meta,
     has_meta_parameters,
     keyed_by_name,
@@ -136,8 +135,3 @@ def test_sharded_materialisation_gives_each_rank_its_shard_of_the_one_process_we
             assert torch.equal(full, eager[name]), name
     finally:
         dist.destroy_process_group()
-
-
-def test_the_former_strategy_name_is_refused_with_the_new_one() -> None:
-    with pytest.raises(ValueError, match=r"FSDPStrategy was renamed: use class_path: \S+sharding\.FSDP2Strategy"):
-        FSDPStrategy().setup_environment()

@@ -13,7 +13,7 @@ from mf_lightning.cli import main
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
 from mf_lightning.models import MemoryFormer, Transformer, build_model, load_pretrained, pretrained, save_pretrained
-from mf_lightning.models.integrity import tensors_digests
+from mf_lightning.models.integrity import DIGEST_KEY, LAYOUT_KEY, tensors_digests, tensors_layout
 from mf_lightning.models.pretrained import build_in_dtype
 
 ARCHS = ["memoryformer", "transformer"]
@@ -21,6 +21,13 @@ ARCHS = ["memoryformer", "transformer"]
 
 def debug_model(arch: str = "memoryformer", **overrides: object) -> torch.nn.Module:
     return build_model(ModelConfig.from_preset("debug", arch=arch, **overrides))
+
+
+def rewrite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Replaces the weights in ``path`` with ``state``, with the metadata ``save_pretrained`` would write for it."""
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+    save_file(state, path, metadata={**metadata, DIGEST_KEY: tensors_digests(state), LAYOUT_KEY: tensors_layout(state)})
 
 
 def assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
@@ -54,7 +61,7 @@ def test_compile_and_lightning_prefixes_are_stripped(prefix: str, tmp_path: Path
     model = debug_model()
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    save_file({prefix + key: value for key, value in state.items()}, tmp_path / "model.safetensors")
+    rewrite_weights(tmp_path / "model.safetensors", {prefix + key: value for key, value in state.items()})
     assert_same_weights(load_pretrained(tmp_path), model)
 
 
@@ -91,7 +98,7 @@ def test_missing_keys_are_listed(tmp_path: Path) -> None:
     debug_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["norm.weight"]
-    save_file(state, tmp_path / "model.safetensors")
+    rewrite_weights(tmp_path / "model.safetensors", state)
     with pytest.raises(ValueError, match=r"missing \(1\): norm.weight"):
         load_pretrained(tmp_path)
 
@@ -146,11 +153,19 @@ def test_runtime_settings_of_config_json_may_change(tmp_path: Path) -> None:
     assert_same_weights(loaded, model)
 
 
-def test_folders_saved_without_a_config_in_the_weights_still_load(tmp_path: Path) -> None:
-    model = debug_model()
-    model.save_pretrained(tmp_path)
-    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors", metadata={"format": "pt"})
-    assert_same_weights(load_pretrained(tmp_path), model)
+@pytest.mark.parametrize(
+    ("dropped", "message"),
+    [(DIGEST_KEY, "records no SHA-256 of its tensors"), ("mf_model_config", "records no model config")],
+)
+def test_weights_not_written_by_save_pretrained_are_refused(dropped: str, message: str, tmp_path: Path) -> None:
+    debug_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with safe_open(weights, framework="pt") as file:
+        metadata = file.metadata()
+    del metadata[dropped]
+    save_file(load_file(weights), weights, metadata=metadata)
+    with pytest.raises(ValueError, match=f"model.safetensors {message} .*export the model again"):
+        load_pretrained(tmp_path)
 
 
 def flip_bit(path: Path, offset_from_end: int) -> None:
@@ -201,19 +216,6 @@ def test_the_digests_cover_every_dtype_and_shape() -> None:
     assert digests == json.loads(tensors_digests(dict(reversed(state.items()))))
     changed = json.loads(tensors_digests({**state, "b": torch.ones((), dtype=torch.bfloat16)}))
     assert changed["a"] == digests["a"] and changed["b"] != digests["b"]
-
-
-def test_a_folder_saved_with_hash_offset_off_still_loads(tmp_path: Path) -> None:
-    model = debug_model()
-    model.save_pretrained(tmp_path)
-    edit_config(tmp_path, hash_offset=False)
-    weights = tmp_path / "model.safetensors"
-    with safe_open(weights, framework="pt") as file:
-        metadata = file.metadata()
-    config = json.loads(metadata["mf_model_config"])
-    metadata["mf_model_config"] = json.dumps({**config, "hash_offset": False})
-    save_file(load_file(weights), weights, metadata=metadata)
-    assert_same_weights(load_pretrained(tmp_path), model)
 
 
 def test_saving_over_an_existing_file_is_refused(tmp_path: Path) -> None:

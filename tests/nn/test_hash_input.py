@@ -114,6 +114,7 @@ def rank_batch(rank: int, step: int) -> torch.Tensor:
     return torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(10 * step + rank)) + 3.0 * rank
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_centering_keeps_one_running_mean_across_ranks_seeing_different_data(tmp_path) -> None:
     """Two gloo ranks with different data end with the same running mean: that of one process given both
