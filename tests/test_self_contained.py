@@ -15,15 +15,16 @@ RECORDS = "benchmarks/results/"
 """Measured results name the command that produced them, as it was run; they are records, never read."""
 
 
-GENERATED = {"__pycache__", "runs", "lightning_logs", "build", "dist"}
-"""Folders the project's own runs and builds write (ignored by git), besides hidden ones (``.git``, ``.venv``)."""
+GENERATED = {".git", ".venv", ".whl", ".mf_cache", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", "__pycache__"}
+GENERATED |= {"runs", "lightning_logs", "build", "dist"}
+"""Folders git, the tools and the project's own runs and builds write (all ignored by git), never the project's."""
 
 
 def repository_files() -> list[Path]:
-    """Every file of the checkout, less hidden and generated folders and the measured results."""
+    """Every file of the checkout (``.ci/`` included), less generated folders and the measured results."""
     files = []
     for folder, subfolders, names in os.walk(REPO):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".") and name not in GENERATED]
+        subfolders[:] = [name for name in subfolders if name not in GENERATED]
         subfolders[:] = [name for name in subfolders if not name.endswith(".egg-info")]
         files += [Path(folder) / name for name in names]
     return [path for path in files if not path.relative_to(REPO).as_posix().startswith(RECORDS)]
