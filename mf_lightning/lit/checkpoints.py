@@ -31,6 +31,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mf_lightning.config import check_format
 from mf_lightning.data.staging import is_running
 from mf_lightning.lit.distributed_checkpoint import fsync_path, is_sharded_checkpoint, read_sharded_checkpoint
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
@@ -307,6 +308,10 @@ def check_checkpoint(
     )
     saved = checkpoint.get(MODEL_CONFIG_KEY)
     if saved is not None:
+        try:
+            check_format(saved)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         differences = [
             f"{name}={saved.get(name)!r} in the checkpoint, {value!r} in the config"
             for name, value in model_config.items()

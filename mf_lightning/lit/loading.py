@@ -111,7 +111,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Decod
     saved = checkpoint.get(MODEL_CONFIG_KEY)
     if saved is None:
         raise ValueError(f"checkpoint {path} records no model config (it was not written by mf fit)")
-    config = ModelConfig.from_dict(saved)
+    try:
+        config = ModelConfig.from_dict(saved)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from None
     with torch.device("meta"):
         model = build_model(config)
     state = clean_keys(checkpoint["state_dict"])

@@ -1,6 +1,6 @@
 """The model architectures: MemoryFormer, the baseline Transformer, and ``build_model`` to pick one by ``arch``.
 
-Both are a :class:`~mf_lightning.models.base.DecoderLM` (embedding -> ``n_layer`` blocks -> RMSNorm -> LM
+Both are a :class:`~mf_lightning.models.base.DecoderLM` (embedding -> ``n_layer`` blocks -> norm -> LM
 head) and differ only in their block and in how many multiply-accumulates it spends per token. A new
 architecture is a ``DecoderLM`` subclass here naming its ``arch`` and ``block_class`` (built in
 :mod:`mf_lightning.nn.blocks`), added to :data:`MODELS`.
@@ -16,7 +16,8 @@ from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
 class MemoryFormer(DecoderLM):
     """MemoryFormer (Ding et al., NeurIPS 2024): a decoder whose every fully-connected layer is a Memory Layer.
 
-    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.MemoryBlock` -> RMSNorm -> LM head. The
+    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.MemoryBlock` -> GPT-NeoX RMSNorm -> LM head, as
+    the authors' GPT-NeoX fork computes it (tests/models/authors_reference.py transcribes it). The
     embedding and head stay ordinary (SPEC §2); everything between them hashes instead of multiplying.
     Build it with ``MemoryFormer(ModelConfig.from_preset("tiny"))``.
     """
