@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.base import DecoderLM
-from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
+from mf_lightning.nn.blocks import GPTNeoXBlock, MemoryBlock
 
 
 class MemoryFormer(DecoderLM):
@@ -39,15 +39,17 @@ class MemoryFormer(DecoderLM):
 
 
 class Transformer(DecoderLM):
-    """The Pythia-style baseline Transformer at the same widths and depths as MemoryFormer (SPEC §2).
+    """The baseline: Pythia (GPT-NeoX) at the same widths and depths as MemoryFormer (SPEC §2).
 
-    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.TransformerBlock` -> RMSNorm -> LM head:
-    QKV and output projections, a GELU feed-forward of width ``ffn_multiplier * d``, rotary attention.
+    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.GPTNeoXBlock` -> LayerNorm -> LM head,
+    computing what ``transformers.GPTNeoXForCausalLM`` computes with Pythia's config (so its weights map
+    one to one, :mod:`mf_lightning.models.gpt_neox`): parallel residual, fused QKV and output projections,
+    a GELU feed-forward of width ``ffn_multiplier * d``, rotary attention.
     Build it with ``Transformer(ModelConfig.from_preset("tiny", arch="transformer"))``.
     """
 
     arch = "transformer"
-    block_class = TransformerBlock
+    block_class = GPTNeoXBlock
 
     def block_macs_per_token(self, seq_len: int, attention: bool = True) -> int:
         """Weights used per token plus attention: QKV ``3d^2``, output ``d^2``, FFN ``2 d h``

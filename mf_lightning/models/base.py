@@ -24,7 +24,7 @@ from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.generation import generate as generate_continuation
 from mf_lightning.nn.attention import KVCache, StaticKVCache, rotary_cos_sin
-from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock, small_init_std
+from mf_lightning.nn.blocks import GPTNeoXBlock, MemoryBlock, small_init_std
 from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.layers import NormalEmbedding, NormalLinear
 
@@ -39,7 +39,7 @@ class DecoderLM(nn.Module, ABC):
     """Decoder-only language model over ``config.vocab_size`` tokens, up to ``config.max_seq_len`` long."""
 
     arch: ClassVar[str]
-    block_class: ClassVar[type[MemoryBlock] | type[TransformerBlock]]
+    block_class: ClassVar[type[MemoryBlock] | type[GPTNeoXBlock]]
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

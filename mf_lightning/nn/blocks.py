@@ -1,4 +1,4 @@
-"""Decoder blocks: ``MemoryBlock`` (SPEC §2, the MemoryFormer authors' block) and the ``TransformerBlock`` baseline.
+"""Decoder blocks: ``MemoryBlock`` (SPEC §2, the MemoryFormer authors' block) and ``GPTNeoXBlock`` (Pythia).
 
 ``MemoryBlock`` is pre-norm with sequential residuals and GPT-NeoX's RMSNorm, as the authors' GPT-NeoX
 fork computes it; ``GPTNeoXBlock`` is the Pythia baseline exactly as ``transformers``' ``GPTNeoXLayer``
@@ -25,7 +25,6 @@ from mf_lightning.nn.norms import GPTNeoXRMSNorm
 
 FFN_TABLE_STD = 0.02
 BIAS_STD = 1e-3
-LINEAR_STD = 0.02
 
 
 def small_init_std(width: int) -> float:
@@ -82,33 +81,39 @@ class MemoryBlock(nn.Module):
         return x + self.dropout(self.ffn_out(self.ffn_out_hash_input(hidden)))
 
 
-class TransformerBlock(nn.Module):
-    """``x + W_O MHA(W_qkv RMSNorm(x))`` then ``x + W_2 GELU(W_1 RMSNorm(x))``: the Pythia-style baseline.
+class GPTNeoXBlock(nn.Module):
+    """``x + W_O MHA(W_qkv LN_1(x)) + W_2 GELU(W_1 LN_2(x))``: Pythia's block (GPT-NeoX, parallel residual).
 
-    Linear weights ``N(0, 0.02**2)``, the two projections back into the residual stream scaled by
-    ``1/sqrt(2 * n_layer)`` (GPT-2) so the stream's variance does not grow with depth; biases zero.
+    As ``transformers``' ``GPTNeoXLayer`` with ``use_parallel_residual=True``: LayerNorms with eps
+    ``layer_norm_eps``, a fused QKV projection with bias in GPT-NeoX's per-head layout, an output projection
+    ``W_O`` with bias, an exact-GELU feed-forward of width ``ffn_multiplier * d`` with biases. Init as in
+    Pythia's GPT-NeoX configs (``init_method: small_init``, ``output_layer_init_method: wang_init``): the
+    two projections back into the residual stream (``proj``, ``ffn_out``) ``wang_init``, the others
+    ``small_init``; biases zero. Parameter names differ from transformers' (see
+    :mod:`mf_lightning.models.gpt_neox`, which maps them).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.n_embd
+        inner, outer = small_init_std(d), wang_init_std(config.n_layer, d)
         self.attn_norm = self.residual_norm(config)
-        residual_std = LINEAR_STD / math.sqrt(2 * config.n_layer)
-        self.qkv = NormalLinear(d, 3 * d, std=LINEAR_STD)
-        self.attention = CausalSelfAttention(config.n_head, config.dropout)
-        self.proj = NormalLinear(d, d, std=residual_std)
+        self.qkv = NormalLinear(d, 3 * d, std=inner)
+        self.attention = CausalSelfAttention(config.n_head, config.dropout, qkv_layout="per_head")
+        self.proj = NormalLinear(d, d, std=outer)
         self.ffn_norm = self.residual_norm(config)
-        self.ffn_in = NormalLinear(d, config.ffn_hidden, std=LINEAR_STD)
-        self.ffn_out = NormalLinear(config.ffn_hidden, d, std=residual_std)
+        self.ffn_in = NormalLinear(d, config.ffn_hidden, std=inner)
+        self.ffn_out = NormalLinear(config.ffn_hidden, d, std=outer)
         self.dropout = nn.Dropout(config.dropout)
 
     @staticmethod
     def residual_norm(config: ModelConfig) -> nn.Module:
         """The norm this block (and the model's final norm) puts on the residual stream."""
-        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+        return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
-        x = x + self.dropout(self.proj(self.attention(self.qkv(self.attn_norm(x)), cos, sin, cache)))
-        return x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x)))))
+        attention = self.proj(self.attention(self.qkv(self.attn_norm(x)), cos, sin, cache))
+        feed_forward = self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
+        return self.dropout(feed_forward) + self.dropout(attention) + x
