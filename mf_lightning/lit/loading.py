@@ -8,7 +8,8 @@ One loader serves ``mf export``, ``mf eval`` and ``mf generate``:
   records and the tokenizer from the copy the checkpoint carries (checkpoints written before it
   carried one fall back to the config's ``data.tokenizer``);
 - a folder written by ``mf export`` / ``save_pretrained``: ``config.json``, ``model.safetensors`` and
-  the tokenizer files.
+  the tokenizer files; or a GPT-NeoX folder written by transformers (a Pythia checkpoint), read as the
+  baseline (:mod:`mf_lightning.models.gpt_neox`).
 
 Checkpoints are read with ``weights_only=True`` (``read_checkpoint``), so loading never runs code.
 """
@@ -26,6 +27,7 @@ from mf_lightning.data.tokenizers import Tokenizer, load_folder_tokenizer, load_
 from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_KEY, TOKENIZER_STATE_KEY, read_checkpoint
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.gpt_neox import is_gpt_neox_folder, load_gpt_neox
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
 
 LAST = "last"
@@ -45,7 +47,8 @@ def load_for_inference(
     if (model_dir is None) == (ckpt_path is None and config is None):
         raise ValueError("give either --model_dir DIR, or --config RUN_CONFIG with --ckpt_path last|FILE")
     if model_dir is not None:
-        model, tokenizer = load_pretrained(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
+        load_folder = load_gpt_neox if is_gpt_neox_folder(model_dir) else load_pretrained
+        model, tokenizer = load_folder(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
     else:
         run_config = read_run_config(config) if config is not None else {}
         path = resolve_checkpoint(ckpt_path or LAST, config, run_config)

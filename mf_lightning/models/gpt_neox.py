@@ -121,7 +121,6 @@ def gpt_neox_config(config: ModelConfig, bos_token_id: int, eos_token_id: int) -
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "use_cache": True,
-        "torch_dtype": "float32",
     }
 
 
