@@ -219,6 +219,34 @@ def read_gpt_neox_state(directory: str | Path, device: torch.device | str = "cpu
     )
 
 
+def init_weights_for(
+    config: ModelConfig, directory: str | Path, runtime_fields: frozenset[str]
+) -> dict[str, torch.Tensor]:
+    """The weights of the GPT-NeoX folder ``directory`` under our names, for a run whose model is ``config``.
+
+    Raises one ``ValueError`` naming the folder and every field where its model differs from ``config``
+    (``runtime_fields`` may differ: they shape no weight): another architecture, vocabulary or shape.
+    """
+    if config.arch != Transformer.arch:
+        raise ValueError(
+            f"--model.init_from {directory}: a GPT-NeoX folder initialises the baseline (arch: transformer), "
+            f"not arch={config.arch!r}"
+        )
+    folder = read_gpt_neox_config(directory)
+    ours, theirs = config.to_dict(), folder.to_dict()
+    differences = [
+        f"{name}={theirs[name]!r} in the folder, {ours[name]!r} in the run"
+        for name in ours
+        if name not in runtime_fields and ours[name] != theirs[name]
+    ]
+    if differences:
+        raise ValueError(
+            f"--model.init_from {directory} holds another model than the run's: {'; '.join(differences)}; "
+            "set model.preset / model.overrides (and the tokenizer) to the folder's"
+        )
+    return from_gpt_neox_state(read_gpt_neox_state(directory), folder, directory)
+
+
 def load_gpt_neox(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
