@@ -54,7 +54,7 @@ class ModelConfig:
     """Architecture and sizes of a decoder-only language model (SPEC §2).
 
     ``arch`` is ``memoryformer`` (Memory Layers instead of fully-connected layers) or ``transformer``
-    (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
+    (the baseline: Pythia, GPT-NeoX). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
     ``ffn_multiplier`` is the baseline's feed-forward expansion. ``rms_norm_eps`` is MemoryFormer's RMSNorm
     epsilon (GPT-NeoX's formula, added to the rms: 1e-8 as in the authors' code), ``layer_norm_eps`` every
     LayerNorm's (MemoryFormer's mid-FFN one, the baseline's: 1e-5 as in the authors' code and Pythia). ``loss_chunk_size`` tokens at a time go
