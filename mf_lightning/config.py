@@ -30,16 +30,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Sizes of SPEC §2 (Pythia-70M/160M/410M widths and depths); ``debug`` trains on a CPU in seconds on
 byte-level text (256 bytes + EOS)."""
 
+MODEL_FORMAT = 2
+"""Version of the maths a saved model config describes, stored with it (:data:`FORMAT_KEY`). 2: MemoryFormer's
+norms and init follow the authors' GPT-NeoX code and ``arch: transformer`` is Pythia (GPT-NeoX); a config of
+another format is refused, its weights would load into a different model."""
+FORMAT_KEY = "model_format"
+
 
 @dataclass
 class ModelConfig:
     """Architecture and sizes of a decoder-only language model (SPEC §2).
 
     ``arch`` is ``memoryformer`` (Memory Layers instead of fully-connected layers) or ``transformer``
-    (the Pythia-style baseline). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
+    (the baseline: Pythia, GPT-NeoX). ``code_bits``, ``ffn_extra_bits`` and ``score`` shape the Memory Layers;
     ``ffn_multiplier`` is the baseline's feed-forward expansion. ``backend``, ``triton_backward`` and
-    ``kernel_check`` choose how the Memory Layers compute (:class:`~mf_lightning.nn.MemoryLayer`).
-    ``loss_chunk_size`` tokens at a time go
+    ``kernel_check`` choose how the Memory Layers compute (:class:`~mf_lightning.nn.MemoryLayer`). ``rms_norm_eps`` is MemoryFormer's RMSNorm
+    epsilon (GPT-NeoX's formula, added to the rms: 1e-8 as in the authors' code), ``layer_norm_eps`` every
+    LayerNorm's (MemoryFormer's mid-FFN one, the baseline's: 1e-5 as in the authors' code and Pythia). ``loss_chunk_size`` tokens at a time go
     through the LM head and cross-entropy when a loss is computed (``mf_lightning.nn.chunked_loss``; 0 forms
     the full ``[tokens, vocab]`` logits instead). ``hash_centering`` and
     ``bucket_balance_weight`` switch on remedies for bucket collapse (:mod:`mf_lightning.nn.hash_input`);
@@ -59,7 +66,8 @@ class ModelConfig:
     score: str = "scaled"
     rotary_fraction: float = 0.25
     rotary_base: float = 10000.0
-    norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-8
+    layer_norm_eps: float = 1e-5
     max_seq_len: int = 256
     tie_embeddings: bool = False
     backend: str = "auto"
@@ -115,7 +123,7 @@ class ModelConfig:
             raise ValueError(f"bucket_balance_weight must be a non-negative finite number, got {weight!r}")
         in_range("rotary_fraction", self.rotary_fraction, 0.0, 1.0, closed_low=True)
         in_range("dropout", self.dropout, 0.0, 1.0, closed_low=True, closed_high=False)
-        for name in ("rotary_base", "norm_eps"):
+        for name in ("rotary_base", "rms_norm_eps", "layer_norm_eps"):
             value = getattr(self, name)
             if not is_real(value) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -159,16 +167,32 @@ class ModelConfig:
         return cls(**{**PRESETS[name], "arch": arch, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """The settable fields as a JSON-ready dict (derived fields are recomputed on load)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The settable fields and :data:`FORMAT_KEY` as a JSON-ready dict (derived fields are recomputed on load)."""
+        return {FORMAT_KEY: MODEL_FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error listing the valid ones."""
+        """Inverse of :meth:`to_dict`; a dict of another format (:func:`check_format`) or with unknown keys is an
+        error naming them."""
         if not isinstance(values, dict):
             raise ValueError(f"a model config must be a dict of fields, got {type(values).__name__}")
-        check_keys(values, "config")
-        return cls(**values)
+        check_format(values)
+        fields = {name: value for name, value in values.items() if name != FORMAT_KEY}
+        check_keys(fields, "config")
+        return cls(**fields)
+
+
+def check_format(values: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` unless the saved model config ``values`` is of :data:`MODEL_FORMAT`."""
+    found = values.get(FORMAT_KEY)
+    if found == MODEL_FORMAT:
+        return
+    if found is None or (isinstance(found, int) and found < MODEL_FORMAT):
+        raise ValueError(
+            f"the model predates model format {MODEL_FORMAT} (MemoryFormer's GPT-NeoX norms and init, the Pythia "
+            "baseline) and computes something else; train it again with this version"
+        )
+    raise ValueError(f"model format {found!r} is not {MODEL_FORMAT}, the one this version of mf_lightning reads")
 
 
 def settable_fields() -> tuple[str, ...]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mf_lightning.config import PRESETS, ModelConfig, settable_fields
+from mf_lightning.config import FORMAT_KEY, MODEL_FORMAT, PRESETS, ModelConfig, settable_fields
 
 
 @pytest.mark.parametrize("arch", ["memoryformer", "transformer"])
@@ -65,7 +65,8 @@ def test_derived_fields_cannot_be_overridden() -> None:
         ({"rotary_fraction": 0.1}, r"rotary_fraction=0.1 gives 3.2 rotary dimensions per head of 32"),
         ({"rotary_fraction": 1.5}, r"rotary_fraction must be a number in \[0, 1\], got 1.5"),
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
-        ({"norm_eps": 0.0}, "norm_eps must be a positive finite number, got 0.0"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a positive finite number, got 0.0"),
+        ({"layer_norm_eps": -1.0}, "layer_norm_eps must be a positive finite number, got -1.0"),
         ({"tie_embeddings": "yes"}, "tie_embeddings must be True or False, got 'yes'"),
         ({"ffn_extra_bits": 9}, "code_bits \\+ ffn_extra_bits = 17 exceeds 16"),
         ({"hash_centering": 1}, "hash_centering must be True or False, got 1"),
@@ -91,12 +92,22 @@ def test_transformer_ignores_code_bits_divisibility() -> None:
 def test_json_round_trip() -> None:
     config = ModelConfig.from_preset("small", arch="transformer", dropout=0.1, tie_embeddings=True)
     data = json.loads(json.dumps(config.to_dict()))
-    assert set(data) == set(settable_fields())
+    assert set(data) == {*settable_fields(), FORMAT_KEY} and data[FORMAT_KEY] == MODEL_FORMAT
     assert ModelConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize("stored", [None, 1])
+def test_a_config_of_an_older_model_format_is_refused_as_predating_it(stored: int | None) -> None:
+    """Configs saved before MemoryFormer's GPT-NeoX norms and the Pythia baseline (issue 29) describe other maths."""
+    saved = {**ModelConfig.from_preset("debug").to_dict(), FORMAT_KEY: stored}
+    if stored is None:
+        del saved[FORMAT_KEY]
+    with pytest.raises(ValueError, match=r"^the model predates model format 2 \(MemoryFormer's GPT-NeoX norms"):
+        ModelConfig.from_dict(saved)
 
 
 def test_from_dict_rejects_unknown_keys_and_non_dicts() -> None:
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['layers'\]"):
-        ModelConfig.from_dict({"layers": 3})
+        ModelConfig.from_dict({FORMAT_KEY: MODEL_FORMAT, "layers": 3})
     with pytest.raises(ValueError, match="must be a dict of fields, got list"):
         ModelConfig.from_dict([1, 2])

@@ -54,7 +54,7 @@ GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
             "n_layer": 1,
             "n_embd": 32,
             "n_head": 4,
-            "norm_eps": 1e-6,
+            "rms_norm_eps": 1e-6,
             "rotary_fraction": 0.0,
             "hash_centering": True,
         },
@@ -62,7 +62,14 @@ GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
     ),
     "transformer": (
         "transformer",
-        {"ffn_multiplier": 2, "tie_embeddings": True, "dropout": 0.1, "loss_chunk_size": 0, "rotary_fraction": 1.0},
+        {
+            "ffn_multiplier": 2,
+            "tie_embeddings": True,
+            "dropout": 0.1,
+            "loss_chunk_size": 0,
+            "rotary_fraction": 1.0,
+            "layer_norm_eps": 1e-6,
+        },
         {},
     ),
 }

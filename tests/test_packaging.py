@@ -11,8 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_wheel_ships_the_source_of_the_fused_cpu_operator(tmp_path):
-    """The operator is compiled from its C++ source on first use: a wheel without it decodes slower."""
+def test_the_wheel_ships_the_fused_cpu_operator_source_and_the_hf_modeling_file(tmp_path):
+    """The operator is compiled from its C++ source on first use: a wheel without it decodes slower. ``mf export``
+    copies the MemoryFormer modeling file into every MemoryFormer folder: without it the export fails."""
     pytest.importorskip("setuptools.build_meta", reason="building a wheel needs setuptools")
     source = tmp_path / "source"
     source.mkdir()
@@ -26,5 +27,6 @@ def test_the_wheel_ships_the_source_of_the_fused_cpu_operator(tmp_path):
     wheel = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
     names = zipfile.ZipFile(wheel).namelist()
     assert "mf_lightning/kernels/fused_cpu.cpp" in names
+    assert "mf_lightning/models/hf_modeling_memoryformer.py" in names
     assert "mf_lightning/kernels/fused_cpu.py" in names
     assert {f"mf_lightning/help/{name}.txt" for name in ("fit", "prepare", "eval")} <= set(names)  # mf <sub> --help

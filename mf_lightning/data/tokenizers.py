@@ -308,24 +308,49 @@ def tokenizer_from_state(state: dict[str, str], where: str) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
-    """Write ``tokenizer`` into a model folder: ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face
-    layout, loadable by any ``tokenizers`` user), or for the byte tokenizer a config that names it."""
+    """Write ``tokenizer`` into a model folder: ``tokenizer.json`` + ``tokenizer_config.json``, the Hugging Face
+    layout that ``tokenizers`` and ``transformers.AutoTokenizer`` load; the byte tokenizer as the equivalent
+    byte-level ``tokenizer.json`` (:func:`byte_tokenizer_model`), its config naming it so mf reads it back
+    as the byte tokenizer."""
     directory = Path(directory)
     if isinstance(tokenizer, HFTokenizer):
-        (directory / TOKENIZER_FILE).write_text(tokenizer.model.to_str(), encoding="utf-8")
-        config = {"eos_token": tokenizer.eos_token}
+        model, config = tokenizer.model, {}
     else:
         tokenizer_state(tokenizer)
-        (directory / TOKENIZER_FILE).unlink(missing_ok=True)  # a replaced model's tokenizer would be loaded first
-        config = {BYTE_MARKER: True, "eos_token_id": tokenizer.eos_id}
+        model, config = byte_tokenizer_model(), {BYTE_MARKER: True, "eos_token_id": tokenizer.eos_id}
+    eos = model.id_to_token(tokenizer.eos_id)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos, **config}
+    (directory / TOKENIZER_FILE).write_text(model.to_str(), encoding="utf-8")
     (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def byte_tokenizer_model() -> HFTokenizerModel:
+    """The byte tokenizer as a ``tokenizers`` tokenizer: byte ``b`` is id ``b`` (GPT-2's byte-level alphabet,
+    no merges) and :data:`EOS_TOKEN` is id 256, so Hugging Face tools encode and decode as ``ByteTokenizer``."""
+    alphabet = byte_level_alphabet()
+    model = HFTokenizerModel(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    model.add_special_tokens([EOS_TOKEN])
+    return model
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's ``bytes_to_unicode``: the printable character ByteLevel pre-tokenisation maps each byte value to."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            characters[byte] = chr(byte)
+        else:
+            characters[byte] = chr(256 + extra)
+            extra += 1
+    return [characters[byte] for byte in range(256)]
 
 
 def load_folder_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer saved by :func:`save_tokenizer` in a model folder."""
     directory = Path(directory)
-    if (directory / TOKENIZER_FILE).is_file():
-        return HFTokenizer.from_path(directory)
     config_file = directory / TOKENIZER_CONFIG_FILE
     if config_file.is_file():
         try:
@@ -334,6 +359,8 @@ def load_folder_tokenizer(directory: str | os.PathLike) -> Tokenizer:
             raise ValueError(f"{config_file} is not valid JSON: {error}") from error
         if isinstance(config, dict) and config.get(BYTE_MARKER) is True:
             return ByteTokenizer()
+    if (directory / TOKENIZER_FILE).is_file():
+        return HFTokenizer.from_path(directory)
     raise FileNotFoundError(
         f"{directory} holds no tokenizer ({TOKENIZER_FILE} or a byte-tokenizer {TOKENIZER_CONFIG_FILE}); "
         "export the model again with `mf export`, which writes it"

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from mf_lightning.config import check_format
 from mf_lightning.fs.atomic import atomic_file, partial_path, remove_abandoned
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.lit.checkpoint_digests import with_digests
@@ -244,6 +245,10 @@ def check_checkpoint(
     )
     saved = checkpoint.get(MODEL_CONFIG_KEY)
     if saved is not None:
+        try:
+            check_format(saved)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         differences = [
             f"{name}={saved.get(name)!r} in the checkpoint, {value!r} in the config"
             for name, value in model_config.items()

@@ -1,9 +1,9 @@
 """``mf export --ckpt_path X --out DIR``: the model of a Lightning checkpoint as a self-contained model folder.
 
 A Lightning checkpoint is a pickle that also carries optimizer and loop state; the exported folder
-(``config.json`` + ``model.safetensors``, as written by ``save_pretrained``, plus the tokenizer's
-``tokenizer.json`` / ``tokenizer_config.json``) holds only the model and its tokenizer, in formats that
-cannot carry code, and is written as a whole (built beside ``--out`` and swapped in, so an interrupted
+(``config.json`` + ``model.safetensors``, plus the tokenizer's ``tokenizer.json`` / ``tokenizer_config.json``)
+holds only the model and its tokenizer and is a Hugging Face model folder (:mod:`mf_lightning.models.hf_export`:
+the baseline as native GPT-NeoX, MemoryFormer with its modeling file for ``trust_remote_code``). It is written as a whole (built beside ``--out`` and swapped in, so an interrupted
 export leaves the previous folder or the new one), and loads with ``mf_lightning.lit.loading.load_for_inference(model_dir=DIR)``
 (``mf eval`` / ``mf generate --model_dir DIR``), which checks every tensor against the SHA-256 recorded
 in ``model.safetensors`` at export (:mod:`mf_lightning.models.integrity`). The checkpoint itself is read
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from mf_lightning.data.tokenizers import save_tokenizer
 from mf_lightning.lit.checkpoints import read_checkpoint
 from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint
-from mf_lightning.models.pretrained import save_pretrained
+from mf_lightning.models.hf_export import save_hf_folder
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -39,7 +40,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = 
     checkpoint = read_checkpoint(ckpt_path, map_location="cpu")
     model = model_from_checkpoint(checkpoint, ckpt_path)
     tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path)
-    return save_pretrained(model, out, extra=lambda folder: save_tokenizer(tokenizer, folder))
+    return save_hf_folder(model, out, tokenizer.eos_id, tokenizer.eos_id, extra=partial(save_tokenizer, tokenizer))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,7 +7,8 @@ One loader serves ``mf export``, ``mf eval`` and ``mf generate``:
   ``FSDP2Strategy``, assembled in this process). The model is rebuilt from the config the checkpoint
   records and the tokenizer from the copy the checkpoint carries;
 - a folder written by ``mf export`` / ``save_pretrained``: ``config.json``, ``model.safetensors`` and
-  the tokenizer files.
+  the tokenizer files; or a GPT-NeoX folder written by transformers (a Pythia checkpoint), read as the
+  baseline (:mod:`mf_lightning.models.gpt_neox`).
 
 Checkpoints are read with ``weights_only=True`` (``read_checkpoint``), so loading never runs code.
 """
@@ -25,6 +26,7 @@ from mf_lightning.lit.checkpoints import MODEL_CONFIG_KEY, TOKENIZER_STATE_KEY, 
 from mf_lightning.lit.run_folders import RunFolders
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
+from mf_lightning.models.gpt_neox import is_gpt_neox_folder, load_gpt_neox
 from mf_lightning.models.pretrained import clean_keys, load_pretrained, state_problems
 
 LAST = "last"
@@ -45,7 +47,8 @@ def load_for_inference(
     if (model_dir is None) == (ckpt_path is None and run is None):
         raise ValueError("give either --model_dir DIR, or --config RUN_CONFIG with --ckpt_path last|FILE")
     if model_dir is not None:
-        model, tokenizer = load_pretrained(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
+        load_folder = load_gpt_neox if is_gpt_neox_folder(model_dir) else load_pretrained
+        model, tokenizer = load_folder(model_dir, device, dtype=dtype), load_folder_tokenizer(model_dir)
     else:
         path = resolve_checkpoint(ckpt_path or LAST, run)
         checkpoint = read_checkpoint(path, map_location="cpu")
@@ -78,7 +81,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Decod
     saved = checkpoint.get(MODEL_CONFIG_KEY)
     if saved is None:
         raise ValueError(f"checkpoint {path} records no model config (it was not written by mf fit)")
-    config = ModelConfig.from_dict(saved)
+    try:
+        config = ModelConfig.from_dict(saved)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from None
     with torch.device("meta"):
         model = build_model(config)
     state = clean_keys(checkpoint["state_dict"])

@@ -38,6 +38,8 @@ from mf_lightning.lit.sharding import (
 )
 from mf_lightning.models import build_model
 from mf_lightning.models.base import IGNORE_INDEX
+from mf_lightning.models.gpt_neox import init_weights_for, read_gpt_neox_config
+from mf_lightning.models.pretrained import RUNTIME_FIELDS
 from mf_lightning.nn.hash_input import balance_loss
 
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -66,7 +68,7 @@ class LanguageModel(L.LightningModule):
     ``min_lr_ratio``, the run length from ``trainer.max_steps``): each change is logged as ``old -> new``.
 
     Args:
-        arch: ``memoryformer`` (Memory Layers) or ``transformer`` (the Pythia-style baseline).
+        arch: ``memoryformer`` (Memory Layers) or ``transformer`` (the baseline, Pythia's GPT-NeoX).
         preset: model size: ``debug``, ``tiny``, ``small`` or ``base`` (``mf efficiency`` lists them).
         vocab_size: tokenizer vocabulary; the CLI links it from ``data.vocab_size``.
         overrides: ``ModelConfig`` fields replacing the preset's, e.g. ``{n_layer: 4, code_bits: 4}``.
@@ -85,6 +87,10 @@ class LanguageModel(L.LightningModule):
         temperature: sampling temperature of ``predict`` (0 = greedy).
         top_k: sample among the ``top_k`` most likely tokens (``None``: all).
         top_p: nucleus sampling threshold (``None``: off).
+        init_from: a GPT-NeoX folder written by transformers (a Pythia checkpoint, or ``mf export`` of a
+            baseline) whose weights start the baseline instead of the random init. Its model must be the
+            run's (preset, overrides); its vocabulary may be larger than the tokenizer's (Pythia pads the
+            GPT-NeoX tokenizer's 50277 ids to 50304), and then the model takes the folder's.
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class LanguageModel(L.LightningModule):
         temperature: float = 0.8,
         top_k: int | None = 50,
         top_p: float | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -128,7 +135,10 @@ class LanguageModel(L.LightningModule):
                     f"vocabulary of {vocab_size} ids (linked from data.vocab_size); remove the override"
                 )
             config_args["vocab_size"] = vocab_size
+            if init_from is not None and "vocab_size" not in (overrides or {}):
+                config_args["vocab_size"] = max(vocab_size, read_gpt_neox_config(init_from).vocab_size)
         self.config = ModelConfig.from_preset(preset, arch=arch, **config_args)
+        self.init_state = None if init_from is None else init_weights_for(self.config, init_from, RUNTIME_FIELDS)
         self.init_rng_state = torch.get_rng_state()
         self.model = build_on_meta(lambda: build_model(self.config))
         if compile:
@@ -192,10 +202,14 @@ class LanguageModel(L.LightningModule):
                     "LanguageModel shards with FSDP2 only; use trainer.strategy=mf_lightning.lit.sharding.FSDP2Strategy "
                     "or ModelParallelStrategy with tensor_parallel_size=1"
                 )
+            if self.init_state is not None:
+                raise ValueError("model.init_from is not supported with FSDP2Strategy; train without sharding")
             shard_network(self.network, self.device_mesh["data_parallel"], self.trainer.precision)
             materialize(self.network, strategy.broadcast(self.init_rng_state), strategy.root_device)
         else:
             materialize(self.network, self.init_rng_state, torch.device("cpu"))
+            if self.init_state is not None:
+                self.network.load_state_dict(self.init_state)
 
     def cpu(self) -> LanguageModel:
         """Moves to the CPU; a network not materialised yet (a run that failed before ``configure_model``,

@@ -1,6 +1,6 @@
 """The model architectures: MemoryFormer, the baseline Transformer, and ``build_model`` to pick one by ``arch``.
 
-Both are a :class:`~mf_lightning.models.base.DecoderLM` (embedding -> ``n_layer`` blocks -> RMSNorm -> LM
+Both are a :class:`~mf_lightning.models.base.DecoderLM` (embedding -> ``n_layer`` blocks -> norm -> LM
 head) and differ only in their block and in how many multiply-accumulates it spends per token. A new
 architecture is a ``DecoderLM`` subclass here naming its ``arch`` and ``block_class`` (built in
 :mod:`mf_lightning.nn.blocks`), added to :data:`MODELS`.
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.base import DecoderLM
-from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
+from mf_lightning.nn.blocks import GPTNeoXBlock, MemoryBlock
 
 
 class MemoryFormer(DecoderLM):
     """MemoryFormer (Ding et al., NeurIPS 2024): a decoder whose every fully-connected layer is a Memory Layer.
 
-    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.MemoryBlock` -> RMSNorm -> LM head. The
+    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.MemoryBlock` -> GPT-NeoX RMSNorm -> LM head, as
+    the authors' GPT-NeoX fork computes it (tests/models/authors_reference.py transcribes it). The
     embedding and head stay ordinary (SPEC §2); everything between them hashes instead of multiplying.
     Build it with ``MemoryFormer(ModelConfig.from_preset("tiny"))``.
     """
@@ -38,15 +39,17 @@ class MemoryFormer(DecoderLM):
 
 
 class Transformer(DecoderLM):
-    """The Pythia-style baseline Transformer at the same widths and depths as MemoryFormer (SPEC §2).
+    """The baseline: Pythia (GPT-NeoX) at the same widths and depths as MemoryFormer (SPEC §2).
 
-    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.TransformerBlock` -> RMSNorm -> LM head:
-    QKV and output projections, a GELU feed-forward of width ``ffn_multiplier * d``, rotary attention.
+    Embedding -> ``n_layer`` x :class:`~mf_lightning.nn.blocks.GPTNeoXBlock` -> LayerNorm -> LM head,
+    computing what ``transformers.GPTNeoXForCausalLM`` computes with Pythia's config (so its weights map
+    one to one, :mod:`mf_lightning.models.gpt_neox`): parallel residual, fused QKV and output projections,
+    a GELU feed-forward of width ``ffn_multiplier * d``, rotary attention.
     Build it with ``Transformer(ModelConfig.from_preset("tiny", arch="transformer"))``.
     """
 
     arch = "transformer"
-    block_class = TransformerBlock
+    block_class = GPTNeoXBlock
 
     def block_macs_per_token(self, seq_len: int, attention: bool = True) -> int:
         """Weights used per token plus attention: QKV ``3d^2``, output ``d^2``, FFN ``2 d h``

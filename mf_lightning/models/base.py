@@ -1,7 +1,8 @@
 """``DecoderLM``: the decoder-only language model base; what MemoryFormer and the baseline Transformer share, so both have one interface.
 
-Token embedding, a stack of blocks, a final RMSNorm and an LM head (untied by default); no learned
-positions (rotary inside attention). A subclass names its ``arch``, its ``block_class`` and how many
+Token embedding (and dropout), a stack of blocks, a final norm (the one the block puts on the residual
+stream) and an LM head (untied by default); no learned positions (rotary inside attention). The embedding
+and head are initialised with GPT-NeoX's ``small_init``, as in the MemoryFormer authors' code and Pythia. A subclass names its ``arch``, its ``block_class`` and how many
 multiply-accumulates one block spends per token; everything else lives here. Every module holding
 parameters or buffers sets all of them in its own ``reset_parameters``, which its constructor calls, so a
 model built on the meta device is initialised by :func:`mf_lightning.nn.init.initialise` after allocation
@@ -23,6 +24,7 @@ from mf_lightning.checks import positive_int
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.generation import generate as generate_continuation
 from mf_lightning.nn.attention import KVCache, StaticKVCache, rotary_cos_sin
+from mf_lightning.nn.blocks import GPTNeoXBlock, MemoryBlock, small_init_std
 from mf_lightning.nn.chunked_loss import chunked_cross_entropy
 from mf_lightning.nn.layers import NormalEmbedding, NormalLinear
 
@@ -31,27 +33,26 @@ BlockRunner = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "KVCache | StaticKVCache | None"], torch.Tensor
 ]
 """How :meth:`DecoderLM.hidden_states` runs a block: ``run_block(block, x, cos, sin, cache) -> x``."""
-EMBEDDING_STD = 0.02
 
 
 class DecoderLM(nn.Module, ABC):
     """Decoder-only language model over ``config.vocab_size`` tokens, up to ``config.max_seq_len`` long."""
 
     arch: ClassVar[str]
-    block_class: ClassVar[type[nn.Module]]
+    block_class: ClassVar[type[MemoryBlock] | type[GPTNeoXBlock]]
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.arch != self.arch:
             raise ValueError(f"{type(self).__name__} needs a config with arch={self.arch!r}, got arch={config.arch!r}")
         self.config = config
-        self.embed = NormalEmbedding(config.vocab_size, config.n_embd, std=EMBEDDING_STD)
+        std = small_init_std(config.n_embd)
+        self.embed = NormalEmbedding(config.vocab_size, config.n_embd, std=std)
+        self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(self.block_class(config) for _ in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.norm = self.block_class.residual_norm(config)
         self.head = (
-            None
-            if config.tie_embeddings
-            else NormalLinear(config.n_embd, config.vocab_size, bias=False, std=EMBEDDING_STD)
+            None if config.tie_embeddings else NormalLinear(config.n_embd, config.vocab_size, bias=False, std=std)
         )
 
     def forward(
@@ -110,7 +111,7 @@ class DecoderLM(nn.Module, ABC):
         else:
             positions = kv_caches[0].next_positions(idx.shape[1], idx.device)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base)
-        x = self.embed(idx)
+        x = self.embed_dropout(self.embed(idx))
         for block, cache in zip(self.blocks, kv_caches or [None] * len(self.blocks)):
             x = block(x, cos, sin, cache) if run_block is None else run_block(block, x, cos, sin, cache)
         return self.norm(x)

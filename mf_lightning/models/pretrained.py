@@ -39,9 +39,14 @@ COMPILE_PREFIX = "_orig_mod."
 LIGHTNING_PREFIX = "model."
 LISTED = 5
 CONFIG_METADATA_KEY = "mf_model_config"
+HF_MODEL_TYPE = "memoryformer"
+HF_CONFIG_KEY = "mf_model_config"
+"""A Hugging Face ``config.json`` of ``model_type`` :data:`HF_MODEL_TYPE` (``mf export``, :mod:`.hf_export`)
+holds the model config under this key."""
 RUNTIME_FIELDS = frozenset(
     {"backend", "triton_backward", "kernel_check", "dropout", "max_seq_len", "loss_chunk_size", "bucket_balance_weight"}
 )
+
 """Model config fields a loaded, resumed or evaluated model may change: they shape no weight and change no result."""
 OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
@@ -123,11 +128,14 @@ def load_pretrained(
 
 
 def read_config(path: Path) -> ModelConfig:
-    """The ``ModelConfig`` stored as JSON at ``path``."""
+    """The ``ModelConfig`` stored as JSON at ``path`` (or nested in an exported Hugging Face ``config.json``)."""
     if not path.is_file():
         raise FileNotFoundError(f"no model config at {path} (expected a directory written by save_pretrained)")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        if isinstance(values, dict) and values.get("model_type") == HF_MODEL_TYPE:
+            values = values.get(HF_CONFIG_KEY)
+        return ModelConfig.from_dict(values)
     except (json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path} is not a valid model config: {error}") from error
 

@@ -100,23 +100,34 @@ class StaticKVCache:
         return self.position + torch.arange(count, device=device)
 
 
+QKV_LAYOUTS = ("grouped", "per_head")
+
+
 class CausalSelfAttention(nn.Module):
     """``[B, T, 3*d]`` concatenated Q, K, V -> ``[B, T, d]`` causal attention output (heads merged).
 
-    Each of the ``T`` queries sits at the position after the cached ones and attends to itself and
-    every earlier position. The module has no parameters.
+    ``qkv_layout`` says how the ``3*d`` features are ordered: ``grouped`` is all of Q, then K, then V (each
+    head after head: the MemoryFormer authors' three Memory Layers side by side); ``per_head`` is GPT-NeoX's
+    fused projection, head after head, each head's Q, K, V together. Each of the ``T`` queries sits at the
+    position after the cached ones and attends to itself and every earlier position. No parameters.
     """
 
-    def __init__(self, n_head: int, dropout: float = 0.0) -> None:
+    def __init__(self, n_head: int, dropout: float = 0.0, qkv_layout: str = "grouped") -> None:
         super().__init__()
+        if qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}; got {qkv_layout!r}")
         self.n_head = n_head
         self.dropout = dropout
+        self.qkv_layout = qkv_layout
 
     def forward(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | StaticKVCache | None = None
     ) -> torch.Tensor:
         batch, length, _ = qkv.shape
-        qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
+        if self.qkv_layout == "grouped":
+            qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
+        else:
+            qkv = qkv.unflatten(-1, (self.n_head, 3, -1)).permute(3, 0, 2, 1, 4)
         q, k = apply_rotary(qkv[:2], cos, sin)
         v = qkv[2]
         mask = None
@@ -137,7 +148,7 @@ class CausalSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(batch, length, -1)
 
     def extra_repr(self) -> str:
-        return f"n_head={self.n_head}, dropout={self.dropout}"
+        return f"n_head={self.n_head}, dropout={self.dropout}, qkv_layout={self.qkv_layout}"
 
 
 def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:

@@ -118,11 +118,11 @@ def test_corrupt_or_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"arch": "memoryformer", ')
     with pytest.raises(ValueError, match="config.json is not a valid model config: Expecting"):
         load_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text('{"arch": "memoryformer", "n_embd": 63}')
+    (tmp_path / "config.json").write_text('{"model_format": 2, "arch": "memoryformer", "n_embd": 63}')
     with pytest.raises(ValueError, match="config.json is not a valid model config: n_embd=63 is not divisible"):
         load_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_format": 2}')
     with pytest.raises(FileNotFoundError, match="no model weights at .*model.safetensors"):
         load_pretrained(tmp_path)
 
@@ -134,11 +134,11 @@ def edit_config(folder: Path, **changes: object) -> None:
 
 def test_config_json_that_no_longer_matches_its_weights_is_refused_naming_the_fields(tmp_path: Path) -> None:
     debug_model().save_pretrained(tmp_path)
-    edit_config(tmp_path, score="paper", rotary_base=500.0, norm_eps=1e-6)
+    edit_config(tmp_path, score="paper", rotary_base=500.0, rms_norm_eps=1e-6)
     with pytest.raises(
         ValueError,
-        match=r"config.json does not describe the model saved in model.safetensors: norm_eps=1e-06 in config.json, "
-        r"1e-05 in the weights; rotary_base=500.0 in config.json, 10000.0 in the weights; "
+        match=r"config.json does not describe the model saved in model.safetensors: rms_norm_eps=1e-06 in config.json, "
+        r"1e-08 in the weights; rotary_base=500.0 in config.json, 10000.0 in the weights; "
         r"score='paper' in config.json, 'scaled' in the weights; restore",
     ):
         load_pretrained(tmp_path)

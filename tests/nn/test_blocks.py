@@ -1,4 +1,4 @@
-"""MemoryBlock (SPEC §2) and the TransformerBlock baseline."""
+"""MemoryBlock (SPEC §2) and the GPTNeoXBlock baseline (Pythia)."""
 
 import math
 
@@ -7,7 +7,7 @@ from torch import nn
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.nn.attention import KVCache, rotary_cos_sin
-from mf_lightning.nn.blocks import MemoryBlock, TransformerBlock
+from mf_lightning.nn.blocks import GPTNeoXBlock, MemoryBlock
 from mf_lightning.nn.memory_layer import MemoryLayer
 
 
@@ -70,17 +70,21 @@ def test_memory_block_forward_backward_reaches_every_parameter() -> None:
     assert x.grad.abs().sum() > 0
 
 
-def test_transformer_block_is_pythia_shaped() -> None:
-    config = ModelConfig.from_preset("debug", arch="transformer")
-    block, d = TransformerBlock(config), config.n_embd
-    assert sum(p.numel() for p in block.parameters()) == 12 * d * d + 9 * d + 2 * d
+def test_transformer_block_is_pythia_shaped_with_gpt_neox_init() -> None:
+    config = ModelConfig.from_preset("debug", arch="transformer", n_embd=256, n_head=4)
+    block, d = GPTNeoXBlock(config), config.n_embd
+    assert sum(p.numel() for p in block.parameters()) == 12 * d * d + 9 * d + 4 * d
+    assert all(isinstance(norm, nn.LayerNorm) and norm.eps == 1e-5 for norm in (block.attn_norm, block.ffn_norm))
     x = torch.randn(2, 5, d)
     assert block(x, *rotary(config, 5)).shape == x.shape
-    assert math.isclose(block.proj.weight.std().item(), 0.02 / math.sqrt(2 * config.n_layer), rel_tol=0.05)
+    wang, small = 2 / config.n_layer / math.sqrt(d), math.sqrt(2 / (5 * d))
+    for layer, std in ((block.proj, wang), (block.ffn_out, wang), (block.qkv, small), (block.ffn_in, small)):
+        assert math.isclose(layer.weight.std().item(), std, rel_tol=0.05)
+        assert not layer.bias.any()
 
 
 def test_blocks_with_cache_match_full_sequence() -> None:
-    for arch, block_class in (("memoryformer", MemoryBlock), ("transformer", TransformerBlock)):
+    for arch, block_class in (("memoryformer", MemoryBlock), ("transformer", GPTNeoXBlock)):
         config = ModelConfig.from_preset("debug", arch=arch)
         block, x = block_class(config).eval(), torch.randn(1, 6, 64)
         full = block(x, *rotary(config, 6))
