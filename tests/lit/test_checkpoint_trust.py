@@ -285,3 +285,44 @@ def test_a_damaged_checkpoint_is_one_error_naming_the_file(request, tmp_path, co
     if damage.startswith("rot"):
         assert "is damaged: the data of 1 tensor(s) (" in line and "does not match the digest" in line, line
     assert not (tmp_path / "exported").exists()
+
+
+RANK1 = "__1_0.distcp"
+ON_TWO_RANKS = {
+    "planted-index": plant_in_index,
+    "planted-shard": plant_in_shard_as_bytes,
+    "planted-meta.pt": plant_in_meta,
+    "rot-shard": lambda checkpoint, marker: rot_shard(checkpoint, RANK1),
+    "deleted-shard": lambda checkpoint, marker: delete_shard(checkpoint, RANK1),
+    "truncated-shard": lambda checkpoint, marker: truncate_shard(checkpoint, RANK1),
+    "pickle-shard": lambda checkpoint, marker: pickle_over_shard(checkpoint, RANK1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ON_TWO_RANKS)
+def test_a_two_rank_resume_runs_no_planted_code_and_names_the_damaged_file(sharded2, tmp_path, corpus, case) -> None:
+    """Each rank reads its own shard (rank 1 the damaged one); every rank stops, one line is printed."""
+    checkpoint = copy_run(sharded2, tmp_path)
+    marker = tmp_path / "code-ran"
+    path = ON_TWO_RANKS[case](checkpoint, marker)
+    result = subprocess_fit(tmp_path, corpus, 2, "--ckpt_path", str(checkpoint))
+    assert not marker.exists(), "the planted code ran"
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert_one_error_naming(result.stderr, path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["export", "generate", "validate"])
+@pytest.mark.parametrize("case", ["planted-index", "rot-shard", "truncated-shard"])
+def test_a_two_rank_checkpoint_read_whole_names_the_damaged_file(sharded2, tmp_path, corpus, capsys, case, name):
+    checkpoint = copy_run(sharded2, tmp_path)
+    marker = tmp_path / "code-ran"
+    path = ON_TWO_RANKS[case](checkpoint, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command(name, tmp_path, corpus, checkpoint))
+    assert not marker.exists(), "the planted code ran"
+    assert exit_info.value.code == 2
+    assert_one_error_naming(capsys.readouterr().err, path)

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,34 @@ def test_build_in_dtype_materialises_directly_in_that_dtype() -> None:
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     assert model.blocks[0].qkv.tables.std().item() == pytest.approx(model.blocks[0].qkv.init_std, rel=0.1)
     assert model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0).shape == (1, 4)
+
+
+def change_header_dtype(weights: Path, name: str, dtype: str) -> None:
+    """Rewrites the dtype of tensor ``name`` in the safetensors header of ``weights``; bytes and digests unchanged."""
+    data = weights.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header[name]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    weights.write_bytes(data[:8] + text.ljust(size) + data[8 + size :])
+
+
+def test_a_dtype_changed_in_the_header_is_one_line_naming_the_file_and_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """F32 -> I32 keeps every size and byte (safetensors loads it, the data digests match): the recorded
+    layout catches it."""
+    debug_model().save_pretrained(tmp_path)
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    change_header_dtype(weights, "norm.weight", "I32")
+    assert load_file(weights)["norm.weight"].dtype == torch.int32
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model_dir", str(tmp_path), "--max_new_tokens", "2", "hi"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
+    assert line.startswith(f"mf: error: {weights} is damaged: the header gives 1 tensor(s) another dtype"), line
+    assert "norm.weight: I32 [" in line and "F32 [" in line, line
