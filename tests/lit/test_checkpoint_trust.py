@@ -9,6 +9,7 @@ that creates a marker file and then returns the genuine object, so a reader that
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from cli_support import REPO, run, tiny_run_args, write_corpus
 
 from mf_lightning.cli import main
@@ -133,9 +135,10 @@ def first_weight(index) -> tuple:
 
 
 def plant_in_shard_as_tensor(checkpoint: Path, marker: Path) -> Path:
-    """The first weight's piece re-pointed at a ``torch.save``-d object appended to its shard."""
+    """The first weight's piece re-pointed at a ``torch.save``-d object appended to its shard, its digest
+    recorded as an attacker would (so the object reaches the unpickler)."""
     index = pickle.loads((checkpoint / ".metadata").read_bytes())
-    _, info = first_weight(index)
+    where, info = first_weight(index)
     shard = checkpoint / info.relative_path
     genuine = shard.read_bytes()[info.offset : info.offset + info.length]
     payload = pickle_with_torch(Planted(marker, pickle.dumps(torch.load(io.BytesIO(genuine), weights_only=True))))
@@ -143,6 +146,11 @@ def plant_in_shard_as_tensor(checkpoint: Path, marker: Path) -> Path:
     with shard.open("ab") as file:
         file.write(payload)
     (checkpoint / ".metadata").write_bytes(pickle.dumps(index))
+    digests = shard.with_name(shard.name + ".digests.json")
+    if digests.exists():
+        recorded = json.loads(digests.read_text())
+        recorded["pieces"][f"{info.offset}+{info.length}"] = [where.fqn, xxhash.xxh3_128_hexdigest(payload)]
+        digests.write_text(json.dumps(recorded))
     return shard
 
 
