@@ -22,6 +22,7 @@ from cli_support import REPO, scalars
 
 from mf_lightning.cli import main
 from mf_lightning.lit import LanguageModel
+from mf_lightning.lit.checkpoint_digests import DIGESTS_SUFFIX
 from mf_lightning.lit.checkpoints import read_checkpoint
 from mf_lightning.lit.distributed_checkpoint import INDEX_NAME, METADATA_NAME
 from mf_lightning.models import load_pretrained
@@ -160,11 +161,13 @@ def test_memory_layers_see_gathered_plain_tables_inside_forward(runs):
 
 
 def test_checkpoints_are_folders_of_one_shard_per_rank(runs):
-    """Nothing is gathered: each rank writes about half of the tensors; no staging folder is left behind."""
+    """Nothing is gathered: each rank writes about half of the tensors, and the digests of its own shard;
+    no staging folder is left behind."""
     for name in ("step-step=2.ckpt", "step-step=4.ckpt", "last.ckpt"):
         folder = runs["two"] / "checkpoints" / name
+        shards = ["__0_0.distcp", "__1_0.distcp"]
         assert sorted(path.name for path in folder.iterdir()) == sorted(
-            [INDEX_NAME, METADATA_NAME, "__0_0.distcp", "__1_0.distcp"]
+            [INDEX_NAME, METADATA_NAME, *shards, *(shard + DIGESTS_SUFFIX for shard in shards)]
         )
         sizes = [(folder / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
         assert all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes

@@ -224,12 +224,6 @@ def test_readme_lists_every_subcommand_and_config():
     assert sorted(configs) == sorted(f"configs/{path.name}" for path in (REPO / "configs").glob("*.yaml"))
 
 
-PAGES_FROM_OTHER_BRANCHES = {
-    "docs/checkpoint-integrity.md",
-}
-"""Linked pages that other branches write; remove each from here when it is merged (the test says when)."""
-
-
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors of the headings of ``page``."""
     headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
@@ -249,11 +243,7 @@ def test_every_link_between_pages_resolves():
             elif anchor and anchor not in anchors(file):
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert broken == []
-    assert missing <= PAGES_FROM_OTHER_BRANCHES, (
-        f"links to missing files: {sorted(missing - PAGES_FROM_OTHER_BRANCHES)}"
-    )
-    merged = PAGES_FROM_OTHER_BRANCHES - missing
-    assert not merged, f"{sorted(merged)} exist now: remove them from PAGES_FROM_OTHER_BRANCHES"
+    assert not missing, f"links to missing files: {sorted(missing)}"
 
 
 def test_every_not_run_entry_matches_a_command():

@@ -233,6 +233,8 @@ def index_problem(index: Any) -> str | None:
             )
         ):
             return f"entry {key!r} is not a tensor's"
+        if any(MetadataIndex(key, chunk.offsets) not in index.storage_data for chunk in entry.chunks):
+            return f"a piece of {key!r} is not listed"
     for where, info in index.storage_data.items():
         if not (isinstance(where, MetadataIndex) and isinstance(info, _StorageInfo)):
             return "a piece is not a tensor's"
@@ -248,8 +250,8 @@ def index_problem(index: Any) -> str | None:
 
 class ShardReader(FileSystemReader):
     """``FileSystemReader`` of a folder whose index ``read_index`` has read and checked: that index is what
-    ``read_metadata`` gives, a stored Python object is refused, and a failure to read a shard is one error
-    naming it."""
+    ``read_metadata`` gives, the pieces it reads are checked against their digests before they are
+    unpickled, and a failure to read a shard is one error naming it."""
 
     def __init__(self, folder: Path, index: Metadata) -> None:
         super().__init__(folder)
@@ -304,7 +306,8 @@ class ShardReader(FileSystemReader):
 
 def load_shards(state: dict[str, Any], folder: Path, no_dist: bool = False) -> None:
     """``torch.distributed.checkpoint.load`` of ``state`` (tensors, filled in place) from ``folder``, through
-    ``ShardReader``; a failure on any rank is the same one error on every rank."""
+    ``ShardReader``; a failure on any rank is the same one error on every rank: the first rank's named
+    file, else the index (which says where every piece lies, e.g. not the tensors ``state`` asks for)."""
     reader = ShardReader(folder, read_index(folder))
     try:
         dcp.load(state, storage_reader=reader, no_dist=no_dist)
@@ -312,6 +315,4 @@ def load_shards(state: dict[str, Any], folder: Path, no_dist: bool = False) -> N
         failures = [error.failures[rank][0] for rank in sorted(error.failures)]
         named = [failure for failure in failures if isinstance(failure, UnreadableCheckpoint)]
         named += [failure for failure in failures if isinstance(failure, OSError) and failure.filename]
-        if not named:
-            raise
-        raise named[0] from None
+        raise (named[0] if named else unreadable(folder / INDEX_NAME, failures[0])) from error

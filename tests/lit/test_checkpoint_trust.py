@@ -9,6 +9,7 @@ that creates a marker file and then returns the genuine object, so a reader that
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from cli_support import REPO, run, tiny_run_args, write_corpus
 
 from mf_lightning.cli import main
@@ -133,9 +135,10 @@ def first_weight(index) -> tuple:
 
 
 def plant_in_shard_as_tensor(checkpoint: Path, marker: Path) -> Path:
-    """The first weight's piece re-pointed at a ``torch.save``-d object appended to its shard."""
+    """The first weight's piece re-pointed at a ``torch.save``-d object appended to its shard, its digest
+    recorded as an attacker would (so the object reaches the unpickler)."""
     index = pickle.loads((checkpoint / ".metadata").read_bytes())
-    _, info = first_weight(index)
+    where, info = first_weight(index)
     shard = checkpoint / info.relative_path
     genuine = shard.read_bytes()[info.offset : info.offset + info.length]
     payload = pickle_with_torch(Planted(marker, pickle.dumps(torch.load(io.BytesIO(genuine), weights_only=True))))
@@ -143,6 +146,11 @@ def plant_in_shard_as_tensor(checkpoint: Path, marker: Path) -> Path:
     with shard.open("ab") as file:
         file.write(payload)
     (checkpoint / ".metadata").write_bytes(pickle.dumps(index))
+    digests = shard.with_name(shard.name + ".digests.json")
+    if digests.exists():
+        recorded = json.loads(digests.read_text())
+        recorded["pieces"][f"{info.offset}+{info.length}"] = [where.fqn, xxhash.xxh3_128_hexdigest(payload)]
+        digests.write_text(json.dumps(recorded))
     return shard
 
 
@@ -285,3 +293,44 @@ def test_a_damaged_checkpoint_is_one_error_naming_the_file(request, tmp_path, co
     if damage.startswith("rot"):
         assert "is damaged: the data of 1 tensor(s) (" in line and "does not match the digest" in line, line
     assert not (tmp_path / "exported").exists()
+
+
+RANK1 = "__1_0.distcp"
+ON_TWO_RANKS = {
+    "planted-index": plant_in_index,
+    "planted-shard": plant_in_shard_as_bytes,
+    "planted-meta.pt": plant_in_meta,
+    "rot-shard": lambda checkpoint, marker: rot_shard(checkpoint, RANK1),
+    "deleted-shard": lambda checkpoint, marker: delete_shard(checkpoint, RANK1),
+    "truncated-shard": lambda checkpoint, marker: truncate_shard(checkpoint, RANK1),
+    "pickle-shard": lambda checkpoint, marker: pickle_over_shard(checkpoint, RANK1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ON_TWO_RANKS)
+def test_a_two_rank_resume_runs_no_planted_code_and_names_the_damaged_file(sharded2, tmp_path, corpus, case) -> None:
+    """Each rank reads its own shard (rank 1 the damaged one); every rank stops, one line is printed."""
+    checkpoint = copy_run(sharded2, tmp_path)
+    marker = tmp_path / "code-ran"
+    path = ON_TWO_RANKS[case](checkpoint, marker)
+    result = subprocess_fit(tmp_path, corpus, 2, "--ckpt_path", str(checkpoint))
+    assert not marker.exists(), "the planted code ran"
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert_one_error_naming(result.stderr, path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["export", "generate", "validate"])
+@pytest.mark.parametrize("case", ["planted-index", "rot-shard", "truncated-shard"])
+def test_a_two_rank_checkpoint_read_whole_names_the_damaged_file(sharded2, tmp_path, corpus, capsys, case, name):
+    checkpoint = copy_run(sharded2, tmp_path)
+    marker = tmp_path / "code-ran"
+    path = ON_TWO_RANKS[case](checkpoint, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command(name, tmp_path, corpus, checkpoint))
+    assert not marker.exists(), "the planted code ran"
+    assert exit_info.value.code == 2
+    assert_one_error_naming(capsys.readouterr().err, path)

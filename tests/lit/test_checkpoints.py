@@ -353,3 +353,27 @@ def test_a_last_checkpoint_of_another_run_is_left_alone(tmp_path):
         fit_scripted(tmp_path / "mine", [1.0, 2.0, 0.5, 3.0])
     assert (tmp_path / "mine" / "last.ckpt").read_bytes() == foreign
     assert torch.load(tmp_path / "mine" / "last-v1.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_a_changed_tensor_of_a_saved_checkpoint_is_refused_naming_it(tmp_path):
+    """The digests cover every tensor (optimizer state too) and its dtype; a file without digests still loads."""
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    checkpoint = {**checkpoint_with(1.0), "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}}]}
+    io.save_checkpoint(checkpoint, path)
+    assert torch.equal(io.load_checkpoint(path)["optimizer_states"][0]["state"][0]["exp_avg"], torch.zeros(3))
+    saved = torch.load(path, weights_only=True)
+    for edit, name in [
+        (
+            lambda state: state["optimizer_states"][0]["state"][0]["exp_avg"].fill_(1e37),
+            "optimizer_states/0/state/0/exp_avg",
+        ),
+        (lambda state: state["state_dict"].update(w=state["state_dict"]["w"].view(torch.int32)), "state_dict/w"),
+    ]:
+        damaged = torch.load(path, weights_only=True)
+        edit(damaged)
+        torch.save(damaged, tmp_path / "damaged.ckpt")
+        with pytest.raises(ValueError, match=rf"damaged.ckpt is damaged: the data of 1 tensor\(s\) \({name}\)"):
+            io.load_checkpoint(tmp_path / "damaged.ckpt")
+    saved.pop("mf_tensor_digests")
+    torch.save(saved, tmp_path / "older.ckpt")
+    assert io.load_checkpoint(tmp_path / "older.ckpt")["global_step"] == 1

@@ -7,6 +7,7 @@ The multi-rank paths (each rank writing its shards, resuming on another number o
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from mf_lightning.fs.atomic import partial_path, remove_abandoned
+from mf_lightning.lit.checkpoint_files import index_globals
 from mf_lightning.lit.checkpoints import check_run_folder, read_checkpoint
 from mf_lightning.lit.distributed_checkpoint import (
     SHARDED_FOLDER_KEY,
@@ -124,3 +126,72 @@ def test_a_fresh_run_is_refused_where_sharded_checkpoints_are(tmp_path) -> None:
         check_run_folder("fit", None, str(tmp_path))
     check_run_folder("fit", "last", str(tmp_path))
     check_run_folder("validate", "last", str(tmp_path))
+
+
+class Recording(pickle.Unpickler):
+    """Unpickles as ``pickle`` does, recording every global looked up."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.names: set[tuple[str, str]] = set()
+
+    def find_class(self, module: str, name: str):
+        self.names.add((module, name))
+        return super().find_class(module, name)
+
+
+def test_the_index_reader_admits_what_a_genuine_index_names_and_nothing_else(tmp_path) -> None:
+    model, optimizer = trained()
+    save(model.to(torch.bfloat16), optimizer, tmp_path / "x.ckpt")
+    with (tmp_path / "x.ckpt" / ".metadata").open("rb") as file:
+        recording = Recording(file)
+        recording.load()
+    allowed = index_globals()
+    assert recording.names <= set(allowed), recording.names - set(allowed)
+    assert ("builtins", "eval") not in allowed and ("os", "system") not in allowed
+    assert read_checkpoint(tmp_path / "x.ckpt")["global_step"] == 2
+
+
+def rewrite_index(folder: Path, edit) -> None:
+    index = pickle.loads((folder / ".metadata").read_bytes())
+    edit(index)
+    (folder / ".metadata").write_bytes(pickle.dumps(index))
+
+
+def first_piece(index):
+    return next(info for where, info in index.storage_data.items() if where.fqn.startswith("state_dict."))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda index: setattr(first_piece(index), "relative_path", "../elsewhere.distcp"), "lies outside the folder"),
+        (lambda index: setattr(first_piece(index), "offset", -1), "has no valid place"),
+        (lambda index: index.storage_data.pop(next(iter(index.storage_data))), "is not listed"),
+        (lambda index: setattr(index, "state_dict_metadata", [1]), "it lists no tensors"),
+    ],
+    ids=["outside", "negative-offset", "unlisted-piece", "not-a-dict"],
+)
+def test_an_index_that_mf_fit_cannot_have_written_is_refused_naming_it(tmp_path, edit, message) -> None:
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "x.ckpt")
+    rewrite_index(tmp_path / "x.ckpt", edit)
+    with pytest.raises(
+        ValueError, match=rf"checkpoint {tmp_path / 'x.ckpt' / '.metadata'} is not the index .*{message}"
+    ):
+        read_checkpoint(tmp_path / "x.ckpt")
+
+
+def test_a_changed_byte_in_a_shard_names_the_shard_and_the_tensor(tmp_path) -> None:
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "x.ckpt")
+    index = pickle.loads((tmp_path / "x.ckpt" / ".metadata").read_bytes())
+    piece = next(info for where, info in index.storage_data.items() if where.fqn == "state_dict.0.weight")
+    shard = tmp_path / "x.ckpt" / piece.relative_path
+    data = bytearray(shard.read_bytes())
+    data[piece.offset + piece.length - 100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=rf"checkpoint {shard} is damaged: the data of 1 tensor\(s\) \(state_dict.0.weight\)"
+    ):
+        read_checkpoint(tmp_path / "x.ckpt")

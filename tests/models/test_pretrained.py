@@ -2,6 +2,7 @@
 
 import errno
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,34 @@ def test_a_folder_of_other_files_or_the_current_folder_is_never_replaced(
     with pytest.raises(ValueError, match="is the current folder or holds it"):
         save_pretrained(debug_model(), ".")
     assert Path.cwd() == empty and list(empty.iterdir()) == []
+
+
+def change_header_dtype(weights: Path, name: str, dtype: str) -> None:
+    """Rewrites the dtype of tensor ``name`` in the safetensors header of ``weights``; bytes and digests unchanged."""
+    data = weights.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header[name]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    weights.write_bytes(data[:8] + text.ljust(size) + data[8 + size :])
+
+
+def test_a_dtype_changed_in_the_header_is_one_line_naming_the_file_and_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """F32 -> I32 keeps every size and byte (safetensors loads it, the data digests match): the recorded
+    layout catches it."""
+    debug_model().save_pretrained(tmp_path)
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    change_header_dtype(weights, "norm.weight", "I32")
+    assert load_file(weights)["norm.weight"].dtype == torch.int32
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model_dir", str(tmp_path), "--max_new_tokens", "2", "hi"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
+    assert line.startswith(f"mf: error: {weights} is damaged: the header gives 1 tensor(s) another dtype"), line
+    assert "norm.weight: I32 [" in line and "F32 [" in line, line
