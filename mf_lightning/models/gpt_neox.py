@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from mf_lightning.config import ModelConfig
 from mf_lightning.models.architectures import Transformer
-from mf_lightning.models.integrity import check_file_digests
+from mf_lightning.models.integrity import DIGEST_KEY, check_file_digests
 
 MODEL_TYPE = "gpt_neox"
 ARCHITECTURE = "GPTNeoXForCausalLM"
@@ -204,11 +204,13 @@ def read_gpt_neox_state(directory: str | Path, device: torch.device | str = "cpu
             try:
                 with safe_open(path, framework="pt", device=str(device)) as weights:
                     state = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                    written_by_mf = DIGEST_KEY in (weights.metadata() or {})
             except SafetensorError as error:
                 raise ValueError(
                     f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
                 ) from error
-            check_file_digests(path)
+            if written_by_mf:  # a folder transformers wrote (a downloaded Pythia) records no digests to check
+                check_file_digests(path)
             return state
         try:
             return torch.load(path, map_location=device, weights_only=True, mmap=True)

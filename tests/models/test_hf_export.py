@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mf_lightning.cli import main as mf_main
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer, train_bpe
-from mf_lightning.lit.generate_cli import main as generate_main
 from mf_lightning.lit.loading import load_for_inference
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.hf_export import MODELING_SOURCE, save_hf_folder
@@ -71,7 +71,7 @@ def test_hf_greedy_generate_equals_mf_generate_at_temperature_0(arch: str, tmp_p
     hf_text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        generate_main([prompt, "--model_dir", str(tmp_path), "--temperature", "0", "--max_new_tokens", "12"])
+        mf_main(["generate", prompt, "--model_dir", str(tmp_path), "--temperature", "0", "--max_new_tokens", "12"])
     assert hf_text and stdout.getvalue().rstrip("\n").endswith(hf_text)
 
 

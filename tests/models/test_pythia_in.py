@@ -14,8 +14,8 @@ import pytest
 import torch
 from cli_support import run, tiny_run_args, write_corpus
 
+from mf_lightning.cli import main as mf_main
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
-from mf_lightning.lit.generate_cli import main as generate_main
 from mf_lightning.lit.loading import load_for_inference
 from mf_lightning.lit.module import LanguageModel
 from mf_lightning.models.architectures import Transformer
@@ -65,7 +65,7 @@ def test_mf_loads_a_transformers_gpt_neox_folder_with_its_logits_and_greedy_outp
     continuation = theirs.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=256, pad_token_id=256)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        generate_main([prompt, "--model_dir", str(tmp_path), "--temperature", "0", "--max_new_tokens", "10"])
+        mf_main(["generate", prompt, "--model_dir", str(tmp_path), "--temperature", "0", "--max_new_tokens", "10"])
     assert stdout.getvalue().rstrip("\n").endswith(tokenizer.decode(continuation[0, ids.shape[1] :].tolist()))
 
 
