@@ -29,7 +29,8 @@ class StepProgressBar(RichProgressBar):
 
     On a terminal the training bar runs over the whole run's optimizer steps, described as
     ``Step s/total · N tokens``. When stdout or stderr is not a terminal, no bar is drawn: every
-    ``log_every_s`` seconds (and at the last step) one log line says ``train: step 120/8000 · 15.7 M tokens · loss 3.21 · 52.1 K tokens/s · ETA 12 min``,
+    ``log_every_s`` seconds (and at the last step) one log line says
+    ``train: step 120/8000 · 15.7 M tokens · loss 3.21 · 52.1 K tokens/s · ETA 12 min``,
     and validation and testing log ``validation: batch 30/200 · ETA 1 min`` the same way (``LogLines``).
     """
 
