@@ -45,6 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
+    CheckpointStep,
+    EvaluationLogger,
     FlopsModelSummary,
     GradientCoverageMonitor,
     HParamsSummary,
@@ -220,8 +222,9 @@ class MFCLI(ConfigOverCheckpointCLI):
             # only fit describes the run: the saved config re-runs as mf fit, never with a subcommand's keys
             self.save_config_callback = None
             if trainer_config.get("logger") is not False:
-                # beside the run, never into its training curves: <root>/validate, <root>/test, <root>/predict
-                kwargs["logger"] = TensorBoardLogger(
+                # beside the run, never into its training curves: <root>/validate, <root>/test, <root>/predict,
+                # at the checkpoint's step (CheckpointStep)
+                kwargs["logger"] = EvaluationLogger(
                     save_dir=root, name=self.subcommand, version="", default_hp_metric=False
                 )
         elif trainer_config.get("logger") in (None, True):
@@ -426,6 +429,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
                 HParamsSummary(),
                 CompletionWriter(),
                 PreemptionCheckpoint(),
+                CheckpointStep(),
             ],
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,

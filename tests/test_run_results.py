@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from cli_support import run, scalars, tiny_run_args, write_corpus
 
 from mf_lightning.cli import main, read_config
 
 
+@pytest.mark.slow
 def test_evaluating_a_run_leaves_its_config_and_curves_and_the_config_resumes(tmp_path):
     root = tmp_path / "run"
     corpus = write_corpus(tmp_path / "corpus")
@@ -28,7 +30,10 @@ def test_evaluating_a_run_leaves_its_config_and_curves_and_the_config_resumes(tm
     assert sorted((root / "tensorboard").glob("events.out.tfevents.*")) == events
     assert scalars(root / "tensorboard") == curves
     assert 0 not in [step for step, _ in curves["val/loss"]]
-    assert "val/loss" in scalars(root / "validate") and "test/loss" in scalars(root / "test")
+    last_step = curves["val/loss"][-1][0]  # the validation that saved last.ckpt
+    assert [step for step, _ in curves["val/loss"]] == [2, 5]  # after optimizer steps 3 and 6
+    assert [step for step, _ in scalars(root / "validate")["val/loss"]] == [last_step]  # the checkpoint's step
+    assert [step for step, _ in scalars(root / "test")["test/loss"]] == [last_step]
     assert (root / "predict" / "predictions.jsonl").is_file()
 
     main(["fit", "--config", str(saved), "--ckpt_path", "last", "--trainer.max_steps", "8"])
