@@ -10,3 +10,10 @@ def positive_int(name: str, value: Any, expected: str = "a positive integer") ->
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
+
+
+def non_negative_number(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0 (bools refused); else raise naming ``name`` and it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)

@@ -37,7 +37,7 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,6 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
+    CheckpointStep,
+    EvaluationLogger,
     FlopsModelSummary,
     GradientCoverageMonitor,
     HParamsSummary,
@@ -165,6 +167,7 @@ class MFCLI(ConfigOverCheckpointCLI):
         parser.add_lightning_class_args(GradientCoverageMonitor, "gradient_coverage")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
         parser.add_lightning_class_args(ValidationSchedule, "validation")
+        parser.add_class_arguments(StepProgressBar, "progress", instantiate=True)
         parser.set_defaults({"trainer.check_val_every_n_epoch": None})
 
     def before_instantiate_classes(self) -> None:
@@ -214,15 +217,26 @@ class MFCLI(ConfigOverCheckpointCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self.section(self.config_init, "trainer") or {}
-        if trainer_config.get("logger") in (None, True):
-            root = trainer_config.get("default_root_dir") or "."
+        root = trainer_config.get("default_root_dir") or "."
+        if self.subcommand != "fit":
+            # only fit describes the run: the saved config re-runs as mf fit, never with a subcommand's keys
+            self.save_config_callback = None
+            if trainer_config.get("logger") is not False:
+                # beside the run, never into its training curves: <root>/validate, <root>/test, <root>/predict,
+                # at the checkpoint's step (CheckpointStep)
+                kwargs["logger"] = EvaluationLogger(
+                    save_dir=root, name=self.subcommand, version="", default_hp_metric=False
+                )
+        elif trainer_config.get("logger") in (None, True):
             # where run_folders says the default logger writes; no hp_metric placeholder scalar: HParamsSummary
             # names the metrics of the HParams table
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name=TENSORBOARD, version="", default_hp_metric=False)
-        for flag, kind in (("enable_progress_bar", RichProgressBar), ("enable_model_summary", ModelSummary)):
-            if trainer_config.get(flag) is False:
-                defaults = self.trainer_defaults["callbacks"]
-                self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, kind)]
+        defaults = self.trainer_defaults["callbacks"]
+        if trainer_config.get("enable_progress_bar") is not False:
+            defaults = [self.section(self.config_init, "progress"), *defaults]
+        if trainer_config.get("enable_model_summary") is False:
+            defaults = [c for c in defaults if not isinstance(c, ModelSummary)]
+        self.trainer_defaults["callbacks"] = defaults
         kwargs["enable_model_summary"] = False  # FlopsModelSummary, when kept, replaces Lightning's default one
         schedule = self.section(self.config_init, "validation")
         kwargs.update(schedule.trainer_arguments(trainer_config.get("accumulate_grad_batches", 1)))
@@ -408,7 +422,6 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "callbacks": [
-                StepProgressBar(),
                 FlopsModelSummary(),
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(batch_size_fn=batch_windows, length_fn=batch_tokens),
@@ -416,6 +429,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
                 HParamsSummary(),
                 CompletionWriter(),
                 PreemptionCheckpoint(),
+                CheckpointStep(),
             ],
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,

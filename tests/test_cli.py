@@ -168,6 +168,7 @@ def test_efficiency_tool_is_an_mf_subcommand(capsys):
             "disagrees with the tokenizer's vocabulary of 257",
         ),
         ({"data.seq_len": 128}, "data.seq_len=128 exceeds the model's max_seq_len=64"),
+        ({"progress.log_every_s": -1}, "progress.log_every_s must be a number of seconds >= 0, got -1.0"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_line(overrides, message, tmp_path, capsys):

@@ -7,10 +7,13 @@ import re
 from cli_support import run, tiny_run_args, write_corpus
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+from mf_lightning.callbacks import first_screen
+
 STEPS, ACCUMULATE, BATCH, SEQ_LEN = 4, 2, 4, 32
 
 
-def test_fit_shows_steps_tokens_and_flops_per_step(tmp_path, capsys) -> None:
+def test_fit_shows_steps_tokens_and_flops_per_step(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(first_screen, "on_terminal", lambda: True)  # the bar, as on a terminal
     corpus = write_corpus(tmp_path / "corpus")
     cli = run(
         "fit",

@@ -2,6 +2,7 @@
 and HParams, and training safety nets."""
 
 from mf_lightning.callbacks.bucket_usage import BucketUsageMonitor
+from mf_lightning.callbacks.evaluation_results import CheckpointStep, EvaluationLogger
 from mf_lightning.callbacks.first_screen import FlopsModelSummary, StepProgressBar
 from mf_lightning.callbacks.gradient_coverage import GradientCoverageMonitor
 from mf_lightning.callbacks.hparams import HParamsSummary
@@ -12,6 +13,8 @@ from mf_lightning.callbacks.validation_schedule import ValidationSchedule
 
 __all__ = [
     "BucketUsageMonitor",
+    "CheckpointStep",
+    "EvaluationLogger",
     "FlopsModelSummary",
     "GradientCoverageMonitor",
     "HParamsSummary",

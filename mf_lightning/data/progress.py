@@ -19,9 +19,11 @@ PROGRESS_SECONDS = 10.0
 
 
 def on_terminal() -> bool:
-    """Whether stderr is an interactive terminal (a closed or replaced stderr is not)."""
-    stream = sys.stderr
-    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
+    """Whether stdout and stderr are both interactive terminals (a closed or replaced stream is not): with either
+    one redirected to a file, the output is a log that a bar would only mangle."""
+    return all(
+        stream is not None and hasattr(stream, "isatty") and stream.isatty() for stream in (sys.stdout, sys.stderr)
+    )
 
 
 class Progress:
