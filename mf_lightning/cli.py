@@ -68,6 +68,8 @@ from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import claim_run_folder
+from mf_lightning.lit.slurm_requeue import is_first_task, requeue_slurm_job
+from mf_lightning.lit.stop_signals import STOP_SIGNALS_HANDLER, StoppedBySignal, exit_status
 
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 """A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
@@ -124,9 +126,6 @@ def batch_tokens(batch: Any) -> int:
     return batch_inputs(batch).numel()
 
 
-SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
-"""Exit status of a command stopped by SIGTERM (143, as a shell reports a process killed by it), so
-``mf fit && mf export`` stops and a requeue script tells "preempted" from "finished" (0)."""
 LOST_RANK_EXIT_STATUS = 1
 """Exit status of a rank whose fit stopped because another rank was lost (``RankLostError``): resumable."""
 TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
@@ -365,7 +364,8 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
             tool = importlib.import_module(TOOLS[argv[0]])
             tool.main(argv[1:], read_config) if argv[0] in READS_CONFIG else tool.main(argv[1:])
             return None
-        cli = build_cli(argv if from_python else None)
+        with STOP_SIGNALS_HANDLER.owning():
+            cli = build_cli(argv if from_python else None)
         return cli if from_python else None
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
@@ -384,9 +384,26 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
-        if not (argv and argv[0] == "fit"):
-            print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
-        raise SystemExit(SIGTERM_EXIT_STATUS) from None
+        raise SystemExit(exit_status(STOP_SIGNALS_HANDLER.agreed or {signal.SIGTERM})) from None
+    except StoppedBySignal as stopped:
+        raise SystemExit(signal_stop(argv, stopped.signum)) from None
+
+
+def signal_stop(argv: list[str], signum: int) -> int:
+    """Says in one line that ``signum`` stopped ``mf <argv>`` outside the fit loop (while preparing, or evaluating),
+    requeues a SLURM job after SIGUSR1 (on the first task), and returns the exit status."""
+    name, subcommand = signal.Signals(signum).name, argv[0] if argv else "mf"
+    if subcommand == "fit":
+        what = "mf fit before training started (while preparing its data or model); nothing was saved"
+        after = f"; run the same command again ({resume_command(argv)} also starts afresh)"
+    else:
+        what, after = f"{subcommand} before it finished; no results were reported", ""
+    print(f"mf: error: {name} stopped {what}{after}", file=sys.stderr)
+    if signum == signal.SIGUSR1 and is_first_task():
+        requeued = requeue_slurm_job()
+        if requeued is not None:
+            print(f"mf: {requeued}", file=sys.stderr)
+    return exit_status({signum})
 
 
 def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
