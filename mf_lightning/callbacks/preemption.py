@@ -62,6 +62,11 @@ class PreemptionCheckpoint(pl.Callback):
             self.installed_here = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release_signals()
+
+    def release_signals(self) -> None:
+        """Stops noting, and gives the handlers back if ``setup`` installed them (Lightning calls ``teardown`` after
+        a run that ended normally, ``on_exception`` after one that did not)."""
         self.signals.stop()
         if self.installed_here:
             self.signals.uninstall()
@@ -120,7 +125,14 @@ class PreemptionCheckpoint(pl.Callback):
         mark_sigterm_received(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.signals.stop()
+        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then stops noting."""
+        try:
+            self.save_after_stop(trainer, exception)
+        finally:
+            self.release_signals()
+
+    def save_after_stop(self, trainer: pl.Trainer, exception: BaseException) -> None:
+        """The save of ``on_exception`` (nothing unless ``exception`` is the agreed stop of a fit), and the requeue."""
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         checkpoint = trainer.checkpoint_callback

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -70,8 +71,9 @@ class StopSignals:
         return self.pid == os.getpid() and signal.getsignal(signal.SIGTERM) == self.handle
 
     def install(self) -> None:
-        """Takes over ``STOP_SIGNALS`` in this process (main thread only); ``uninstall`` gives them back."""
-        if self.installed:
+        """Takes over ``STOP_SIGNALS`` in this process; ``uninstall`` gives them back. Outside the main thread, where
+        Python neither installs handlers nor runs them, nothing is done."""
+        if self.installed or threading.current_thread() is not threading.main_thread():
             return
         self.pid, self.noting, self.received, self.agreed = os.getpid(), False, set(), set()
         self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
@@ -87,7 +89,7 @@ class StopSignals:
 
     @contextmanager
     def owning(self) -> Iterator[StopSignals]:
-        """``install`` for the duration of the block, ``uninstall`` after it (or nothing if already installed)."""
+        """``install`` for the duration of the block, ``uninstall`` after it (nothing if already installed)."""
         if self.installed:
             yield self
             return

@@ -293,7 +293,10 @@ def test_lightning_installs_its_sigterm_and_slurm_sigusr1_handlers_right_before_
     (``hpc_ckpt``) when the program has none, in ``register_signal_handlers``, after the ``setup`` hooks."""
     for name, value in SLURM_VARIABLES.items():
         monkeypatch.setenv(name, value)
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, mine)}
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, mine),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, signal.SIG_DFL),
+    }
     try:
         look = HandlersAtTrainStart()
         fitting = trainer(max_steps=1, callbacks=(look,))
