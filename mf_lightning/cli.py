@@ -62,7 +62,7 @@ from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
 from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
-from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI
+from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
@@ -138,10 +138,18 @@ class MFCLI(ConfigOverCheckpointCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
-        however it ends, and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
+        however it ends, a stop signal before training started is passed on to the ranks this process launched,
+        and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
         with ExitStack() as self.claims:
             try:
                 super().__init__(*args, **kwargs)
+            except StoppedBySignal as stopped:
+                trainer = getattr(self, "trainer", None)
+                for process in launched_processes(trainer) if trainer is not None else []:
+                    process.send_signal(
+                        stopped.signum
+                    )  # the ranks this process started stop with it, each with its line
+                raise
             except RuntimeError as error:
                 lost = lost_rank_error(getattr(self, "trainer", None), error)
                 if lost is None:
@@ -394,11 +402,10 @@ def signal_stop(argv: list[str], signum: int) -> int:
     requeues a SLURM job after SIGUSR1 (on the first task), and returns the exit status."""
     name, subcommand = signal.Signals(signum).name, argv[0] if argv else "mf"
     if subcommand == "fit":
-        what = "mf fit before training started (while preparing its data or model); nothing was saved"
-        after = f"; run the same command again ({resume_command(argv)} also starts afresh)"
+        what = "mf fit before training started (while preparing its data or model); nothing was saved; run it again"
     else:
-        what, after = f"{subcommand} before it finished; no results were reported", ""
-    print(f"mf: error: {name} stopped {what}{after}", file=sys.stderr)
+        what = f"{subcommand} before it finished; no results were reported"
+    print(f"mf: error: {name} stopped {what}", file=sys.stderr)
     if signum == signal.SIGUSR1 and is_first_task():
         requeued = requeue_slurm_job()
         if requeued is not None:
