@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichP
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
@@ -61,7 +61,12 @@ from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
-from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
+from mf_lightning.lit.checkpoints import (
+    AtomicCheckpointIO,
+    AtomicModelCheckpoint,
+    check_run_folder,
+    last_checkpoints,
+)
 from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
@@ -187,6 +192,7 @@ class MFCLI(ConfigOverCheckpointCLI):
             config.checkpoint.dirpath = str(folders.checkpoints)
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
+            start_afresh_without_last(config)
         else:
             check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 
@@ -279,6 +285,15 @@ def read_config(files: Sequence[str | os.PathLike]) -> Namespace:
         reason = " ".join(str(error).split())
         raise ValueError(f"config {', '.join(map(str, files))} is not one mf fit can run: {reason}") from None
     raise RuntimeError("ConfigReader returned without a config")  # parse_arguments always raises ParsedConfig
+
+
+def start_afresh_without_last(config: Namespace) -> None:
+    """``mf fit --ckpt_path last`` in a folder without a last checkpoint starts from scratch, said in one line (not
+    Lightning's warning): one unchanged command serves the first start and every restart."""
+    dirpath = str(config.checkpoint.dirpath)
+    if config.get("ckpt_path") == "last" and not is_remote(dirpath) and not last_checkpoints(dirpath):
+        rank_zero_info(f"--ckpt_path last: {dirpath} holds no last checkpoint yet; starting from scratch")
+        config.ckpt_path = None
 
 
 def check_trains_something(trainer_config: Any) -> None:

@@ -4,6 +4,7 @@ with one line, a documented exit status, no lock left, no stray ``hpc_ckpt``, an
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import state_of, tiny_run_args, write_corpus
+from cli_support import run, state_of, tiny_run_args, write_corpus
 from test_reliability import STEPS, SUBPROCESS_TIMEOUT, assert_same_weights, fit_command, run_fit, signal_at
 
 SLOW_CACHE_BUILD = """
@@ -119,3 +120,13 @@ def test_sigusr1_between_steps_saves_last_exits_143_requeues_under_slurm_and_res
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
     assert STEPS > 6
+
+
+def test_ckpt_path_last_in_a_fresh_folder_starts_from_scratch_saying_so(tmp_path, caplog, recwarn):
+    corpus = write_corpus(tmp_path / "corpus", documents=8, words=40)
+    with caplog.at_level(logging.INFO):
+        cli = run("fit", [*tiny_run_args(tmp_path / "run", corpus, max_steps=2), "--ckpt_path", "last"])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert f"--ckpt_path last: {checkpoints} holds no last checkpoint yet; starting from scratch" in caplog.text
+    assert not [warning for warning in recwarn if "no last checkpoint available" in str(warning.message)]
+    assert cli.trainer.global_step == 2 and (checkpoints / "last.ckpt").is_file()
