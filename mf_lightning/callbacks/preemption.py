@@ -135,13 +135,13 @@ class PreemptionCheckpoint(pl.Callback):
         """The save of ``on_exception`` (nothing unless ``exception`` is the agreed stop of a fit), and the requeue."""
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        checkpoint = trainer.checkpoint_callback
+        checkpoint, names = trainer.checkpoint_callback, signal_names(self.agreed or {signal.SIGTERM})
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
-            rank_zero_warn("SIGTERM received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
+            rank_zero_warn(f"{names} received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
             return
         if not self.at_step_boundary:
             rank_zero_warn(
-                "SIGTERM stopped the run inside a gradient-accumulation window, which cannot be saved exactly; "
+                f"{names} stopped the run inside a gradient-accumulation window, which cannot be saved exactly; "
                 "not saved: resume from the last periodic checkpoint with --ckpt_path last"
             )
             return
@@ -155,9 +155,7 @@ class PreemptionCheckpoint(pl.Callback):
         trainer.save_checkpoint(
             path, weights_only=False
         )  # the full state; saying so keeps Lightning from logging its default
-        rank_zero_info(
-            f"{signal_names(self.agreed)} received: saved {path} at step {trainer.global_step}; resume with {resume}"
-        )
+        rank_zero_info(f"{names} received: saved {path} at step {trainer.global_step}; resume with {resume}")
         if signal.SIGUSR1 in self.agreed and trainer.is_global_zero:
             requeued = requeue_slurm_job()
             if requeued is not None:
