@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, Throu
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from mf_lightning.callbacks import (
     BucketUsageMonitor,
@@ -63,13 +63,20 @@ from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
 from mf_lightning.lit.checkpoint_files import UnreadableCheckpoint
-from mf_lightning.lit.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, check_run_folder
-from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI
+from mf_lightning.lit.checkpoints import (
+    AtomicCheckpointIO,
+    AtomicModelCheckpoint,
+    check_run_folder,
+    last_checkpoints,
+)
+from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import claim_run_folder
+from mf_lightning.lit.slurm_requeue import is_first_task, requeue_slurm_job
+from mf_lightning.lit.stop_signals import STOP_SIGNALS_HANDLER, StoppedBySignal, exit_status
 
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 """A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
@@ -126,9 +133,6 @@ def batch_tokens(batch: Any) -> int:
     return batch_inputs(batch).numel()
 
 
-SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
-"""Exit status of a command stopped by SIGTERM (143, as a shell reports a process killed by it), so
-``mf fit && mf export`` stops and a requeue script tells "preempted" from "finished" (0)."""
 LOST_RANK_EXIT_STATUS = 1
 """Exit status of a rank whose fit stopped because another rank was lost (``RankLostError``): resumable."""
 TRAINS_NOTHING = ("limit_train_batches", "max_steps", "max_epochs")
@@ -141,10 +145,18 @@ class MFCLI(ConfigOverCheckpointCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
-        however it ends, and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
+        however it ends, a stop signal before training started is passed on to the ranks this process launched,
+        and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
         with ExitStack() as self.claims:
             try:
                 super().__init__(*args, **kwargs)
+            except StoppedBySignal as stopped:
+                trainer = getattr(self, "trainer", None)
+                for process in launched_processes(trainer) if trainer is not None else []:
+                    process.send_signal(
+                        stopped.signum
+                    )  # the ranks this process started stop with it, each with its line
+                raise
             except RuntimeError as error:
                 lost = lost_rank_error(getattr(self, "trainer", None), error)
                 if lost is None:
@@ -183,6 +195,7 @@ class MFCLI(ConfigOverCheckpointCLI):
             config.checkpoint.dirpath = str(folders.checkpoints)
         if self.subcommand == "fit":
             check_trains_something(config.trainer)
+            start_afresh_without_last(config)
         else:
             check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 
@@ -288,6 +301,15 @@ def read_config(files: Sequence[str | os.PathLike]) -> Namespace:
     raise RuntimeError("ConfigReader returned without a config")  # parse_arguments always raises ParsedConfig
 
 
+def start_afresh_without_last(config: Namespace) -> None:
+    """``mf fit --ckpt_path last`` in a folder without a last checkpoint starts from scratch, said in one line (not
+    Lightning's warning): one unchanged command serves the first start and every restart."""
+    dirpath = str(config.checkpoint.dirpath)
+    if config.get("ckpt_path") == "last" and not is_remote(dirpath) and not last_checkpoints(dirpath):
+        rank_zero_info(f"--ckpt_path last: {dirpath} holds no last checkpoint yet; starting from scratch")
+        config.ckpt_path = None
+
+
 def check_trains_something(trainer_config: Any) -> None:
     """Refuses trainer settings with which ``fit`` would train nothing and still exit 0 (``TRAINS_NOTHING``)."""
     for name in TRAINS_NOTHING:
@@ -379,7 +401,8 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
             tool = importlib.import_module(TOOLS[argv[0]])
             tool.main(argv[1:], read_config) if argv[0] in READS_CONFIG else tool.main(argv[1:])
             return None
-        cli = build_cli(argv if from_python else None)
+        with STOP_SIGNALS_HANDLER.owning():
+            cli = build_cli(argv if from_python else None)
         return cli if from_python else None
     except RankLostError as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
@@ -398,9 +421,25 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
         print(f"mf: error: {message}\n(set {TRACEBACK_VARIABLE}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
-        if not (argv and argv[0] == "fit"):
-            print(f"mf: error: SIGTERM stopped {argv[0]} before it finished; no results were reported", file=sys.stderr)
-        raise SystemExit(SIGTERM_EXIT_STATUS) from None
+        raise SystemExit(exit_status(STOP_SIGNALS_HANDLER.agreed or {signal.SIGTERM})) from None
+    except StoppedBySignal as stopped:
+        raise SystemExit(signal_stop(argv, stopped.signum)) from None
+
+
+def signal_stop(argv: list[str], signum: int) -> int:
+    """Says in one line that ``signum`` stopped ``mf <argv>`` outside the fit loop (while preparing, or evaluating),
+    requeues a SLURM job after SIGUSR1 (on the first task), and returns the exit status."""
+    name, subcommand = signal.Signals(signum).name, argv[0] if argv else "mf"
+    if subcommand == "fit":
+        what = "mf fit before training started (while preparing its data or model); nothing was saved; run it again"
+    else:
+        what = f"{subcommand} before it finished; no results were reported"
+    print(f"mf: error: {name} stopped {what}", file=sys.stderr)
+    if signum == signal.SIGUSR1 and is_first_task():
+        requeued = requeue_slurm_job()
+        if requeued is not None:
+            print(f"mf: {requeued}", file=sys.stderr)
+    return exit_status({signum})
 
 
 def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:

@@ -456,15 +456,23 @@ def test_ddp_last_holds_every_validated_model_whatever_the_metric(ddp_uninterrup
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("rank", [0, 1, None], ids=["rank0", "rank1", "all-ranks"])
-def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches(ddp_uninterrupted, tmp_path, rank):
-    """SIGTERM at the start of micro-batch 3 on one or every rank: all stop after step 4, exit 143, save once."""
+@pytest.mark.parametrize(
+    ("rank", "signum"),
+    [(0, signal.SIGTERM), (1, signal.SIGTERM), (None, signal.SIGTERM), (1, signal.SIGUSR1)],
+    ids=["rank0", "rank1", "all-ranks", "SIGUSR1-rank1"],
+)
+def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches(
+    ddp_uninterrupted, tmp_path, rank, signum
+):
+    """SIGTERM (or SIGUSR1, which hung the job) at the start of micro-batch 3 on one or every rank: all stop after
+    step 4, exit 143, save once."""
     _, corpus, expected = ddp_uninterrupted
-    stopped = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGTERM, rank)), timeout=SUBPROCESS_TIMEOUT)
+    stopped = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signum, rank)), timeout=SUBPROCESS_TIMEOUT)
     output = stopped.stdout + stopped.stderr
     assert stopped.returncode == 143, output[-4000:]
     received = "0, 1" if rank is None else str(rank)
-    assert f"SIGTERM received by rank {received} of 2: every rank stops after step 4 and saves" in output
+    assert f"{signum.name} received by rank {received} of 2: every rank stops after step 4 and saves" in output
+    assert not list(tmp_path.rglob("hpc_ckpt*"))
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert "Traceback" not in output
     resumed = run_fit(ddp_fit(tmp_path, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)

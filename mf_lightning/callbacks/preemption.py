@@ -1,11 +1,10 @@
-"""``PreemptionCheckpoint``: on SIGTERM (SLURM, Kubernetes, a spot preemption) every rank stops at one optimizer
-step and ``last.ckpt`` is saved before exiting."""
+"""``PreemptionCheckpoint``: on SIGTERM, SIGUSR1 or SIGINT (SLURM, Kubernetes, a spot preemption, Ctrl-C) every rank
+stops at one optimizer step and ``last.ckpt`` is saved before exiting; after SIGUSR1 a SLURM job is requeued."""
 
 from __future__ import annotations
 
 import os
 import signal
-from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,59 +15,77 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mf_lightning.lit.checkpoints import AtomicModelCheckpoint
-from mf_lightning.lit.lightning_private import mark_sigterm_received
+from mf_lightning.lit.lightning_private import keep_signal_handlers, mark_sigterm_received
+from mf_lightning.lit.slurm_requeue import requeue_slurm_job
+from mf_lightning.lit.stop_signals import STOP_SIGNALS, STOP_SIGNALS_HANDLER, signal_names
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """Stops a fit at an optimizer-step boundary that every rank agrees on when any rank gets SIGTERM, and saves.
+    """Stops a fit at an optimizer step that every rank agrees on when any rank gets SIGTERM, SIGUSR1 or SIGINT,
+    and saves ``last.ckpt``.
 
-    Lightning 2.6's own SIGTERM handler is unsafe with several ranks: it runs a ``broadcast`` inside the
-    signal handler of whichever rank got the signal, which no other rank matches, so a SIGTERM to one
-    worker (one node of a job preempted) hangs the job. While a fit runs (from the sanity check to the
-    end of training) this callback's handler takes its place and only notes the signal. After every
-    optimizer step all ranks reduce their notes (``strategy.reduce_boolean_decision``, any strategy:
-    single device, DDP, FSDP); if any rank got SIGTERM, every rank marks the trainer as having received
-    it at that same step, and Lightning stops them all after the batch (after the first batch of a
-    validation that was due), raising ``SIGTERMException``. Then each rank saves the checkpoint callback's
-    ``last.ckpt`` together, from ``on_exception``, so ``--ckpt_path last`` continues exactly where the
-    run stopped, and ``mf fit`` exits with status 143 (128 + SIGTERM).
+    The signals are this process's ``STOP_SIGNALS_HANDLER`` (``mf_lightning.lit.stop_signals``; ``mf fit``
+    installs it before anything else, this callback does at ``setup`` otherwise), and Lightning is kept from
+    installing its own (``keep_signal_handlers``): its SIGTERM handler broadcasts from inside the signal
+    handler of whichever rank got the signal, which hangs a multi-rank job, and its SLURM SIGUSR1 handler
+    writes a stray ``hpc_ckpt_*.ckpt`` mid-step. While the fit loop runs (from the sanity check to the end of
+    training) the handler only notes a signal. After every optimizer step all ranks reduce their notes
+    (``strategy.reduce_boolean_decision``, any strategy: single device, DDP, FSDP); if any rank got one, every
+    rank marks the trainer as having received SIGTERM at that same step, and Lightning stops them all after the
+    batch (after the first batch of a validation that was due), raising ``SIGTERMException``. Then each rank
+    saves the checkpoint callback's ``last.ckpt`` together, from ``on_exception``, so ``--ckpt_path last``
+    continues exactly where the run stopped, and ``mf fit`` exits with status 143 (130 for SIGINT alone).
+    After SIGUSR1 under SLURM, rank 0 then requeues the job (``requeue_slurm_job``).
 
     The stop is always at an optimizer step: under gradient accumulation a batch can end inside an
-    accumulation window, whose gradients no checkpoint holds, so a SIGTERM waits for the window's step
-    (at most ``accumulate_grad_batches`` batches, plus a validation that was running). A SIGTERM after
+    accumulation window, whose gradients no checkpoint holds, so a signal waits for the window's step
+    (at most ``accumulate_grad_batches`` batches, plus a validation that was running). A signal after
     the final step lets the run finish normally.
 
     The save never replaces another run's checkpoint: if ``last.ckpt`` exists but this run neither
     wrote nor resumed from it, the state goes to ``preempted-step=N-pid=P.ckpt`` beside it instead.
-    Other exceptions (a crash, Ctrl-C, which can land mid-update) save nothing: resuming falls back to
-    the last periodic checkpoint.
+    Other exceptions (a crash, a second Ctrl-C, which can land mid-update) save nothing: resuming falls back
+    to the last periodic checkpoint.
     """
 
     def __init__(self) -> None:
-        self.lightning_handler: Any = None
-        self.received = False
+        self.signals = STOP_SIGNALS_HANDLER
+        self.installed_here = False
         self.at_step_boundary = True
         self.step_at_batch_start = 0
+        self.agreed: set[int] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        keep_signal_handlers(trainer)
+        if not self.signals.installed:
+            self.signals.install()
+            self.installed_here = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release_signals()
+
+    def release_signals(self) -> None:
+        """Stops noting, and gives the handlers back if ``setup`` installed them (Lightning calls ``teardown`` after
+        a run that ended normally, ``on_exception`` after one that did not)."""
+        self.signals.stop()
+        if self.installed_here:
+            self.signals.uninstall()
+            self.installed_here = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.received = False  # a signal that stopped an earlier fit of this callback is not this fit's
+        self.signals.received.clear()  # a signal that stopped an earlier fit of this process is not this fit's
+        self.agreed = set()
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.intercept()
+        self.signals.note()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.intercept()
+        self.signals.note()
 
-    def intercept(self) -> None:
-        """Puts ``note`` in place of the SIGTERM handler Lightning registered for this fit."""
-        handler = signal.getsignal(signal.SIGTERM)
-        if callable(handler) and handler != self.note:
-            self.lightning_handler = handler
-            signal.signal(signal.SIGTERM, self.note)
-
-    def note(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM handler during a fit: only records the signal; the ranks act on it together at a step boundary."""
-        self.received = True
+    @property
+    def received(self) -> bool:
+        """Whether this rank got a stop signal during the fit."""
+        return bool(self.signals.received)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -86,39 +103,45 @@ class PreemptionCheckpoint(pl.Callback):
             self.stop_every_rank(trainer)
 
     def stop_every_rank(self, trainer: pl.Trainer) -> None:
-        """Marks the trainer as having received SIGTERM (on every rank, at this same step) and says which ranks got it.
+        """Marks the trainer as having received SIGTERM (on every rank, at this same step) and says which ranks got
+        which signal.
 
         Lightning raises ``SIGTERMException`` once the batch is complete when ``trainer.received_sigterm``
         is set (``mark_sigterm_received``).
         """
-        flags = trainer.strategy.all_gather(torch.tensor([self.received], device=trainer.strategy.root_device))
-        ranks = [str(rank) for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+        mask = sum(1 << index for index, signum in enumerate(STOP_SIGNALS) if signum in self.signals.received)
+        masks = trainer.strategy.all_gather(torch.tensor([mask], device=trainer.strategy.root_device))
+        by_rank = {
+            rank: {signum for index, signum in enumerate(STOP_SIGNALS) if value >> index & 1}
+            for rank, value in enumerate(masks.reshape(-1).tolist())
+        }
+        self.agreed = set().union(*by_rank.values())
+        self.signals.agreed = self.agreed
+        senders = ", ".join(str(rank) for rank, signums in by_rank.items() if signums)
         rank_zero_info(
-            f"SIGTERM received by rank {', '.join(ranks)} of {trainer.world_size}: "
+            f"{signal_names(self.agreed)} received by rank {senders} of {trainer.world_size}: "
             f"every rank stops after step {trainer.global_step} and saves"
         )
         mark_sigterm_received(trainer)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.restore_handler()
-
-    def restore_handler(self) -> None:
-        """Gives the SIGTERM handler back to Lightning, which restores the original one at teardown."""
-        if self.lightning_handler is not None and signal.getsignal(signal.SIGTERM) == self.note:
-            signal.signal(signal.SIGTERM, self.lightning_handler)
-        self.lightning_handler = None
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.restore_handler()
+        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then stops noting."""
+        try:
+            self.save_after_stop(trainer, exception)
+        finally:
+            self.release_signals()
+
+    def save_after_stop(self, trainer: pl.Trainer, exception: BaseException) -> None:
+        """The save of ``on_exception`` (nothing unless ``exception`` is the agreed stop of a fit), and the requeue."""
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        checkpoint = trainer.checkpoint_callback
+        checkpoint, names = trainer.checkpoint_callback, signal_names(self.agreed or {signal.SIGTERM})
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
-            rank_zero_warn("SIGTERM received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
+            rank_zero_warn(f"{names} received, but there is no ModelCheckpoint to say where last.ckpt goes; not saved")
             return
         if not self.at_step_boundary:
             rank_zero_warn(
-                "SIGTERM stopped the run inside a gradient-accumulation window, which cannot be saved exactly; "
+                f"{names} stopped the run inside a gradient-accumulation window, which cannot be saved exactly; "
                 "not saved: resume from the last periodic checkpoint with --ckpt_path last"
             )
             return
@@ -132,7 +155,11 @@ class PreemptionCheckpoint(pl.Callback):
         trainer.save_checkpoint(
             path, weights_only=False
         )  # the full state; saying so keeps Lightning from logging its default
-        rank_zero_info(f"SIGTERM received: saved {path} at step {trainer.global_step}; resume with {resume}")
+        rank_zero_info(f"{names} received: saved {path} at step {trainer.global_step}; resume with {resume}")
+        if signal.SIGUSR1 in self.agreed and trainer.is_global_zero:
+            requeued = requeue_slurm_job()
+            if requeued is not None:
+                rank_zero_info(requeued)
 
     @staticmethod
     def owns(trainer: pl.Trainer, checkpoint: ModelCheckpoint, path: str) -> bool:

@@ -284,11 +284,8 @@ def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> No
     model (Lightning only warns), so that is an error. Remote folders (``s3://``...) are not checked.
     """
     folder = Path(dirpath)
-    if is_remote(dirpath) or not folder.is_dir():
-        lasts, others = [], []
-    else:
-        lasts = sorted(path.name for path in folder.glob("last*.ckpt"))
-        others = sorted(path.name for path in folder.glob("*.ckpt"))
+    lasts = last_checkpoints(dirpath)
+    others = [] if is_remote(dirpath) or not folder.is_dir() else sorted(path.name for path in folder.glob("*.ckpt"))
     if subcommand != "fit":
         if ckpt_path == "last" and not lasts:
             raise FileNotFoundError(
@@ -310,6 +307,15 @@ def check_run_folder(subcommand: str, ckpt_path: str | None, dirpath: str) -> No
             f"({', '.join(others)}); continuing it there would mix two runs: resume in the checkpoint's own "
             "--trainer.default_root_dir, or start from it in an empty one"
         )
+
+
+def last_checkpoints(dirpath: str) -> list[str]:
+    """The names of the ``last`` checkpoints (``last.ckpt``, ``last-v1.ckpt``, files or sharded folders) in
+    ``dirpath``; none for a missing folder, and for a remote one (not looked at)."""
+    folder = Path(dirpath)
+    if is_remote(dirpath) or not folder.is_dir():
+        return []
+    return sorted(path.name for path in folder.glob("last*.ckpt"))
 
 
 def same_folder(first: Path, second: Path) -> bool:

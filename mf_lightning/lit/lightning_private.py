@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 LOOP_STATE_KEY = "epoch_loop.state_dict"
 """Where a checkpoint's ``loops.fit_loop`` keeps the training epoch loop's own state."""
@@ -101,6 +102,31 @@ def mark_sigterm_received(trainer: pl.Trainer) -> None:
     #20825). No public way sets the flag at a step every rank agrees on.
     """
     trainer._signal_connector.received_sigterm = True
+
+
+class HandsOffSignalConnector(_SignalConnector):
+    """Lightning's signal connector without its signal handlers: the flag ``mark_sigterm_received`` sets is kept,
+    and ``register_signal_handlers`` (called by ``Trainer._run`` right before the fit loop) installs nothing, so
+    the handlers ``mf`` installed (``mf_lightning.lit.stop_signals``) stay in place.
+
+    Lightning's connector installs a SIGTERM handler that broadcasts from inside the handler (a multi-rank hang,
+    issue #20806) and, under SLURM with ``SLURMEnvironment(auto_requeue=True)`` (the default Lightning picks from
+    SLURM's variables), a SIGUSR1 handler that saves ``hpc_ckpt_<n>.ckpt`` mid-step on every rank and requeues
+    the job whether or not that save completed. ``SLURMEnvironment(auto_requeue=False)`` is public but only where
+    the config names the plugin; no public switch leaves the handlers to the program (no upstream issue).
+    """
+
+    def register_signal_handlers(self) -> None:
+        """Clears the flag for this run, and installs no handler."""
+        self.received_sigterm = False
+        self._original_handlers = {}
+
+
+def keep_signal_handlers(trainer: pl.Trainer) -> None:
+    """Makes ``trainer`` leave this process's signal handlers alone (``HandsOffSignalConnector``); called before its
+    run registers handlers (at the latest from a callback's ``setup``)."""
+    if not isinstance(trainer._signal_connector, HandsOffSignalConnector):
+        trainer._signal_connector = HandsOffSignalConnector(trainer)
 
 
 def align_logging_step(checkpoint: dict[str, Any], trainer: pl.Trainer | None) -> None:

@@ -176,3 +176,22 @@ def test_a_callback_that_stopped_one_fit_lets_the_next_fit_run(tmp_path):
         except SIGTERMException:
             assert folder == "first"
     assert trainer.global_step == 8
+
+
+class SignalAtBatch(pl.Callback):
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_sigusr1_and_sigint_stop_at_the_step_like_sigterm_and_the_handlers_are_given_back(tmp_path, caplog, signum):
+    before = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    with caplog.at_level(logging.INFO), pytest.raises(SIGTERMException):
+        fit(tmp_path, SignalAtBatch(2, signum))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert f"{signum.name} received by rank 0 of 1: every rank stops after step 3 and saves" in caplog.text
+    assert {stop: signal.getsignal(stop) for stop in before} == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ from mf_lightning.lit.lightning_private import (
     ModelCheckpointSteps,
     align_logging_step,
     event_file_writer,
+    keep_signal_handlers,
     launched_processes,
     make_every_rank_data_parallel,
     mark_sigterm_received,
@@ -262,20 +264,68 @@ def test_a_marked_sigterm_runs_the_validation_that_was_due_first():
     assert fitting.global_step == 2 and "val" in fitting.callback_metrics
 
 
-def test_lightning_installs_its_sigterm_handler_before_training_starts_and_restores_it():
-    """PreemptionCheckpoint replaces the handler Lightning registered for the fit (at the sanity check and at
-    train start) and hands it back at train end; Lightning restores the original one at teardown."""
-    seen = []
+SLURM_VARIABLES = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4711", "SLURM_PROCID": "0"}
+"""What makes Lightning pick ``SLURMEnvironment`` (with ``auto_requeue``) for a Trainer: a SLURM batch task."""
 
-    class Look(pl.Callback):
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            handlers = getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", [])
-            seen.append(trainer._signal_connector._sigterm_notifier_fn in handlers)
 
-    original = signal.getsignal(signal.SIGTERM)
-    trainer(max_steps=1, callbacks=(Look(),)).fit(Regression(), loader())
-    assert seen == [True]
-    assert signal.getsignal(signal.SIGTERM) == original
+class HandlersAtTrainStart(pl.Callback):
+    """Records the SIGTERM and SIGUSR1 handlers in place while the fit loop runs."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, object] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+class KeepHandlers(pl.Callback):
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        keep_signal_handlers(trainer)
+
+
+def mine(signum: int, frame: object) -> None:
+    """A program's own handler."""
+
+
+def test_lightning_installs_its_sigterm_and_slurm_sigusr1_handlers_right_before_the_fit_loop(monkeypatch):
+    """What ``keep_signal_handlers`` prevents: under SLURM's variables Lightning's signal connector replaces a
+    program's SIGTERM handler (composing it after its own, which broadcasts) and installs its SIGUSR1 handler
+    (``hpc_ckpt``) when the program has none, in ``register_signal_handlers``, after the ``setup`` hooks."""
+    for name, value in SLURM_VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, mine),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, signal.SIG_DFL),
+    }
+    try:
+        look = HandlersAtTrainStart()
+        fitting = trainer(max_steps=1, callbacks=(look,))
+        fitting.fit(Regression(), loader())
+        connector = fitting._signal_connector
+        assert look.seen[signal.SIGTERM] is not mine
+        assert connector._sigterm_notifier_fn in look.seen[signal.SIGTERM].signal_handlers
+        assert connector._slurm_sigusr_handler_fn in look.seen[signal.SIGUSR1].signal_handlers
+        assert signal.getsignal(signal.SIGTERM) is mine, "restored at teardown"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_keep_signal_handlers_leaves_the_programs_handlers_in_place_and_the_flag_working(monkeypatch):
+    for name, value in SLURM_VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    previous = {signum: signal.signal(signum, mine) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        look = HandlersAtTrainStart()
+        fitting = trainer(max_steps=8, callbacks=(KeepHandlers(), look, MarkAt(step=3)))
+        with pytest.raises(SIGTERMException):
+            fitting.fit(Regression(), loader())
+        assert look.seen == {signal.SIGTERM: mine, signal.SIGUSR1: mine}
+        assert fitting.global_step == 3, "the flag mark_sigterm_received sets still stops the fit"
+        assert not list(Path.cwd().rglob("hpc_ckpt_*.ckpt"))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # --- align_logging_step: the checkpoint's loop state ----------------------------------------------------------

@@ -1,0 +1,34 @@
+"""``StopSignals``: a stop signal raises while preparing, is noted while training, and the handlers are given back."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from mf_lightning.lit.stop_signals import STOP_SIGNALS, StoppedBySignal, StopSignals, exit_status
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: s.name)
+def test_outside_the_fit_loop_a_stop_signal_raises_and_the_handlers_are_given_back(signum):
+    before = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    with pytest.raises(StoppedBySignal) as stopped, StopSignals().owning():
+        os.kill(os.getpid(), signum)
+    assert stopped.value.signum == signum
+    assert {stop: signal.getsignal(stop) for stop in STOP_SIGNALS} == before
+
+
+def test_while_noting_signals_are_recorded_and_a_second_sigint_stops_at_once():
+    with StopSignals().owning() as signals:
+        signals.note()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == {signal.SIGUSR1, signal.SIGINT}
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_exit_status_is_143_for_a_schedulers_signal_and_130_for_sigint_alone():
+    assert exit_status({signal.SIGUSR1}) == exit_status({signal.SIGTERM, signal.SIGINT}) == 143
+    assert exit_status({signal.SIGINT}) == 130
