@@ -18,6 +18,8 @@ def tiny_args(corpus: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "--corpora",
         str(corpus),
+        "--document-separator",
+        "%",
         "--seeds",
         "1",
         "--jobs",

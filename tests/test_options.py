@@ -31,7 +31,15 @@ GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
     # name: (arch, model.overrides, other model.* options)
     "paper-score-centering-plain-loss": (
         "memoryformer",
-        {"score": "paper", "hash_centering": True, "backend": "torch", "loss_chunk_size": 0, "dropout": 0.1},
+        {
+            "score": "paper",
+            "hash_centering": True,
+            "backend": "torch",
+            "loss_chunk_size": 0,
+            "dropout": 0.1,
+            "triton_backward": "atomic",  # read by triton layers only: this group checks the field is accepted
+            "kernel_check": "off",
+        },
         {},
     ),
     "balance-tied-rotary-chunked": (
@@ -77,7 +85,11 @@ ON_GPU = os.environ.get("MF_TEST_CUDA") == "1" and torch.cuda.is_available()
 GPU_GROUPS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
     # The triton kernels run on a CPU only under triton's interpreter (a minute per short run); tests/kernels
     # checks them there against the reference, and this group trains with them where a GPU is.
-    "triton-backend": ("memoryformer", {"backend": "triton", "hash_centering": True, "loss_chunk_size": 0}, {}),
+    "triton-backend": (
+        "memoryformer",
+        {"backend": "triton", "hash_centering": True, "loss_chunk_size": 0, "kernel_check": "fatal"},
+        {},
+    ),
 }
 LINKED_FIELDS = {"vocab_size": "set from the tokenizer (data.vocab_size)", "max_seq_len": "set by every run below"}
 

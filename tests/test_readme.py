@@ -57,6 +57,11 @@ NOT_RUN = {
     r"^mf eval (?!.*--include_path)(?!--compare)": "the paper's tasks download from the Hugging Face Hub",
     r"^mf eval --compare results/": "compares the results of the GPU runs above",
     r"hf:": "downloads a dataset from the Hugging Face Hub",
+    r"^huggingface-cli download ": "downloads a model from the Hugging Face Hub",
+    r"^lm_eval ": "DIR is an exported folder and piqa downloads from the Hub (tests/models/test_hf_export.py runs "
+    "lm-eval's hf model on the local test tasks)",
+    r"^mf doctor( --out report\.md)?$": "the full check, minutes (tests/test_doctor.py runs mf doctor --quick, as does "
+    "the --quick line beside it)",
     r"--device cuda|^bash benchmarks/gpu_suite\.sh( --rehearse)?$": "a GPU (.ci/run runs the --rehearse)",
     r"^(TRITON_INTERPRET=0 )?python (benchmarks|docs)/|mf_lightning\.kernels\.gpu_compile": "a measurement, minutes",
 }
