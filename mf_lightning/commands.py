@@ -11,6 +11,7 @@ Any other use of a subcommand, ``--help`` with other arguments included, goes to
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,11 @@ def quick_answer(argv: Sequence[str]) -> int | None:
 def help_snapshot(subcommand: str) -> str:
     """What ``mf <subcommand> --help`` prints (see the module's docstring)."""
     return (HELP_FOLDER / f"{subcommand}.txt").read_text(encoding="utf-8")
+
+
+def option_names(subcommand: str) -> list[str]:
+    """Every option ``mf <subcommand>`` takes, as dotted names without dashes (``model.lr``), from its help."""
+    return sorted(set(re.findall(r"--([\w.]+)", help_snapshot(subcommand))))
 
 
 def overview() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.eval import PAPER_TASKS, MissingExtra
 from mf_lightning.eval.report import (
     Row,
@@ -38,7 +39,7 @@ DEFAULT_SEED = 1234
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (a run, or an exported folder)")
     model.add_argument("--config", help="the run's config (<run>/tensorboard/config.yaml)")
     model.add_argument(

@@ -23,6 +23,7 @@ from typing import TextIO
 import torch
 from jsonargparse import Namespace
 
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.data.tokenizers import Tokenizer
 from mf_lightning.lit.loading import load_for_inference
 from mf_lightning.lit.run_folders import run_folders
@@ -97,7 +98,7 @@ def generate_text(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="mf generate",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
