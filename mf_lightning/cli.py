@@ -394,7 +394,9 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
             file=sys.stderr,
         )
         raise SystemExit(LOST_RANK_EXIT_STATUS) from None
-    except ConfigError as error:  # the parser's refusal: a traceback would show only the parser
+    except ConfigError as error:  # the parser's refusal: its traceback would show only the parser
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
         print(f"mf: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as error:
