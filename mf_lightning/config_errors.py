@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 import yaml
 
 UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<arguments>.+)$", re.DOTALL)
-NOT_ACCEPTED = re.compile(r"^Subcommand '(?P<subcommand>\w+)' does not accept option '(?P<key>[^']+)'")
+NOT_ACCEPTED = re.compile(r"^(?P<kind>Subcommand|Group) '(?P<scope>[^']+)' does not accept option '(?P<key>[^']+)'")
+"""An unknown key of a YAML file: in a subcommand (the key is whole) or in a group (the key is the group's)."""
 PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<reason>.*)$', re.DOTALL)
 MISSING_FILE = re.compile(r"File does not exist: '?(?P<path>[^']+)'?")
 EXPECTED = re.compile(r"Expected an? (?P<type>.+?)(?:\. Got value: .*)?$")
@@ -40,7 +41,7 @@ class ConfigError(ValueError):
 
 def describe_parse_error(message: str, subcommand: str, argv: Sequence[str], options: Sequence[str]) -> str:
     """One line saying what is wrong in the parser's error ``message`` for ``mf <subcommand> <argv>``, whose
-    valid options are ``options`` (dotted names without dashes: the closest are suggested for an unknown one)."""
+    valid options are ``options`` (dotted names without dashes: the closest is suggested for an unknown one)."""
     full_list = f"`mf {subcommand} --help` lists every option"
     if match := UNRECOGNIZED.match(message):
         arguments = match["arguments"].split()
@@ -49,7 +50,7 @@ def describe_parse_error(message: str, subcommand: str, argv: Sequence[str], opt
         value = f" (given {given})" if given else ""
         return f"unknown option {option}{value}{suggestion(option.lstrip('-'), options)}; {full_list}"
     if match := NOT_ACCEPTED.match(message):
-        key = match["key"]
+        key = match["key"] if match["kind"] == "Subcommand" else f"{match['scope']}.{match['key']}"
         return f"unknown option {key}{where_set(key, argv)}{suggestion(key, options)}; {full_list}"
     if message.startswith(BAD_YAML):
         return f"{bad_yaml(argv) or ' '.join(message.split())}; {full_list}"
@@ -66,9 +67,9 @@ def describe_parse_error(message: str, subcommand: str, argv: Sequence[str], opt
 
 
 def suggestion(key: str, options: Sequence[str]) -> str:
-    """``; did you mean --x?`` for the ``options`` closest to ``key``, or nothing."""
-    close = difflib.get_close_matches(key, options, n=3, cutoff=0.75)
-    return f"; did you mean {' or '.join(f'--{option}' for option in close)}?" if close else ""
+    """``; did you mean --x?`` for the one of ``options`` closest to ``key``, or nothing."""
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
+    return f"; did you mean --{close[0]}?" if close else ""
 
 
 def expected_types(reason: str) -> str:

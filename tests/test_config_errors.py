@@ -115,3 +115,9 @@ def test_null_overrides_clear_and_later_ones_merge_in_order():
 def test_overrides_that_are_not_a_mapping_are_refused(value):
     with pytest.raises(ConfigError, match="expected a mapping of ModelConfig fields"):
         split_overrides(["--model.overrides", value])
+
+
+def test_an_unknown_key_of_a_group_is_named_whole(tmp_path, capsys):
+    config = write(tmp_path / "class_form.yaml", "data:\n  class_path: x.Y\n  init_args:\n    source: demo\n")
+    line = error_line(capsys, ["fit", "--config", str(config), "--print_config"])
+    assert line.startswith(f"mf: error: unknown option data.init_args.source (= 'demo' in config {config});")
