@@ -13,6 +13,7 @@ import argparse
 import difflib
 import itertools
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -125,8 +126,10 @@ def config_files(argv: Sequence[str]) -> list[str]:
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """``argparse``'s parser for a subcommand's own options (``prog`` is ``mf <subcommand>``): an argument it
-    refuses is one ``ConfigError`` line naming it, instead of usage and an error line; ``-h`` still prints help."""
+    refuses ends the program, as argparse's does (status 2), with one ``mf: error:`` line naming it instead of
+    usage and an error line, however the subcommand was started; ``-h`` still prints help."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         options = re.findall(r"--([\w.-]+)", self.format_usage())
-        raise ConfigError(describe_parse_error(message, self.prog.split()[-1], (), options))
+        print(f"mf: error: {describe_parse_error(message, self.prog.split()[-1], (), options)}", file=sys.stderr)
+        raise SystemExit(2)
