@@ -21,6 +21,7 @@ of another model or tokenizer is refused with an error naming both.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -158,14 +159,15 @@ class MFCLI(ConfigOverCheckpointCLI):
         argv = list(sys.argv[1:] if args is None else args)
         kept, overrides = split_overrides(argv)
         try:
+            if overrides:  # the config's overrides, then all of it parsed again with the merged ones given whole
+                base = parser.parse_args([arg for arg in kept if not arg.startswith("--print_config")])
+                merged = merge_overrides(base[base.subcommand].model.overrides, overrides)
+                kept = [*kept, "--model.overrides", json.dumps(merged)]
             super().parse_arguments(parser, kept)
         except ArgumentError as error:
             subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), "fit")
             message = describe_parse_error(str(error), subcommand, argv, option_names(subcommand))
             raise ConfigError(message) from error
-        if overrides:
-            model = self.config[self.config.subcommand].model
-            model.overrides = merge_overrides(model.overrides, overrides)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

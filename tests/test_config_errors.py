@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_support import QUICKSTART
 
 from mf_lightning import cli
@@ -121,3 +122,10 @@ def test_an_unknown_key_of_a_group_is_named_whole(tmp_path, capsys):
     config = write(tmp_path / "class_form.yaml", "data:\n  class_path: x.Y\n  init_args:\n    source: demo\n")
     line = error_line(capsys, ["fit", "--config", str(config), "--print_config"])
     assert line.startswith(f"mf: error: unknown option data.init_args.source (= 'demo' in config {config});")
+
+
+def test_print_config_shows_the_merged_overrides(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", str(QUICKSTART), "--model.overrides", "{n_layer: 4}", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["overrides"] == {"max_seq_len": 256, "n_layer": 4}

@@ -2,7 +2,8 @@
 
 jsonargparse treats a mapping as one value, so ``--model.overrides '{n_layer: 4}'`` would replace the config's
 whole ``model.overrides`` block (dropping the quickstart's ``max_seq_len``). The command line's overrides are
-therefore taken out of the arguments before parsing and merged into the parsed config afterwards: each key given
+therefore taken out of the arguments, merged into the overrides the rest of them parse to, and the merged block
+given back as one ``--model.overrides`` (so ``--print_config`` and the saved config show it): each key given
 replaces that key; ``--model.overrides null`` clears the config's overrides (the preset as it is). Several
 ``--model.overrides`` are merged in order.
 """
