@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_support import QUICKSTART
+from cli_support import QUICKSTART, tiny_run_args, write_corpus
 
 from mf_lightning import cli
 from mf_lightning.config_errors import ConfigError
@@ -129,3 +129,11 @@ def test_print_config_shows_the_merged_overrides(capsys):
         cli.main(["fit", "--config", str(QUICKSTART), "--model.overrides", "{n_layer: 4}", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["overrides"] == {"max_seq_len": 256, "n_layer": 4}
+
+
+def test_a_fit_trains_and_saves_the_merged_overrides(tmp_path):
+    args = tiny_run_args(tmp_path / "run", write_corpus(tmp_path / "corpus"), max_steps=1)
+    cli_object = cli.main(["fit", *args, "--model.overrides", "{n_layer: 1}"])
+    assert cli_object.model.config.n_layer == 1 and cli_object.model.config.max_seq_len == 64
+    saved = yaml.safe_load((tmp_path / "run" / "tensorboard" / "config.yaml").read_text())
+    assert saved["model"]["overrides"] == {"max_seq_len": 64, "n_layer": 1}
