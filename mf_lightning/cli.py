@@ -21,6 +21,7 @@ of another model or tokenizer is refused with an error naming both.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -57,7 +58,8 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
-from mf_lightning.commands import quick_answer
+from mf_lightning.commands import SUBCOMMANDS, option_names, quick_answer
+from mf_lightning.config_errors import ConfigError, describe_parse_error
 from mf_lightning.data import TextDataModule
 from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
@@ -72,6 +74,7 @@ from mf_lightning.lit.checkpoints import (
 from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
+from mf_lightning.lit.override_arguments import merge_overrides, split_overrides
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import claim_run_folder
@@ -97,7 +100,7 @@ TOOLS = {
 }
 """Subcommands that are not LightningCLI's: each module's ``main(argv)`` parses its own arguments (their one-line
 summaries and help snapshots are in ``mf_lightning.commands``)."""
-READS_CONFIG = frozenset({"prepare", "eval", "generate"})
+READS_CONFIG = frozenset({"prepare", "eval", "generate", "export"})
 """The ``TOOLS`` that take ``--config``: their ``main(argv, read_config)`` reads it with ``read_config``, the parser
 of ``mf fit`` (which lives here, above them), so every subcommand reads a config as ``mf fit`` does."""
 TRACEBACK_VARIABLE = "MF_TRACEBACK"
@@ -162,6 +165,23 @@ class MFCLI(ConfigOverCheckpointCLI):
                 if lost is None:
                     raise
                 raise lost from error
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parses ``args`` (``sys.argv[1:]`` when None) into ``self.config``; the command line's
+        ``--model.overrides`` merge into the config's key by key (``override_arguments``), and a refused config
+        is one ``ConfigError`` line (``config_errors``) instead of the parser's usage dump."""
+        argv = list(sys.argv[1:] if args is None else args)
+        kept, overrides = split_overrides(argv)
+        try:
+            if overrides:  # the config's overrides, then all of it parsed again with the merged ones given whole
+                base = parser.parse_args([arg for arg in kept if not arg.startswith("--print_config")])
+                merged = merge_overrides(base[base.subcommand].model.overrides, overrides)
+                kept = [*kept, "--model.overrides", json.dumps(merged)]
+            super().parse_arguments(parser, kept)
+        except ArgumentError as error:
+            subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), "fit")
+            message = describe_parse_error(str(error), subcommand, argv, option_names(subcommand))
+            raise ConfigError(message) from error
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -292,12 +312,13 @@ def read_config(files: Sequence[str | os.PathLike]) -> Namespace:
             raise FileNotFoundError(f"config file {file} does not exist")
     args = ["fit", *(argument for file in files for argument in ("--config", str(file)))]
     try:
-        build_cli(args, ConfigReader, exit_on_error=False)
+        build_cli(args, ConfigReader)
     except ParsedConfig as parsed:
         return parsed.config
-    except ArgumentError as error:
-        reason = " ".join(str(error).split())
-        raise ValueError(f"config {', '.join(map(str, files))} is not one mf fit can run: {reason}") from None
+    except ConfigError as error:
+        if any(str(file) in str(error) for file in files):  # it names the file already
+            raise
+        raise ConfigError(f"config {', '.join(map(str, files))} is not one mf fit can run: {error}") from None
     raise RuntimeError("ConfigReader returned without a config")  # parse_arguments always raises ParsedConfig
 
 
@@ -412,6 +433,11 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
             file=sys.stderr,
         )
         raise SystemExit(LOST_RANK_EXIT_STATUS) from None
+    except ConfigError as error:  # the parser's refusal: its traceback would show only the parser
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        print(f"mf: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
@@ -442,17 +468,17 @@ def signal_stop(argv: list[str], signum: int) -> int:
     return exit_status({signum})
 
 
-def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+def build_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI) -> MFCLI:
     """The ``cli_class`` of ``args`` (of ``sys.argv`` when ``None``); constructing it runs the subcommand.
-    ``exit_on_error=False`` raises the parser's ``ArgumentError`` instead of printing usage and exiting."""
+    A config the parser refuses raises ``ConfigError`` (one line) instead of printing usage and exiting."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIGHTNING_INTERNAL_WARNING)
         warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=LIGHTNING_MODULES)
-        return new_cli(args, cli_class, exit_on_error)
+        return new_cli(args, cli_class)
 
 
-def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_error: bool = True) -> MFCLI:
+def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI) -> MFCLI:
     """Constructs (and so runs) the ``cli_class`` of ``args`` with our trainer defaults."""
     return cli_class(
         LanguageModel,
@@ -476,7 +502,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
         parser_kwargs={
             "prog": "mf",
             "description": __doc__,
-            "exit_on_error": exit_on_error,
-            **{subcommand: {"exit_on_error": exit_on_error} for subcommand in MFCLI.subcommands()},
+            "exit_on_error": False,  # MFCLI.parse_arguments reports a refused config in one line
+            **{subcommand: {"exit_on_error": False} for subcommand in MFCLI.subcommands()},
         },
     )

@@ -11,6 +11,8 @@ Any other use of a subcommand, ``--help`` with other arguments included, goes to
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,9 @@ SUBCOMMANDS = {
 }
 """What ``mf --help`` lists: every subcommand with one line (LightningCLI's four, then ``cli.TOOLS``)."""
 HELP_FLAGS = ("-h", "--help")
+VERSION_FLAGS = ("-V", "--version")
+DISTRIBUTION = "mf-lightning"
+"""The distribution's name (pyproject.toml's, normalized as in PEP 503)."""
 HELP_FOLDER = Path(__file__).resolve().parent / "help"
 HELP_COLUMNS = 100
 """The terminal width the help snapshots are rendered at."""
@@ -36,10 +41,13 @@ HELP_COLUMNS = 100
 
 def quick_answer(argv: Sequence[str]) -> int | None:
     """Prints the answer to ``mf <argv>`` when it needs no subcommand to run, and returns its exit status:
-    the overview for ``mf`` / ``mf --help``, the snapshot for ``mf <subcommand> --help``, one error line for
+    the overview for ``mf`` / ``mf --help``, the version for ``mf --version``, the snapshot for ``mf <subcommand> --help``, one error line for
     an unknown subcommand. None when a subcommand must run."""
     if not argv or argv[0] in HELP_FLAGS:
         print(overview())
+        return 0
+    if argv[0] in VERSION_FLAGS:
+        print(f"mf {version()}")
         return 0
     if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         print(
@@ -53,9 +61,26 @@ def quick_answer(argv: Sequence[str]) -> int | None:
     return None
 
 
+def version() -> str:
+    """This package's version: the installed distribution's, else (a source checkout on ``PYTHONPATH``) the
+    ``__version__`` that the package's ``__init__`` sets, read from its source (the ``__init__`` is a floor-mate
+    of this module, not imported by it)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        source = (Path(__file__).resolve().parent / "__init__.py").read_text(encoding="utf-8")
+        match = re.search(r'^__version__ = "(?P<version>[^"]+)"$', source, re.MULTILINE)
+        return match["version"] if match else "unknown"
+
+
 def help_snapshot(subcommand: str) -> str:
     """What ``mf <subcommand> --help`` prints (see the module's docstring)."""
     return (HELP_FOLDER / f"{subcommand}.txt").read_text(encoding="utf-8")
+
+
+def option_names(subcommand: str) -> list[str]:
+    """Every option ``mf <subcommand>`` takes, as dotted names without dashes (``model.lr``), from its help."""
+    return sorted(set(re.findall(r"--([\w.]+)", help_snapshot(subcommand))))
 
 
 def overview() -> str:
@@ -64,7 +89,7 @@ def overview() -> str:
     lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
     return "\n".join(
         [
-            "usage: mf <subcommand> [options]",
+            "usage: mf <subcommand> [options]    (mf --version: the version)",
             "",
             "Train, inspect and run MemoryFormer language models. `mf <subcommand> --help` lists a subcommand's",
             "options; fit, validate, test and predict read a YAML config (--config configs/quickstart.yaml).",

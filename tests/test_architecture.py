@@ -24,7 +24,7 @@ PACKAGE = ROOT / "mf_lightning"
 ROOT_UNIT = "mf_lightning"
 
 FLOORS: tuple[tuple[str, ...], ...] = (
-    (ROOT_UNIT, "checks", "fs", "commands"),
+    (ROOT_UNIT, "checks", "fs", "commands", "config_errors"),
     ("kernels",),
     ("config",),
     ("nn",),

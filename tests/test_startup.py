@@ -3,6 +3,7 @@ and ``mf --help`` takes at most half the time of ``import torch``; the help they
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import mf_lightning
+from mf_lightning import commands
 from mf_lightning.commands import SUBCOMMANDS, help_snapshot, overview
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +94,19 @@ def test_the_help_snapshots_are_what_the_real_parsers_print() -> None:
         [sys.executable, "tests/help_snapshots.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_mf_version_answers_without_importing_torch(flag: str) -> None:
+    done = mf(flag, importtime=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"mf {mf_lightning.__version__}\n"
+    assert not sorted(name for name in imported(done.stderr) if name.split(".")[0] in HEAVY)
+
+
+def test_the_version_of_a_source_checkout_is_the_packages(monkeypatch) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert commands.version() == mf_lightning.__version__

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
+from mf_lightning.commands import option_names
+from mf_lightning.config_errors import ConfigError, describe_parse_error
 from mf_lightning.data.cache import SPLITS
 from mf_lightning.data.datamodule import TextDataModule
 from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_unresumable
@@ -31,7 +33,7 @@ from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_unresumable
 
 def build_parser(defaults: dict[str, Any]) -> ArgumentParser:
     """``--config`` plus every ``--data.*`` option of ``TextDataModule``, defaulting to ``defaults``."""
-    parser = ArgumentParser(prog="mf prepare", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="mf prepare", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument(
         "--config", action="append", default=[], help="a mf fit config file (repeatable); its data: settings are used"
     )
@@ -81,7 +83,11 @@ def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace])
     known, _ = first.parse_known_args(argv)
     defaults = read_config(known.config).data.as_dict() if known.config else {}
     parser = build_parser(defaults)
-    arguments = parser.parse_args([argument for argument in argv if argument != "--print_config"])
+    kept = [argument for argument in argv if argument != "--print_config"]
+    try:
+        arguments = parser.parse_args(kept)
+    except ArgumentError as error:
+        raise ConfigError(describe_parse_error(str(error), "prepare", kept, option_names("prepare"))) from None
     if known.print_config:
         print(yaml.safe_dump({"data": arguments.data.as_dict()}, sort_keys=False), end="")
         raise SystemExit(0)

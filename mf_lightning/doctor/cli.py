@@ -18,12 +18,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mf_lightning.config_errors import OneLineArgumentParser
+
 DEVICES = ("cuda", "cpu")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The options, checked without importing torch (``mf doctor --help`` stays cheap)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="mf doctor", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -2,7 +2,9 @@
 
 ``mf eval --config runs/x/tensorboard/config.yaml --ckpt_path last`` evaluates a run's checkpoint, writes
 the harness's JSON to ``runs/x/eval/`` and logs ``eval/<task>/<metric>`` to the run's TensorBoard at the
-checkpoint's step; ``mf eval --model_dir DIR`` evaluates a folder written by ``mf export``. The default
+checkpoint's step; ``mf eval --model_dir DIR`` evaluates a folder written by ``mf export`` and writes the JSON
+to ``eval/<DIR's name>.json`` under the working directory (never into the model folder, which ``mf export``
+replaces whole and which may be read-only or shared). The default
 tasks are the paper's Table 1: piqa, winogrande, wsc, arc_easy, arc_challenge, logiqa (their data is
 downloaded from the Hugging Face Hub on first use). Options keep the harness's names and meanings.
 """
@@ -10,6 +12,7 @@ downloaded from the Hugging Face Hub on first use). Options keep the harness's n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.eval import PAPER_TASKS, MissingExtra
 from mf_lightning.eval.report import (
     Row,
@@ -38,7 +42,7 @@ DEFAULT_SEED = 1234
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="mf eval", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (a run, or an exported folder)")
     model.add_argument("--config", help="the run's config (<run>/tensorboard/config.yaml)")
     model.add_argument(
@@ -57,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass (default: %(default)s)"
     )
     parser.add_argument("--include_path", action="append", default=[], help="a folder of task YAML files (repeatable)")
-    parser.add_argument("--output_path", help="results JSON file or folder (default: <run>/eval/ or <model_dir>/eval/)")
+    parser.add_argument(
+        "--output_path",
+        help="results JSON file or folder, outside --model_dir (default: <run>/eval/, or ./eval/<model_dir's name>.json)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--seed",
@@ -104,7 +111,12 @@ def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace])
         checkpoint = resolve_checkpoint(ckpt_path, run)
         save_run_results(results, rows, checkpoint, run or run_of(checkpoint), args.output_path)
     else:
-        print(f"results: {write_json(results, args.output_path or Path(args.model_dir) / 'eval' / 'results.json')}")
+        print(f"results: {write_json(results, args.output_path or model_results_path(args.model_dir))}")
+
+
+def model_results_path(model_dir: str) -> Path:
+    """Where the results of the exported model ``model_dir`` go by default: ``eval/<its name>.json`` here."""
+    return Path("eval") / f"{Path(os.path.abspath(model_dir)).name}.json"
 
 
 def save_run_results(
@@ -130,6 +142,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         parser.error("give either --model_dir, or --config with --ckpt_path, not both")
     if args.model_dir is None and args.config is None and args.ckpt_path in (None, LAST):
         parser.error(f"give --model_dir DIR, or --config RUN_CONFIG (with --ckpt_path {LAST}|FILE)")
+    if (
+        args.model_dir is not None
+        and args.output_path is not None
+        and Path(os.path.abspath(args.output_path)).is_relative_to(os.path.abspath(args.model_dir))
+    ):
+        parser.error(
+            f"--output_path {args.output_path} is inside --model_dir {args.model_dir}: write the results outside "
+            f"the model folder (default: {model_results_path(args.model_dir)})"
+        )
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         parser.error(f"--tasks needs at least one task name, got {args.tasks!r}")

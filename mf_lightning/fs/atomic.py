@@ -9,7 +9,10 @@ alone what a live writer, or one on another host sharing the folder, is still wr
 
 ``atomic_file`` writes a file that way: a reader, or a crash at any moment, finds the previous complete
 file or the new complete one, never a part (``os.replace`` is atomic on POSIX file systems, and the file
-and then its folder are fsynced so the new name survives a power loss with its contents).
+and then its folder are fsynced so the new name survives a power loss with its contents). Every file
+replaced so, and every file of a folder replaced whole (``folders``), gets the mode a new file gets from
+``open`` under the process's umask (``usual_mode``): a writer that creates its file private (``safetensors``
+writes 0600) does not leave ``model.safetensors`` unreadable beside 0644 files.
 """
 
 from __future__ import annotations
@@ -68,6 +71,30 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(mode: int) -> int:
+    """The permission bits of a new file under the umask: ``0o666 & ~umask``, or ``0o777 & ~umask`` when ``mode``
+    makes it executable (a script stays one)."""
+    return (0o777 if mode & 0o111 else 0o666) & ~umask()
+
+
+def give_usual_mode(path: Path) -> None:
+    """Sets the regular file ``path``'s permissions to ``usual_mode`` (see the module)."""
+    os.chmod(path, usual_mode(path.stat().st_mode))
+
+
 def fsync_path(path: Path) -> None:
     """Makes ``path`` durable (a folder: its entries, so a rename inside it survives a crash); a no-op where
     folders cannot be opened (e.g. Windows)."""
@@ -95,6 +122,7 @@ def atomic_file(path: Path, action: str) -> Iterator[BinaryIO]:
             with temporary.open("wb") as file:
                 yield file
                 file.flush()
+                os.fchmod(file.fileno(), usual_mode(os.fstat(file.fileno()).st_mode))
                 os.fsync(file.fileno())
             os.replace(temporary, path)
     except BaseException:

@@ -2,7 +2,8 @@
 
 ``replaced_folder(target)`` hands out an empty staging folder beside ``target`` (named by
 ``atomic.partial_path``, so a killed builder's is removed by the next one on this host); when the block
-ends without error every file in it is fsynced and it is installed as ``target`` by ``install``; an error
+ends without error every file in it is given the usual mode (``atomic.usual_mode``: what ``open`` gives under the
+umask, whatever mode its writer chose) and fsynced, and it is installed as ``target`` by ``install``; an error
 removes it and leaves ``target`` as it was. A crash at any moment leaves the previous complete folder or
 the new complete one under ``target``'s name.
 """
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mf_lightning.fs.atomic import fsync_path, partial_path, remove, remove_abandoned
+from mf_lightning.fs.atomic import fsync_path, give_usual_mode, partial_path, remove, remove_abandoned
 from mf_lightning.fs.errors import naming
 
 RENAME_EXCHANGE = 2
@@ -39,18 +40,22 @@ def replaced_folder(target: Path, action: str) -> Iterator[Path]:
         with naming(target, action, stage):
             stage.mkdir()
             yield stage
-            fsync_tree(stage)
+            settle_tree(stage)
             install(stage, target)
     finally:
         if os.path.lexists(stage):
             remove(stage)
 
 
-def fsync_tree(folder: Path) -> None:
-    """Makes every file and folder under ``folder``, and ``folder`` itself, durable."""
+def settle_tree(folder: Path) -> None:
+    """Gives every regular file under ``folder`` the usual mode, and makes them, every folder and ``folder``
+    itself durable."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fsync_path(Path(root) / name)
+            path = Path(root) / name
+            if path.is_file() and not path.is_symlink():
+                give_usual_mode(path)
+            fsync_path(path)
         fsync_path(Path(root))
 
 

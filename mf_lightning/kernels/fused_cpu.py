@@ -15,7 +15,9 @@ The operator is built by torch's C++ extension builder the first time a process 
 on 2 cores, then loaded from the build cache, ``TORCH_EXTENSIONS_DIR``, in about 10 ms). It is
 built for this machine's vector instructions, which name the build, so a cache shared by machines of
 different CPUs keeps one build per kind. Where it cannot be built (no C++ compiler), the layer keeps
-the operator chain after one warning, with the same results.
+the operator chain after one warning, with the same results. "building the fused CPU Memory Layer" is
+logged only when the load is still running after ``BUILD_NOTICE_SECONDS`` (it is compiling, not loading
+the cached build), so a run that loads it from the cache says nothing about it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,9 @@ MAX_TOKENS = 16
 DTYPES = (torch.float32, torch.bfloat16)
 VECTOR_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 """Compiler flags per ``torch.backends.cpu.get_cpu_capability()`` on x86; others build for the baseline."""
+
+BUILD_NOTICE_SECONDS = 1.0
+"""How long loading the operator may take before it is told to be a build: a cached load takes ~10 ms."""
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +114,13 @@ def load_fused_cpu() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = VECTOR_FLAGS.get(capability, []) if platform.machine() in ("x86_64", "AMD64") else []
     name = f"mf_lightning_fused_cpu_{capability.lower()}"
-    log.info("loading the fused CPU Memory Layer %s (built once per machine, about 10 s)", name)
     try:
         from torch.utils.cpp_extension import load
 
-        with ninja_on_path():
+        with (
+            ninja_on_path(),
+            told_when_slow(f"building the fused CPU Memory Layer {name} (once per machine, about 10 s)"),
+        ):
             load(
                 name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", *flags], is_python_module=False
             )
@@ -128,6 +136,18 @@ def load_fused_cpu() -> bool:
     torch.library.register_fake("mf_lightning::memory_layer_inference")(memory_layer_inference_shapes)
     torch.library.register_fake("mf_lightning::attention_inference")(attention_inference_shape)
     return True
+
+
+@contextlib.contextmanager
+def told_when_slow(message: str, seconds: float | None = None) -> Iterator[None]:
+    """Logs ``message`` (INFO) if the block still runs after ``seconds`` (``BUILD_NOTICE_SECONDS``), else nothing."""
+    timer = threading.Timer(BUILD_NOTICE_SECONDS if seconds is None else seconds, log.info, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager

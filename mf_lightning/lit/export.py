@@ -1,5 +1,9 @@
 """``mf export --ckpt_path X --out DIR``: the model of a Lightning checkpoint as a self-contained model folder.
 
+``--ckpt_path last`` is the run's ``last.ckpt``, found, as ``mf generate`` and ``mf eval`` find it, from the
+run's config given with ``--config`` (``mf export --config runs/quickstart/tensorboard/config.yaml --ckpt_path
+last --out DIR``).
+
 A Lightning checkpoint is a pickle that also carries optimizer and loop state; the exported folder
 (``config.json`` + ``model.safetensors``, plus the tokenizer's ``tokenizer.json`` / ``tokenizer_config.json``)
 holds only the model and its tokenizer and is a Hugging Face model folder (:mod:`mf_lightning.models.hf_export`:
@@ -13,14 +17,17 @@ which needs host memory for its weights and optimizer state.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+from jsonargparse import Namespace
+
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.data.tokenizers import save_tokenizer
 from mf_lightning.lit.checkpoints import read_checkpoint
-from mf_lightning.lit.loading import checkpoint_tokenizer, model_from_checkpoint
+from mf_lightning.lit.loading import LAST, checkpoint_tokenizer, model_from_checkpoint, resolve_checkpoint
+from mf_lightning.lit.run_folders import run_folders
 from mf_lightning.models.hf_export import save_hf_folder
 
 
@@ -43,16 +50,24 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = 
     return save_hf_folder(model, out, tokenizer.eos_id, tokenizer.eos_id, extra=partial(save_tokenizer, tokenizer))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``mf export``: parse the arguments, export, and say where the model went."""
-    parser = argparse.ArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace]) -> None:
+    """``mf export``: parse the arguments (a run's config read with ``read_config``, ``mf fit``'s parser, to find
+    ``--ckpt_path last``), export, and say where the model went."""
+    parser = OneLineArgumentParser(prog="mf export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--ckpt_path", required=True, help="a .ckpt file written by mf fit, or a sharded (FSDP) checkpoint folder"
+        "--ckpt_path",
+        required=True,
+        help="a .ckpt file written by mf fit, a sharded (FSDP) checkpoint folder, or last (needs --config)",
+    )
+    parser.add_argument(
+        "--config", help="the run's config (e.g. RUN/tensorboard/config.yaml), to find --ckpt_path last"
     )
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer files into")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out folder holding a model (replaced whole)"
     )
     args = parser.parse_args(argv)
-    directory = export_checkpoint(args.ckpt_path, args.out, args.overwrite)
-    print(f"exported the model of {args.ckpt_path} to {directory}")
+    run = None if args.config is None else run_folders(read_config([args.config]), args.config)
+    checkpoint = resolve_checkpoint(args.ckpt_path, run) if args.ckpt_path == LAST else args.ckpt_path
+    directory = export_checkpoint(checkpoint, args.out, args.overwrite)
+    print(f"exported the model of {checkpoint} to {directory}")

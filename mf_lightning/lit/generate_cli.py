@@ -9,7 +9,7 @@ prompt is the positional argument, or standard input (UTF-8) when it is absent. 
 prompt) goes to standard output token by token; a token that ends inside a multi-byte character is
 held back until the character is complete, so the streamed text is exactly the decoded continuation.
 Generation stops after ``--max_new_tokens`` tokens or at the tokenizer's end-of-text token. The speed
-(tokens/s, prompt processing included) is printed to standard error at the end.
+(tokens/s, prompt processing included; building the CPU decoding operator, on a machine's first run, not) is printed to standard error at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import TextIO
 import torch
 from jsonargparse import Namespace
 
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.data.tokenizers import Tokenizer
+from mf_lightning.kernels.fused_cpu import fused_cpu_available
 from mf_lightning.lit.loading import load_for_inference
 from mf_lightning.lit.run_folders import run_folders
 from mf_lightning.models.base import DecoderLM
@@ -97,7 +99,7 @@ def generate_text(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="mf generate",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,6 +160,8 @@ def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace])
     run = None if args.config is None else run_folders(read_config([args.config]), args.config)
     model, tokenizer = load_for_inference(run, args.ckpt_path, args.model_dir, args.device, DTYPES[args.dtype])
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
+    if next(model.parameters()).device.type == "cpu":
+        fused_cpu_available()  # builds the decoding operator on a machine's first run: not part of the speed
     start = time.perf_counter()
     count = generate_text(
         model,

@@ -23,13 +23,13 @@ table values) allocates nothing.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from mf_lightning.config import PRESETS, ModelConfig
+from mf_lightning.config_errors import OneLineArgumentParser
 from mf_lightning.models.architectures import build_model
 from mf_lightning.models.base import DecoderLM
 from mf_lightning.nn.memory_layer import MemoryLayer
@@ -186,7 +186,7 @@ def report(seq_len: int = PAPER_SEQ_LEN) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the efficiency report (``mf efficiency``)."""
-    parser = argparse.ArgumentParser(prog="mf efficiency", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="mf efficiency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help="tokens per sequence (default 2048)")
     args = parser.parse_args(argv)
     if args.seq_len < 1:

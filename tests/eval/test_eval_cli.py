@@ -62,11 +62,10 @@ def test_a_trained_model_scores_above_chance_from_its_folder(tmp_path, in_repo, 
     trained = save_model_folder(train_on_facts(small_model(), ByteTokenizer(), 100), tmp_path / "trained")
     accuracy = {}
     for name, folder in (("untrained", untrained), ("trained", trained)):
-        main(["eval", "--model_dir", str(folder), "--tasks", "mf_toy_choice", *LOCAL])
+        output = tmp_path / f"{name}.json"
+        main(["eval", "--model_dir", str(folder), "--tasks", "mf_toy_choice", "--output_path", str(output), *LOCAL])
         assert "| mf_toy_choice | acc |" in capsys.readouterr().out
-        accuracy[name] = json.loads((folder / "eval" / "results.json").read_text())["results"]["mf_toy_choice"][
-            "acc,none"
-        ]
+        accuracy[name] = json.loads(output.read_text())["results"]["mf_toy_choice"]["acc,none"]
     assert accuracy["trained"] >= 0.75 > accuracy["untrained"]  # chance: 0.25 (4 choices); 6 of 8 right
 
 
@@ -114,12 +113,28 @@ def test_mf_eval_of_a_run_logs_to_its_tensorboard_and_matches_its_export(tmp_pat
         (["--model_dir", "m", "--num_fewshot", "-1"], "--num_fewshot must be >= 0, got -1"),
         (["--model_dir", "m", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
         (["--compare", "missing.json"], "results file missing.json does not exist"),
+        (["--model_dir", "m", "--output_path", "m/eval/x.json"], "--output_path m/eval/x.json is inside --model_dir m"),
     ],
 )
 def test_bad_arguments_are_one_usage_error(args, message, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_results_of_a_model_folder_go_beside_the_working_directory_not_into_it(tmp_path, in_repo, capsys):
+    folder = save_model_folder(small_model(), tmp_path / f"model-{tmp_path.name}")
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    results = in_repo / "eval" / f"{folder.name}.json"
+    try:
+        main(["eval", "--model_dir", str(folder), "--tasks", "mf_toy_choice", "--limit", "2", *LOCAL])
+        assert f"results: {Path('eval') / results.name}" in capsys.readouterr().out
+        assert "mf_toy_choice" in json.loads(results.read_text())["results"]
+    finally:
+        results.unlink(missing_ok=True)
+        if results.parent.is_dir() and not any(results.parent.iterdir()):
+            results.parent.rmdir()
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
 
 
 def test_missing_model_folder_is_one_error_line(tmp_path, capsys) -> None:

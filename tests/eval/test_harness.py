@@ -1,5 +1,8 @@
 """The local tasks through lm-evaluation-harness: its numbers equal ones computed from the model's logits."""
 
+import os
+import socket
+
 import datasets
 import huggingface_hub.constants
 import pytest
@@ -7,6 +10,7 @@ from eval_support import TASKS, bits_per_byte, direct_logprob, read_jsonl
 
 pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'mf_lightning[eval]'")
 
+from mf_lightning.eval import harness
 from mf_lightning.eval.harness import evaluate
 
 
@@ -49,3 +53,33 @@ def test_task_data_that_cannot_be_downloaded_is_one_clear_error(model, tokenizer
 def test_include_path_must_be_a_folder(model, tokenizer, tmp_path) -> None:
     with pytest.raises(NotADirectoryError, match="--include_path .*missing is not a folder"):
         evaluate(model, tokenizer, ["mf_toy_choice"], include_path=[tmp_path / "missing"])
+
+
+def offline_settings() -> tuple[bool, bool, str | None]:
+    return huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_an_unreachable_hub_runs_the_tasks_offline_at_once(reachable, model, tokenizer, monkeypatch) -> None:
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    if not reachable:
+        listening.close()  # nothing listens there: the connection is refused
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def fetching(*args, **kwargs):
+        seen.append(offline_settings())
+        raise ConnectionError("Couldn't reach 'nobody/no-such-dataset' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(harness, "simple_evaluate", fetching)
+    try:
+        with pytest.raises(FileNotFoundError, match="mf_toy_choice could not be fetched"):
+            evaluate(model, tokenizer, ["mf_toy_choice"], include_path=[TASKS])
+    finally:
+        listening.close()
+    assert seen == [(True, True, "1")] if not reachable else [(False, False, None)]
+    assert offline_settings() == (False, False, None)  # restored

@@ -73,3 +73,20 @@ def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path: Path) 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert raised.value.filename == str(path) and "(saving the model)" in raised.value.strerror
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002])
+def process_umask(request):
+    """Runs the test under each umask, restoring the previous one."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def test_a_replaced_file_gets_the_mode_the_umask_gives_whatever_its_writer_chose(tmp_path, process_umask):
+    target = tmp_path / "model.bin"
+    with atomic_file(target, "writing") as file:
+        os.fchmod(file.fileno(), 0o600)  # a writer that keeps its file private, as mkstemp does
+        file.write(b"weights")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~process_umask
+    assert atomic.umask() == process_umask

@@ -52,3 +52,19 @@ def test_an_error_while_building_keeps_the_old_folder_and_names_the_target(tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage / "model.safetensors"))
     assert raised.value.filename == str(target / "model.safetensors")
     assert (target / "config.json").read_text() == "old" and os.listdir(tmp_path) == ["model"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_the_files_of_a_replaced_folder_get_the_mode_the_umask_gives(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        with replaced_folder(tmp_path / "model", "saving") as staged:
+            (staged / "model.safetensors").write_bytes(b"weights")
+            (staged / "model.safetensors").chmod(0o600)  # safetensors writes its file so
+            (staged / "run.sh").write_text("#!/bin/sh\n")
+            (staged / "run.sh").chmod(0o700)
+            (staged / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~mask, "config.json": 0o666 & ~mask, "run.sh": 0o777 & ~mask}

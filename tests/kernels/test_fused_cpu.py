@@ -1,6 +1,8 @@
 """The fused CPU operators of decoding compute what the reference and SDPA do, run where they should, and are
 optional."""
 
+import logging
+import threading
 import warnings
 
 import pytest
@@ -205,3 +207,39 @@ def test_a_decoding_step_attends_through_the_fused_operator_as_sdpa_would_and_th
     assert "mf_lightning::attention_inference" in calls and not any("scaled_dot_product" in name for name in calls)
     assert "mf_lightning::attention_inference" not in sdpa_calls
     torch.testing.assert_close(fused, through_sdpa)
+
+
+def test_loading_the_built_operator_says_nothing(caplog):
+    fused_cpu.load_fused_cpu.cache_clear()
+    with caplog.at_level(logging.INFO, logger=fused_cpu.__name__):
+        assert fused_cpu.load_fused_cpu()
+    assert not [record for record in caplog.records if "fused CPU Memory Layer" in record.getMessage()]
+
+
+def test_a_build_is_told(monkeypatch):
+    told = threading.Event()
+    messages = []
+
+    class Told(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            told.set()
+
+    def building(**kwargs):
+        assert told.wait(timeout=60)  # a build lasts until it has been told
+
+    handler = Told()
+    fused_cpu.log.addHandler(handler)
+    monkeypatch.setattr(fused_cpu.log, "level", logging.INFO)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", building)
+    monkeypatch.setattr(fused_cpu, "BUILD_NOTICE_SECONDS", 0.01)
+    fused_cpu.load_fused_cpu.cache_clear()
+    try:
+        assert fused_cpu.load_fused_cpu()
+    finally:
+        fused_cpu.log.removeHandler(handler)
+        monkeypatch.undo()
+        fused_cpu.load_fused_cpu.cache_clear()
+    (message,) = messages
+    assert message.startswith("building the fused CPU Memory Layer mf_lightning_fused_cpu_")
+    assert fused_cpu.fused_cpu_available()  # the real operator again, for the tests that follow

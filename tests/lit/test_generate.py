@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from mf_lightning.cli import main as mf
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
+from mf_lightning.kernels import fused_cpu
 from mf_lightning.lit.generate_cli import TextStream
 from mf_lightning.models import build_model, decode_step, load_pretrained
 
@@ -151,3 +153,18 @@ def test_utf8_standard_input_is_read_as_bytes_whatever_the_locale(trained_dir, c
     expected, _ = generate(capsys, *args, PROMPT)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(PROMPT.encode()), encoding="ascii"))
     assert generate(capsys, *args)[0] == expected
+
+
+def test_building_the_cpu_decoding_operator_is_not_in_the_speed(trained_dir, capsys, monkeypatch) -> None:
+    def slow_build(**kwargs):
+        time.sleep(3)  # a first run's build; decoding 5 tokens of the debug model takes milliseconds
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", slow_build)
+    fused_cpu.load_fused_cpu.cache_clear()
+    try:
+        _, err = generate(capsys, "--model_dir", str(trained_dir), "--max_new_tokens", "5", "--temperature", "0", "a")
+    finally:
+        monkeypatch.undo()
+        fused_cpu.load_fused_cpu.cache_clear()
+    seconds = float(re.search(r"tokens in ([\d.]+) s", err)[1])
+    assert seconds < 3, err

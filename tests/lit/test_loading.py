@@ -134,3 +134,16 @@ def test_an_interrupted_export_leaves_the_previous_folder_with_its_tokenizer(bpe
         export_checkpoint(bpe_run / "checkpoints" / "last.ckpt", folder, overwrite=True)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_export_finds_last_from_the_runs_config_and_says_what_to_pass_without_it(bpe_run, tmp_path, capsys):
+    config = bpe_run / "tensorboard" / "config.yaml"
+    run("export", ["--config", str(config), "--ckpt_path", "last", "--out", str(tmp_path / "model")])
+    model, _ = load_for_inference(model_dir=tmp_path / "model")
+    assert_weights_of(model, bpe_run / "checkpoints" / "last.ckpt")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as config.json
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run("export", ["--ckpt_path", "last", "--out", str(tmp_path / "other")])
+    assert capsys.readouterr().err.startswith("mf: error: --ckpt_path last needs --config (the run's config.yaml)")
