@@ -8,7 +8,7 @@
 # Needs python3 with torch, triton and lightning (and torchmetrics, tensorboard, tokenizers, safetensors,
 # rich, numpy, pytest): the GPU image has them (torch 2.11, triton 3.6, lightning 2.6.6). What it lacks
 # travels as wheels in .whl/ at the repository root (ignored by git, never committed): jsonargparse and its
-# signature extras, and ninja (torch's C++ extension builder runs it for the fused CPU decoding operator,
+# signature extras, xxhash (the checkpoint digests), and ninja (torch's C++ extension builder runs it for the fused CPU decoding operator,
 # which tests/kernels builds). Fetch them on a machine with pip access:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl $CARRIED_WHEELS
 # (the list is CARRIED_WHEELS below) and carry .whl with the checkout (the device tool: carry=[".whl"]).
@@ -54,7 +54,7 @@ elif [[ $# -eq 1 ]]; then
 fi
 
 IMAGE_PACKAGES="torch==2.13.0 triton==3.6.0 lightning==2.6.6 torchmetrics tensorboard tokenizers safetensors numpy rich pytest pytest-timeout setuptools"
-CARRIED_WHEELS="jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 ninja==1.13.2"
+CARRIED_WHEELS="jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 ninja==1.13.2 xxhash==4.1.0"
 
 # LIMITS, in seconds. Kernel tests: the compilations counted by --rehearse (163 with triton 3.6 and 3.9;
 # KERNEL_TEST_COMPILATIONS is the bound it checks) at MS_PER_COMPILATION each: the AOT compile of all 210
