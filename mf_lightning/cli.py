@@ -52,6 +52,7 @@ from mf_lightning.callbacks import (
     NonFiniteTrainingError,
     OverviewLayout,
     PreemptionCheckpoint,
+    SharedFolderCheck,
     StepProgressBar,
     ValidationSchedule,
 )
@@ -416,6 +417,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI, exit_on_erro
                 HParamsSummary(),
                 CompletionWriter(),
                 PreemptionCheckpoint(),
+                SharedFolderCheck(),
             ],
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
