@@ -73,3 +73,13 @@ def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path: Path) 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert raised.value.filename == str(path) and "(saving the model)" in raised.value.strerror
     assert os.listdir(tmp_path) == []
+
+
+def test_a_file_replaces_a_folder_of_its_name_whole(tmp_path: Path) -> None:
+    """A single-file checkpoint saved where a sharded one (a folder) was: resuming an FSDP run without FSDP."""
+    target = tmp_path / "last.ckpt"
+    target.mkdir()
+    (target / "__0_0.distcp").write_bytes(b"shard")
+    write_atomic(target, b"file", "saving a checkpoint")
+    assert target.read_bytes() == b"file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
