@@ -157,3 +157,28 @@ def test_a_frozen_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     assert line.startswith(f"mf: error: rank 0 of 2 stopped: rank 1 (process {rank1}) is stopped"), line
     assert "--ckpt_path last" in line
     assert COLLECTIVE_TIMEOUT - 1 < waited < COLLECTIVE_TIMEOUT + 20, waited
+
+
+def test_a_sharded_checkpoint_resumed_without_fsdp_and_back_keeps_saving(tmp_path):
+    """FSDP on 2 ranks, then ``--trainer.strategy auto`` on one process into the same folder (its saves
+    replace the sharded folders by files), then FSDP again (files replaced by folders)."""
+    root = tmp_path / "run"
+    last = root / "checkpoints" / "last.ckpt"
+    base = {"trainer.default_root_dir": root, "validation.every_n_steps": 2}
+    runs = [
+        ({"trainer.devices": 2, "trainer.max_steps": 2}, ()),
+        ({"trainer.strategy": "auto", "data.batch_size": 4, "trainer.max_steps": 4}, ("--ckpt_path", "last")),
+        ({"trainer.devices": 2, "trainer.max_steps": 6}, ("--ckpt_path", "last")),
+    ]
+    for settings, extra in runs:
+        result = subprocess.run(
+            mf_fit(tmp_path / "cache", {**base, **settings}, *extra),
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert last.is_dir() == (settings.get("trainer.strategy") != "auto")
+    assert (last / "__1_0.distcp").is_file()
+    assert sorted(path.name for path in last.parent.iterdir()) == ["best-step=6.ckpt", "last.ckpt"]

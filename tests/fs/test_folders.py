@@ -52,13 +52,3 @@ def test_an_error_while_building_keeps_the_old_folder_and_names_the_target(tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage / "model.safetensors"))
     assert raised.value.filename == str(target / "model.safetensors")
     assert (target / "config.json").read_text() == "old" and os.listdir(tmp_path) == ["model"]
-
-
-def test_a_folder_replaces_a_file_of_its_name_whole(tmp_path: Path) -> None:
-    """A sharded checkpoint saved where a single-file one was: resuming a DDP run with FSDP."""
-    target = tmp_path / "last.ckpt"
-    target.write_bytes(b"file")
-    with replaced_folder(target, "saving a sharded checkpoint") as stage:
-        (stage / "__0_0.distcp").write_bytes(b"shard")
-    assert [path.name for path in target.iterdir()] == ["__0_0.distcp"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
