@@ -55,6 +55,7 @@ from mf_lightning.callbacks import (
     NonFiniteTrainingError,
     OverviewLayout,
     PreemptionCheckpoint,
+    SharedFolderCheck,
     StepProgressBar,
     ValidationSchedule,
 )
@@ -495,6 +496,7 @@ def new_cli(args: list[str] | None, cli_class: type[MFCLI] = MFCLI) -> MFCLI:
                 CompletionWriter(),
                 PreemptionCheckpoint(),
                 CheckpointStep(),
+                SharedFolderCheck(),
             ],
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,

@@ -8,6 +8,7 @@ from mf_lightning.callbacks.gradient_coverage import GradientCoverageMonitor
 from mf_lightning.callbacks.hparams import HParamsSummary
 from mf_lightning.callbacks.non_finite import NonFiniteGuard, NonFiniteTrainingError
 from mf_lightning.callbacks.preemption import PreemptionCheckpoint
+from mf_lightning.callbacks.shared_folder import SharedFolderCheck
 from mf_lightning.callbacks.tensorboard_layout import OverviewLayout
 from mf_lightning.callbacks.validation_schedule import ValidationSchedule
 
@@ -22,6 +23,7 @@ __all__ = [
     "NonFiniteTrainingError",
     "OverviewLayout",
     "PreemptionCheckpoint",
+    "SharedFolderCheck",
     "StepProgressBar",
     "ValidationSchedule",
 ]

@@ -8,15 +8,18 @@ can delete what a writer of this host killed outright (SIGKILL, power loss) left
 alone what a live writer, or one on another host sharing the folder, is still writing.
 
 ``atomic_file`` writes a file that way: a reader, or a crash at any moment, finds the previous complete
-file or the new complete one, never a part (``os.replace`` is atomic on POSIX file systems, and the file
-and then its folder are fsynced so the new name survives a power loss with its contents). Every file
-replaced so, and every file of a folder replaced whole (``folders``), gets the mode a new file gets from
-``open`` under the process's umask (``usual_mode``): a writer that creates its file private (``safetensors``
-writes 0600) does not leave ``model.safetensors`` unreadable beside 0644 files.
+file or the new complete one, never a part (``os.replace`` is atomic on POSIX file systems; a folder of the same
+name, such as a sharded checkpoint of an earlier strategy, is swapped out by ``install``; the file and then its
+folder are fsynced so the new name survives a power loss with its contents). Every file replaced so, and every
+file of a folder replaced whole (``folders``), gets the mode a new file gets from ``open`` under the process's
+umask (``usual_mode``): a writer that creates its file private (``safetensors`` writes 0600) does not leave
+``model.safetensors`` unreadable beside 0644 files.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import secrets
@@ -32,6 +35,11 @@ from mf_lightning.fs.processes import is_running, this_host
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]+\.partial$")
 """A name ``partial_path`` gives; the host has its dots replaced (``host_label``), so it parses back exactly."""
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+ASIDE_SUFFIX = ".old"
+"""Added to a staging folder's name for the replaced target on file systems that cannot swap two names; not
+removed as abandoned, so a crash between the two renames leaves the old target recoverable under that name."""
 
 
 def host_label(host: str) -> str:
@@ -124,11 +132,46 @@ def atomic_file(path: Path, action: str) -> Iterator[BinaryIO]:
                 file.flush()
                 os.fchmod(file.fileno(), usual_mode(os.fstat(file.fileno()).st_mode))
                 os.fsync(file.fileno())
-            os.replace(temporary, path)
+            if path.is_dir() and not path.is_symlink():  # e.g. a sharded checkpoint where a file now goes
+                install(temporary, path)
+            else:
+                os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def install(stage: Path, target: Path) -> None:
+    """Moves the complete ``stage`` (a folder or file) to ``target``, replacing what is there without a moment in
+    which ``target`` is missing where the file system can swap two names atomically.
+
+    Elsewhere (a file system without ``RENAME_EXCHANGE``, e.g. some network file systems) the old target is
+    first renamed aside (``ASIDE_SUFFIX``), so a kill between the two renames leaves it under a hidden name.
+    """
+    if not os.path.lexists(target):
+        os.rename(stage, target)
+    elif exchange(stage, target):
+        remove(stage)
+    else:
+        aside = stage.with_name(stage.name + ASIDE_SUFFIX)
+        os.rename(target, aside)
+        os.rename(stage, target)
+        remove(aside)
+    fsync_path(target.parent)
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths atomically (Linux ``renameat2``); ``False`` where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def write_atomic(path: Path, data: bytes | str, action: str) -> None:

@@ -70,6 +70,16 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / INDEX_NAME).is_file() and (path / METADATA_NAME).is_file()
 
 
+def shard_file(rank: int) -> str:
+    """The file of a sharded checkpoint holding rank ``rank``'s shards (``torch.distributed.checkpoint``'s name)."""
+    return f"__{rank}_0.distcp"
+
+
+def missing_shards(folder: Path, world_size: int) -> list[int]:
+    """The ranks of ``world_size`` whose shard file is not in ``folder``: none where the folder is shared."""
+    return [rank for rank in range(world_size) if not (folder / shard_file(rank)).is_file()]
+
+
 def split_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """An FQN-keyed optimizer state dict (``get_optimizer_state_dict``) as its tensors and the rest.
 

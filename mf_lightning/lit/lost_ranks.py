@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -26,8 +27,10 @@ PARENT_AT_START = os.getppid()
 
 COMMUNICATION_FAILURE = re.compile(
     r"Connection (reset|closed) by peer|Broken pipe|Connection refused|NCCL communicator was aborted"
-    r"|collective operation timeout"
+    r"|collective operation timeout|Timed out waiting \d+ms for \w+ operation"
 )
+"""What gloo and NCCL say when another rank is gone (a reset connection) or frozen (a timed-out collective)."""
+FROZEN = "is stopped (SIGSTOP, or frozen) and did not answer within the collective timeout"
 EXIT_GRACE_SECONDS = 5.0
 """How long a rank waits for the process of a lost rank to finish ending (its sockets close before it is
 reaped or its children are handed on), so it can be named."""
@@ -58,11 +61,14 @@ def ended_children(trainer: pl.Trainer) -> list[str]:
     deadline = time.monotonic() + EXIT_GRACE_SECONDS
     ended = []
     for local_rank, process in enumerate(processes, start=1):
+        rank = trainer.node_rank * trainer.num_devices + local_rank
+        if is_stopped(process.pid):
+            ended.append(f"rank {rank} (process {process.pid}) {FROZEN}")
+            continue
         try:
             status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
-        rank = trainer.node_rank * trainer.num_devices + local_rank
         ended.append(f"rank {rank} (process {process.pid}) {how_it_ended(status)}")
     return ended
 
@@ -71,12 +77,14 @@ def ended_parent(trainer: pl.Trainer) -> list[str]:
     """Rank 0 of this node, when it started this rank and is gone (this process was handed to another parent)."""
     if trainer.local_rank == 0:
         return []
+    rank = trainer.node_rank * trainer.num_devices
+    if is_stopped(PARENT_AT_START):
+        return [f"rank {rank} (process {PARENT_AT_START}, which started this one) {FROZEN}"]
     deadline = time.monotonic() + EXIT_GRACE_SECONDS
     while os.getppid() == PARENT_AT_START:
         if time.monotonic() > deadline:
             return []
         time.sleep(0.05)
-    rank = trainer.node_rank * trainer.num_devices
     return [f"rank {rank} (process {PARENT_AT_START}, which started this one) is gone"]
 
 
@@ -85,3 +93,14 @@ def how_it_ended(status: int) -> str:
     if status < 0:
         return f"was killed by {signal.Signals(-status).name}"
     return f"exited with status {status}"
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): state ``T`` or ``t`` in ``/proc/<pid>/stat``.
+
+    A stopped rank keeps its connections open, so the others see no reset, only a timed-out collective."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["T"], ["t"])

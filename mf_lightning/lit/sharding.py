@@ -44,10 +44,12 @@ from mf_lightning.lit.distributed_checkpoint import (
     is_sharded_checkpoint,
     load_sharded_model,
     load_sharded_optimizer,
+    missing_shards,
     read_sharded_placeholder,
     save_sharded,
 )
 from mf_lightning.lit.lightning_private import make_every_rank_data_parallel
+from mf_lightning.lit.shared_folders import check_all_shards
 from mf_lightning.models.pretrained import COMPILE_PREFIX
 from mf_lightning.nn.init import reset_state, stateful_modules
 
@@ -179,7 +181,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         save_distributed_checkpoint: write sharded checkpoint folders (default) rather than single files.
         process_group_backend: ``nccl``, ``gloo`` ...; default: the device's.
-        timeout: timeout of the collectives.
+        timeout: how long a collective waits for every rank (``"h:m:s"`` in a config) before the run stops
+            with one line naming the rank that did not answer: 30 minutes (PyTorch's default), which a
+            preemption save of the largest preset fits (docs/checkpoints-and-fault-tolerance.md).
     """
 
     def __init__(
@@ -198,8 +202,11 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         """Every process is a data-parallel rank (``make_every_rank_data_parallel``, set before the mesh is
-        built); ``tests/test_fsdp.py`` checks that each of 2 ranks holds half of every parameter."""
+        built); ``tests/test_fsdp.py`` checks that each of 2 ranks holds half of every parameter. A launch
+        of another size than ``num_nodes x devices`` (torchrun, SLURM) is one ``ValueError`` naming both, as
+        under DDP (whose launcher makes the same check), instead of a failure to build the device mesh."""
         make_every_rank_data_parallel(self)
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         super().setup_environment()
 
     @property
@@ -229,7 +236,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         """A sharded folder written by all ranks into a hidden stage, then moved to ``filepath`` by rank 0
-        (``replaced_folder``, held by rank 0 only; the other ranks write into the folder it broadcasts)."""
+        (``replaced_folder``, held by rank 0 only; the other ranks write into the folder it broadcasts). Rank 0
+        first checks that every rank's shards are there (``check_all_shards``): if not, no rank goes on."""
         if not self.save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
@@ -241,7 +249,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         target = Path(self.broadcast(str(filepath)))
         staging = replaced_folder(target, "saving a sharded checkpoint") if self.is_global_zero else nullcontext()
         with staging as stage:
-            save_sharded(checkpoint, Path(self.broadcast(str(stage))), self.is_global_zero, self.barrier)
+            folder = Path(self.broadcast(str(stage)))
+            save_sharded(checkpoint, folder, self.is_global_zero, self.barrier)
+            check_all_shards(self, missing_shards(folder, self.world_size) if self.is_global_zero else [], target)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:

@@ -90,3 +90,13 @@ def test_a_replaced_file_gets_the_mode_the_umask_gives_whatever_its_writer_chose
         file.write(b"weights")
     assert target.stat().st_mode & 0o777 == 0o666 & ~process_umask
     assert atomic.umask() == process_umask
+
+
+def test_a_file_replaces_a_folder_of_its_name_whole(tmp_path: Path) -> None:
+    """A single-file checkpoint saved where a sharded one (a folder) was: resuming an FSDP run without FSDP."""
+    target = tmp_path / "last.ckpt"
+    target.mkdir()
+    (target / "__0_0.distcp").write_bytes(b"shard")
+    write_atomic(target, b"file", "saving a checkpoint")
+    assert target.read_bytes() == b"file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mf_lightning.fs import folders
+from mf_lightning.fs import atomic
 from mf_lightning.fs.atomic import partial_path
 from mf_lightning.fs.folders import install, replaced_folder
 
@@ -17,7 +17,7 @@ from mf_lightning.fs.folders import install, replaced_folder
 @pytest.mark.parametrize("old_kind", ["folder", "file", "none"])
 def test_install_replaces_the_target_and_leaves_nothing_else(tmp_path, monkeypatch, can_exchange, old_kind) -> None:
     if not can_exchange:
-        monkeypatch.setattr(folders, "exchange", lambda first, second: False)
+        monkeypatch.setattr(atomic, "exchange", lambda first, second: False)
     target = tmp_path / "last.ckpt"
     if old_kind == "folder":
         target.mkdir()
