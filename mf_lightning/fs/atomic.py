@@ -18,6 +18,7 @@ umask (``usual_mode``): a writer that creates its file private (``safetensors`` 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -137,7 +138,8 @@ def atomic_file(path: Path, action: str) -> Iterator[BinaryIO]:
             else:
                 os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cleanup that fails (a read-only disk) must not hide the error
+            temporary.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
 
