@@ -29,12 +29,15 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from mf_lightning.fs.lock import FileLock
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 MAX_TOKENS = 16
@@ -45,6 +48,9 @@ VECTOR_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 BUILD_NOTICE_SECONDS = 1.0
 """How long loading the operator may take before it is told to be a build: a cached load takes ~10 ms."""
+BUILDER_LOCK = ".mf-builder.lock"
+TORCH_BATON = "lock"
+"""torch's own lock file of a build folder (``torch.utils.file_baton``), held while it compiles."""
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +121,20 @@ def load_fused_cpu() -> bool:
     flags = VECTOR_FLAGS.get(capability, []) if platform.machine() in ("x86_64", "AMD64") else []
     name = f"mf_lightning_fused_cpu_{capability.lower()}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
+        build = Path(get_default_build_root()) / f"{name}_py{sys.version_info.major}{sys.version_info.minor}"
         with (
+            builder_lock(build, name),
             ninja_on_path(),
             told_when_slow(f"building the fused CPU Memory Layer {name} (once per machine, about 10 s)"),
         ):
             load(
-                name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", *flags], is_python_module=False
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-fopenmp-simd", *flags],
+                is_python_module=False,
+                build_directory=str(build),
             )
     except Exception as error:  # whatever stops the build (no compiler, no ninja, a failed compile)
         message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
@@ -136,6 +148,19 @@ def load_fused_cpu() -> bool:
     torch.library.register_fake("mf_lightning::memory_layer_inference")(memory_layer_inference_shapes)
     torch.library.register_fake("mf_lightning::attention_inference")(attention_inference_shape)
     return True
+
+
+@contextlib.contextmanager
+def builder_lock(build: Path, name: str) -> Iterator[None]:
+    """Holds this machine's one builder lock of the folder ``build`` (``fs.lock``: a dead holder's is taken over).
+
+    torch's builder guards a build with its own lock file, ``build/lock``, which a builder killed mid-build
+    leaves behind, and every later process then waits for it forever. Every builder of ``build`` holds this
+    lock first, so a ``lock`` file found while holding it belongs to no live build, and is removed."""
+    build.mkdir(parents=True, exist_ok=True)
+    with FileLock(build / BUILDER_LOCK, f"the build of {name}"):
+        (build / TORCH_BATON).unlink(missing_ok=True)
+        yield
 
 
 @contextlib.contextmanager

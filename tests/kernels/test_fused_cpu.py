@@ -243,3 +243,13 @@ def test_a_build_is_told(monkeypatch):
     (message,) = messages
     assert message.startswith("building the fused CPU Memory Layer mf_lightning_fused_cpu_")
     assert fused_cpu.fused_cpu_available()  # the real operator again, for the tests that follow
+
+
+def test_a_build_lock_left_by_a_killed_builder_does_not_block_the_next_load(tmp_path):
+    """torch's builder waits forever on the ``lock`` file of a builder killed mid-build; ours removes it, holding
+    the one builder lock of the folder (whose holder, were it alive, would be waited for)."""
+    (tmp_path / fused_cpu.TORCH_BATON).touch()
+    with fused_cpu.builder_lock(tmp_path, "mf_lightning_fused_cpu_test"):
+        assert not (tmp_path / fused_cpu.TORCH_BATON).exists()
+        assert (tmp_path / fused_cpu.BUILDER_LOCK).exists()
+    assert not (tmp_path / fused_cpu.BUILDER_LOCK).exists()
