@@ -85,6 +85,8 @@ class ModelConfig:
     ffn_hidden: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.kernel_check is False:  # YAML 1.1 reads a bare `off` as false: the user wrote kernel_check: off
+            self.kernel_check = "off"
         self._check()
         self.head_size = self.n_embd // self.n_head
         self.rotary_dims = round(self.head_size * self.rotary_fraction)

@@ -111,3 +111,11 @@ def test_from_dict_rejects_unknown_keys_and_non_dicts() -> None:
         ModelConfig.from_dict({FORMAT_KEY: MODEL_FORMAT, "layers": 3})
     with pytest.raises(ValueError, match="must be a dict of fields, got list"):
         ModelConfig.from_dict([1, 2])
+
+
+def test_kernel_check_off_written_bare_in_yaml_is_off() -> None:
+    """``kernel_check: off`` in YAML arrives as ``False`` (YAML 1.1 booleans); it means the check is off."""
+    import yaml
+
+    overrides = yaml.safe_load("kernel_check: off")
+    assert ModelConfig.from_preset("debug", **overrides).kernel_check == "off"

@@ -329,7 +329,7 @@ def test_predict_on_two_ranks_generates_every_prompt_once(runs, tmp_path):
         "--model.temperature",
         "0",
     )
-    written = [tmp_path / "tensorboard" / f"predictions.rank{rank}.jsonl" for rank in (0, 1)]
+    written = [tmp_path / "predict" / f"predictions.rank{rank}.jsonl" for rank in (0, 1)]
     lines = [json.loads(line) for path in written for line in path.read_text().splitlines()]
     assert sorted(line["prompt"] for line in lines) == sorted(prompts)
     from mf_lightning.cli import read_config
@@ -351,5 +351,5 @@ def test_validate_on_two_ranks_reads_a_sharded_checkpoint(runs, tmp_path):
     config, checkpoint = runs["two"] / "tensorboard" / "config.yaml", runs["two"] / "checkpoints" / "last.ckpt"
     mf("validate", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path))
     assert (
-        scalars(tmp_path / "tensorboard")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
+        scalars(tmp_path / "validate")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
     )
