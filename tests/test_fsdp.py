@@ -350,6 +350,4 @@ def test_validate_on_two_ranks_reads_a_sharded_checkpoint(runs, tmp_path):
     same order of summation)."""
     config, checkpoint = runs["two"] / "tensorboard" / "config.yaml", runs["two"] / "checkpoints" / "last.ckpt"
     mf("validate", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path))
-    assert (
-        scalars(tmp_path / "validate")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
-    )
+    assert scalars(tmp_path / "validate")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
