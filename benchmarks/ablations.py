@@ -53,6 +53,7 @@ from harness import (
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mf_lightning.callbacks.bucket_usage import layer_usage_tag
 from mf_lightning.callbacks.monitoring import memory_layers
 
 PAPER_LR = 3e-3
@@ -194,7 +195,7 @@ def run_study(args: argparse.Namespace, command: str) -> tuple[Results, str]:
         results[(str(corpus), seed, spec)] = result
         print(
             f"-- done {len(results)}/{len(jobs)}: {display_path(corpus)} seed {seed} {spec.label}: "
-            f"val loss {result.last('val/loss'):.4f}",
+            f"val loss {result.last('loss/val'):.4f}",
             flush=True,
         )
         write_report(results, args, device, command, plot_curves=False)
@@ -236,17 +237,17 @@ class Summary:
 
     @property
     def loss(self) -> float:
-        return statistics.mean(self.values("val/loss"))
+        return statistics.mean(self.values("loss/val"))
 
     @property
     def spread(self) -> float:
         """Half the range of the final validation loss over seeds."""
-        losses = self.values("val/loss")
+        losses = self.values("loss/val")
         return (max(losses) - min(losses)) / 2
 
-    def layer_mean(self, prefix: str, kind: str) -> float | None:
-        """``prefix/<...>.<kind>`` averaged over blocks and seeds; from the monitor's scalars or the extras."""
-        pattern = re.compile(rf"{re.escape(prefix)}/.*\.{kind}$")
+    def layer_mean(self, group: str, kind: str) -> float | None:
+        """``<group>/<...>.<kind>`` averaged over blocks and seeds; from the monitor's scalars or the extras."""
+        pattern = re.compile(rf"{re.escape(group)}/.*\.{kind}$")
         values = [points[-1][1] for run in self.runs for tag, points in run.scalars.items() if pattern.match(tag)]
         values += [value for run in self.runs for tag, value in run.extras.items() if pattern.match(tag)]
         return statistics.mean(values) if values else None
@@ -261,7 +262,7 @@ def summaries(results: Results, corpus: str) -> dict[RunSpec, Summary]:
 
 
 def usage_cell(summary: Summary, kind: str) -> str:
-    values = [summary.layer_mean(f"bucket_{metric}", kind) for metric in USAGE]
+    values = [summary.layer_mean(layer_usage_tag(metric, "").rstrip("/"), kind) for metric in USAGE]
     return "—" if None in values else " / ".join(f"{value:.2f}" for value in values)
 
 
@@ -345,7 +346,7 @@ def collapse_over_time(results: Results, corpus: str, seed: int) -> list[str]:
     run = results.get((corpus, seed, PAPER))
     if run is None:
         return []
-    tags = sorted(tag for tag in run.scalars if tag.startswith("bucket_used_fraction/"))
+    tags = sorted(tag for tag in run.scalars if tag.startswith(layer_usage_tag("used_fraction", "")))
     if not tags:
         return []
     steps = [step for step, _ in run.scalars[tags[0]]]
@@ -355,7 +356,7 @@ def collapse_over_time(results: Results, corpus: str, seed: int) -> list[str]:
     ]
     for tag in tags:
         layer = tag.split("/", 1)[1]
-        gini = dict(run.scalars[f"bucket_gini/{layer}"])
+        gini = dict(run.scalars[layer_usage_tag("gini", layer)])
         cells = " | ".join(f"{value:.2f} / {gini[step]:.2f}" for step, value in run.scalars[tag])
         rows.append(f"| {layer} | {cells} |")
     return rows
@@ -373,7 +374,7 @@ def plot(results: Results, args: argparse.Namespace, path: Path) -> None:
             for index, (value, spec) in enumerate(ablation.variants):
                 if spec not in stats:
                     continue
-                curves = [run.scalars["val/loss"] for run in stats[spec].runs]
+                curves = [run.scalars["loss/val"] for run in stats[spec].runs]
                 tokens = [(step + 1) * tokens_per_step(args) for step, _ in curves[0]]
                 values = list(zip(*[[loss for _, loss in curve] for curve in curves]))
                 axes.plot(tokens, [statistics.mean(point) for point in values], color=f"C{index}", label=value)
@@ -409,7 +410,7 @@ def report(results: Results, args: argparse.Namespace, device: str, command: str
         f"{args.steps * tokens_per_step(args):,} training tokens, validation every {args.val_every} steps on the "
         f"same {args.val_batches * args.batch_size} held-out windows; seeds {', '.join(map(str, args.seeds))} "
         "(initialisation and training windows)",
-        f"- usage columns: the BucketUsageMonitor's `bucket_<metric>/<layer>` scalars of the last "
+        f"- usage columns: the BucketUsageMonitor's `memory_<metric>/<layer>` scalars of the last "
         f"{args.bucket_every}-step window (used fraction, normalised entropy H, Gini), averaged over blocks and "
         f"seeds. Sign bias and bit correlation: see the module docstring, on {STAT_BATCHES} validation batches "
         "after training. Spread: half the range of the final validation loss over seeds.",

@@ -10,7 +10,7 @@ Every run is a real ``mf fit --config configs/quickstart.yaml`` (in-process, thr
 same preset, overrides, seed, steps, batch and sequence length; only the architecture and the learning
 rate (and optionally the tables' learning-rate multiplier) differ, as each of ``--runs ARCH:LR[:TABLE_LR_X] ...``
 says. Checkpoints and the Memory Layer monitors are switched off so they cost no time. The figures come
-from each run's TensorBoard events (``train/loss``, ``val/loss``, ``val/ppl``, ``val/bpb`` and the
+from each run's TensorBoard events (``loss/train``, ``loss/val``, ``val/ppl``, ``val/bpb`` and the
 ThroughputMonitor's ``train/time`` and ``train/lengths``); FLOPs/token from
 ``model.network.flops_per_token(seq_len)``. Writes ``train_compare_<device>.md`` (settings, command and a
 side-by-side table, each MemoryFormer run's validation loss against the first Transformer run's) and
@@ -84,7 +84,7 @@ def first_transformer(results: list[RunResult]) -> RunResult | None:
 
 def excess_loss(result: RunResult, baseline: RunResult) -> float:
     """Relative excess of ``result``'s final validation loss over ``baseline``'s (0.05 = 5% higher)."""
-    return result.last("val/loss") / baseline.last("val/loss") - 1
+    return result.last("loss/val") / baseline.last("loss/val") - 1
 
 
 def table(results: list[RunResult], args: argparse.Namespace) -> list[str]:
@@ -99,12 +99,12 @@ def table(results: list[RunResult], args: argparse.Namespace) -> list[str]:
     for result in results:
         spec = result.spec
         versus = "—" if baseline is None else f"{100 * excess_loss(result, baseline):+.1f}%"
-        best = min(value for _, value in result.scalars["val/loss"])
+        best = min(value for _, value in result.scalars["loss/val"])
         rows.append(
             f"| {spec.arch} | {spec.lr:g} | {spec.table_lr_multiplier:g} "
             f"| {result.parameters / 1e6:.2f} M | {result.flops_per_token / 1e6:.2f} M "
             f"| {args.steps * tokens_per_step(args):,} "
-            f"| {result.last('val/loss'):.4f} | {result.last('val/ppl'):.3f} | {result.last('val/bpb'):.4f} "
+            f"| {result.last('loss/val'):.4f} | {result.last('val/ppl'):.3f} | {result.last('val/bpb'):.4f} "
             f"| {best:.4f} | {versus} | {result.tokens_per_second():,.0f} | {result.fit_seconds:.0f} |"
         )
     return rows
@@ -143,10 +143,10 @@ def plot(results: list[RunResult], args: argparse.Namespace, path: Path) -> None
     train_axes, val_axes = figure.subplots(1, 2)
     for index, result in enumerate(results):
         colour = f"C{index}"
-        for axes, tag in ((train_axes, "train/loss"), (val_axes, "val/loss")):
+        for axes, tag in ((train_axes, "loss/train"), (val_axes, "loss/val")):
             steps, values = zip(*result.scalars[tag])
             tokens = [(step + 1) * tokens_per_step(args) for step in steps]
-            if tag == "train/loss":
+            if tag == "loss/train":
                 axes.plot(tokens, values, color=colour, alpha=0.25, linewidth=0.8)
                 axes.plot(tokens, smoothed(list(values)), color=colour, label=result.spec.label)
             else:

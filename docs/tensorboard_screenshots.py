@@ -1,9 +1,12 @@
-"""Screenshots of TensorBoard showing a quickstart run, for the README: the Overview and the bucket-usage pictures.
+"""Screenshots of TensorBoard showing a quickstart run, for the docs: its first screen, the Overview and the usage pictures.
 
 Trains ``configs/quickstart.yaml`` into ``--run-dir`` (unless ``--reuse`` points at a finished run),
 serves it with ``tensorboard`` and photographs two pages with headless Chromium
 (``apt-get install chromium``):
 
+- ``docs/tensorboard_time_series.png``: the page ``http://localhost:6006`` opens on (Time Series), as a new
+  browser profile sees it: the loss first, then the learning rate (its charts drawn as SVG, TensorBoard's
+  ``forceSVG`` flag, as headless Chromium draws no WebGL);
 - ``docs/tensorboard_overview.png``: the Custom Scalars tab, whose Overview opens first;
 - ``docs/tensorboard_bucket_usage.png``: the Images tab filtered to the Q/K/V layers (their heatmaps and
   rank-frequency plot).
@@ -22,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +34,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {
+    "tensorboard_time_series.png": ("?forceSVG=true", (1400, 900)),
     "tensorboard_overview.png": ("#custom_scalars", (1400, 1000)),
     "tensorboard_bucket_usage.png": ("#images&tagFilter=qkv", (1540, 700)),
 }
@@ -72,24 +77,33 @@ def serve(log_dir: Path, port: int) -> subprocess.Popen:
 
 
 def photograph(browser: str, url: str, size: tuple[int, int], path: Path) -> None:
-    """A headless Chromium screenshot of ``url`` after its charts loaded, reduced to 256 colours."""
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--window-size={size[0]},{size[1]}",
-            "--virtual-time-budget=20000",
-            f"--screenshot={path}",
-            url,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=300,
-    )
+    """A headless Chromium screenshot of ``url`` after its charts loaded, reduced to 256 colours.
+
+    Each page gets a new, empty browser profile: nothing a previous visit pinned or folded is remembered.
+    """
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--hide-scrollbars",
+                f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=20000",
+                f"--screenshot={path}",
+                url,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+        )
     Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
     print(f"{path.relative_to(REPO)}: {path.stat().st_size / 1024:.0f} KB")
 

@@ -4,4 +4,4 @@ Importing the package is cheap: it never imports triton or Lightning. Import the
 e.g. ``from mf_lightning.nn import MemoryLayer``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -40,7 +40,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
@@ -74,11 +73,12 @@ from mf_lightning.lit.checkpoints import (
 )
 from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
-from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
+from mf_lightning.lit.module import FORMER_LOSS_TAGS, LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.override_arguments import merge_overrides, split_overrides
 from mf_lightning.lit.predictions import CompletionWriter
 from mf_lightning.lit.run_folders import TENSORBOARD, run_folders
 from mf_lightning.lit.run_lock import claim_run_folder
+from mf_lightning.lit.run_logger import RunLogger
 from mf_lightning.lit.slurm_requeue import is_first_task, requeue_slurm_job
 from mf_lightning.lit.stop_signals import STOP_SIGNALS_HANDLER, StoppedBySignal, exit_status
 
@@ -211,6 +211,13 @@ class MFCLI(ConfigOverCheckpointCLI):
                     f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
                     "remove it and set validation.every_n_steps (optimizer steps) instead"
                 )
+        monitor = config.checkpoint.monitor
+        if monitor in FORMER_LOSS_TAGS:
+            raise ValueError(
+                f"checkpoint.monitor={monitor!r} names the loss as mf_lightning 0.1.0 logged it; it is logged as "
+                f"{FORMER_LOSS_TAGS[monitor]!r} now: set checkpoint.monitor: {FORMER_LOSS_TAGS[monitor]} (a run's saved "
+                "config.yaml from then names the former)"
+            )
         folders = run_folders(config)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(folders.checkpoints)
@@ -264,7 +271,7 @@ class MFCLI(ConfigOverCheckpointCLI):
         elif trainer_config.get("logger") in (None, True):
             # where run_folders says the default logger writes; no hp_metric placeholder scalar: HParamsSummary
             # names the metrics of the HParams table
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name=TENSORBOARD, version="", default_hp_metric=False)
+            kwargs["logger"] = RunLogger(save_dir=root, name=TENSORBOARD, version="", default_hp_metric=False)
         defaults = self.trainer_defaults["callbacks"]
         if trainer_config.get("enable_progress_bar") is not False:
             defaults = [self.section(self.config_init, "progress"), *defaults]

@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ablations
 from harness import RunResult, RunSpec, read_scalars
 
+from mf_lightning.callbacks.bucket_usage import layer_usage_tag
+from mf_lightning.callbacks.usage_metrics import USED_FRACTION
+
 REMEDY = ablations.memoryformer(bucket_balance_weight=0.1)
 TINY = ablations.Ablation("remedy", (("none", ablations.PAPER), ("balance", REMEDY)), "a < b", (("none", "balance"),))
 
@@ -65,9 +68,11 @@ def test_study_runs_end_to_end_reads_the_monitor_and_resumes(tmp_path: Path, mon
     paper = read_scalars(runs / ablations.PAPER.folder / "tensorboard")
     remedy = read_scalars(runs / REMEDY.folder / "tensorboard")
     assert "train/balance_loss" in remedy and "train/balance_loss" not in paper
-    used = paper["bucket_used_fraction/model.blocks.0.qkv"][-1][1]
+    used = paper[layer_usage_tag(USED_FRACTION, "model.blocks.0.qkv")][-1][1]
     cached = RunResult.from_json(json.loads((runs / ablations.PAPER.folder / "result.json").read_text())["result"])
-    assert ablations.Summary([cached]).layer_mean("bucket_used_fraction", "qkv") == pytest.approx(used)
+    assert ablations.Summary([cached]).layer_mean(
+        layer_usage_tag(USED_FRACTION, "").rstrip("/"), "qkv"
+    ) == pytest.approx(used)
     assert ablations.Summary([cached]).layer_mean("sign_bias", "ffn_in") is not None
     capsys.readouterr()
     ablations.main(tiny_args(corpus, tmp_path, "--reuse"))
@@ -88,7 +93,7 @@ def test_study_runs_end_to_end_reads_the_monitor_and_resumes(tmp_path: Path, mon
 def fake(loss: float) -> RunResult:
     points = [(0, loss + 1), (9, loss)]
     scalars = {
-        "val/loss": points,
+        "loss/val": points,
         "val/bpb": points,
         "train/time": [(0, 0.0), (1, 1.0), (2, 2.0)],
         "train/lengths": [(0, 0), (1, 10), (2, 20)],

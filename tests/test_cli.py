@@ -28,17 +28,17 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_fit_writes_tensorboard_logs_config_and_checkpoints(trained):
     root, _ = trained
     logged = scalars(root / "tensorboard")
-    assert [step for step, _ in logged["train/loss"]][-1] >= 5
+    assert [step for step, _ in logged["loss/train"]][-1] >= 5
     for tag in (
-        "val/loss",
+        "loss/val",
         "val/ppl",
         "val/bpb",
         "lr-AdamW/tables",
-        "bucket_usage/used_fraction",
-        "grad_summary/table_row_coverage",
+        "memory_usage/used_fraction",
+        "memory_grad_summary/table_row_coverage",
     ):
         assert tag in logged, f"{tag} missing from {sorted(logged)}"
-    val_loss, ppl = logged["val/loss"][-1][1], logged["val/ppl"][-1][1]
+    val_loss, ppl = logged["loss/val"][-1][1], logged["val/ppl"][-1][1]
     assert ppl == pytest.approx(float(torch.exp(torch.tensor(val_loss))), rel=1e-4)
     assert (root / "tensorboard" / "config.yaml").is_file()
     assert (root / "checkpoints" / "last.ckpt").is_file()
@@ -46,7 +46,7 @@ def test_fit_writes_tensorboard_logs_config_and_checkpoints(trained):
 
 
 def test_training_reduces_the_loss(trained):
-    losses = [value for _, value in scalars(trained[0] / "tensorboard")["train/loss"]]
+    losses = [value for _, value in scalars(trained[0] / "tensorboard")["loss/train"]]
     assert losses[-1] < losses[0]
 
 
@@ -62,11 +62,11 @@ def test_validate_test_and_predict_from_checkpoint(trained, tmp_path):
     root, corpus = trained
     args = tiny_run_args(root, corpus) + ["--ckpt_path", "last"]
     validated = run("validate", args).trainer.callback_metrics
-    assert {"val/loss", "val/ppl", "val/bpb"} <= set(validated)
+    assert {"loss/val", "val/ppl", "val/bpb"} <= set(validated)
     tested = run("test", args).trainer.callback_metrics
-    assert {"test/loss", "test/ppl", "test/bpb"} <= set(tested)
-    assert float(tested["test/loss"]) != pytest.approx(
-        float(validated["val/loss"]), rel=1e-3
+    assert {"loss/test", "test/ppl", "test/bpb"} <= set(tested)
+    assert float(tested["loss/test"]) != pytest.approx(
+        float(validated["loss/val"]), rel=1e-3
     )  # held-out documents of its own
     output = tmp_path / "completions.jsonl"
     run(
@@ -135,8 +135,8 @@ def test_resume_continues_exactly(tmp_path):
     first, second = state_of(whole / "checkpoints" / "last.ckpt"), state_of(resumed / "checkpoints" / "last.ckpt")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    whole_losses = dict(scalars(whole / "tensorboard")["train/loss"])
-    resumed_losses = dict(scalars(resumed / "tensorboard")["train/loss"])
+    whole_losses = dict(scalars(whole / "tensorboard")["loss/train"])
+    resumed_losses = dict(scalars(resumed / "tensorboard")["loss/train"])
     assert min(resumed_losses) == 4
     assert {s: whole_losses[s] for s in resumed_losses} == resumed_losses
 

@@ -92,8 +92,8 @@ def test_first_step_gradients_of_two_processes_are_those_of_one(runs):
 
 def test_two_processes_validate_like_one(runs):
     val_one, val_two = (
-        scalars(runs["one"] / "tensorboard")["val/loss"],
-        scalars(runs["two"] / "tensorboard")["val/loss"],
+        scalars(runs["one"] / "tensorboard")["loss/val"],
+        scalars(runs["two"] / "tensorboard")["loss/val"],
     )
     assert [s for s, _ in val_one] == [s for s, _ in val_two]
     for (_, a), (_, b) in zip(val_one, val_two):
@@ -119,5 +119,5 @@ def test_two_processes_with_half_the_batch_end_with_the_weights_of_one(runs):
 
 def test_diagnostics_are_logged_once_from_rank_zero(runs):
     logged = scalars(runs["two"] / "tensorboard")
-    assert [step for step, _ in logged["bucket_usage/used_fraction"]] == [2, 4, 6]
-    assert "grad_summary/table_row_coverage" in logged
+    assert [step for step, _ in logged["memory_usage/used_fraction"]] == [2, 4, 6]
+    assert "memory_grad_summary/table_row_coverage" in logged

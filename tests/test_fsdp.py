@@ -189,9 +189,9 @@ def test_two_ranks_train_like_one_process(runs):
     for name in one_gradients:
         torch.testing.assert_close(two_gradients[name], one_gradients[name], rtol=0, atol=GRADIENT_ATOL, msg=name)
     one, two = scalars(runs["one"] / "tensorboard"), scalars(runs["two"] / "tensorboard")
-    assert [step for step, _ in two["train/loss"]] == [0, 1, 2, 3]
-    assert [s for s, _ in one["val/loss"]] == [s for s, _ in two["val/loss"]] == [1, 3]
-    for (step, a), (_, b) in zip(one["val/loss"], two["val/loss"]):
+    assert [step for step, _ in two["loss/train"]] == [0, 1, 2, 3]
+    assert [s for s, _ in one["loss/val"]] == [s for s, _ in two["loss/val"]] == [1, 3]
+    for (step, a), (_, b) in zip(one["loss/val"], two["loss/val"]):
         assert b == pytest.approx(a, rel=LOSS_RTOL), step
     one_weights, two_weights = (weights(runs[run] / "checkpoints" / "last.ckpt") for run in ("one", "two"))
     for name, gradient in one_gradients.items():
@@ -204,7 +204,7 @@ def test_two_ranks_train_like_one_process(runs):
 def test_monitors_give_the_numbers_of_one_process(runs):
     one, two = scalars(runs["one"] / "tensorboard"), scalars(runs["two"] / "tensorboard")
     tags = [tag for tag in one if tag.startswith(("bucket_", "grad_"))]
-    assert "bucket_usage/used_fraction" in tags and "grad_summary/table_row_coverage" in tags
+    assert "memory_usage/used_fraction" in tags and "memory_grad_summary/table_row_coverage" in tags
     for tag in tags:
         logged_at = [0, 2] if tag.startswith("grad") else [2, 4]
         assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == logged_at, tag
@@ -214,10 +214,10 @@ def test_monitors_give_the_numbers_of_one_process(runs):
 
 def test_resume_from_a_sharded_checkpoint_continues_exactly(runs):
     whole, resumed = scalars(runs["two"] / "tensorboard"), scalars(runs["resumed"] / "tensorboard")
-    resumed_losses = dict(resumed["train/loss"])
+    resumed_losses = dict(resumed["loss/train"])
     assert sorted(resumed_losses) == [2, 3]
-    assert resumed_losses == {step: loss for step, loss in whole["train/loss"] if step in resumed_losses}
-    assert dict(resumed["val/loss"])[3] == dict(whole["val/loss"])[3]
+    assert resumed_losses == {step: loss for step, loss in whole["loss/train"] if step in resumed_losses}
+    assert dict(resumed["loss/val"])[3] == dict(whole["loss/val"])[3]
     final, resumed_final = (weights(runs[run] / "checkpoints" / "last.ckpt") for run in ("two", "resumed"))
     assert all(torch.equal(resumed_final[key], final[key]) for key in final)
 
@@ -228,8 +228,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, run, 
     at step 4 like the run that went on uninterrupted (weights and Adam moments both restored: fresh
     moments would move every weight by a full ``lr`` at step 3)."""
     resumed, whole = scalars(runs[run] / "tensorboard"), scalars(runs[uninterrupted] / "tensorboard")
-    assert [step for step, _ in resumed["val/loss"]] == [3]
-    assert dict(resumed["val/loss"])[3] == pytest.approx(dict(whole["val/loss"])[3], rel=LOSS_RTOL)
+    assert [step for step, _ in resumed["loss/val"]] == [3]
+    assert dict(resumed["loss/val"])[3] == pytest.approx(dict(whole["loss/val"])[3], rel=LOSS_RTOL)
     assert read_checkpoint(runs[run] / "checkpoints" / "last.ckpt")["global_step"] == STEPS
 
 
@@ -350,4 +350,4 @@ def test_validate_on_two_ranks_reads_a_sharded_checkpoint(runs, tmp_path):
     same order of summation)."""
     config, checkpoint = runs["two"] / "tensorboard" / "config.yaml", runs["two"] / "checkpoints" / "last.ckpt"
     mf("validate", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(tmp_path))
-    assert scalars(tmp_path / "validate")["val/loss"][0][1] == dict(scalars(runs["two"] / "tensorboard")["val/loss"])[3]
+    assert scalars(tmp_path / "validate")["loss/val"][0][1] == dict(scalars(runs["two"] / "tensorboard")["loss/val"])[3]

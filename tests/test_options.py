@@ -140,8 +140,8 @@ def test_option_group_trains_resumes_exports_and_loads(group: str, corpus: Path,
     run("fit", tiny_run_args(tmp_path, corpus, max_steps=6, **settings) + ["--ckpt_path", "last"])
 
     logged = scalars(tmp_path / "tensorboard")
-    assert len(logged["train/loss"]) == 6 and len(logged["val/loss"]) == 3, "a step or validation was lost"
-    assert all(math.isfinite(value) for _, value in logged["train/loss"] + logged["val/loss"])
+    assert len(logged["loss/train"]) == 6 and len(logged["loss/val"]) == 3, "a step or validation was lost"
+    assert all(math.isfinite(value) for _, value in logged["loss/train"] + logged["loss/val"])
     if overrides.get("bucket_balance_weight"):
         assert all(value > 0 for _, value in logged["train/balance_loss"])
 

@@ -255,7 +255,7 @@ def test_a_users_checkpoint_io_replaces_the_default(trained):
 def test_damaged_token_cache_is_rebuilt_not_used(trained, damage, caplog):
     root, corpus = trained
     args = tiny_run_args(root, corpus, **LIGHT) + ["--ckpt_path", "last"]
-    expected = run("validate", args).trainer.callback_metrics["val/loss"]
+    expected = run("validate", args).trainer.callback_metrics["loss/val"]
     (cache,) = (root / "cache" / "tokens").iterdir()
     if damage == "truncated":
         train = cache / "train.bin"
@@ -264,7 +264,7 @@ def test_damaged_token_cache_is_rebuilt_not_used(trained, damage, caplog):
         manifest = cache / "manifest.json"
         manifest.write_text(manifest.read_text().replace('"byte-v1"', '"hf-0123456789abcdef"'))
     with caplog.at_level(logging.WARNING):
-        validated = run("validate", args).trainer.callback_metrics["val/loss"]
+        validated = run("validate", args).trainer.callback_metrics["loss/val"]
     assert f"rebuilding token cache {cache}" in caplog.text
     assert torch.equal(validated, expected)
 

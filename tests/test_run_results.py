@@ -29,12 +29,12 @@ def test_evaluating_a_run_leaves_its_config_and_curves_and_the_config_resumes(tm
     assert set(yaml.safe_load(config_text)) == set(read_config([saved]).as_dict()) - {"config"}  # fit's keys only
     assert sorted((root / "tensorboard").glob("events.out.tfevents.*")) == events
     assert scalars(root / "tensorboard") == curves
-    assert 0 not in [step for step, _ in curves["val/loss"]]
-    last_step = curves["val/loss"][-1][0]  # the validation that saved last.ckpt
-    assert [step for step, _ in curves["val/loss"]] == [2, 5]  # after optimizer steps 3 and 6
-    assert [step for step, _ in scalars(root / "validate")["val/loss"]] == [last_step]  # the checkpoint's step
-    assert [step for step, _ in scalars(root / "test")["test/loss"]] == [last_step]
+    assert 0 not in [step for step, _ in curves["loss/val"]]
+    last_step = curves["loss/val"][-1][0]  # the validation that saved last.ckpt
+    assert [step for step, _ in curves["loss/val"]] == [2, 5]  # after optimizer steps 3 and 6
+    assert [step for step, _ in scalars(root / "validate")["loss/val"]] == [last_step]  # the checkpoint's step
+    assert [step for step, _ in scalars(root / "test")["loss/test"]] == [last_step]
     assert (root / "predict" / "predictions.jsonl").is_file()
 
     main(["fit", "--config", str(saved), "--ckpt_path", "last", "--trainer.max_steps", "8"])
-    assert [step for step, _ in scalars(root / "tensorboard")["train/loss"]][-1] == 7
+    assert [step for step, _ in scalars(root / "tensorboard")["loss/train"]][-1] == 7

@@ -107,6 +107,7 @@ def test_interval_is_counted_in_micro_batches_across_epochs(accumulate: int, eve
         ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be a positive integer, got 0"),
         ({"trainer.val_check_interval": 100}, "trainer.val_check_interval=100 would count validation in micro-batches"),
         ({"trainer.check_val_every_n_epoch": 1}, "trainer.check_val_every_n_epoch=1 would count validation"),
+        ({"checkpoint.monitor": "val/loss"}, "checkpoint.monitor='val/loss' names the loss as mf_lightning 0.1.0"),
     ],
 )
 def test_bad_validation_settings_fail_with_one_clear_line(overrides, message, tmp_path, capsys) -> None:

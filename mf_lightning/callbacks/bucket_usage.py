@@ -18,29 +18,40 @@ from mf_lightning.callbacks.monitoring import (
     group_layers,
     log_scalars,
     memory_layers,
+    memory_tag,
     tensorboard_writers,
 )
 from mf_lightning.callbacks.usage_metrics import USAGE_METRICS, usage_metrics
 
 
 def model_usage_tag(metric: str) -> str:
-    """Tag of a usage metric averaged over every table of the model, e.g. ``bucket_usage/used_fraction``."""
-    return f"bucket_usage/{metric}"
+    """Tag of a usage metric averaged over every table of the model, e.g. ``memory_usage/used_fraction``."""
+    return memory_tag("usage", metric)
 
 
 def layer_usage_tag(metric: str, layer: str) -> str:
-    """Tag of a usage metric averaged over the tables of one layer, e.g. ``bucket_used_fraction/blocks.0.qkv``."""
-    return f"bucket_{metric}/{layer}"
+    """Tag of a usage metric averaged over the tables of one layer, e.g. ``memory_used_fraction/blocks.0.qkv``."""
+    return memory_tag(metric, layer)
+
+
+def per_table_usage_tag(metric: str, layer: str) -> str:
+    """Tag of the histogram of a usage metric over the tables of one layer, e.g. ``memory_gini_per_table/...``."""
+    return memory_tag(f"{metric}_per_table", layer)
+
+
+def bucket_counts_tag(layer: str) -> str:
+    """Tag of the histogram of tokens per bucket of one layer."""
+    return memory_tag("bucket_counts", layer)
 
 
 def heatmap_tag(layer: str) -> str:
     """Tag of a layer's usage heatmap image."""
-    return f"bucket_heatmap/{layer}"
+    return memory_tag("heatmap", layer)
 
 
 def rank_frequency_tag(kind: str) -> str:
     """Tag of the rank-frequency plot of every layer of one kind (``qkv``, ``ffn_in``, ...)."""
-    return f"bucket_rank_frequency/{kind}"
+    return memory_tag("rank_frequency", kind)
 
 
 class BucketUsageMonitor(pl.Callback):
@@ -53,13 +64,13 @@ class BucketUsageMonitor(pl.Callback):
     need one collective. Every ``log_every_n_steps`` optimizer steps the window's counts are summed over
     ranks (on every rank), rank 0 logs, and the counts restart from zero. Logged, at the global step:
 
-    - ``bucket_usage/<metric>``: each metric of ``USAGE_METRICS`` averaged over every table of the model;
-    - ``bucket_<metric>/<layer path>``: the metric averaged over that layer's tables;
-    - TensorBoard only: histograms ``bucket_<metric>_per_table/<layer path>`` (one value per table) and
-      ``bucket_counts/<layer path>`` (tokens per bucket), and every ``image_every_n_steps`` the pictures
-      of ``mf_lightning.callbacks.heatmap``: a heatmap ``bucket_heatmap/<layer path>`` (a band per
+    - ``memory_usage/<metric>``: each metric of ``USAGE_METRICS`` averaged over every table of the model;
+    - ``memory_<metric>/<layer path>``: the metric averaged over that layer's tables;
+    - TensorBoard only: histograms ``memory_<metric>_per_table/<layer path>`` (one value per table) and
+      ``memory_bucket_counts/<layer path>`` (tokens per bucket), and every ``image_every_n_steps`` the pictures
+      of ``mf_lightning.callbacks.heatmap``: a heatmap ``memory_heatmap/<layer path>`` (a band per
       table, rows sorted by use, coloured by share of tokens against uniform use, with a colour bar) and
-      a rank-frequency plot ``bucket_rank_frequency/<kind>`` per layer kind (``qkv``, ``ffn_in``, ...:
+      a rank-frequency plot ``memory_rank_frequency/<kind>`` per layer kind (``qkv``, ``ffn_in``, ...:
       the layer's name in its block), one line per block.
 
     The ``*_tag`` functions of this module name every tag; the TensorBoard layout uses them too.
@@ -149,8 +160,8 @@ class BucketUsageMonitor(pl.Callback):
         for writer in writers:
             for name, layer_counts in counts.items():
                 for metric, value in per_table[name].items():
-                    writer.add_histogram(f"bucket_{metric}_per_table/{name}", value, step)
-                writer.add_histogram(f"bucket_counts/{name}", layer_counts.flatten().float(), step)
+                    writer.add_histogram(per_table_usage_tag(metric, name), value, step)
+                writer.add_histogram(bucket_counts_tag(name), layer_counts.flatten().float(), step)
         if writers and step % self.image_every_n_steps == 0:
             pictures = usage_pictures(counts, step)
             for writer in writers:

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+
+from mf_lightning.lit.run_logger import RunLogger
 
 
-class EvaluationLogger(TensorBoardLogger):
-    """A ``TensorBoardLogger`` that logs every metric at ``checkpoint_step`` (0 until a checkpoint is loaded)."""
+class EvaluationLogger(RunLogger):
+    """A ``RunLogger`` that logs every metric at ``checkpoint_step`` (0 until a checkpoint is loaded)."""
 
     checkpoint_step: int = 0
 

@@ -11,17 +11,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers
+from mf_lightning.callbacks.monitoring import check_every_n_steps, log_scalars, memory_layers, memory_tag
 from mf_lightning.nn import MemoryLayer
 
-TABLE_ROW_COVERAGE = "grad_summary/table_row_coverage"
-TABLE_NORM = "grad_summary/table_norm"
-OTHER_NORM = "grad_summary/other_norm"
+TABLE_ROW_COVERAGE = memory_tag("grad_summary", "table_row_coverage")
+TABLE_NORM = memory_tag("grad_summary", "table_norm")
+OTHER_NORM = memory_tag("grad_summary", "other_norm")
 
 
 def coverage_tag(layer: str) -> str:
-    """Tag of the fraction of one layer's table rows with a gradient, e.g. ``grad_coverage/blocks.0.qkv``."""
-    return f"grad_coverage/{layer}"
+    """Tag of the fraction of one layer's table rows with a gradient, e.g. ``memory_grad_coverage/blocks.0.qkv``."""
+    return memory_tag("grad_coverage", layer)
 
 
 class GradientCoverageMonitor(pl.Callback):
@@ -34,10 +34,10 @@ class GradientCoverageMonitor(pl.Callback):
     rank: rank 0 logs, no collective is needed; under FSDP every rank measures its shards and the sums
     are reduced). Logged, at the global step of the update:
 
-    - ``grad_coverage/<layer path>``: fraction of the layer's rows (one ``[out_features]`` vector of one
+    - ``memory_grad_coverage/<layer path>``: fraction of the layer's rows (one ``[out_features]`` vector of one
       table) with a non-zero gradient;
-    - ``grad_summary/table_row_coverage``: the same over every table row of the model;
-    - ``grad_summary/table_norm`` and ``grad_summary/other_norm``: L2 norm of the gradients of all
+    - ``memory_grad_summary/table_row_coverage``: the same over every table row of the model;
+    - ``memory_grad_summary/table_norm`` and ``memory_grad_summary/other_norm``: L2 norm of the gradients of all
       tables, and of all other parameters.
 
     ``enabled=False`` switches the monitor off (it is always present in ``mf fit``).

@@ -2,8 +2,8 @@
 
 TensorBoard's HParams table has one row per run: the hyper-parameters of the run's ``session start``
 summary and, for each metric the ``experiment`` summary names, the **latest value of that scalar tag in
-the run's folder**. So the summaries name the metrics (``val/loss``, ``val/bpb``, the used fraction of
-table rows, ``train/loss``) and the table always shows their final values, read from the curves
+the run's folder**. So the summaries name the metrics (``loss/val``, ``val/bpb``, the used fraction of
+table rows, ``loss/train``) and the table always shows their final values, read from the curves
 themselves; no copy of a value is written that could disagree with them.
 
 They are written at the start of every fit (rank 0), which makes the right thing happen in each case:

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 
+def memory_tag(group: str, name: str) -> str:
+    """The tag of a Memory Layer diagnostic: ``memory_<group>/<name>``, e.g. ``memory_used_fraction/blocks.0.qkv``.
+
+    Every monitor's group starts with ``memory_``, so TensorBoard lists them together and after the loss and
+    the learning rate (its Time Series tab sorts the groups by character code and opens the first two; see
+    ``mf_lightning.lit.module.metric_tag``).
+    """
+    return f"memory_{group}/{name}"
+
+
 def memory_layers(module: nn.Module) -> dict[str, MemoryLayer]:
     """Every ``MemoryLayer`` inside ``module``, keyed by its module path (e.g. ``blocks.0.attn.qkv``)."""
     return {name: layer for name, layer in module.named_modules() if isinstance(layer, MemoryLayer)}

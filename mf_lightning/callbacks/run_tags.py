@@ -34,7 +34,7 @@ TOKENS_PER_SECOND = "items_per_sec"
 
 
 def loss_tags(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-    """``train/loss`` (and the balance loss when a Memory Layer input has one) and ``val/loss`` when validating."""
+    """``loss/train`` (and the balance loss when a Memory Layer input has one) and ``loss/val`` when validating."""
     if not isinstance(pl_module, LanguageModel):
         return []
     tags = [metric_tag(TRAIN, LOSS)]

@@ -1,8 +1,8 @@
 """``mf eval``: zero-shot (or few-shot) lm-evaluation-harness tasks on a trained run or an exported model.
 
 ``mf eval --config runs/x/tensorboard/config.yaml --ckpt_path last`` evaluates a run's checkpoint, writes
-the harness's JSON to ``runs/x/eval/`` and logs ``eval/<task>/<metric>`` to the run's TensorBoard at the
-checkpoint's step; ``mf eval --model_dir DIR`` evaluates a folder written by ``mf export`` and writes the JSON
+the harness's JSON to ``runs/x/eval/`` and logs ``tasks/<task>/<metric>`` there, as a TensorBoard run beside
+the training, at the checkpoint's step; ``mf eval --model_dir DIR`` evaluates a folder written by ``mf export`` and writes the JSON
 to ``eval/<DIR's name>.json`` under the working directory (never into the model folder, which ``mf export``
 replaces whole and which may be read-only or shared). The default
 tasks are the paper's Table 1: piqa, winogrande, wsc, arc_easy, arc_challenge, logiqa (their data is
@@ -30,12 +30,13 @@ from mf_lightning.eval.report import (
     log_to_tensorboard,
     read_json,
     result_rows,
+    task_tag,
     write_json,
 )
 from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_metadata
 from mf_lightning.lit.loading import LAST, load_for_inference, resolve_checkpoint
-from mf_lightning.lit.run_folders import CHECKPOINTS, RunFolders, run_folders
+from mf_lightning.lit.run_folders import CHECKPOINTS, EVAL, RunFolders, run_folders
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SEED = 1234
@@ -122,18 +123,19 @@ def model_results_path(model_dir: str) -> Path:
 def save_run_results(
     results: dict[str, Any], rows: list[Row], checkpoint: Path, run: RunFolders | None, output_path: str | None
 ) -> None:
-    """Writes a run's results JSON (default ``<run>/eval/<ckpt>-step<N>.json``) and logs them to its TensorBoard
-    (when the run logs to TensorBoard: ``run.logs``)."""
+    """Writes a run's results JSON (default ``<run>/eval/<ckpt>-step<N>.json``) and, when the run logs to
+    TensorBoard, logs them beside its training as the TensorBoard run ``<run>/eval`` (as ``mf validate`` and
+    ``mf test`` do: never into the training's own events folder)."""
     step = checkpoint_step(checkpoint)
-    default = (run.root / "eval" if run else checkpoint.parent) / f"{checkpoint.stem}-step{step}.json"
+    default = (run.root / EVAL if run else checkpoint.parent) / f"{checkpoint.stem}-step{step}.json"
     print(f"results: {write_json(results, output_path or default)}")
     if run is None:
         print(f"not logged to TensorBoard: {checkpoint} is not in a run's checkpoints/ folder; pass the run's --config")
     elif not run.tensorboard:
         print(f"not logged to TensorBoard: the run logs with {run.logger or 'no logger'}, not TensorBoardLogger")
     else:
-        log_to_tensorboard(rows, run.logs, step)
-        print(f"TensorBoard: eval/<task>/<metric> at step {step} in {run.logs}")
+        log_to_tensorboard(rows, run.root / EVAL, step)
+        print(f"TensorBoard: {task_tag('<task>', '<metric>')} at step {step} in {run.root / EVAL}")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

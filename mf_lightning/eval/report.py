@@ -108,13 +108,22 @@ def write_json(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def task_tag(task: str, metric: str) -> str:
+    """The TensorBoard tag of a task's score, ``tasks/<task>/<metric>`` (``tasks/average/acc`` for the mean).
+
+    The group ``tasks`` sorts after ``loss`` and ``lr-AdamW``, so a run's TensorBoard still opens on its loss
+    (see ``mf_lightning.lit.module.metric_tag``).
+    """
+    return f"tasks/{task}/{metric}"
+
+
 def log_to_tensorboard(rows: list[Row], log_dir: str | Path, step: int) -> None:
-    """``eval/<task>/<metric>`` scalars (and ``eval/average/acc``) at ``step`` in the TensorBoard folder ``log_dir``."""
+    """``task_tag`` scalars of every row (and of the average accuracy) at ``step`` in the TensorBoard folder ``log_dir``."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
         for row in rows:
-            writer.add_scalar(f"eval/{row.task}/{row.metric}", row.value, step)
+            writer.add_scalar(task_tag(row.task, row.metric), row.value, step)
         average = average_accuracy(rows)
         if average is not None:
-            writer.add_scalar(f"eval/average/{AVERAGED_METRIC}", average, step)
+            writer.add_scalar(task_tag("average", AVERAGED_METRIC), average, step)

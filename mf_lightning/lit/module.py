@@ -44,13 +44,24 @@ from mf_lightning.nn.hash_input import balance_loss
 
 TRAIN, VAL, TEST = "train", "val", "test"
 LOSS, BALANCE_LOSS, PERPLEXITY, BITS_PER_BYTE = "loss", "balance_loss", "ppl", "bpb"
-"""The splits and metric names ``LanguageModel`` logs as ``metric_tag(split, metric)``, e.g. ``val/loss``;
+"""The splits and metric names ``LanguageModel`` logs as ``metric_tag(split, metric)``, e.g. ``loss/val``;
 the checkpoint monitor and the TensorBoard layout and HParams name the metrics through these."""
 
 
 def metric_tag(split: str, metric: str) -> str:
-    """The logged name of ``metric`` on ``split``: ``train/loss``, ``val/bpb``, ..."""
-    return f"{split}/{metric}"
+    """The logged name of ``metric`` on ``split``: ``loss/train``, ``loss/val``, ``val/bpb``, ``train/balance_loss``.
+
+    The loss of every split is in the group ``loss``, every other metric in its split's group. TensorBoard's
+    Time Series tab groups cards by a tag's first part, sorts the groups by character code and opens only the
+    first two: ``loss`` sorts before every other group a run logs (``lr-AdamW``, ``memory_*``, ``train``,
+    ``val``, ...), so the first thing it shows is the training and validation loss side by side.
+    """
+    return f"{LOSS}/{split}" if metric == LOSS else f"{split}/{metric}"
+
+
+FORMER_LOSS_TAGS = {f"{split}/{LOSS}": metric_tag(split, LOSS) for split in (TRAIN, VAL, TEST)}
+"""The loss of each split as mf_lightning 0.1.0 logged it (``val/loss``), and its name now (``loss/val``): a
+config or a run's saved ``config.yaml`` from then may still monitor the former."""
 
 
 class LanguageModel(L.LightningModule):

@@ -26,6 +26,8 @@ TENSORBOARD = "tensorboard"
 """The default logger's folder under the run's root (``TensorBoardLogger(root, name=TENSORBOARD, version="")``)."""
 TENSORBOARD_LOGGER = "TensorBoardLogger"
 CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+"""The folder under the run's root where ``mf eval`` writes a checkpoint's results and their TensorBoard scalars."""
 CONFIG_NAME = "config.yaml"
 VERSIONED_LOGGERS = (TENSORBOARD_LOGGER, "CSVLogger")
 """Lightning's loggers whose folder is ``<save_dir>/<name>/<version>`` (``Trainer.log_dir`` is their ``log_dir``)."""

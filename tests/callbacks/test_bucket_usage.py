@@ -20,30 +20,30 @@ def test_logs_scalars_histograms_and_heatmaps(tiny_module, inputs, fit, read_eve
     events = read_events(logger)
     tags = events.Tags()
     for metric in USAGE_METRICS:
-        assert [e.step for e in events.Scalars(f"bucket_usage/{metric}")] == [2, 4]
+        assert [e.step for e in events.Scalars(bucket_usage.model_usage_tag(metric))] == [2, 4]
         for layer in LAYERS:
-            assert [e.step for e in events.Scalars(f"bucket_{metric}/{layer}")] == [2, 4]
-            assert f"bucket_{metric}_per_table/{layer}" in tags["histograms"]
+            assert [e.step for e in events.Scalars(bucket_usage.layer_usage_tag(metric, layer))] == [2, 4]
+            assert bucket_usage.per_table_usage_tag(metric, layer) in tags["histograms"]
     windows = [inputs[: 2 * BATCH], inputs[2 * BATCH : 4 * BATCH]]
     for layer in LAYERS:
-        assert [e.step for e in events.Histograms(f"bucket_counts/{layer}")] == [2, 4]
-        (heatmap,) = events.Images(f"bucket_heatmap/{layer}")
-        (rank_plot,) = events.Images(f"bucket_rank_frequency/{layer}")  # each layer is a kind of its own here
+        assert [e.step for e in events.Histograms(bucket_usage.bucket_counts_tag(layer))] == [2, 4]
+        (heatmap,) = events.Images(bucket_usage.heatmap_tag(layer))
+        (rank_plot,) = events.Images(bucket_usage.rank_frequency_tag(layer))  # each layer is a kind of its own here
         assert heatmap.step == rank_plot.step == 4
         assert heatmap.height >= 12 * getattr(tiny_module, layer).num_tables and rank_plot.width >= 300
     plot, band = plot_pixels(count_buckets(tiny_module.hidden, windows[1]))
     assert band >= 12, "each table is a band tall enough to read"
-    (heatmap,) = events.Images("bucket_heatmap/hidden")
+    (heatmap,) = events.Images(bucket_usage.heatmap_tag("hidden"))
     assert find_block(decode(heatmap.encoded_image_string), plot) is not None, "it shows the last window's counts"
     assert (heatmap.height, heatmap.width) > plot.shape[:2], "with axes and a legend around them"
 
     expected = [used_fraction(count_buckets(tiny_module.hidden, x)).mean().item() for x in windows]
-    logged = [e.value for e in events.Scalars("bucket_used_fraction/hidden")]
+    logged = [e.value for e in events.Scalars(bucket_usage.layer_usage_tag("used_fraction", "hidden"))]
     assert logged == pytest.approx(expected, rel=1e-6)
     for metric in ("used_fraction", "normalized_entropy", "top1pct_share"):
-        assert all(0 < e.value <= 1 for e in events.Scalars(f"bucket_usage/{metric}"))
+        assert all(0 < e.value <= 1 for e in events.Scalars(bucket_usage.model_usage_tag(metric)))
     tokens_per_table = 2 * BATCH * inputs.shape[1]
-    for histogram in events.Histograms("bucket_counts/hidden"):
+    for histogram in events.Histograms(bucket_usage.bucket_counts_tag("hidden")):
         assert histogram.histogram_value.sum == tiny_module.hidden.num_tables * tokens_per_table
 
 
@@ -117,10 +117,10 @@ def test_mf_fit_draws_a_readable_picture_of_every_layer_and_kind(mf_fit_run) -> 
     events = EventAccumulator(str(mf_fit_run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     images = events.Tags()["images"]
-    heatmaps = [tag for tag in images if tag.startswith("bucket_heatmap/")]
+    heatmaps = [tag for tag in images if tag.startswith(bucket_usage.heatmap_tag(""))]
     assert len(heatmaps) == 6, "debug preset: 2 blocks of qkv, ffn_in, ffn_out"
-    assert sorted(tag for tag in images if tag.startswith("bucket_rank_frequency/")) == [
-        f"bucket_rank_frequency/{kind}" for kind in ("ffn_in", "ffn_out", "qkv")
+    assert sorted(tag for tag in images if tag.startswith(bucket_usage.rank_frequency_tag(""))) == [
+        bucket_usage.rank_frequency_tag(kind) for kind in ("ffn_in", "ffn_out", "qkv")
     ]
     legend = {tuple(DIVERGING[0].astype(int)), tuple(DIVERGING[-1].astype(int)), UNUSED}
     for tag in heatmaps:

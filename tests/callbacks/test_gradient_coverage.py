@@ -13,8 +13,8 @@ from mf_lightning.callbacks.usage_metrics import used_fraction
 from mf_lightning.nn import MemoryLayer
 
 BATCH = 8
-COVERAGE_TAGS = ("grad_coverage/hidden", "grad_coverage/head", "grad_summary/table_row_coverage")
-NORM_TAGS = ("grad_summary/table_norm", "grad_summary/other_norm")
+COVERAGE_TAGS = ("memory_grad_coverage/hidden", "memory_grad_coverage/head", "memory_grad_summary/table_row_coverage")
+NORM_TAGS = ("memory_grad_summary/table_norm", "memory_grad_summary/other_norm")
 TAGS = COVERAGE_TAGS + NORM_TAGS
 
 
@@ -28,7 +28,7 @@ def test_logs_coverage_and_norms_every_n_steps(tiny_module, inputs, fit, read_ev
         assert all(math.isfinite(e.value) and e.value > 0 for e in events.Scalars(tag))
 
     first_batch_rows_used = used_fraction(count_buckets(tiny_module.hidden, inputs[:BATCH])).mean().item()
-    assert events.Scalars("grad_coverage/hidden")[0].value == pytest.approx(first_batch_rows_used, rel=1e-6)
+    assert events.Scalars("memory_grad_coverage/hidden")[0].value == pytest.approx(first_batch_rows_used, rel=1e-6)
 
 
 def test_statistics_of_hand_set_gradients() -> None:
@@ -46,11 +46,11 @@ def test_statistics_of_hand_set_gradients() -> None:
 
     assert statistics == pytest.approx(
         {
-            "grad_coverage/a": 2 / 32,
-            "grad_coverage/b": 0.0,
-            "grad_summary/table_row_coverage": 2 / (32 + 8),
-            "grad_summary/table_norm": 5.0,
-            "grad_summary/other_norm": math.sqrt(3 * 4.0),
+            "memory_grad_coverage/a": 2 / 32,
+            "memory_grad_coverage/b": 0.0,
+            "memory_grad_summary/table_row_coverage": 2 / (32 + 8),
+            "memory_grad_summary/table_norm": 5.0,
+            "memory_grad_summary/other_norm": math.sqrt(3 * 4.0),
         }
     )
 

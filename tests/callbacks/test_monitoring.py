@@ -30,11 +30,11 @@ def test_scalars_reach_every_logger_and_only_tensorboard_gives_writers(tmp_path)
     tb_logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer = pl.Trainer(logger=[csv_logger, tb_logger], accelerator="cpu", enable_progress_bar=False)
 
-    log_scalars(trainer, {"bucket_usage/gini": 0.25}, step=3)
+    log_scalars(trainer, {"memory_usage/gini": 0.25}, step=3)
     csv_logger.save()
 
     with open(csv_logger.experiment.metrics_file_path) as rows:
-        assert [(row["step"], row["bucket_usage/gini"]) for row in csv.DictReader(rows)] == [("3", "0.25")]
+        assert [(row["step"], row["memory_usage/gini"]) for row in csv.DictReader(rows)] == [("3", "0.25")]
     assert tensorboard_writers(trainer) == [tb_logger.experiment]
 
 

@@ -12,7 +12,7 @@ from mf_lightning.lit.module import LanguageModel
 @pytest.mark.parametrize(("weight", "validating"), [(0.0, True), (0.1, True), (0.1, False)])
 def test_loss_tags_follow_the_balance_loss_and_validation(weight: float, validating: bool) -> None:
     model = LanguageModel(preset="debug", vocab_size=257, overrides={"bucket_balance_weight": weight})
-    expected = ["train/loss"] + ["train/balance_loss"] * (weight > 0) + ["val/loss"] * validating
+    expected = ["loss/train"] + ["train/balance_loss"] * (weight > 0) + ["loss/val"] * validating
     assert loss_tags(SimpleNamespace(enable_validation=validating), model) == expected
 
 

@@ -13,8 +13,14 @@ from mf_lightning.callbacks import (
 )
 from mf_lightning.callbacks.monitoring import block_and_kind, group_layers
 
-HEADLINE_TAGS = {"train/loss", "val/loss", "val/bpb", "bucket_usage/used_fraction", "grad_summary/table_row_coverage"}
-LAYER_FAMILIES = ("lr-", "bucket_used_fraction/", "grad_coverage/")
+HEADLINE_TAGS = {
+    "loss/train",
+    "loss/val",
+    "val/bpb",
+    "memory_usage/used_fraction",
+    "memory_grad_summary/table_row_coverage",
+}
+LAYER_FAMILIES = ("lr-", "memory_used_fraction/", "memory_grad_coverage/")
 
 
 def read_layout(log_dir) -> tuple[layout_pb2.Layout, set[str]]:
@@ -50,14 +56,14 @@ def test_overview_lists_exactly_the_tags_the_run_logs(mf_fit_run) -> None:
         "Memory Layers by block",
         "Memory Layers by kind",
     ]
-    assert charts["Overview", "loss"] == ["train/loss", "val/loss"]
+    assert charts["Overview", "loss"] == ["loss/train", "loss/val"]
     assert sorted(charts["Overview", "learning rate"]) == ["lr-AdamW/decay", "lr-AdamW/no_decay", "lr-AdamW/tables"]
 
-    layers = sorted(tag.split("/", 1)[1] for tag in logged if tag.startswith("grad_coverage/"))
+    layers = sorted(tag.split("/", 1)[1] for tag in logged if tag.startswith("memory_grad_coverage/"))
     assert len(layers) == 6, "debug preset: 2 blocks of qkv, ffn_in, ffn_out"
     for block, paths in group_layers(layers, by="block").items():
         assert sorted(charts["Memory Layers by block", f"{block}: used fraction"]) == [
-            f"bucket_used_fraction/{path}" for path in sorted(paths)
+            f"memory_used_fraction/{path}" for path in sorted(paths)
         ]
     for kind in ("qkv", "ffn_in", "ffn_out"):
         lines = charts["Memory Layers by kind", f"{kind}: used fraction"]
@@ -81,8 +87,8 @@ def test_tokens_per_second_and_monitor_tags_follow_the_callbacks(tiny_module, fi
     charts = charted_tags(layout, logged)
     assert charts["Overview", "training tokens per second"] == ["train/device/items_per_sec"]
     assert charts["Memory Layers by block", "model: used fraction"] == [
-        "bucket_used_fraction/hidden",
-        "bucket_used_fraction/head",
+        "memory_used_fraction/hidden",
+        "memory_used_fraction/head",
     ]
     assert ("Overview", "loss") not in charts, "a LightningModule of its own logs no LanguageModel losses"
 

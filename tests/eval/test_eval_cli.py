@@ -13,6 +13,8 @@ from eval_support import TASKS, read_jsonl
 from mf_lightning.cli import main
 from mf_lightning.config import ModelConfig
 from mf_lightning.data.tokenizers import ByteTokenizer, save_tokenizer
+from mf_lightning.eval.report import task_tag
+from mf_lightning.lit.run_folders import EVAL
 from mf_lightning.models import build_model
 from mf_lightning.models.base import DecoderLM
 
@@ -75,13 +77,15 @@ def test_mf_eval_of_a_run_logs_to_its_tensorboard_and_matches_its_export(tmp_pat
     run("fit", tiny_run_args(root, write_corpus(tmp_path / "corpus"), max_steps=3))
     config = root / "tensorboard" / "config.yaml"
     tasks = ["--tasks", "mf_toy_choice,mf_toy_perplexity"]
+    training_events = sorted((root / "tensorboard").glob("events.*"))
     main(["eval", "--config", str(config), "--ckpt_path", "last", *tasks, "--limit", "4", *LOCAL])
+    assert sorted((root / "tensorboard").glob("events.*")) == training_events  # beside the training, not in it
     out = capsys.readouterr().out
     assert "| mf_toy_perplexity | bits_per_byte |" in out and "| **average** (1 tasks) | acc |" in out
     from_run = json.loads((root / "eval" / "last-step3.json").read_text())["results"]
-    logged = scalars(root / "tensorboard")
-    assert logged["eval/mf_toy_choice/acc"] == [(3, pytest.approx(from_run["mf_toy_choice"]["acc,none"]))]
-    assert logged["eval/mf_toy_perplexity/bits_per_byte"][0][1] == pytest.approx(
+    logged = scalars(root / EVAL)
+    assert logged[task_tag("mf_toy_choice", "acc")] == [(3, pytest.approx(from_run["mf_toy_choice"]["acc,none"]))]
+    assert logged[task_tag("mf_toy_perplexity", "bits_per_byte")][0][1] == pytest.approx(
         from_run["mf_toy_perplexity"]["bits_per_byte,none"]
     )
     main(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exported")])
