@@ -72,6 +72,7 @@ from mf_lightning.lit.checkpoints import (
     check_run_folder,
     last_checkpoints,
 )
+from mf_lightning.lit.event_files import follow_event_files
 from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import LOSS, VAL, LanguageModel, metric_tag
@@ -281,7 +282,18 @@ class MFCLI(ConfigOverCheckpointCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             self.prepare_run_folder(trainer)
+        follow_logged_event_files(trainer)
         return trainer
+
+
+def follow_logged_event_files(trainer: Trainer) -> None:
+    """Before any writer exists, on the rank that writes: each TensorBoard logger's new event file will sort after
+    those its folder holds (a resumed run's values are read last, ``event_files``); remote folders are not listed."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and not is_remote(logger.log_dir):
+            follow_event_files(Path(logger.log_dir))
 
 
 class ParsedConfig(Exception):
