@@ -59,9 +59,11 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
+from mf_lightning.checks import non_negative_number
 from mf_lightning.commands import SUBCOMMANDS, option_names, quick_answer
 from mf_lightning.config_errors import ConfigError, describe_parse_error
 from mf_lightning.data import TextDataModule
+from mf_lightning.data.progress import lines_every
 from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
@@ -212,6 +214,8 @@ class MFCLI(ConfigOverCheckpointCLI):
                     f"trainer.{name}={config.trainer[name]!r} would count validation in micro-batches per epoch; "
                     "remove it and set validation.every_n_steps (optimizer steps) instead"
                 )
+        # before the data module, which may train its tokenizer, is built: preparation logs at training's interval
+        self.claims.enter_context(lines_every(non_negative_number("progress.log_every_s", config.progress.log_every_s)))
         folders = run_folders(config)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(folders.checkpoints)
