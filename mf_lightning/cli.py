@@ -40,6 +40,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
@@ -58,9 +59,11 @@ from mf_lightning.callbacks import (
     StepProgressBar,
     ValidationSchedule,
 )
+from mf_lightning.checks import non_negative_number
 from mf_lightning.commands import SUBCOMMANDS, option_names, quick_answer
 from mf_lightning.config_errors import ConfigError, describe_parse_error
 from mf_lightning.data import TextDataModule
+from mf_lightning.data.progress import lines_every
 from mf_lightning.fs.errors import ENVIRONMENT_ERRNOS, describe
 from mf_lightning.fs.remote import is_remote
 from mf_lightning.kernels.guard import KernelDisagreement
@@ -71,6 +74,7 @@ from mf_lightning.lit.checkpoints import (
     check_run_folder,
     last_checkpoints,
 )
+from mf_lightning.lit.event_files import follow_event_files
 from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import FORMER_LOSS_TAGS, LOSS, VAL, LanguageModel, metric_tag
@@ -218,6 +222,8 @@ class MFCLI(ConfigOverCheckpointCLI):
                 f"{FORMER_LOSS_TAGS[monitor]!r} now: set checkpoint.monitor: {FORMER_LOSS_TAGS[monitor]} (a run's saved "
                 "config.yaml from then names the former)"
             )
+        # before the data module, which may train its tokenizer, is built: preparation logs at training's interval
+        self.claims.enter_context(lines_every(non_negative_number("progress.log_every_s", config.progress.log_every_s)))
         folders = run_folders(config)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(folders.checkpoints)
@@ -288,7 +294,18 @@ class MFCLI(ConfigOverCheckpointCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             self.prepare_run_folder(trainer)
+        follow_logged_event_files(trainer)
         return trainer
+
+
+def follow_logged_event_files(trainer: Trainer) -> None:
+    """Before any writer exists, on the rank that writes: each TensorBoard logger's new event file will sort after
+    those its folder holds (a resumed run's values are read last, ``event_files``); remote folders are not listed."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and not is_remote(logger.log_dir):
+            follow_event_files(Path(logger.log_dir))
 
 
 class ParsedConfig(Exception):

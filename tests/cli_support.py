@@ -80,6 +80,19 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+class FrozenClock:
+    """Stands for the ``time`` module where a clock must not move while a test runs: only ``sleep`` moves it on."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def state_of(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model weights stored in a Lightning checkpoint: a file, or a sharded folder (FSDP2Strategy)."""
     return read_checkpoint(checkpoint)["state_dict"]

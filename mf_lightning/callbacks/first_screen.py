@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 
 from mf_lightning.checks import non_negative_number
-from mf_lightning.data.progress import on_terminal
+from mf_lightning.data.progress import LOG_EVERY_S, LineClock, on_terminal
 from mf_lightning.lit.module import LOSS, TRAIN, metric_tag
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class StepProgressBar(RichProgressBar):
 
     tokens_per_step: int | None = None
 
-    def __init__(self, log_every_s: float = 30.0) -> None:
+    def __init__(self, log_every_s: float = LOG_EVERY_S) -> None:
         """``log_every_s``: seconds between two progress lines when the output is not a terminal (0: every step)."""
         super().__init__()
         self.log_every_s = non_negative_number("progress.log_every_s", log_every_s)
@@ -139,29 +139,22 @@ class LogLines:
     """Progress as one log line every ``seconds``: training in optimizer steps, evaluation in batches."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.last = self.started = self.evaluation_started = time.monotonic()
+        self.clock = LineClock(seconds)
+        self.started = self.evaluation_started = time.monotonic()
         self.first_step = 0
 
     def start(self, step: int) -> None:
         """Training starts (or resumes) at optimizer step ``step``."""
-        self.last = self.started = time.monotonic()
+        self.clock.restart()
+        self.started = time.monotonic()
         self.first_step = step
 
     def start_evaluation(self) -> None:
         self.evaluation_started = time.monotonic()
 
-    def due(self, last: bool) -> bool:
-        """Whether a line is due now (``last``: the final step or batch always gets one)."""
-        now = time.monotonic()
-        if not last and now - self.last < self.seconds:
-            return False
-        self.last = now
-        return True
-
     def training(self, step: int, total: float, tokens_per_step: int, loss: float | None) -> None:
         """Logs ``train: step s/total · tokens · loss · tokens/s · ETA`` when due."""
-        if not self.due(step >= total):
+        if not self.clock.due(step >= total):
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
         steps_per_s = (step - self.first_step) / elapsed
@@ -174,7 +167,7 @@ class LogLines:
 
     def evaluation(self, name: str, batch: int, total: float) -> None:
         """Logs ``<name>: batch b/total · ETA`` when due."""
-        if not self.due(batch >= total):
+        if not self.clock.due(batch >= total):
             return
         rate = batch / max(time.monotonic() - self.evaluation_started, 1e-9)
         log.info(f"{name}: batch {batch}/{total:g} · ETA {eta(total - batch, rate)}")

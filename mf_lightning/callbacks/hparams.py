@@ -12,8 +12,9 @@ They are written at the start of every fit (rank 0), which makes the right thing
   end summary written when the fit completes marks it successful;
 - a preempted or crashed run is already in the table with its latest values, and no end status;
 - a resumed run writes to the same folder, where TensorBoard keeps the first summary of each tag: the
-  row keeps the settings the run started with, the metrics come from the resumed curves, and the
-  resumed fit's completion marks it successful.
+  row keeps the settings the run started with, the metrics come from the resumed curves (``mf`` makes
+  sure its event file is read after the earlier ones: ``lit.event_files``), and the resumed fit's
+  completion marks it successful.
 
 ``on_fit_start`` runs before Lightning's own ``log_hyperparams``, so with a ``TensorBoardLogger`` that
 keeps its ``hp_metric`` default, the placeholder summary comes second and TensorBoard ignores it; ``mf``

@@ -24,11 +24,13 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
+from mf_lightning.checks import non_negative_number
 from mf_lightning.commands import option_names
 from mf_lightning.config_errors import ConfigError, describe_parse_error
 from mf_lightning.data.cache import SPLITS
 from mf_lightning.data.datamodule import TextDataModule
 from mf_lightning.data.leftovers import TOKENS, kept_parts, remove_unresumable
+from mf_lightning.data.progress import LOG_EVERY_S, lines_every
 
 
 def build_parser(defaults: dict[str, Any]) -> ArgumentParser:
@@ -81,7 +83,8 @@ def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace])
     first.add_argument("--config", action="append", default=[])
     first.add_argument("--print_config", action="store_true", help="print the resolved data settings and exit")
     known, _ = first.parse_known_args(argv)
-    defaults = read_config(known.config).data.as_dict() if known.config else {}
+    config = read_config(known.config) if known.config else None
+    defaults = config.data.as_dict() if config else {}
     parser = build_parser(defaults)
     kept = [argument for argument in argv if argument != "--print_config"]
     try:
@@ -91,5 +94,7 @@ def main(argv: Sequence[str], read_config: Callable[[Sequence[str]], Namespace])
     if known.print_config:
         print(yaml.safe_dump({"data": arguments.data.as_dict()}, sort_keys=False), end="")
         raise SystemExit(0)
-    data = TextDataModule(**arguments.data.as_dict())
-    print(prepare(data))
+    seconds = non_negative_number("progress.log_every_s", config.progress.log_every_s) if config else LOG_EVERY_S
+    with lines_every(seconds):  # the configs' training progress interval, for the preparation as in mf fit
+        data = TextDataModule(**arguments.data.as_dict())
+        print(prepare(data))

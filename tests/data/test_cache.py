@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from mf_lightning.data import cache as cache_module
-from mf_lightning.data import progress as progress_module
 from mf_lightning.data.cache import (
     TokenCache,
     checked_chunks,
@@ -22,6 +21,7 @@ from mf_lightning.data.cache import (
     prepare_token_cache,
     token_dtype,
 )
+from mf_lightning.data.progress import lines_every
 from mf_lightning.data.sources import FileSource, open_source
 from mf_lightning.data.tokenizers import ByteTokenizer, load_tokenizer
 from mf_lightning.fs.atomic import partial_path
@@ -329,11 +329,8 @@ def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(
     assert [path.suffix for path in (tmp_path / "tokens").iterdir()] == [".parts"]  # kept to resume from
 
 
-def test_building_logs_its_progress(
-    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
-    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+def test_building_logs_its_progress(corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with lines_every(0), caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         prepare_token_cache(open_source(str(corpus_dir)), ByteTokenizer(), tmp_path, 0.2)
     assert any(re.match(r"tokenizing the corpus: 100% .* 12 documents", message) for message in caplog.messages)
     assert any(re.match(r"tokenized 12 documents into \d+ tokens", message) for message in caplog.messages)

@@ -63,3 +63,30 @@ def test_fit_trains_on_compressed_jsonl_with_a_sampled_bpe(tmp_path: Path, capsy
     cli = run("fit", tiny_run_args(tmp_path / "run", tmp_path / "corpus", max_steps=1, **overrides))
     assert cli.trainer.global_step == 1
     assert "training a byte-level BPE with 300 tokens on at most 3,000 bytes of the corpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_every_s", [0, 3600])
+def test_prepare_logs_at_the_configs_progress_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture, log_every_s: int
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus", documents=30)
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        f"data:\n  source: {corpus}\n  tokenizer: bpe:300\n  cache_dir: {tmp_path / 'cache'}\n"
+        f"progress:\n  log_every_s: {log_every_s}\n"
+    )
+    main(["prepare", "--config", str(QUICKSTART), "--config", str(config)])
+    read = re.findall(r"^reading text for bpe:300: .*, (\d+) documents, ", capsys.readouterr().err, re.MULTILINE)
+    assert [int(documents) for documents in read] == (list(range(1, 31)) if log_every_s == 0 else [30])
+
+
+def test_prepare_refuses_a_negative_progress_interval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = write_corpus(tmp_path / "corpus")
+    config = tmp_path / "progress.yaml"
+    config.write_text(f"data:\n  source: {corpus}\n  cache_dir: {tmp_path / 'cache'}\nprogress:\n  log_every_s: -5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--config", str(QUICKSTART), "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "mf: error: progress.log_every_s must be a number of seconds >= 0, got -5"
+    )

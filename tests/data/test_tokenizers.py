@@ -8,7 +8,8 @@ from corpus_support import make_documents
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import models
 
-from mf_lightning.data import progress, tokenizers
+from mf_lightning.data import tokenizers
+from mf_lightning.data.progress import lines_every
 from mf_lightning.data.sources import FileSource, sample_documents
 from mf_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
@@ -165,24 +166,18 @@ def test_bpe_larger_than_the_corpus_allows_says_what_it_gives(corpus_dir: Path, 
     assert list(tmp_path.glob("tokenizers/*")) == []
 
 
-def test_bpe_training_logs_its_progress(
-    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)
-    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+def test_bpe_training_logs_its_progress(corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with lines_every(0), caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         load_tokenizer("bpe:300", FileSource(sorted(corpus_dir.iterdir())), tmp_path)
     assert any(re.match(r"reading text for bpe:300: \d+% .* 12 documents", message) for message in caplog.messages)
     assert any(re.match(r"trained bpe:300 in \d+ s", message) for message in caplog.messages)
 
 
-def test_bpe_merge_phase_logs_a_heartbeat_off_a_terminal(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.001)
+def test_bpe_merge_phase_logs_a_heartbeat_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
     no_spaces = [
         "".join(chr(0x4E00 + (index * 7919 + offset * 31) % 500) for offset in range(400)) for index in range(50)
     ]
-    with caplog.at_level(logging.INFO, logger="mf_lightning.data"):
+    with lines_every(0.001), caplog.at_level(logging.INFO, logger="mf_lightning.data"):
         train_bpe(no_spaces, 1200)
     read = next(index for index, message in enumerate(caplog.messages) if message.startswith("read 50 documents"))
     assert any("training bpe:1200: still computing merges" in message for message in caplog.messages[read:])
