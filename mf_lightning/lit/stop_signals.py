@@ -12,7 +12,13 @@ mid-step and one rank's SIGTERM handler broadcasts alone, which hangs a multi-ra
   preparation and run locks are released, staging files removed) and ``mf`` exits with one line;
 - **noting** (while the fit loop runs, switched by ``PreemptionCheckpoint``): the signal is only recorded; the
   ranks combine their records after every optimizer step and all stop at the same step and save ``last.ckpt``.
-  A second SIGINT while noting stops at once (Ctrl-C pressed twice), as ``KeyboardInterrupt``.
+  A second SIGINT while noting (Ctrl-C pressed twice) stops at once, without a save, even in the middle of a save
+  (whose staging file is removed, so ``last.ckpt`` stays the previous whole checkpoint), as ``StoppedBySignal``
+  with ``during_training`` set: not as ``KeyboardInterrupt``, which Lightning turns into exit status 1 and no line.
+
+Once the handler has raised, the process is stopping: later signals are only recorded, so that a repeated signal
+(a scheduler signalling twice, Ctrl-C held down) cannot interrupt the ``finally`` blocks that release the locks
+and remove the staging files.
 
 A forked child inherits the handler but not the job: there the signal gets its default action.
 """
@@ -39,9 +45,11 @@ class StoppedBySignal(BaseException):
     """A stop signal arrived outside the fit loop; a ``BaseException`` (like ``KeyboardInterrupt``), so that no
     ``except Exception`` on the way turns it into another error."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, during_training: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.during_training = during_training
+        """Whether it stopped the fit loop itself (a second SIGINT while noting), not the preparation before it."""
 
 
 def exit_status(signums: set[int]) -> int:
@@ -62,6 +70,8 @@ class StopSignals:
         self.pid: int | None = None
         self.previous: dict[int, Any] = {}
         self.noting = False
+        self.stopping = False
+        """Whether ``handle`` raised ``StoppedBySignal`` (see the module): then later signals are only recorded."""
         self.received: set[int] = set()
         self.agreed: set[int] = set()
         """The signals the ranks together stopped a fit for (``PreemptionCheckpoint``): what ``mf`` exits with."""
@@ -75,7 +85,7 @@ class StopSignals:
         Python neither installs handlers nor runs them, nothing is done."""
         if self.installed or threading.current_thread() is not threading.main_thread():
             return
-        self.pid, self.noting, self.received, self.agreed = os.getpid(), False, set(), set()
+        self.pid, self.noting, self.stopping, self.received, self.agreed = os.getpid(), False, False, set(), set()
         self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
 
     def uninstall(self) -> None:
@@ -112,13 +122,12 @@ class StopSignals:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if self.noting and not (signum == signal.SIGINT and signal.SIGINT in self.received):
-            self.received.add(signum)
-            return
+        repeated_sigint = signum == signal.SIGINT and signal.SIGINT in self.received
         self.received.add(signum)
-        if signum == signal.SIGINT and self.noting:
-            raise KeyboardInterrupt
-        raise StoppedBySignal(signum)
+        if self.stopping or (self.noting and not repeated_sigint):
+            return
+        self.stopping = True
+        raise StoppedBySignal(signum, during_training=self.noting)
 
 
 STOP_SIGNALS_HANDLER = StopSignals()

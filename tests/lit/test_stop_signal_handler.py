@@ -25,8 +25,24 @@ def test_while_noting_signals_are_recorded_and_a_second_sigint_stops_at_once():
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == {signal.SIGUSR1, signal.SIGINT}
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(StoppedBySignal) as stopped:
             os.kill(os.getpid(), signal.SIGINT)
+    assert stopped.value.signum == signal.SIGINT and stopped.value.during_training
+
+
+@pytest.mark.parametrize("noting", [False, True], ids=["preparing", "training"])
+def test_once_stopping_later_signals_are_only_recorded_so_the_unwinding_finishes(noting):
+    """A repeated signal (a scheduler signalling twice) must not interrupt the ``finally`` blocks of the first stop."""
+    with StopSignals().owning() as signals:
+        if noting:
+            signals.note()
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(StoppedBySignal) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.during_training == noting
+        for signum in STOP_SIGNALS:
+            os.kill(os.getpid(), signum)
+        assert signals.received == set(STOP_SIGNALS)
 
 
 def test_the_exit_status_is_143_for_a_schedulers_signal_and_130_for_sigint_alone():
