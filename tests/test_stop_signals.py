@@ -25,7 +25,6 @@ from test_reliability import (
     SUBPROCESS_TIMEOUT,
     assert_same_weights,
     ddp_fit,
-    ddp_uninterrupted,  # noqa: F401 (a fixture)
     fit_command,
     run_fit,
     signal_at,
@@ -321,6 +320,16 @@ def test_a_second_sigint_mid_save_stops_at_once_with_one_line_130_and_the_previo
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
 
 
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(corpus, final weights) of a 2-rank DDP run never interrupted, started with ``--ckpt_path last``."""
+    root = tmp_path_factory.mktemp("ddp_uninterrupted")
+    corpus = write_corpus(root / "corpus")
+    finished = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return corpus, state_of(root / "checkpoints" / "last.ckpt")
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("signalled", ["saving-rank0", "waiting-rank1"])
@@ -329,7 +338,7 @@ def test_ddp_a_signal_while_rank_0_writes_last_stops_both_ranks_after_the_next_s
 ):
     """Two DDP ranks; rank 0 writes ``last.ckpt`` of step 4 (after its validation) while rank 1 waits for it; SIGTERM
     to the writer, or SIGUSR1 to the waiting rank: both stop after step 5 and save one agreed ``last.ckpt``."""
-    _, corpus, expected = ddp_uninterrupted
+    corpus, expected = ddp_uninterrupted
     root = tmp_path / "run"
     signum, rank = (signal.SIGTERM, 0) if signalled == "saving-rank0" else (signal.SIGUSR1, 1)
     program, marker = pausing(tmp_path, PAUSED_SAVE.format(target="last.ckpt", step=4, times=1))
