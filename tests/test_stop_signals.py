@@ -352,3 +352,26 @@ def test_ddp_a_signal_while_rank_0_writes_last_stops_both_ranks_after_the_next_s
     resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_a_second_sigint_mid_save_stops_every_rank_at_once_and_the_previous_last_resumes(
+    ddp_uninterrupted, tmp_path
+):
+    """Ctrl-C twice to rank 0 while it writes ``last.ckpt`` of step 4: it stops at once with one line and status 130,
+    the rank it launched is stopped with it (not left waiting), and ``last.ckpt`` of step 2 resumes."""
+    corpus, expected = ddp_uninterrupted
+    root = tmp_path / "run"
+    program, marker = pausing(tmp_path, PAUSED_SAVE.format(target="last.ckpt", step=4, times=2))
+    process = start([*program, *ddp_fit(root, corpus, "--ckpt_path", "last")[3:]])
+    signal_when_paused(process, marker, [signal.SIGINT, signal.SIGINT])
+    _, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 130, err[-4000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
+    assert line.startswith("mf: error: SIGINT stopped mf fit at once (a second SIGINT)") and "Traceback" not in err
+    assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert not locks_left(root) and not staged_files(root)
+    resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
