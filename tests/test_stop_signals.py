@@ -82,6 +82,19 @@ torch.save = paused_save
 """A patch pausing the write of the checkpoint whose name starts with ``{target}`` at step ``{step}``, ``{times}``
 times, its staging file open (``mf_lightning.fs.atomic.partial_path``: ``.<name>.<host>-<pid>-<random>.partial``)."""
 
+PAUSED_STOP_END = """
+from lightning.pytorch.loggers import TensorBoardLogger
+finalize = TensorBoardLogger.finalize
+
+def paused_finalize(self, status):
+    if status == "failed":
+        pause()
+    return finalize(self, status)
+
+TensorBoardLogger.finalize = paused_finalize
+"""
+"""A patch pausing a stopped fit after its ``last.ckpt`` was saved, where Lightning closes the logs of the stopped run."""
+
 
 def patched_mf(folder: Path, patch: str) -> list[str]:
     """``[python, program]``: ``mf`` with ``patch`` (Python source) run first, from a program file in ``folder``, so
@@ -375,3 +388,18 @@ def test_ddp_a_second_sigint_mid_save_stops_every_rank_at_once_and_the_previous_
     resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_stopped_fit_finishes_after_its_save_changes_nothing(uninterrupted, tmp_path):
+    """SIGUSR1 stops the fit after step 6 and ``last.ckpt`` is saved; a SIGTERM while the run then closes its logs
+    (a scheduler's SIGTERM after its SIGUSR1) is only noted: one stop, no error line claiming nothing was saved."""
+    corpus, _ = uninterrupted
+    root = tmp_path / "run"
+    program, marker = pausing(tmp_path, PAUSED_STOP_END)
+    process = start([*program, *fit_command(root, corpus, "--ckpt_path", "last", *signal_at(5, signal.SIGUSR1))[3:]])
+    signal_when_paused(process, marker, [signal.SIGTERM])
+    out, err = process.communicate(timeout=4 * SUBPROCESS_TIMEOUT)
+    stopped = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    assert_stopped_cleanly(stopped, root, signal.SIGUSR1, step=6)
+    assert "mf: error:" not in err

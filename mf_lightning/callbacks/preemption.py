@@ -60,14 +60,16 @@ class PreemptionCheckpoint(pl.Callback):
         if not self.signals.installed:
             self.signals.install()
             self.installed_here = True
+        self.signals.stop()  # a stage of this process after a fit (an evaluation) is stopped by a signal again
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release_signals()
 
     def release_signals(self) -> None:
-        """Stops noting, and gives the handlers back if ``setup`` installed them (Lightning calls ``teardown`` after
-        a run that ended normally, ``on_exception`` after one that did not)."""
-        self.signals.stop()
+        """From now on only records signals (``StopSignals.finish``: the stop, if any, is done, and the clean-up
+        after it must complete), and gives the handlers back if ``setup`` installed them (Lightning calls
+        ``teardown`` after a run that ended normally, ``on_exception`` after one that did not)."""
+        self.signals.finish()
         if self.installed_here:
             self.signals.uninstall()
             self.installed_here = False
@@ -125,7 +127,7 @@ class PreemptionCheckpoint(pl.Callback):
         mark_sigterm_received(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then stops noting."""
+        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then ``release_signals``."""
         try:
             self.save_after_stop(trainer, exception)
         finally:

@@ -7,7 +7,7 @@ preparation dies without a message; left to Lightning, SIGUSR1 under SLURM write
 mid-step and one rank's SIGTERM handler broadcasts alone, which hangs a multi-rank job. So ``mf fit`` installs
 ``StopSignals`` before it does anything, and the handler has two modes:
 
-- **stopping** (preparation: tokenizer training, cache building, model set-up; and after training): the first
+- **stopping** (preparation: tokenizer training, cache building, model set-up; an evaluation): the first
   signal raises ``StoppedBySignal`` in the main thread, which unwinds every ``finally`` and ``with`` block (the
   preparation and run locks are released, staging files removed) and ``mf`` exits with one line;
 - **noting** (while the fit loop runs, switched by ``PreemptionCheckpoint``): the signal is only recorded; the
@@ -16,9 +16,10 @@ mid-step and one rank's SIGTERM handler broadcasts alone, which hangs a multi-ra
   (whose staging file is removed, so ``last.ckpt`` stays the previous whole checkpoint), as ``StoppedBySignal``
   with ``during_training`` set: not as ``KeyboardInterrupt``, which Lightning turns into exit status 1 and no line.
 
-Once the handler has raised, the process is stopping: later signals are only recorded, so that a repeated signal
-(a scheduler signalling twice, Ctrl-C held down) cannot interrupt the ``finally`` blocks that release the locks
-and remove the staging files.
+Once the handler has raised, or the fit loop has ended (stopped and saved, or finished: ``finish``), the process is
+on its way out: later signals are only recorded, so that a repeated signal (a scheduler's SIGTERM after its SIGUSR1,
+Ctrl-C held down) cannot interrupt the ``finally`` blocks that release the locks and remove the staging files, nor
+end a run whose ``last.ckpt`` was saved with a line saying nothing was.
 
 A forked child inherits the handler but not the job: there the signal gets its default action.
 """
@@ -71,7 +72,7 @@ class StopSignals:
         self.previous: dict[int, Any] = {}
         self.noting = False
         self.stopping = False
-        """Whether ``handle`` raised ``StoppedBySignal`` (see the module): then later signals are only recorded."""
+        """Whether the process is on its way out (``handle`` raised, or ``finish``): later signals are only recorded."""
         self.received: set[int] = set()
         self.agreed: set[int] = set()
         """The signals the ranks together stopped a fit for (``PreemptionCheckpoint``): what ``mf`` exits with."""
@@ -114,8 +115,14 @@ class StopSignals:
         self.noting = True
 
     def stop(self) -> None:
-        """Stops at the next signal from now on (outside the fit loop); one already recorded stays recorded."""
-        self.noting = False
+        """Stops at the next signal from now on (a stage starting: a fit's preparation, an evaluation); one already
+        recorded stays recorded."""
+        self.noting, self.stopping = False, False
+
+    def finish(self) -> None:
+        """Only records signals from now on: the fit loop has ended, and what is left (closing the logs, releasing
+        the locks) must complete."""
+        self.stopping = True
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pid != os.getpid():  # a forked child: the signal's default action
