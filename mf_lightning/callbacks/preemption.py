@@ -29,7 +29,8 @@ class PreemptionCheckpoint(pl.Callback):
     installing its own (``keep_signal_handlers``): its SIGTERM handler broadcasts from inside the signal
     handler of whichever rank got the signal, which hangs a multi-rank job, and its SLURM SIGUSR1 handler
     writes a stray ``hpc_ckpt_*.ckpt`` mid-step. While the fit loop runs (from the sanity check to the end of
-    training) the handler only notes a signal. After every optimizer step all ranks reduce their notes
+    training, validations and saves included) the handler only notes a signal, and after it only records one
+    (``release_signals``). After every optimizer step all ranks reduce their notes
     (``strategy.reduce_boolean_decision``, any strategy: single device, DDP, FSDP); if any rank got one, every
     rank marks the trainer as having received SIGTERM at that same step, and Lightning stops them all after the
     batch (after the first batch of a validation that was due), raising ``SIGTERMException``. Then each rank
