@@ -150,7 +150,8 @@ class MFCLI(ConfigOverCheckpointCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
         however it ends, a stop signal before training started is passed on to the ranks this process launched
-        (which are killed when a second SIGINT stopped training at once), and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
+        (which are killed when a second SIGINT stopped training at once), and a rank lost in a multi-rank fit
+        becomes a ``RankLostError`` naming it."""
         with ExitStack() as self.claims:
             try:
                 super().__init__(*args, **kwargs)

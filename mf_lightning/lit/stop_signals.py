@@ -43,8 +43,8 @@ INTERRUPTED_EXIT_STATUS = 128 + signal.SIGINT
 
 
 class StoppedBySignal(BaseException):
-    """A stop signal arrived outside the fit loop; a ``BaseException`` (like ``KeyboardInterrupt``), so that no
-    ``except Exception`` on the way turns it into another error."""
+    """A stop signal arrived outside the fit loop, or a second SIGINT inside it; a ``BaseException`` (like
+    ``KeyboardInterrupt``), so that no ``except Exception`` on the way turns it into another error."""
 
     def __init__(self, signum: int, during_training: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
