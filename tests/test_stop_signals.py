@@ -60,13 +60,15 @@ from mf_lightning.lit import LanguageModel
 validation_step = LanguageModel.validation_step
 
 def paused_validation_step(self, batch, batch_idx):
-    if not self.trainer.sanity_checking and self.trainer.global_step == {step} and batch_idx == 0:
+    trainer = self.trainer
+    if not trainer.sanity_checking and trainer.global_step == {step} and batch_idx == 0 and trainer.global_rank == {rank}:
         pause()
     return validation_step(self, batch, batch_idx)
 
 LanguageModel.validation_step = paused_validation_step
 """
-"""A patch pausing the first batch of the validation after step ``{step}`` (of 2 batches: the middle of it)."""
+"""A patch pausing rank ``{rank}`` in the first batch of the validation after step ``{step}`` (of 2 batches: the
+middle of it)."""
 PAUSED_SAVE = """
 import torch
 save = torch.save
@@ -290,7 +292,7 @@ def test_a_signal_mid_validation_or_mid_save_stops_after_the_next_step_saving_on
     corpus, expected = uninterrupted
     root = tmp_path / "run"
     patch = (
-        PAUSED_VALIDATION.format(step=8)
+        PAUSED_VALIDATION.format(step=8, rank=0)
         if moment == "validation"
         else PAUSED_SAVE.format(target=moment, step=8, times=1)
     )
@@ -345,18 +347,26 @@ def ddp_uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("signalled", ["saving-rank0", "waiting-rank1"])
-def test_ddp_a_signal_while_rank_0_writes_last_stops_both_ranks_after_the_next_step_and_resume_matches(
-    ddp_uninterrupted, tmp_path, signalled
+@pytest.mark.parametrize(
+    ("moment", "signum", "rank"),
+    [("saving", signal.SIGTERM, 0), ("saving", signal.SIGUSR1, 1), ("validation", signal.SIGINT, 1)],
+    ids=["SIGTERM-rank0-saving", "SIGUSR1-rank1-waiting-for-the-save", "SIGINT-rank1-mid-validation"],
+)
+def test_ddp_a_signal_mid_save_or_mid_validation_stops_both_ranks_after_the_next_step_and_resume_matches(
+    ddp_uninterrupted, tmp_path, moment, signum, rank
 ):
-    """Two DDP ranks; rank 0 writes ``last.ckpt`` of step 4 (after its validation) while rank 1 waits for it; SIGTERM
-    to the writer, or SIGUSR1 to the waiting rank: both stop after step 5 and save one agreed ``last.ckpt``."""
+    """Two DDP ranks. Rank 0 writes ``last.ckpt`` of step 4 (after its validation) while rank 1 waits for it: SIGTERM
+    to the writer, or SIGUSR1 to the waiting rank; or SIGINT to rank 1 in the middle of that validation. Both stop
+    after step 5 and save one agreed ``last.ckpt``."""
     corpus, expected = ddp_uninterrupted
     root = tmp_path / "run"
-    signum, rank = (signal.SIGTERM, 0) if signalled == "saving-rank0" else (signal.SIGUSR1, 1)
-    program, marker = pausing(tmp_path, PAUSED_SAVE.format(target="last.ckpt", step=4, times=1))
+    if moment == "saving":
+        patch = PAUSED_SAVE.format(target="last.ckpt", step=4, times=1)  # rank 0 writes the .ckpt files under DDP
+    else:
+        patch = PAUSED_VALIDATION.format(step=4, rank=rank)
+    program, marker = pausing(tmp_path, patch)
     process = start([*program, *ddp_fit(root, corpus, "--ckpt_path", "last")[3:]])
-    signal_when_paused(process, marker, [signum], launched=rank == 1)
+    signal_when_paused(process, marker, [signum], launched=moment == "saving" and rank == 1)
     out, err = process.communicate(timeout=4 * SUBPROCESS_TIMEOUT)
     stopped = subprocess.CompletedProcess(process.args, process.returncode, out, err)
     assert_stopped_cleanly(stopped, root, signum, step=5)
