@@ -153,17 +153,19 @@ class MFCLI(ConfigOverCheckpointCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
-        however it ends, a stop signal before training started is passed on to the ranks this process launched,
-        and a rank lost in a multi-rank fit becomes a ``RankLostError`` naming it."""
+        however it ends, a stop signal before training started is passed on to the ranks this process launched
+        (which are killed when a second SIGINT stopped training at once), and a rank lost in a multi-rank fit
+        becomes a ``RankLostError`` naming it."""
         with ExitStack() as self.claims:
             try:
                 super().__init__(*args, **kwargs)
             except StoppedBySignal as stopped:
                 trainer = getattr(self, "trainer", None)
                 for process in launched_processes(trainer) if trainer is not None else []:
-                    process.send_signal(
-                        stopped.signum
-                    )  # the ranks this process started stop with it, each with its line
+                    if stopped.during_training:
+                        process.kill()  # stopping at once: a rank left training would wait for this one
+                    else:
+                        process.send_signal(stopped.signum)  # the ranks it started stop with it, each with its line
                 raise
             except RuntimeError as error:
                 lost = lost_rank_error(getattr(self, "trainer", None), error)
@@ -474,14 +476,20 @@ def run_subcommand(argv: list[str], from_python: bool) -> MFCLI | None:
     except SIGTERMException:
         raise SystemExit(exit_status(STOP_SIGNALS_HANDLER.agreed or {signal.SIGTERM})) from None
     except StoppedBySignal as stopped:
-        raise SystemExit(signal_stop(argv, stopped.signum)) from None
+        raise SystemExit(signal_stop(argv, stopped.signum, stopped.during_training)) from None
 
 
-def signal_stop(argv: list[str], signum: int) -> int:
-    """Says in one line that ``signum`` stopped ``mf <argv>`` outside the fit loop (while preparing, or evaluating),
-    requeues a SLURM job after SIGUSR1 (on the first task), and returns the exit status."""
+def signal_stop(argv: list[str], signum: int, during_training: bool = False) -> int:
+    """Says in one line that ``signum`` stopped ``mf <argv>`` outside the fit loop (while preparing, or evaluating)
+    or, ``during_training``, at once inside it (a second SIGINT), requeues a SLURM job after SIGUSR1 (on the first
+    task), and returns the exit status."""
     name, subcommand = signal.Signals(signum).name, argv[0] if argv else "mf"
-    if subcommand == "fit":
+    if during_training:
+        what = (
+            "mf fit at once (a second SIGINT), without saving this step; resume from the last saved checkpoint with: "
+            f"{resume_command(argv)}"
+        )
+    elif subcommand == "fit":
         what = "mf fit before training started (while preparing its data or model); nothing was saved; run it again"
     else:
         what = f"{subcommand} before it finished; no results were reported"

@@ -29,7 +29,8 @@ class PreemptionCheckpoint(pl.Callback):
     installing its own (``keep_signal_handlers``): its SIGTERM handler broadcasts from inside the signal
     handler of whichever rank got the signal, which hangs a multi-rank job, and its SLURM SIGUSR1 handler
     writes a stray ``hpc_ckpt_*.ckpt`` mid-step. While the fit loop runs (from the sanity check to the end of
-    training) the handler only notes a signal. After every optimizer step all ranks reduce their notes
+    training, validations and saves included) the handler only notes a signal, and after it only records one
+    (``release_signals``). After every optimizer step all ranks reduce their notes
     (``strategy.reduce_boolean_decision``, any strategy: single device, DDP, FSDP); if any rank got one, every
     rank marks the trainer as having received SIGTERM at that same step, and Lightning stops them all after the
     batch (after the first batch of a validation that was due), raising ``SIGTERMException``. Then each rank
@@ -60,14 +61,16 @@ class PreemptionCheckpoint(pl.Callback):
         if not self.signals.installed:
             self.signals.install()
             self.installed_here = True
+        self.signals.stop()  # a stage of this process after a fit (an evaluation) is stopped by a signal again
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release_signals()
 
     def release_signals(self) -> None:
-        """Stops noting, and gives the handlers back if ``setup`` installed them (Lightning calls ``teardown`` after
-        a run that ended normally, ``on_exception`` after one that did not)."""
-        self.signals.stop()
+        """From now on only records signals (``StopSignals.finish``: the stop, if any, is done, and the clean-up
+        after it must complete), and gives the handlers back if ``setup`` installed them (Lightning calls
+        ``teardown`` after a run that ended normally, ``on_exception`` after one that did not)."""
+        self.signals.finish()
         if self.installed_here:
             self.signals.uninstall()
             self.installed_here = False
@@ -125,7 +128,7 @@ class PreemptionCheckpoint(pl.Callback):
         mark_sigterm_received(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then stops noting."""
+        """Saves ``last.ckpt`` after an agreed stop (a signal arriving meanwhile is only noted), then ``release_signals``."""
         try:
             self.save_after_stop(trainer, exception)
         finally:

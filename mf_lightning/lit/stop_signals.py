@@ -7,12 +7,19 @@ preparation dies without a message; left to Lightning, SIGUSR1 under SLURM write
 mid-step and one rank's SIGTERM handler broadcasts alone, which hangs a multi-rank job. So ``mf fit`` installs
 ``StopSignals`` before it does anything, and the handler has two modes:
 
-- **stopping** (preparation: tokenizer training, cache building, model set-up; and after training): the first
+- **stopping** (preparation: tokenizer training, cache building, model set-up; an evaluation): the first
   signal raises ``StoppedBySignal`` in the main thread, which unwinds every ``finally`` and ``with`` block (the
   preparation and run locks are released, staging files removed) and ``mf`` exits with one line;
 - **noting** (while the fit loop runs, switched by ``PreemptionCheckpoint``): the signal is only recorded; the
   ranks combine their records after every optimizer step and all stop at the same step and save ``last.ckpt``.
-  A second SIGINT while noting stops at once (Ctrl-C pressed twice), as ``KeyboardInterrupt``.
+  A second SIGINT while noting (Ctrl-C pressed twice) stops at once, without a save, even in the middle of a save
+  (whose staging file is removed, so ``last.ckpt`` stays the previous whole checkpoint), as ``StoppedBySignal``
+  with ``during_training`` set: not as ``KeyboardInterrupt``, which Lightning turns into exit status 1 and no line.
+
+Once the handler has raised, or the fit loop has ended (stopped and saved, or finished: ``finish``), the process is
+on its way out: later signals are only recorded, so that a repeated signal (a scheduler's SIGTERM after its SIGUSR1,
+Ctrl-C held down) cannot interrupt the ``finally`` blocks that release the locks and remove the staging files, nor
+end a run whose ``last.ckpt`` was saved with a line saying nothing was.
 
 A forked child inherits the handler but not the job: there the signal gets its default action.
 """
@@ -36,12 +43,14 @@ INTERRUPTED_EXIT_STATUS = 128 + signal.SIGINT
 
 
 class StoppedBySignal(BaseException):
-    """A stop signal arrived outside the fit loop; a ``BaseException`` (like ``KeyboardInterrupt``), so that no
-    ``except Exception`` on the way turns it into another error."""
+    """A stop signal arrived outside the fit loop, or a second SIGINT inside it; a ``BaseException`` (like
+    ``KeyboardInterrupt``), so that no ``except Exception`` on the way turns it into another error."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, during_training: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.during_training = during_training
+        """Whether it stopped the fit loop itself (a second SIGINT while noting), not the preparation before it."""
 
 
 def exit_status(signums: set[int]) -> int:
@@ -62,6 +71,8 @@ class StopSignals:
         self.pid: int | None = None
         self.previous: dict[int, Any] = {}
         self.noting = False
+        self.stopping = False
+        """Whether the process is on its way out (``handle`` raised, or ``finish``): later signals are only recorded."""
         self.received: set[int] = set()
         self.agreed: set[int] = set()
         """The signals the ranks together stopped a fit for (``PreemptionCheckpoint``): what ``mf`` exits with."""
@@ -75,7 +86,7 @@ class StopSignals:
         Python neither installs handlers nor runs them, nothing is done."""
         if self.installed or threading.current_thread() is not threading.main_thread():
             return
-        self.pid, self.noting, self.received, self.agreed = os.getpid(), False, set(), set()
+        self.pid, self.noting, self.stopping, self.received, self.agreed = os.getpid(), False, False, set(), set()
         self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
 
     def uninstall(self) -> None:
@@ -104,21 +115,26 @@ class StopSignals:
         self.noting = True
 
     def stop(self) -> None:
-        """Stops at the next signal from now on (outside the fit loop); one already recorded stays recorded."""
-        self.noting = False
+        """Stops at the next signal from now on (a stage starting: a fit's preparation, an evaluation); one already
+        recorded stays recorded."""
+        self.noting, self.stopping = False, False
+
+    def finish(self) -> None:
+        """Only records signals from now on: the fit loop has ended, and what is left (closing the logs, releasing
+        the locks) must complete."""
+        self.stopping = True
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pid != os.getpid():  # a forked child: the signal's default action
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if self.noting and not (signum == signal.SIGINT and signal.SIGINT in self.received):
-            self.received.add(signum)
-            return
+        repeated_sigint = signum == signal.SIGINT and signal.SIGINT in self.received
         self.received.add(signum)
-        if signum == signal.SIGINT and self.noting:
-            raise KeyboardInterrupt
-        raise StoppedBySignal(signum)
+        if self.stopping or (self.noting and not repeated_sigint):
+            return
+        self.stopping = True
+        raise StoppedBySignal(signum, during_training=self.noting)
 
 
 STOP_SIGNALS_HANDLER = StopSignals()
