@@ -33,7 +33,7 @@ from mf_lightning.fs.remote import is_remote
 from mf_lightning.lit.checkpoint_digests import with_digests
 from mf_lightning.lit.checkpoint_files import load_file
 from mf_lightning.lit.distributed_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
-from mf_lightning.lit.lightning_private import ModelCheckpointSteps
+from mf_lightning.lit.lightning_private import ModelCheckpointSteps, validates_after_this_batch
 from mf_lightning.models.pretrained import COMPILE_PREFIX, RUNTIME_FIELDS, state_problems
 
 MODEL_CONFIG_KEY = "mf_model_config"
@@ -107,6 +107,17 @@ class AtomicModelCheckpoint(ModelCheckpointSteps):
         super().on_train_start(trainer, pl_module)
         if self.save_last and not is_remote(str(self.dirpath)) and self.owns_last(trainer):
             self.last_model_path = self.last_path()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """A periodic save (``every_n_train_steps``, ``train_time_interval``) that falls on a validation step waits
+        for that validation (``defer_save_to_validation``): the best file is then chosen by this step's score, and
+        ``last`` holds the validated state, as at every other validation."""
+        if self.monitor is not None and validates_after_this_batch(trainer):
+            self.defer_save_to_validation()
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -70,6 +70,14 @@ class ModelCheckpointSteps(ModelCheckpoint):
         did not write exists (``_save_last_checkpoint`` with ``_monitor_candidates``)."""
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def defer_save_to_validation(self) -> None:
+        """Leaves the save due at this training batch to the validation that follows it (which then saves top-k
+        and ``last``, ``_defer_save_until_validation``). Lightning defers so itself only before the validation
+        after an epoch's last batch, not before one that ``val_check_interval`` counted across epochs schedules
+        (no upstream issue): its periodic save would score the new weights with the previous validation's value,
+        and, being a save at this step, make the validation's own save skip."""
+        self._defer_save_until_validation = True
+
     def _link_checkpoint(self, trainer: pl.Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
         """Lightning's step that points ``save_last="link"``'s ``last`` at ``filepath``: ``link_last`` does it."""
         self.link_last(trainer, filepath, linkpath)
@@ -162,6 +170,15 @@ def validation_due(trainer: pl.Trainer | None, batches: int) -> bool:
     interval = getattr(trainer, "val_check_interval", None)
     across_epochs = trainer is not None and trainer.check_val_every_n_epoch is None
     return across_epochs and isinstance(interval, int) and batches > 0 and batches % interval == 0
+
+
+def validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether a validation follows this training batch, by the interval counted across
+    epochs (``validation_due`` of the batches done so far, ``fit_loop.epoch_loop.batch_progress``) or because the
+    fit stops after it (``should_stop``: Lightning validates before it stops, ``ValidationSchedule``)."""
+    if not trainer.enable_validation:
+        return False
+    return trainer.should_stop or validation_due(trainer, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
 
 
 def launched_processes(trainer: pl.Trainer) -> list[subprocess.Popen[Any]]:

@@ -257,10 +257,14 @@ class LastAfterValidation(pl.Callback):
             self.validated = None
 
 
-def fit_scripted(folder: Path, scores: list[float], save_last=True, max_steps=8, ckpt_path=None, callbacks=()):
+def fit_scripted(
+    folder: Path, scores: list[float], save_last=True, max_steps=8, ckpt_path=None, callbacks=(), **checkpoint_options
+):
     """Fits ``ScriptedScore`` validating every 2 steps into ``folder``; returns (trainer, module, probe, saved names)."""
     probe = LastAfterValidation(folder / "last.ckpt")
-    checkpoint = AtomicModelCheckpoint(dirpath=folder, monitor="score", save_last=save_last, filename="best-{step}")
+    checkpoint = AtomicModelCheckpoint(
+        dirpath=folder, monitor="score", save_last=save_last, filename="best-{step}", **checkpoint_options
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -302,6 +306,19 @@ def test_last_holds_every_validated_model_whatever_the_metric(tmp_path, save_las
     }[save_last]
     assert saved == expected
     assert trainer.checkpoint_callback.best_model_path == str(tmp_path / "best-step=6.ckpt")
+
+
+@pytest.mark.parametrize("every_n_train_steps", [1, 2])
+def test_periodic_saves_on_a_validation_step_wait_for_its_score(tmp_path, every_n_train_steps):
+    """Scores 1, 2, 0.5 (best), 3 at steps 2, 4, 6, 8, and a periodic save at every validation step: each waits for
+    its validation, so the best file holds step 6 with its 0.5 (saved first, Lightning scored it with the earlier
+    validation's value and its own save made the validation skip: the best stayed at step 2)."""
+    trainer, _, probe, _ = fit_scripted(tmp_path, [1.0, 2.0, 0.5, 3.0], every_n_train_steps=every_n_train_steps)
+    assert probe.pairs == [(2, 2), (4, 4), (6, 6), (8, 8)]
+    assert sorted(path.name for path in tmp_path.glob("best*.ckpt")) == ["best-step=6.ckpt"]
+    callback = trainer.checkpoint_callback
+    assert callback.best_model_path == str(tmp_path / "best-step=6.ckpt") and callback.best_model_score == 0.5
+    assert torch.load(tmp_path / "best-step=6.ckpt", weights_only=True)["global_step"] == 6
 
 
 @pytest.mark.parametrize("how", ["moved", "copied"])

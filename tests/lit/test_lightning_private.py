@@ -38,6 +38,7 @@ from mf_lightning.lit.lightning_private import (
     launched_processes,
     make_every_rank_data_parallel,
     mark_sigterm_received,
+    validates_after_this_batch,
 )
 
 
@@ -203,6 +204,61 @@ def test_lightning_still_keeps_last_at_the_best_step_only(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, monitor="val", mode="min", save_top_k=1, save_last=True)
     trainer(callbacks=(callback,)).fit(Worsening(), loader(), loader())
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+class ValidatedStep(Regression):
+    """Validates to the global step (2.0 at step 2, ...): a score names the weights it was measured on."""
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val", float(self.global_step))
+
+
+def scores_of_the_saves(callback: ModelCheckpoint) -> dict[int, float]:
+    """Step of each top-k file (named ``{step}``) -> the score the callback gave it."""
+    return {int(Path(path).stem.split("=")[1]): float(score) for path, score in callback.best_k_models.items()}
+
+
+def test_lightning_scores_a_periodic_save_before_an_interval_validation_with_the_previous_one(tmp_path):
+    """Why ``defer_save_to_validation`` exists: a periodic save at a step that ``val_check_interval`` validates is
+    made first, with the previous validation's value, and the validation then saves nothing. When this fails,
+    Lightning defers by itself and AtomicModelCheckpoint.on_train_batch_end can go."""
+    callback = ModelCheckpoint(dirpath=tmp_path, monitor="val", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(callbacks=(callback,)).fit(ValidatedStep(), loader(), loader())
+    assert scores_of_the_saves(callback) == {2: 2.0, 4: 2.0}
+
+
+def test_a_deferred_save_is_made_by_the_validation_with_its_score(tmp_path):
+    class Deferring(ModelCheckpointSteps):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+            self.defer_save_to_validation()
+
+    callback = Deferring(dirpath=tmp_path, monitor="val", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(callbacks=(callback,)).fit(ValidatedStep(), loader(), loader())
+    assert scores_of_the_saves(callback) == {2: 2.0, 4: 4.0}
+
+
+class ValidationAhead(pl.Callback):
+    def __init__(self) -> None:
+        self.ahead: list[bool] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        self.ahead.append(validates_after_this_batch(trainer))
+
+
+@pytest.mark.parametrize("accumulate, expected", [(1, [False, True, False, True]), (2, [False, False, False, True])])
+def test_validates_after_this_batch_counts_the_batch_just_done(accumulate, expected):
+    probe = ValidationAhead()
+    interval = 2 * accumulate
+    trainer(
+        max_steps=4 // accumulate, callbacks=(probe,), val_check_interval=interval, accumulate_grad_batches=accumulate
+    ).fit(Regression(), loader(), loader())
+    assert probe.ahead == expected
+
+
+def test_nothing_validates_after_a_batch_without_validation():
+    probe = ValidationAhead()
+    trainer(callbacks=(probe,)).fit(Regression(), loader())
+    assert probe.ahead == [False] * 4
 
 
 # --- make_every_rank_data_parallel: ModelParallelStrategy._data_parallel_size -------------------------------
