@@ -77,7 +77,7 @@ def test_model_without_memory_layers_gets_one_info_and_no_logs(dense_module, fit
     assert len(messages) == 1 and "no MemoryLayer" in messages[0]
     assert monitor.counts == {}
     tags = events.Tags()
-    assert not any(tag.startswith("bucket") for kind in ("scalars", "histograms", "images") for tag in tags[kind])
+    assert not any(tag.startswith("memory_") for kind in ("scalars", "histograms", "images") for tag in tags[kind])
 
 
 def test_every_rank_reduces_and_only_rank_zero_writes(tiny_module, fit, read_events, monkeypatch) -> None:
@@ -96,7 +96,7 @@ def test_every_rank_reduces_and_only_rank_zero_writes(tiny_module, fit, read_eve
     monitor = BucketUsageMonitor(log_every_n_steps=2, image_every_n_steps=2)
     events = read_events(fit(tiny_module, [monitor], max_steps=4))
     assert reduced_steps == [2, 4]
-    assert not any(tag.startswith("bucket") for tag in events.Tags()["scalars"])
+    assert not any(tag.startswith("memory_") for tag in events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize(

@@ -60,13 +60,13 @@ def test_model_without_memory_layers_gets_one_info_and_no_logs(dense_module, fit
     monkeypatch.setattr(gradient_coverage, "rank_zero_info", messages.append)
     events = read_events(fit(dense_module, [GradientCoverageMonitor(log_every_n_steps=1)], max_steps=2))
     assert len(messages) == 1 and "no MemoryLayer" in messages[0]
-    assert not any(tag.startswith("grad_") for tag in events.Tags()["scalars"])
+    assert not any(tag.startswith("memory_") for tag in events.Tags()["scalars"])
 
 
 def test_only_rank_zero_writes(tiny_module, fit, read_events, monkeypatch) -> None:
     monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda trainer: False))
     events = read_events(fit(tiny_module, [GradientCoverageMonitor(log_every_n_steps=1)], max_steps=2))
-    assert not any(tag.startswith("grad_") for tag in events.Tags()["scalars"])
+    assert not any(tag.startswith("memory_") for tag in events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "50"])
