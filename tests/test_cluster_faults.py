@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import REPO
+from cli_support import REPO, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -100,6 +100,60 @@ def test_a_shared_run_folder_trains_on_two_nodes(tmp_path):
         assert process.returncode == 0, stderr[-3000:]
     assert (root / "checkpoints" / "last.ckpt" / "__1_0.distcp").is_file()
     assert not list(root.glob(".mf-shared-*"))
+
+
+def two_nodes_with_own_corpora(tmp_path: Path, cache: Path, documents: tuple[int, int]) -> list[tuple[int, str]]:
+    """Two "nodes" (own working directories), each with its own copy of the corpus at the relative path ``corpus``
+    (``documents`` documents on each), sharing one absolute run folder; returns each one's (status, stderr)."""
+    for rank, count in enumerate(documents):
+        write_corpus(tmp_path / f"node{rank}" / "corpus", documents=count)
+    settings = {"trainer.num_nodes": 2, "trainer.max_steps": 2, "trainer.default_root_dir": tmp_path / "run"}
+    args = mf_fit(cache, {**settings, "data.source": "corpus"})
+    port = free_port()
+    nodes = [node(rank, 2, port, tmp_path / f"node{rank}", args) for rank in (0, 1)]
+    results = []
+    for process in nodes:
+        _, stderr = process.communicate(timeout=120)
+        results.append((process.returncode, stderr))
+    return results
+
+
+def test_a_cache_folder_that_is_not_shared_and_holds_other_data_stops_every_rank_before_the_first_step(tmp_path):
+    """A relative data.cache_dir on each "node", whose copies of the corpus differ: the ranks would train on
+    different data, silently."""
+    results = two_nodes_with_own_corpora(tmp_path, Path("cache"), (24, 25))
+    for status, stderr in results:
+        assert status == 2, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        (line,) = error_lines(stderr)
+        assert f"data.cache_dir {tmp_path / 'node0' / 'cache'} (as rank 0 on host" in line, line
+        assert "is not shared (rank 1 cannot see the file rank 0 wrote there)" in line, line
+        assert "rank 1 prepared another token cache" in line and "absolute path" in line, line
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+    assert not list((tmp_path / "node0" / "cache").glob(".mf-shared-*"))
+
+
+def test_a_cache_folder_that_is_not_shared_and_holds_the_same_data_trains_on_two_nodes(tmp_path):
+    """Node-local caches of one corpus: each node tokenizes its own copy once, and they agree."""
+    results = two_nodes_with_own_corpora(tmp_path, Path("cache"), (24, 24))
+    for status, stderr in results:
+        assert status == 0, stderr[-3000:]
+        assert stderr.count("tokenizing the corpus into cache") == 1, stderr[-3000:]
+    assert "each node prepared its own copy of the token cache" in results[0][1]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_shared_cache_folder_with_other_text_on_each_node_stops_every_rank(tmp_path):
+    """One absolute data.cache_dir, but data.source (relative) is another file on each node."""
+    results = two_nodes_with_own_corpora(tmp_path, tmp_path / "cache", (24, 25))
+    for status, stderr in results:
+        assert status == 2, stderr[-3000:]
+        (line,) = error_lines(stderr)
+        assert (
+            f"rank 1 prepared another token cache (tokenizer or tokens) than rank 0 in the shared data.cache_dir "
+            f"{tmp_path / 'cache'}" in line
+        ), line
+        assert "data.source" in line, line
 
 
 def test_a_launch_of_another_size_than_num_nodes_is_one_line(tmp_path):
