@@ -213,6 +213,45 @@ def test_a_frozen_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     assert COLLECTIVE_TIMEOUT - 1 < waited < COLLECTIVE_TIMEOUT + 20, waited
 
 
+@pytest.mark.parametrize("signum", [signal.SIGSTOP, signal.SIGKILL], ids=["frozen", "killed"])
+def test_a_lost_rank_on_another_node_is_named_by_the_survivors_roll_call(tmp_path, signum):
+    """Rank 1 is a "node" of its own (no process of rank 0's that could be asked about it): frozen, rank 0's next
+    collective times out; killed, it fails at once. Either way rank 0 names rank 1 from the roll call in the
+    job's store, not gloo's message."""
+    root = tmp_path / "run"
+    settings = {
+        "trainer.num_nodes": 2,
+        "trainer.max_steps": 100_000,
+        "validation.every_n_steps": 100_000,
+        "trainer.default_root_dir": root,
+    }
+    args = mf_fit(
+        tmp_path / "cache", settings, "--trainer.strategy.init_args.timeout", f"0:00:{COLLECTIVE_TIMEOUT:02d}"
+    )
+    port = free_port()
+    rank0, rank1 = (node(rank, 2, port, tmp_path / f"node{rank}", args) for rank in (0, 1))
+    deadline = time.monotonic() + 90
+    while not list((root / "tensorboard").glob("events.*")):
+        assert rank0.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+    os.kill(rank1.pid, signum)
+    lost = time.monotonic()
+    try:
+        _, stderr = rank0.communicate(timeout=COLLECTIVE_TIMEOUT + 30)
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    waited = time.monotonic() - lost
+    assert rank0.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert line.startswith("mf: error: rank 0 of 2 stopped: rank 1 did not answer within 5 s"), line
+    assert "--ckpt_path last" in line
+    if signum == signal.SIGSTOP:
+        assert COLLECTIVE_TIMEOUT - 1 < waited < COLLECTIVE_TIMEOUT + 25, waited
+
+
 def test_a_sharded_checkpoint_resumed_without_fsdp_and_back_keeps_saving(tmp_path):
     """FSDP on 2 ranks, then ``--trainer.strategy auto`` on one process into the same folder (its saves
     replace the sharded folders by files), then FSDP again (files replaced by folders)."""
