@@ -7,8 +7,9 @@ node's other ranks (Lightning's launcher) and sees how they ended; another rank 
 process that started it is gone. Elsewhere (torchrun, SLURM, a rank on another node) the survivors hold a
 roll call in the job's store (the TCP store at ``MASTER_ADDR:MASTER_PORT`` the ranks met in, which outlives
 the process group): each writes its rank, and the ranks that have not answered within ``EXIT_GRACE_SECONDS``
-are named as not answering (killed, frozen, or cut off; on a large job a live rank still blocked in another
-collective is named too, so the message says "did not answer", not "died"). When the store cannot be
+are named as not answering: killed, frozen or cut off (on a large job a live rank still blocked in another
+collective is named too, so the message says "did not answer", not "died"). A stop signal meanwhile (torchrun
+stops the survivors of a dead worker at once) ends the roll call early, naming the ranks silent so far. When the store cannot be
 reached either (its host, rank 0 or torchrun's agent, is gone), the error says the connection to another
 rank failed.
 """
@@ -27,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from mf_lightning.lit.lightning_private import launched_processes
+from mf_lightning.lit.stop_signals import StoppedBySignal
 
 PARENT_AT_START = os.getppid()
 """The process that started this one: rank 0 of the node for ranks that Lightning's launcher started."""
@@ -98,7 +100,10 @@ def ended_parent(trainer: pl.Trainer) -> list[str]:
 
 def silent_ranks(trainer: pl.Trainer) -> list[str]:
     """The ranks that do not answer a roll call in the job's store within ``EXIT_GRACE_SECONDS`` (see the module),
-    or nothing when the store cannot be reached or every rank answers."""
+    or nothing when the store cannot be reached or every rank answers.
+
+    A stop signal meanwhile (torchrun stops the survivors of a dead worker at once) ends the roll call with the
+    ranks silent so far, and is dropped: this rank is ending anyway, with the lost-rank line."""
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
     if not address or not port.isdigit():
         return []
@@ -106,6 +111,8 @@ def silent_ranks(trainer: pl.Trainer) -> list[str]:
         f"{ROLL_CALL_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restart's store may be the same
     )
     deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    silent: list[int] | None = None
+    waited = f"within {EXIT_GRACE_SECONDS:g} s"
     try:
         store = torch.distributed.TCPStore(
             address, int(port), is_master=False, timeout=timedelta(seconds=EXIT_GRACE_SECONDS)
@@ -116,12 +123,14 @@ def silent_ranks(trainer: pl.Trainer) -> list[str]:
             if not silent or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
+    except StoppedBySignal:
+        waited = "before the launcher stopped this rank"
     except (RuntimeError, OSError):  # the store's host is gone or does not answer: DistError is a RuntimeError
         return []
     if not silent:
         return []
     ranks = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
-    return [f"{ranks} did not answer within {EXIT_GRACE_SECONDS:g} s (killed, frozen or cut off)"]
+    return [f"{ranks} did not answer {waited} (killed, frozen or cut off)"]
 
 
 def how_it_ended(status: int) -> str:
