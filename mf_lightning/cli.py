@@ -85,6 +85,9 @@ from mf_lightning.lit.run_lock import claim_run_folder
 from mf_lightning.lit.run_logger import RunLogger
 from mf_lightning.lit.slurm_requeue import is_first_task, requeue_slurm_job
 from mf_lightning.lit.stop_signals import STOP_SIGNALS_HANDLER, StoppedBySignal, exit_status
+from mf_lightning.lit.torchrun_restarts import restart_store_warning
+
+log = logging.getLogger(__name__)
 
 LIGHTNING_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 """A torch deprecation that Lightning 2.6's own code triggers; ignored while the CLI runs, nowhere else."""
@@ -237,7 +240,8 @@ class MFCLI(ConfigOverCheckpointCLI):
 
     def prepare_run_folder(self, trainer: Trainer) -> None:
         """For ``fit``, once the Trainer knows this process's rank: rank 0 claims the run folder (``claim_run_folders``),
-        then the checkpoint folder is checked.
+        then the checkpoint folder is checked; under torchrun, rank 0 warns when a restart would reuse the dead
+        attempt's store (``torchrun_restarts``).
 
         The rank is the Trainer's, from the cluster environment Lightning chose (SLURM, torchelastic, LSF, MPI, a
         configured plugin, or its own launcher's ``LOCAL_RANK``/``NODE_RANK``), so exactly the process that will be
@@ -248,6 +252,9 @@ class MFCLI(ConfigOverCheckpointCLI):
         root = str(run_folders(config).root)
         if trainer.is_global_zero:
             self.claim_run_folders(root, str(config.checkpoint.dirpath))
+            warning = restart_store_warning(os.environ)
+            if warning is not None:
+                log.warning(warning)
         check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
         check_run_folder(self.subcommand, config.get("ckpt_path"), str(config.checkpoint.dirpath))
 

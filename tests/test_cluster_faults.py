@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import REPO
+from cli_support import REPO, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -102,6 +102,60 @@ def test_a_shared_run_folder_trains_on_two_nodes(tmp_path):
     assert not list(root.glob(".mf-shared-*"))
 
 
+def two_nodes_with_own_corpora(tmp_path: Path, cache: Path, documents: tuple[int, int]) -> list[tuple[int, str]]:
+    """Two "nodes" (own working directories), each with its own copy of the corpus at the relative path ``corpus``
+    (``documents`` documents on each), sharing one absolute run folder; returns each one's (status, stderr)."""
+    for rank, count in enumerate(documents):
+        write_corpus(tmp_path / f"node{rank}" / "corpus", documents=count)
+    settings = {"trainer.num_nodes": 2, "trainer.max_steps": 2, "trainer.default_root_dir": tmp_path / "run"}
+    args = mf_fit(cache, {**settings, "data.source": "corpus"})
+    port = free_port()
+    nodes = [node(rank, 2, port, tmp_path / f"node{rank}", args) for rank in (0, 1)]
+    results = []
+    for process in nodes:
+        _, stderr = process.communicate(timeout=120)
+        results.append((process.returncode, stderr))
+    return results
+
+
+def test_a_cache_folder_that_is_not_shared_and_holds_other_data_stops_every_rank_before_the_first_step(tmp_path):
+    """A relative data.cache_dir on each "node", whose copies of the corpus differ: the ranks would train on
+    different data, silently."""
+    results = two_nodes_with_own_corpora(tmp_path, Path("cache"), (24, 25))
+    for status, stderr in results:
+        assert status == 2, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        (line,) = error_lines(stderr)
+        assert f"data.cache_dir {tmp_path / 'node0' / 'cache'} (as rank 0 on host" in line, line
+        assert "is not shared (rank 1 cannot see the file rank 0 wrote there)" in line, line
+        assert "rank 1 prepared another token cache" in line and "absolute path" in line, line
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+    assert not list((tmp_path / "node0" / "cache").glob(".mf-shared-*"))
+
+
+def test_a_cache_folder_that_is_not_shared_and_holds_the_same_data_trains_on_two_nodes(tmp_path):
+    """Node-local caches of one corpus: each node tokenizes its own copy once, and they agree."""
+    results = two_nodes_with_own_corpora(tmp_path, Path("cache"), (24, 24))
+    for status, stderr in results:
+        assert status == 0, stderr[-3000:]
+        assert stderr.count("tokenizing the corpus into cache") == 1, stderr[-3000:]
+    assert "each node prepared its own copy of the token cache" in results[0][1]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_shared_cache_folder_with_other_text_on_each_node_stops_every_rank(tmp_path):
+    """One absolute data.cache_dir, but data.source (relative) is another file on each node."""
+    results = two_nodes_with_own_corpora(tmp_path, tmp_path / "cache", (24, 25))
+    for status, stderr in results:
+        assert status == 2, stderr[-3000:]
+        (line,) = error_lines(stderr)
+        assert (
+            f"rank 1 prepared another token cache (tokenizer or tokens) than rank 0 in the shared data.cache_dir "
+            f"{tmp_path / 'cache'}" in line
+        ), line
+        assert "data.source" in line, line
+
+
 def test_a_launch_of_another_size_than_num_nodes_is_one_line(tmp_path):
     """torchrun started 2 processes; the config says 1 node of 1 device."""
     port = free_port()
@@ -157,6 +211,45 @@ def test_a_frozen_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     assert line.startswith(f"mf: error: rank 0 of 2 stopped: rank 1 (process {rank1}) is stopped"), line
     assert "--ckpt_path last" in line
     assert COLLECTIVE_TIMEOUT - 1 < waited < COLLECTIVE_TIMEOUT + 20, waited
+
+
+@pytest.mark.parametrize("signum", [signal.SIGSTOP, signal.SIGKILL], ids=["frozen", "killed"])
+def test_a_lost_rank_on_another_node_is_named_by_the_survivors_roll_call(tmp_path, signum):
+    """Rank 1 is a "node" of its own (no process of rank 0's that could be asked about it): frozen, rank 0's next
+    collective times out; killed, it fails at once. Either way rank 0 names rank 1 from the roll call in the
+    job's store, not gloo's message."""
+    root = tmp_path / "run"
+    settings = {
+        "trainer.num_nodes": 2,
+        "trainer.max_steps": 100_000,
+        "validation.every_n_steps": 100_000,
+        "trainer.default_root_dir": root,
+    }
+    args = mf_fit(
+        tmp_path / "cache", settings, "--trainer.strategy.init_args.timeout", f"0:00:{COLLECTIVE_TIMEOUT:02d}"
+    )
+    port = free_port()
+    rank0, rank1 = (node(rank, 2, port, tmp_path / f"node{rank}", args) for rank in (0, 1))
+    deadline = time.monotonic() + 90
+    while not list((root / "tensorboard").glob("events.*")):
+        assert rank0.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+    os.kill(rank1.pid, signum)
+    lost = time.monotonic()
+    try:
+        _, stderr = rank0.communicate(timeout=COLLECTIVE_TIMEOUT + 30)
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    waited = time.monotonic() - lost
+    assert rank0.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert line.startswith("mf: error: rank 0 of 2 stopped: rank 1 did not answer within 5 s"), line
+    assert "--ckpt_path last" in line
+    if signum == signal.SIGSTOP:
+        assert COLLECTIVE_TIMEOUT - 1 < waited < COLLECTIVE_TIMEOUT + 25, waited
 
 
 def test_a_sharded_checkpoint_resumed_without_fsdp_and_back_keeps_saving(tmp_path):

@@ -97,6 +97,15 @@ class TokenCache:
         """The split's tokens as a read-only memmap."""
         return np.memmap(self.path(split), dtype=self.dtype, mode="r")
 
+    @property
+    def content_digest(self) -> str:
+        """A digest of the tokens this cache serves: the tokenizer, fractions, counts and every chunk's checksum, not
+        the files' times nor the source's identity (a copy of the corpus on another node has other times). Two
+        caches with one digest train on the same windows; ranks compare it to find caches that differ."""
+        content = {name: value for name, value in self.manifest.items() if name not in ("source", "checksums")}
+        content["crc32"] = {split: self.manifest["checksums"][split]["crc32"] for split in SPLITS}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
 
 def is_validation(index: int, val_fraction: float) -> bool:
     """Whether document ``index`` goes to validation: document 0, then one in every ``1/val_fraction``."""
