@@ -75,7 +75,11 @@ from mf_lightning.lit.checkpoints import (
     last_checkpoints,
 )
 from mf_lightning.lit.event_files import follow_event_files
-from mf_lightning.lit.lightning_private import ConfigOverCheckpointCLI, launched_processes
+from mf_lightning.lit.lightning_private import (
+    ConfigOverCheckpointCLI,
+    launched_processes,
+    observe_launched_ranks_patiently,
+)
 from mf_lightning.lit.lost_ranks import RankLostError, lost_rank_error
 from mf_lightning.lit.module import FORMER_LOSS_TAGS, LOSS, VAL, LanguageModel, metric_tag
 from mf_lightning.lit.override_arguments import merge_overrides, split_overrides
@@ -158,7 +162,9 @@ class MFCLI(ConfigOverCheckpointCLI):
         """Parses and runs the subcommand (``LightningCLI``); the run folder ``fit`` claims is released when it ends,
         however it ends, a stop signal before training started is passed on to the ranks this process launched
         (which are killed when a second SIGINT stopped training at once), and a rank lost in a multi-rank fit
-        becomes a ``RankLostError`` naming it."""
+        becomes a ``RankLostError`` naming it (the ranks this process launches are watched patiently, so that it
+        lives to say so: ``observe_launched_ranks_patiently``)."""
+        observe_launched_ranks_patiently()
         with ExitStack() as self.claims:
             try:
                 super().__init__(*args, **kwargs)

@@ -486,7 +486,7 @@ def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches
 @pytest.mark.parametrize(
     ("killed", "survivor", "culprit", "statuses"),
     [
-        (1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1, -signal.SIGKILL)),
+        (1, 0, r"rank 1 \(process \d+\) was killed by SIGKILL", (1,)),
         (0, 1, r"rank 0 \(process \d+, which started this one\) is gone", (-signal.SIGKILL,)),
     ],
     ids=["rank1-killed", "rank0-killed"],
@@ -494,8 +494,8 @@ def test_ddp_sigterm_on_any_rank_stops_every_rank_at_one_step_and_resume_matches
 def test_ddp_a_lost_rank_is_one_line_on_the_survivor_naming_it_and_the_resume_command(
     ddp_uninterrupted, tmp_path, killed, survivor, culprit, statuses
 ):
-    """The status seen is rank 0's: 1 from mf, or SIGKILL when Lightning's launcher, which polls its child
-    processes every 5 s, kills rank 0 first after seeing rank 1 die (after the line is printed)."""
+    """The status seen is rank 0's: 1 from mf, which outlives the launcher's observer of the ranks it started
+    (Lightning's killed it within 5 s of rank 1's death, sometimes before the line: PatientChildObserver)."""
     _, corpus, _ = ddp_uninterrupted
     result = run_fit(ddp_fit(tmp_path, corpus, *signal_at(3, signal.SIGKILL, rank=killed)), timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode in statuses, result.stderr[-4000:]

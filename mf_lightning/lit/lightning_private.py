@@ -11,13 +11,17 @@ entry, which fails as soon as Lightning changes the behaviour relied on. They ar
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 LOOP_STATE_KEY = "epoch_loop.state_dict"
@@ -189,6 +193,36 @@ def launched_processes(trainer: pl.Trainer) -> list[subprocess.Popen[Any]]:
     reach the processes it launched. No upstream issue.
     """
     return list(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+
+OBSERVER_GRACE_SECONDS = 20.0
+"""How long the launching process may take to end on its own after a rank it started died, before it is killed."""
+
+
+class PatientChildObserver(_ChildProcessObserver):
+    """Lightning's watch over the ranks its launcher started, which lets the launching rank end on its own first.
+
+    Lightning's observer (a thread of the launching process, polling every 5 s) kills that process and every other
+    rank with SIGKILL as soon as it sees a rank die. The launching rank's own collective has failed by then or
+    fails a moment later, and it ends with the line naming the lost rank (``lost_ranks``) and its locks released;
+    killed first (seen here: 2 runs of 10 on a loaded machine), it ends with no line at all. This observer waits
+    ``OBSERVER_GRACE_SECONDS`` (the thread ends with the process) and only then kills, as Lightning does, what a
+    collective that never fails (a hang) still keeps. ``_launch_process_observer`` and ``_terminate_all`` are
+    private; no upstream issue.
+    """
+
+    def _terminate_all(self) -> None:
+        deadline = time.monotonic() + OBSERVER_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        super()._terminate_all()
+
+
+def observe_launched_ranks_patiently() -> None:
+    """Makes Lightning's subprocess launcher watch the ranks it starts with ``PatientChildObserver``."""
+    subprocess_script._launch_process_observer = lambda processes: PatientChildObserver(
+        main_pid=os.getpid(), child_processes=processes
+    ).start()
 
 
 def event_file_writer(writer: Any) -> Any:

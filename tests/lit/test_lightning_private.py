@@ -6,6 +6,9 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -14,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
@@ -26,18 +30,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from mf_lightning.lit import lightning_private
 from mf_lightning.lit.lightning_private import (
     BATCH_PROGRESS_KEY,
     LOGGING_STEP_KEY,
     LOOP_STATE_KEY,
     ConfigOverCheckpointCLI,
     ModelCheckpointSteps,
+    PatientChildObserver,
     align_logging_step,
     event_file_writer,
     keep_signal_handlers,
     launched_processes,
     make_every_rank_data_parallel,
     mark_sigterm_received,
+    observe_launched_ranks_patiently,
     validates_after_this_batch,
 )
 
@@ -500,3 +507,54 @@ def test_lightnings_tensorboard_logger_writes_hparams_the_same_way():
 
 def test_launched_processes_of_a_real_trainer_without_a_launcher_are_none():
     assert launched_processes(trainer()) == []
+
+
+# --- PatientChildObserver: _launch_process_observer, _ChildProcessObserver._terminate_all ------------------------
+
+
+def a_sleeping_process() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def a_failed_process() -> subprocess.Popen:
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait()
+    return failed
+
+
+def test_the_subprocess_launcher_starts_its_observer_through_the_module_function():
+    assert "_launch_process_observer(self.procs)" in inspect.getsource(
+        subprocess_script._SubprocessScriptLauncher.launch
+    )
+
+
+def test_lightnings_observer_kills_the_launching_process_at_once_when_a_rank_died():
+    """Why PatientChildObserver exists: the launching process gets no time to report the lost rank."""
+    launching = a_sleeping_process()
+    try:
+        _ChildProcessObserver(main_pid=launching.pid, child_processes=[a_failed_process()])._run()
+        assert launching.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        launching.kill()
+
+
+def test_observe_launched_ranks_patiently_replaces_the_launchers_observer(monkeypatch):
+    monkeypatch.setattr(subprocess_script, "_launch_process_observer", subprocess_script._launch_process_observer)
+    started = []
+    monkeypatch.setattr(PatientChildObserver, "start", lambda observer: started.append(observer))
+    observe_launched_ranks_patiently()
+    subprocess_script._launch_process_observer([])
+    assert [type(observer) for observer in started] == [PatientChildObserver]
+    assert started[0]._main_pid == os.getpid()
+
+
+def test_the_patient_observer_kills_only_after_the_grace(monkeypatch):
+    monkeypatch.setattr(lightning_private, "OBSERVER_GRACE_SECONDS", 1.0)
+    launching = a_sleeping_process()
+    try:
+        started = time.monotonic()
+        PatientChildObserver(main_pid=launching.pid, child_processes=[a_failed_process()])._run()
+        assert time.monotonic() - started >= 1.0
+        assert launching.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        launching.kill()
