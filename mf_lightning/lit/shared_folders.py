@@ -15,6 +15,7 @@ data on different ranks is not.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Sequence
@@ -67,7 +68,9 @@ def check_same_token_cache(strategy: Strategy, folder: str | Path, digest: str) 
     digests: list[str] = [""] * strategy.world_size
     torch.distributed.all_gather_object(digests, digest)
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
-    blind = ranks_not_seeing(strategy, folder)
+    # a prepared cache may be read-only (a shared data set): then no token file, and nothing said about sharing
+    checkable = strategy.broadcast(os.access(Path(folder).absolute(), os.W_OK) if strategy.is_global_zero else None)
+    blind = ranks_not_seeing(strategy, folder) if checkable else []
     where = as_rank_zero_sees(strategy, folder)
     if not differing:
         if blind and strategy.is_global_zero:
@@ -86,8 +89,9 @@ def check_same_token_cache(strategy: Strategy, folder: str | Path, digest: str) 
             f"data.cache_dir {where} is not shared ({describe_ranks(blind)} cannot see the file rank 0 wrote there) "
             f"and {different}, so the ranks would train on different data; {CACHE_WHAT_TO_DO}, and {same_text}"
         )
+    shared = "the shared " if checkable else ""
     raise FolderNotShared(
-        f"{different} in the shared data.cache_dir {where}, so the ranks would train on different data: data.source "
+        f"{different} in {shared}data.cache_dir {where}, so the ranks would train on different data: data.source "
         f"is other text there; {same_text}"
     )
 
