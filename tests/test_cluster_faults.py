@@ -175,19 +175,19 @@ def children(pid: int) -> list[int]:
     ]
 
 
+def endless_fit(tmp_path: Path, root: Path, settings: dict[str, object]) -> list[str]:
+    """``mf fit`` into ``root`` that trains until stopped (no validation), its collectives timing out after
+    ``COLLECTIVE_TIMEOUT`` seconds, with ``settings`` (how the ranks are laid out)."""
+    endless = {"trainer.max_steps": 100_000, "validation.every_n_steps": 100_000, "trainer.default_root_dir": root}
+    timeout = f"0:00:{COLLECTIVE_TIMEOUT:02d}"
+    return mf_fit(tmp_path / "cache", {**settings, **endless}, "--trainer.strategy.init_args.timeout", timeout)
+
+
 def test_a_frozen_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     """SIGSTOP to rank 1 (started by Lightning's launcher): rank 0's next collective times out, and it names
     rank 1 within the timeout and a margin instead of waiting silently or printing gloo's traceback."""
     root = tmp_path / "run"
-    settings = {
-        "trainer.devices": 2,
-        "trainer.max_steps": 100_000,
-        "validation.every_n_steps": 100_000,
-        "trainer.default_root_dir": root,
-    }
-    args = mf_fit(
-        tmp_path / "cache", settings, "--trainer.strategy.init_args.timeout", f"0:00:{COLLECTIVE_TIMEOUT:02d}"
-    )
+    args = endless_fit(tmp_path, root, {"trainer.devices": 2})
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr_file:
         process = subprocess.Popen(args, env=environment(), stderr=stderr_file, stdout=subprocess.DEVNULL)
@@ -219,15 +219,7 @@ def test_a_lost_rank_on_another_node_is_named_by_the_survivors_roll_call(tmp_pat
     collective times out; killed, it fails at once. Either way rank 0 names rank 1 from the roll call in the
     job's store, not gloo's message."""
     root = tmp_path / "run"
-    settings = {
-        "trainer.num_nodes": 2,
-        "trainer.max_steps": 100_000,
-        "validation.every_n_steps": 100_000,
-        "trainer.default_root_dir": root,
-    }
-    args = mf_fit(
-        tmp_path / "cache", settings, "--trainer.strategy.init_args.timeout", f"0:00:{COLLECTIVE_TIMEOUT:02d}"
-    )
+    args = endless_fit(tmp_path, root, {"trainer.num_nodes": 2})
     port = free_port()
     rank0, rank1 = (node(rank, 2, port, tmp_path / f"node{rank}", args) for rank in (0, 1))
     deadline = time.monotonic() + 90

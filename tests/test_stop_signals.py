@@ -266,6 +266,17 @@ BEST_AT_STEP_8 = [
 validations, so the best checkpoint is saved there (a periodic save at that step would come first and take it)."""
 
 
+def assert_stopped_at_once(process: subprocess.Popen, err: str, root: Path, step: int) -> str:
+    """A second SIGINT's stop: status 130, one line and no traceback, ``last.ckpt`` still the save of ``step``,
+    no lock or staging file left; returns the line."""
+    assert process.returncode == 130, err[-4000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
+    assert line.startswith("mf: error: SIGINT stopped mf fit at once (a second SIGINT)") and "Traceback" not in err
+    assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == step
+    assert not locks_left(root) and not staged_files(root)
+    return line
+
+
 def assert_stopped_cleanly(stopped: subprocess.CompletedProcess, root: Path, signum: int, step: int) -> None:
     """``stopped`` ended with the documented status and one line naming ``signum``, and left ``last.ckpt`` whole at
     ``step``, no lock, no staging file and no ``hpc_ckpt``."""
@@ -324,12 +335,9 @@ def test_a_second_sigint_mid_save_stops_at_once_with_one_line_130_and_the_previo
     process = start([*program, *fit_command(root, corpus, "--ckpt_path", "last")[3:]])
     signal_when_paused(process, marker, [signal.SIGINT, signal.SIGINT])
     _, err = process.communicate(timeout=4 * SUBPROCESS_TIMEOUT)
-    assert process.returncode == 130, err[-4000:]
-    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
+    line = assert_stopped_at_once(process, err, root, 6)
     assert line.startswith("mf: error: SIGINT stopped mf fit at once (a second SIGINT), without saving this step; ")
-    assert line.endswith("--ckpt_path last") and "Traceback" not in err
-    assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == 6
-    assert not locks_left(root) and not staged_files(root)
+    assert line.endswith("--ckpt_path last")
     resumed = run_fit(fit_command(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
@@ -390,11 +398,7 @@ def test_ddp_a_second_sigint_mid_save_stops_every_rank_at_once_and_the_previous_
     process = start([*program, *ddp_fit(root, corpus, "--ckpt_path", "last")[3:]])
     signal_when_paused(process, marker, [signal.SIGINT, signal.SIGINT])
     _, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
-    assert process.returncode == 130, err[-4000:]
-    (line,) = [line for line in err.splitlines() if line.startswith("mf: error:")]
-    assert line.startswith("mf: error: SIGINT stopped mf fit at once (a second SIGINT)") and "Traceback" not in err
-    assert read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == 2
-    assert not locks_left(root) and not staged_files(root)
+    assert_stopped_at_once(process, err, root, 2)
     resumed = run_fit(ddp_fit(root, corpus, "--ckpt_path", "last"), timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_weights(state_of(root / "checkpoints" / "last.ckpt"), expected)
